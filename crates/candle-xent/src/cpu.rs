@@ -1,0 +1,631 @@
+//! CPU kernels of the fused cross-entropy op.
+//!
+//! Layout: the logits are viewed as `(outer, C, inner)`, contiguous, with rows `r = n * inner + d`
+//! (the order of the targets). `inner == 1` is the common `(N, C)` / `(B, T, V)` case: each row is
+//! a contiguous slice and is read straight from the input. For `inner > 1` (PyTorch's K-dim inputs)
+//! a tile of [`TILE`] rows is gathered into a per-task buffer of `TILE * C` accumulators, so the
+//! same row kernels serve both layouts and nothing of size `N * C` is ever allocated.
+//!
+//! Forward, per row, in one read of the row: an online max / sum-of-exp (the max is updated once
+//! per [`BLOCK`] of elements, the exp sums live in [`LANES`] independent lanes so LLVM vectorises
+//! them), the sum of (weighted) logits, and, for soft targets, the target-weighted sums. All sums
+//! are taken relative to an anchor (the row's first logit) so that rows of huge logits (1e4) do not
+//! lose their low bits to cancellation. Backward recomputes `p = exp(x - lse)` from the saved
+//! log-sum-exp and writes the gradient in the same pass; the true-class term is subtracted in the
+//! accumulator type before rounding to the input's dtype.
+
+use crate::math::{Acc, Elem};
+use rayon::prelude::*;
+
+/// Independent accumulator lanes of the row loops (a multiple of every SIMD width we target).
+const LANES: usize = 16;
+/// Elements between two updates of the running max.
+const BLOCK: usize = 1024;
+/// Rows gathered at once for `inner > 1` layouts.
+const TILE: usize = 16;
+/// Rough number of elements a rayon task should cover.
+const GRAIN: usize = 1 << 16;
+
+/// Static description of one fused cross-entropy call, shared by forward and backward.
+#[derive(Debug, Clone)]
+pub(crate) struct Problem<'a, A> {
+    pub outer: usize,
+    pub classes: usize,
+    pub inner: usize,
+    pub smoothing: f64,
+    pub ignore_index: i64,
+    /// Class weights (len C) or empty when unweighted.
+    pub weight: &'a [A],
+    /// Sum of the class weights (C when unweighted).
+    pub weight_sum: A,
+}
+
+impl<A: Acc> Problem<'_, A> {
+    pub fn rows(&self) -> usize {
+        self.outer * self.inner
+    }
+    fn eps(&self) -> A {
+        A::from_f64(self.smoothing)
+    }
+    fn eps_over_c(&self) -> A {
+        A::from_f64(self.smoothing / self.classes as f64)
+    }
+    fn weighted(&self) -> bool {
+        !self.weight.is_empty()
+    }
+}
+
+/// Targets of one call: class indices (already validated) or a probability tensor laid out like
+/// the logits.
+pub(crate) enum Targets<'a, T> {
+    Hard(&'a [i64]),
+    Soft(&'a [T]),
+}
+
+/// Row sums of one forward pass.
+#[derive(Clone, Copy)]
+struct RowSums<A> {
+    /// Anchor `a` (first logit) the sums are taken relative to.
+    anchor: A,
+    /// Running max and `sum exp(x - max)`.
+    max: A,
+    sum_exp: A,
+    /// `sum_c w_c (x_c - a)`.
+    wx: A,
+    /// Soft targets only: `sum_c w_c t_c (x_c - a)` and `sum_c w_c t_c`.
+    wtx: A,
+    wt: A,
+}
+
+#[inline(always)]
+fn lane_sum<A: Acc>(v: &[A; LANES]) -> A {
+    // Pairwise, so the result does not depend on the row length modulo LANES.
+    let mut h = *v;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            h[i] = h[i] + h[i + width];
+        }
+        width /= 2;
+    }
+    h[0]
+}
+
+#[inline(always)]
+fn block_max<A: Acc>(xb: &[A]) -> A {
+    let mut mx = [A::NEG_INF; LANES];
+    let chunks = xb.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for ch in chunks {
+        for j in 0..LANES {
+            mx[j] = if ch[j] > mx[j] { ch[j] } else { mx[j] };
+        }
+    }
+    for (j, &v) in rem.iter().enumerate() {
+        mx[j] = if v > mx[j] { v } else { mx[j] };
+    }
+    let mut m = mx[0];
+    for &v in &mx[1..] {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// One pass over a row. `W`: weighted; `S`: soft targets (`t` is then the target row).
+#[inline(always)]
+fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
+    let anchor = x[0];
+    let mut max = A::NEG_INF;
+    let mut se = [A::ZERO; LANES];
+    let mut wx = [A::ZERO; LANES];
+    let mut wtx = [A::ZERO; LANES];
+    let mut wt = [A::ZERO; LANES];
+    for (bi, xb) in x.chunks(BLOCK).enumerate() {
+        let base = bi * BLOCK;
+        let bm = block_max(xb);
+        if bm > max {
+            let scale = (max - bm).exp();
+            for v in se.iter_mut() {
+                *v *= scale;
+            }
+            max = bm;
+        }
+        let m = max;
+        let n_full = xb.len() / LANES * LANES;
+        let mut i = 0;
+        while i < n_full {
+            for j in 0..LANES {
+                let c = base + i + j;
+                let xv = xb[i + j];
+                let d = xv - anchor;
+                se[j] += (xv - m).exp();
+                let wc = if W { w[c] } else { A::ONE };
+                let wd = if W { wc * d } else { d };
+                wx[j] += wd;
+                if S {
+                    let tv = t[c];
+                    wtx[j] += wd * tv;
+                    wt[j] += wc * tv;
+                }
+            }
+            i += LANES;
+        }
+        for (j, &xv) in xb[n_full..].iter().enumerate() {
+            let c = base + n_full + j;
+            let d = xv - anchor;
+            se[j] += (xv - m).exp();
+            let wc = if W { w[c] } else { A::ONE };
+            let wd = if W { wc * d } else { d };
+            wx[j] += wd;
+            if S {
+                let tv = t[c];
+                wtx[j] += wd * tv;
+                wt[j] += wc * tv;
+            }
+        }
+    }
+    RowSums {
+        anchor,
+        max,
+        sum_exp: lane_sum(&se),
+        wx: lane_sum(&wx),
+        wtx: if S { lane_sum(&wtx) } else { A::ZERO },
+        wt: if S { lane_sum(&wt) } else { A::ZERO },
+    }
+}
+
+/// `out_c = alpha * exp(x_c - lse) - beta * w_c - gamma * w_c * t_c` over a row.
+#[inline(always)]
+fn row_grad<A: Acc, const W: bool, const S: bool>(
+    x: &[A],
+    w: &[A],
+    t: &[A],
+    lse: A,
+    alpha: A,
+    beta: A,
+    gamma: A,
+    out: &mut [A],
+) {
+    for (c, (o, &xv)) in out.iter_mut().zip(x).enumerate() {
+        let p = (xv - lse).exp();
+        let wc = if W { w[c] } else { A::ONE };
+        let mut g = alpha * p - beta * wc;
+        if S {
+            g = g - gamma * wc * t[c];
+        }
+        *o = g;
+    }
+}
+
+macro_rules! dispatch_simd {
+    ($generic:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2<A: Acc, const W: bool, const S: bool>($($arg: $ty),*) -> $ret {
+            $generic::<A, W, S>($($arg),*)
+        }
+    };
+}
+
+dispatch_simd!(row_sums, row_sums_avx2, (x: &[A], w: &[A], t: &[A]) -> RowSums<A>);
+dispatch_simd!(
+    row_grad,
+    row_grad_avx2,
+    (x: &[A], w: &[A], t: &[A], lse: A, alpha: A, beta: A, gamma: A, out: &mut [A]) -> ()
+);
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Picks the monomorphised row kernel once per call.
+#[derive(Clone, Copy)]
+struct Kernels<A: Acc> {
+    weighted: bool,
+    soft: bool,
+    avx2: bool,
+    _a: std::marker::PhantomData<A>,
+}
+
+macro_rules! select {
+    ($self:ident, $generic:ident, $avx2:ident, $($arg:expr),*) => {{
+        #[cfg(target_arch = "x86_64")]
+        if $self.avx2 {
+            // SAFETY: `avx2` is only set after runtime detection of AVX2 and FMA.
+            return unsafe {
+                match ($self.weighted, $self.soft) {
+                    (false, false) => $avx2::<A, false, false>($($arg),*),
+                    (true, false) => $avx2::<A, true, false>($($arg),*),
+                    (false, true) => $avx2::<A, false, true>($($arg),*),
+                    (true, true) => $avx2::<A, true, true>($($arg),*),
+                }
+            };
+        }
+        match ($self.weighted, $self.soft) {
+            (false, false) => $generic::<A, false, false>($($arg),*),
+            (true, false) => $generic::<A, true, false>($($arg),*),
+            (false, true) => $generic::<A, false, true>($($arg),*),
+            (true, true) => $generic::<A, true, true>($($arg),*),
+        }
+    }};
+}
+
+impl<A: Acc> Kernels<A> {
+    fn new(weighted: bool, soft: bool) -> Self {
+        Self {
+            weighted,
+            soft,
+            avx2: has_avx2(),
+            _a: std::marker::PhantomData,
+        }
+    }
+    fn sums(&self, x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
+        select!(self, row_sums, row_sums_avx2, x, w, t)
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn grad(&self, x: &[A], w: &[A], t: &[A], lse: A, al: A, be: A, ga: A, out: &mut [A]) {
+        select!(self, row_grad, row_grad_avx2, x, w, t, lse, al, be, ga, out)
+    }
+}
+
+/// Per-row results of the forward pass: `[loss, lse, target_weight]`.
+///
+/// `target_weight` is `w_{y}` (0 for ignored rows) for class targets, `sum_c w_c q_c` for soft
+/// targets: the mean denominator's term for the former, the backward's `p` coefficient for both.
+pub(crate) const STATS: usize = 3;
+
+fn finish_row<A: Acc>(
+    p: &Problem<'_, A>,
+    s: &RowSums<A>,
+    x_at: impl Fn(usize) -> A,
+    target: RowTarget,
+) -> [A; 3] {
+    let lse_rel = (s.max - s.anchor) + s.sum_exp.ln();
+    let lse = s.anchor + lse_rel;
+    let eps = p.eps();
+    let eoc = p.eps_over_c();
+    match target {
+        RowTarget::Ignored => [A::ZERO, lse, A::ZERO],
+        RowTarget::Class(y) => {
+            let wy = if p.weighted() { p.weight[y] } else { A::ONE };
+            let nll = wy * (lse_rel - (x_at(y) - s.anchor));
+            let mut loss = (A::ONE - eps) * nll;
+            if p.smoothing != 0.0 {
+                loss += eoc * (lse_rel * p.weight_sum - s.wx);
+            }
+            [loss, lse, wy]
+        }
+        RowTarget::Soft => {
+            let wq = (A::ONE - eps) * s.wt + eoc * p.weight_sum;
+            let wqx = (A::ONE - eps) * s.wtx + eoc * s.wx;
+            [lse_rel * wq - wqx, lse, wq]
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RowTarget {
+    Ignored,
+    Class(usize),
+    Soft,
+}
+
+fn row_target<A>(p: &Problem<'_, A>, targets: &Targets<'_, impl Sized>, r: usize) -> RowTarget {
+    match targets {
+        Targets::Soft(_) => RowTarget::Soft,
+        Targets::Hard(t) => {
+            let y = t[r];
+            if y == p.ignore_index {
+                RowTarget::Ignored
+            } else {
+                // Validated by the caller.
+                RowTarget::Class(y as usize)
+            }
+        }
+    }
+}
+
+/// Splits `rows` into task ranges `(n, d0, len)` that never cross an `outer` boundary.
+fn tasks(p: &Problem<'_, impl Acc>) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    if p.inner == 1 {
+        let rows = p.rows();
+        let per = (GRAIN / p.classes.max(1)).clamp(1, 256);
+        let threads = rayon::current_num_threads();
+        // At least ~4 tasks per thread when there is enough work.
+        let per = per.min(rows.div_ceil(threads * 4).max(1));
+        let mut r = 0;
+        while r < rows {
+            let len = per.min(rows - r);
+            out.push((r, 0, len));
+            r += len;
+        }
+    } else {
+        for n in 0..p.outer {
+            let mut d = 0;
+            while d < p.inner {
+                let len = TILE.min(p.inner - d);
+                out.push((n, d, len));
+                d += len;
+            }
+        }
+    }
+    out
+}
+
+/// Gathers rows `(n, d0..d0+len)` of a `(outer, C, inner)` array into `buf[j * C + c]`.
+fn gather<T: Elem>(
+    src: &[T],
+    p: &Problem<'_, T::A>,
+    n: usize,
+    d0: usize,
+    len: usize,
+    buf: &mut [T::A],
+) {
+    let c_n = p.classes;
+    let base = n * c_n * p.inner + d0;
+    for c in 0..c_n {
+        let col = &src[base + c * p.inner..base + c * p.inner + len];
+        for (j, v) in col.iter().enumerate() {
+            buf[j * c_n + c] = v.to_acc();
+        }
+    }
+}
+
+fn scatter<T: Elem>(
+    buf: &[T::A],
+    p: &Problem<'_, T::A>,
+    n: usize,
+    d0: usize,
+    len: usize,
+    dst: &mut [T],
+) {
+    let c_n = p.classes;
+    let base = n * c_n * p.inner + d0;
+    for c in 0..c_n {
+        let col = &mut dst[base + c * p.inner..base + c * p.inner + len];
+        for (j, v) in col.iter_mut().enumerate() {
+            *v = T::from_acc(buf[j * c_n + c]);
+        }
+    }
+}
+
+/// Forward: returns `rows * STATS` accumulators `[loss, lse, target_weight]` per row.
+pub(crate) fn forward<T: Elem>(
+    x: &[T],
+    targets: &Targets<'_, T>,
+    p: &Problem<'_, T::A>,
+) -> Vec<T::A> {
+    let rows = p.rows();
+    let c_n = p.classes;
+    let mut out = vec![T::A::ZERO; rows * STATS];
+    if rows == 0 {
+        return out;
+    }
+    let k = Kernels::<T::A>::new(p.weighted(), matches!(targets, Targets::Soft(_)));
+    let tasks = tasks(p);
+    // Split the output into the tasks' disjoint pieces.
+    let mut pieces: Vec<(&(usize, usize, usize), &mut [T::A])> = Vec::with_capacity(tasks.len());
+    let mut rest: &mut [T::A] = &mut out;
+    for t in &tasks {
+        let (head, tail) = rest.split_at_mut(t.2 * STATS);
+        pieces.push((t, head));
+        rest = tail;
+    }
+    pieces.into_par_iter().for_each(|(&(a, d0, len), dst)| {
+        let empty: &[T::A] = &[];
+        if p.inner == 1 {
+            // Rows a..a+len, each contiguous.
+            let mut xbuf = Vec::new();
+            let mut tbuf = Vec::new();
+            for j in 0..len {
+                let r = a + j;
+                let xr = &x[r * c_n..(r + 1) * c_n];
+                let xa: &[T::A] = match T::as_acc(xr) {
+                    Some(v) => v,
+                    None => {
+                        xbuf.resize(c_n, T::A::ZERO);
+                        T::load(xr, &mut xbuf);
+                        &xbuf
+                    }
+                };
+                let ta: &[T::A] = match targets {
+                    Targets::Soft(t) => {
+                        let tr = &t[r * c_n..(r + 1) * c_n];
+                        match T::as_acc(tr) {
+                            Some(v) => v,
+                            None => {
+                                tbuf.resize(c_n, T::A::ZERO);
+                                T::load(tr, &mut tbuf);
+                                &tbuf
+                            }
+                        }
+                    }
+                    Targets::Hard(_) => empty,
+                };
+                let s = k.sums(xa, p.weight, ta);
+                let st = finish_row(p, &s, |c| xa[c], row_target(p, targets, r));
+                dst[j * STATS..(j + 1) * STATS].copy_from_slice(&st);
+            }
+        } else {
+            let n = a;
+            let mut xbuf = vec![T::A::ZERO; len * c_n];
+            gather(x, p, n, d0, len, &mut xbuf);
+            let mut tbuf = Vec::new();
+            if let Targets::Soft(t) = targets {
+                tbuf.resize(len * c_n, T::A::ZERO);
+                gather(t, p, n, d0, len, &mut tbuf);
+            }
+            for j in 0..len {
+                let r = n * p.inner + d0 + j;
+                let xa = &xbuf[j * c_n..(j + 1) * c_n];
+                let ta = if tbuf.is_empty() {
+                    empty
+                } else {
+                    &tbuf[j * c_n..(j + 1) * c_n]
+                };
+                let s = k.sums(xa, p.weight, ta);
+                let st = finish_row(p, &s, |c| xa[c], row_target(p, targets, r));
+                dst[j * STATS..(j + 1) * STATS].copy_from_slice(&st);
+            }
+        }
+    });
+    out
+}
+
+/// Coefficients of `row_grad` for row `r`, or `None` when the row's gradient is zero.
+/// `st = [lse, target_weight, g]` where `g` is the upstream gradient of the row's loss.
+fn grad_coeffs<A: Acc>(
+    p: &Problem<'_, A>,
+    target: RowTarget,
+    st: &[A],
+) -> Option<(A, A, A, Option<(usize, A)>)> {
+    let (tw, g) = (st[1], st[2]);
+    let eps = p.eps();
+    let eoc = p.eps_over_c();
+    match target {
+        RowTarget::Ignored => None,
+        RowTarget::Class(y) => {
+            // d/dx_c = g [ (1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum_w - w_c) ]
+            let alpha = g * ((A::ONE - eps) * tw + eoc * p.weight_sum);
+            let beta = g * eoc;
+            Some((alpha, beta, A::ZERO, Some((y, g * (A::ONE - eps) * tw))))
+        }
+        RowTarget::Soft => {
+            // d/dx_c = g [ p_c sum_k w_k q_k - w_c q_c ],  q_c = (1-eps) t_c + eps/C
+            Some((g * tw, g * eoc, g * (A::ONE - eps), None))
+        }
+    }
+}
+
+/// Backward: writes `d loss / d x` into `grad` (same layout as `x`). `stats` holds
+/// `[lse, target_weight, g]` per row.
+pub(crate) fn backward<T: Elem>(
+    x: &[T],
+    targets: &Targets<'_, T>,
+    stats: &[T::A],
+    p: &Problem<'_, T::A>,
+    grad: &mut [T],
+) {
+    let rows = p.rows();
+    let c_n = p.classes;
+    if rows == 0 {
+        return;
+    }
+    let k = Kernels::<T::A>::new(p.weighted(), matches!(targets, Targets::Soft(_)));
+    let empty: &[T::A] = &[];
+    if p.inner == 1 {
+        let tasks = tasks(p);
+        let mut pieces: Vec<(usize, usize, &mut [T])> = Vec::with_capacity(tasks.len());
+        let mut rest: &mut [T] = grad;
+        for &(a, _, len) in &tasks {
+            let (head, tail) = rest.split_at_mut(len * c_n);
+            pieces.push((a, len, head));
+            rest = tail;
+        }
+        pieces.into_par_iter().for_each(|(a, len, dst)| {
+            let mut xbuf = Vec::new();
+            let mut tbuf = Vec::new();
+            let mut gbuf = Vec::new();
+            for j in 0..len {
+                let r = a + j;
+                let out = &mut dst[j * c_n..(j + 1) * c_n];
+                let st = &stats[r * STATS..(r + 1) * STATS];
+                let Some((al, be, ga, fix)) = grad_coeffs(p, row_target(p, targets, r), st) else {
+                    out.fill(T::from_acc(T::A::ZERO));
+                    continue;
+                };
+                let xr = &x[r * c_n..(r + 1) * c_n];
+                let xa: &[T::A] = match T::as_acc(xr) {
+                    Some(v) => v,
+                    None => {
+                        xbuf.resize(c_n, T::A::ZERO);
+                        T::load(xr, &mut xbuf);
+                        &xbuf
+                    }
+                };
+                let ta: &[T::A] = match targets {
+                    Targets::Soft(t) => {
+                        let tr = &t[r * c_n..(r + 1) * c_n];
+                        match T::as_acc(tr) {
+                            Some(v) => v,
+                            None => {
+                                tbuf.resize(c_n, T::A::ZERO);
+                                T::load(tr, &mut tbuf);
+                                &tbuf
+                            }
+                        }
+                    }
+                    Targets::Hard(_) => empty,
+                };
+                match T::as_acc_mut(out) {
+                    Some(o) => {
+                        k.grad(xa, p.weight, ta, st[0], al, be, ga, o);
+                        if let Some((y, v)) = fix {
+                            o[y] = o[y] - v;
+                        }
+                    }
+                    None => {
+                        gbuf.resize(c_n, T::A::ZERO);
+                        k.grad(xa, p.weight, ta, st[0], al, be, ga, &mut gbuf);
+                        if let Some((y, v)) = fix {
+                            gbuf[y] = gbuf[y] - v;
+                        }
+                        T::store(&gbuf, out);
+                    }
+                }
+            }
+        });
+    } else {
+        // Each outer index owns a disjoint `(C, inner)` slab of the gradient.
+        grad.par_chunks_mut(c_n * p.inner)
+            .enumerate()
+            .for_each(|(n, slab)| {
+                let mut xbuf = vec![T::A::ZERO; TILE * c_n];
+                let mut tbuf = Vec::new();
+                let mut gbuf = vec![T::A::ZERO; TILE * c_n];
+                let local = Problem {
+                    outer: 1,
+                    ..p.clone()
+                };
+                let mut d0 = 0;
+                while d0 < p.inner {
+                    let len = TILE.min(p.inner - d0);
+                    gather(x, p, n, d0, len, &mut xbuf);
+                    if let Targets::Soft(t) = targets {
+                        tbuf.resize(TILE * c_n, T::A::ZERO);
+                        gather(t, p, n, d0, len, &mut tbuf);
+                    }
+                    for j in 0..len {
+                        let r = n * p.inner + d0 + j;
+                        let st = &stats[r * STATS..(r + 1) * STATS];
+                        let o = &mut gbuf[j * c_n..(j + 1) * c_n];
+                        match grad_coeffs(p, row_target(p, targets, r), st) {
+                            None => o.fill(T::A::ZERO),
+                            Some((al, be, ga, fix)) => {
+                                let xa = &xbuf[j * c_n..(j + 1) * c_n];
+                                let ta = if tbuf.is_empty() {
+                                    empty
+                                } else {
+                                    &tbuf[j * c_n..(j + 1) * c_n]
+                                };
+                                k.grad(xa, p.weight, ta, st[0], al, be, ga, o);
+                                if let Some((y, v)) = fix {
+                                    o[y] = o[y] - v;
+                                }
+                            }
+                        }
+                    }
+                    scatter(&gbuf, &local, 0, d0, len, slab);
+                    d0 += len;
+                }
+            });
+    }
+}

@@ -1,0 +1,414 @@
+//! The public loss API: [`CrossEntropyLoss`] and the [`cross_entropy`] shortcut.
+
+use crate::op::CrossEntropyOp;
+use crate::Reduction;
+use candle_core::{bail, DType, Result, Tensor};
+
+/// Cross-entropy between logits and class indices or class probabilities, with PyTorch's
+/// semantics for label smoothing, class weights, `ignore_index` and reductions, computed by one
+/// fused kernel.
+///
+/// Defaults: no smoothing, no class weights, `ignore_index = -100`, [`Reduction::Mean`], class
+/// dimension 1 (0 for an unbatched `(C,)` input).
+///
+/// **Input**: logits `(C)`, `(N, C)` or `(N, C, d1, .., dk)` in f16, bf16, f32 or f64.
+///
+/// **Target**: class indices (u8, u32, i16, i32 or i64) shaped like the input without its class
+/// dimension, or probabilities with the input's shape and dtype.
+///
+/// **Returned dtype**: the input's dtype. All sums, including the reduction, are carried out in
+/// f32 (f64 for f64 input) and only the final value is rounded, so half-precision inputs give
+/// finite losses where PyTorch's f16 path overflows (e.g. `C = 50,000` with smoothing 0.1). A
+/// `Sum` of many large losses can still exceed the f16 range, as in any f16 tensor.
+///
+/// **Gradients** flow into the logits through [`Tensor::backward`]. Probability targets are
+/// treated as constants (no gradient flows into the target tensor).
+///
+/// **Where we differ from PyTorch on purpose**: a negative `label_smoothing` is an error (PyTorch
+/// silently treats it as 0).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_xent::{CrossEntropyLoss, Reduction};
+/// # fn main() -> candle_core::Result<()> {
+/// let logits = Tensor::new(&[[0f32, 0.2, 0.7, 0.1, 0.], [0., 0.9, 0.2, 0.2, 1.], [1., 0.2, 0.7, 0.9, 1.]], &Device::Cpu)?;
+/// let target = Tensor::new(&[2i64, 1, 0], &Device::Cpu)?;
+/// let loss = CrossEntropyLoss::new()
+///     .label_smoothing(0.3)
+///     .reduction(Reduction::Mean)
+///     .forward(&logits, &target)?;
+/// assert!((loss.to_scalar::<f32>()? - 1.3882861).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct CrossEntropyLoss {
+    label_smoothing: f64,
+    weight: Option<Tensor>,
+    ignore_index: i64,
+    reduction: Reduction,
+    class_dim: Option<usize>,
+}
+
+impl Default for CrossEntropyLoss {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CrossEntropyLoss {
+    /// A loss with PyTorch's defaults: no smoothing, no weights, `ignore_index = -100`, mean.
+    ///
+    /// ```
+    /// let loss = candle_xent::CrossEntropyLoss::new();
+    /// assert_eq!(loss.get_ignore_index(), -100);
+    /// ```
+    pub fn new() -> Self {
+        Self {
+            label_smoothing: 0.0,
+            weight: None,
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            class_dim: None,
+        }
+    }
+
+    /// Label smoothing `eps` in `[0, 1]`: the target becomes `(1 - eps) * onehot + eps / C`.
+    /// Values outside `[0, 1]` (or NaN) make [`CrossEntropyLoss::forward`] return an error.
+    ///
+    /// ```
+    /// let loss = candle_xent::CrossEntropyLoss::new().label_smoothing(0.1);
+    /// assert_eq!(loss.get_label_smoothing(), 0.1);
+    /// ```
+    pub fn label_smoothing(mut self, eps: f64) -> Self {
+        self.label_smoothing = eps;
+        self
+    }
+
+    /// Per-class weights, a float tensor of shape `(C,)` on the input's device. The weight of each
+    /// class scales its term of the smoothing sum as well as the true-class term, and the mean
+    /// divides by the summed weights of the (non-ignored) targets, as in PyTorch.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// let w = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+    /// let loss = candle_xent::CrossEntropyLoss::new().weight(w);
+    /// ```
+    pub fn weight(mut self, weight: Tensor) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+
+    /// Target value whose elements contribute neither loss, gradient nor mean weight
+    /// (default -100). Only meaningful for class-index targets.
+    ///
+    /// ```
+    /// let loss = candle_xent::CrossEntropyLoss::new().ignore_index(0);
+    /// assert_eq!(loss.get_ignore_index(), 0);
+    /// ```
+    pub fn ignore_index(mut self, index: i64) -> Self {
+        self.ignore_index = index;
+        self
+    }
+
+    /// How the per-element losses are reduced (default [`Reduction::Mean`]).
+    ///
+    /// ```
+    /// use candle_xent::{CrossEntropyLoss, Reduction};
+    /// let loss = CrossEntropyLoss::new().reduction(Reduction::Sum);
+    /// ```
+    pub fn reduction(mut self, reduction: Reduction) -> Self {
+        self.reduction = reduction;
+        self
+    }
+
+    /// The class dimension, for layouts other than PyTorch's. Default: 1, or 0 for a 1-D input.
+    /// For `(B, T, V)` language-model logits use `class_dim(2)` (with `(B, T)` targets): the
+    /// kernel reads the layout in place, no permute copy.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let logits = Tensor::zeros((2, 3, 7), DType::F32, &Device::Cpu)?;
+    /// let target = Tensor::zeros((2, 3), DType::U32, &Device::Cpu)?;
+    /// let loss = candle_xent::CrossEntropyLoss::new().class_dim(2).forward(&logits, &target)?;
+    /// assert!((loss.to_scalar::<f32>()? - 7f32.ln()).abs() < 1e-6);
+    /// # Ok(()) }
+    /// ```
+    pub fn class_dim(mut self, dim: usize) -> Self {
+        self.class_dim = Some(dim);
+        self
+    }
+
+    /// The configured label smoothing.
+    ///
+    /// ```
+    /// assert_eq!(candle_xent::CrossEntropyLoss::new().get_label_smoothing(), 0.0);
+    /// ```
+    pub fn get_label_smoothing(&self) -> f64 {
+        self.label_smoothing
+    }
+
+    /// The configured ignore index.
+    ///
+    /// ```
+    /// assert_eq!(candle_xent::CrossEntropyLoss::new().get_ignore_index(), -100);
+    /// ```
+    pub fn get_ignore_index(&self) -> i64 {
+        self.ignore_index
+    }
+
+    /// The configured reduction.
+    ///
+    /// ```
+    /// use candle_xent::{CrossEntropyLoss, Reduction};
+    /// assert_eq!(CrossEntropyLoss::new().get_reduction(), Reduction::Mean);
+    /// ```
+    pub fn get_reduction(&self) -> Reduction {
+        self.reduction
+    }
+
+    /// Computes the loss. See the type-level docs for the accepted shapes and dtypes.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var, DType};
+    /// use candle_xent::CrossEntropyLoss;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let logits = Var::zeros((4, 10), DType::F32, &Device::Cpu)?;
+    /// let target = Tensor::new(&[1u32, 2, 3, 4], &Device::Cpu)?;
+    /// let loss = CrossEntropyLoss::new().label_smoothing(0.1).forward(&logits, &target)?;
+    /// let grads = loss.backward()?;
+    /// let g = grads.get(&logits).expect("gradient");
+    /// assert_eq!(g.dims(), &[4, 10]);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward(&self, input: &Tensor, target: &Tensor) -> Result<Tensor> {
+        let (op, input, target) = self.prepare(input, target)?;
+        let stats = input.apply_op2(&target, op.clone())?;
+        self.reduce(&op, &stats, &input, &target)
+    }
+
+    /// Computes the loss and its gradient with respect to `input` in one call, without autograd.
+    ///
+    /// This is the memory-lean path for hand-written training loops and for fused layers built
+    /// on top of this crate: peak memory is the logits plus their gradient (autograd adds a third
+    /// logits-sized buffer when it accumulates the gradient). The gradient has the input's shape
+    /// and dtype and is that of the reduced loss.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_xent::CrossEntropyLoss;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let logits = Tensor::new(&[[0f32, 0.2, 0.7, 0.1, 0.]], &Device::Cpu)?;
+    /// let target = Tensor::new(&[2u32], &Device::Cpu)?;
+    /// let (loss, grad) = CrossEntropyLoss::new().forward_with_grad(&logits, &target)?;
+    /// // Softmax minus one-hot: the gradient of each row sums to zero.
+    /// assert!(grad.sum_all()?.to_scalar::<f32>()?.abs() < 1e-6);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_with_grad(&self, input: &Tensor, target: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (op, input, target) = self.prepare(input, target)?;
+        let stats = input.apply_op2_no_bwd(&target, &op)?;
+        let loss = self.reduce(&op, &stats, &input, &target)?;
+        let rows = op.rows();
+        let acc = stats.dtype();
+        let g = match self.reduction {
+            Reduction::None | Reduction::Sum => Tensor::ones((rows, 1), acc, input.device())?,
+            Reduction::Mean => {
+                let denom = self.mean_denominator(&op, &stats)?;
+                Tensor::ones((rows, 1), acc, input.device())?.broadcast_div(&denom)?
+            }
+        };
+        let stats = Tensor::cat(&[&stats.narrow(1, 1, 2)?, &g], 1)?;
+        let grad = op.backward_with_stats(&input, &target, &stats)?;
+        Ok((loss, grad))
+    }
+
+    fn mean_denominator(&self, op: &CrossEntropyOp, stats: &Tensor) -> Result<Tensor> {
+        if op.soft {
+            Tensor::new(op.rows() as f64, stats.device())?.to_dtype(stats.dtype())
+        } else {
+            stats.narrow(1, 2, 1)?.detach().sum_all()
+        }
+    }
+
+    fn reduce(
+        &self,
+        op: &CrossEntropyOp,
+        stats: &Tensor,
+        input: &Tensor,
+        target: &Tensor,
+    ) -> Result<Tensor> {
+        let per_row = stats.narrow(1, 0, 1)?.squeeze(1)?;
+        let out = match self.reduction {
+            Reduction::None => {
+                let dims = if op.soft {
+                    let mut d = input.dims().to_vec();
+                    d.remove(self.class_dim_for(input.rank()));
+                    d
+                } else {
+                    target.dims().to_vec()
+                };
+                per_row.reshape(dims)?
+            }
+            Reduction::Sum => per_row.sum_all()?,
+            Reduction::Mean => per_row.sum_all()?.div(&self.mean_denominator(op, stats)?)?,
+        };
+        out.to_dtype(input.dtype())
+    }
+
+    fn class_dim_for(&self, rank: usize) -> usize {
+        match self.class_dim {
+            Some(d) => d,
+            None if rank == 1 => 0,
+            None => 1,
+        }
+    }
+
+    /// Validates everything device-independent and builds the op.
+    fn prepare(&self, input: &Tensor, target: &Tensor) -> Result<(CrossEntropyOp, Tensor, Tensor)> {
+        let eps = self.label_smoothing;
+        if !(0.0..=1.0).contains(&eps) {
+            bail!(
+                "cross_entropy: label_smoothing must be in [0, 1], got {eps} \
+                 (PyTorch silently ignores negative values; candle-xent rejects them)"
+            );
+        }
+        let dtype = input.dtype();
+        if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+            bail!("cross_entropy: input must be f16, bf16, f32 or f64, got {dtype:?}");
+        }
+        let dims = input.dims();
+        if dims.is_empty() {
+            bail!(
+                "cross_entropy: input must have at least one dimension (the classes), got a scalar"
+            );
+        }
+        let cd = self.class_dim_for(dims.len());
+        if cd >= dims.len() {
+            bail!(
+                "cross_entropy: class_dim {cd} is out of range for an input of shape {:?}",
+                dims
+            );
+        }
+        let classes = dims[cd];
+        if classes == 0 {
+            bail!(
+                "cross_entropy: the class dimension {cd} of input {:?} is empty",
+                dims
+            );
+        }
+        let outer: usize = dims[..cd].iter().product();
+        let inner: usize = dims[cd + 1..].iter().product();
+        if !input.device().same_device(target.device()) {
+            bail!(
+                "cross_entropy: input is on {:?} but target is on {:?}",
+                input.device().location(),
+                target.device().location()
+            );
+        }
+        let soft = target.dtype().is_float();
+        if soft {
+            if target.dims() != dims {
+                bail!(
+                    "cross_entropy: probability target must have the input's shape {:?}, got {:?}",
+                    dims,
+                    target.dims()
+                );
+            }
+            if target.dtype() != dtype {
+                bail!(
+                    "cross_entropy: probability target must have the input's dtype {dtype:?}, got {:?}",
+                    target.dtype()
+                );
+            }
+            if self.ignore_index != -100 {
+                bail!(
+                    "cross_entropy: ignore_index ({}) is only supported with class-index targets, \
+                     not probability targets",
+                    self.ignore_index
+                );
+            }
+        } else {
+            if !matches!(
+                target.dtype(),
+                DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64
+            ) {
+                bail!(
+                    "cross_entropy: target must hold class indices (u8, u32, i16, i32, i64) or \
+                     probabilities (float), got {:?}",
+                    target.dtype()
+                );
+            }
+            let mut expect = dims.to_vec();
+            expect.remove(cd);
+            if target.dims() != expect.as_slice() {
+                bail!(
+                    "cross_entropy: class-index target for input {:?} (class dim {cd}) must have \
+                     shape {:?}, got {:?}",
+                    dims,
+                    expect,
+                    target.dims()
+                );
+            }
+        }
+        let acc = CrossEntropyOp::acc_dtype(dtype);
+        let weight = match &self.weight {
+            None => None,
+            Some(w) => {
+                if !w.dtype().is_float() {
+                    bail!(
+                        "cross_entropy: weight must be a float tensor, got {:?}",
+                        w.dtype()
+                    );
+                }
+                if w.dims() != [classes] {
+                    bail!(
+                        "cross_entropy: weight must have shape ({classes},) for {classes} classes, got {:?}",
+                        w.dims()
+                    );
+                }
+                if !w.device().same_device(input.device()) {
+                    bail!("cross_entropy: weight and input are on different devices");
+                }
+                Some(w.detach().to_dtype(acc)?.contiguous()?)
+            }
+        };
+        let op = CrossEntropyOp {
+            outer,
+            classes,
+            inner,
+            smoothing: eps,
+            ignore_index: self.ignore_index,
+            weight,
+            soft,
+            target_dims: if soft {
+                Vec::new()
+            } else {
+                target.dims().to_vec()
+            },
+        };
+        Ok((op, input.contiguous()?, target.contiguous()?))
+    }
+}
+
+/// Mean cross-entropy with label smoothing: a drop-in for `candle_nn::loss::cross_entropy`.
+///
+/// Same as `CrossEntropyLoss::new().label_smoothing(label_smoothing).forward(input, target)`;
+/// accepts every input layout and target type [`CrossEntropyLoss`] does.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let logits = Tensor::new(&[[2f32, 0.5, -1.0], [0.1, 0.2, 3.0]], &Device::Cpu)?;
+/// let target = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+/// // Before: candle_nn::loss::cross_entropy(&logits, &target)?
+/// let loss = candle_xent::cross_entropy(&logits, &target, 0.1)?;
+/// let plain = candle_nn::loss::cross_entropy(&logits, &target)?;
+/// assert!(loss.to_scalar::<f32>()? > plain.to_scalar::<f32>()?);
+/// # Ok(()) }
+/// ```
+pub fn cross_entropy(input: &Tensor, target: &Tensor, label_smoothing: f64) -> Result<Tensor> {
+    CrossEntropyLoss::new()
+        .label_smoothing(label_smoothing)
+        .forward(input, target)
+}

@@ -1,0 +1,277 @@
+//! Loss values and gradients against PyTorch fixtures (tests/fixtures/gen_fixtures.py).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_xent::{CrossEntropyLoss, Reduction};
+use common::{assert_close, eps_for, flat_f64, rtol_for};
+use serde::Deserialize;
+use std::collections::HashMap;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    dtype: String,
+    eps: f64,
+    ignore_index: i64,
+    reduction: String,
+    soft: bool,
+    weighted: bool,
+    target_dtype: Option<String>,
+    torch_native: bool,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    cases: Vec<Case>,
+}
+
+fn fixtures() -> (Meta, HashMap<String, Tensor>) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let meta: Meta =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/xent.json")).unwrap())
+            .unwrap();
+    let tensors =
+        candle_core::safetensors::load(format!("{dir}/xent.safetensors"), &Device::Cpu).unwrap();
+    (meta, tensors)
+}
+
+fn dtype_of(s: &str) -> DType {
+    match s {
+        "f32" => DType::F32,
+        "f64" => DType::F64,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => panic!("unknown dtype {other}"),
+    }
+}
+
+fn reduction_of(s: &str) -> Reduction {
+    match s {
+        "none" => Reduction::None,
+        "sum" => Reduction::Sum,
+        "mean" => Reduction::Mean,
+        other => panic!("unknown reduction {other}"),
+    }
+}
+
+struct Inputs {
+    loss_fn: CrossEntropyLoss,
+    input: Tensor,
+    target: Tensor,
+    upstream: Tensor,
+    want_loss: Vec<f64>,
+    want_grad: Vec<f64>,
+}
+
+fn inputs(case: &Case, t: &HashMap<String, Tensor>) -> Inputs {
+    let get = |k: &str| t[&format!("{}.{k}", case.name)].clone();
+    let dtype = dtype_of(&case.dtype);
+    let input = get("input");
+    assert_eq!(input.dtype(), dtype, "{}", case.name);
+    let target = if case.soft {
+        get("target")
+    } else {
+        let tdt = match case.target_dtype.as_deref() {
+            Some("u8") => DType::U8,
+            Some("u32") => DType::U32,
+            _ => DType::I64,
+        };
+        get("target").to_dtype(tdt).unwrap()
+    };
+    let mut loss_fn = CrossEntropyLoss::new()
+        .label_smoothing(case.eps)
+        .ignore_index(case.ignore_index)
+        .reduction(reduction_of(&case.reduction));
+    if case.weighted {
+        loss_fn = loss_fn.weight(get("weight"));
+    }
+    Inputs {
+        loss_fn,
+        input,
+        target,
+        upstream: get("upstream"),
+        want_loss: flat_f64(&get("loss")),
+        want_grad: flat_f64(&get("grad")),
+    }
+}
+
+/// Loss and gradient of `sum(loss * upstream)` through `Tensor::backward` into a `Var`.
+fn run(
+    loss_fn: &CrossEntropyLoss,
+    input: &Tensor,
+    target: &Tensor,
+    up: &Tensor,
+) -> (Tensor, Tensor) {
+    let var = Var::from_tensor(input).unwrap();
+    let loss = loss_fn.forward(var.as_tensor(), target).unwrap();
+    assert_eq!(
+        loss.dtype(),
+        input.dtype(),
+        "the loss keeps the input dtype"
+    );
+    let up = up.to_dtype(loss.dtype()).unwrap();
+    let total = (&loss * &up).unwrap().sum_all().unwrap();
+    let grads = total.backward().unwrap();
+    let grad = grads
+        .get(var.as_tensor())
+        .expect("a gradient for the input")
+        .clone();
+    assert_eq!(grad.dtype(), input.dtype());
+    assert_eq!(grad.dims(), input.dims());
+    (loss, grad)
+}
+
+fn acc_eps(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        f64::EPSILON
+    } else {
+        f32::EPSILON as f64
+    }
+}
+
+fn tolerances(case: &Case, input: &Tensor) -> (f64, f64) {
+    let dtype = dtype_of(&case.dtype);
+    let xmax = flat_f64(input).iter().fold(0f64, |m, v| m.max(v.abs()));
+    // Rounding the log-sum-exp of logits of magnitude |x| costs |x| * eps absolute error in
+    // every log-probability, in PyTorch as here.
+    let atol = 1e-7_f64.min(eps_for(dtype)) + 4.0 * xmax * acc_eps(dtype);
+    (rtol_for(dtype), atol)
+}
+
+#[test]
+fn fixtures_cover_what_the_issue_asks() {
+    let (meta, _) = fixtures();
+    let c = &meta.cases;
+    assert!(c.len() >= 30, "{} cases", c.len());
+    for dt in ["f16", "bf16", "f32", "f64"] {
+        assert!(c.iter().any(|k| k.dtype == dt), "no {dt} case");
+    }
+    for red in ["none", "sum", "mean"] {
+        assert!(c.iter().any(|k| k.reduction == red && k.soft));
+        assert!(c
+            .iter()
+            .any(|k| k.reduction == red && !k.soft && k.weighted && k.eps > 0.0));
+    }
+    assert!(c.iter().any(|k| k.name.starts_with("kdim")));
+    assert!(c.iter().any(|k| k.name.starts_with("unbatched")));
+    assert!(c.iter().any(|k| k.name.starts_with("huge")));
+    assert!(c.iter().any(|k| k.name.starts_with("all_ignored")));
+}
+
+#[test]
+fn loss_and_gradient_match_pytorch() {
+    let (meta, t) = fixtures();
+    for case in &meta.cases {
+        let inp = inputs(case, &t);
+        let (loss, grad) = run(&inp.loss_fn, &inp.input, &inp.target, &inp.upstream);
+        let (rtol, atol) = tolerances(case, &inp.input);
+        let name = &case.name;
+        assert_close(
+            &flat_f64(&loss),
+            &inp.want_loss,
+            rtol,
+            atol,
+            &format!("{name} loss"),
+        );
+        // Gradient elements are rounded one by one to the dtype.
+        assert_close(
+            &flat_f64(&grad),
+            &inp.want_grad,
+            rtol,
+            atol,
+            &format!("{name} grad"),
+        );
+    }
+}
+
+#[test]
+fn forward_with_grad_matches_autograd_and_pytorch() {
+    let (meta, t) = fixtures();
+    for case in meta.cases.iter().filter(|c| c.reduction != "none") {
+        let inp = inputs(case, &t);
+        let (loss, grad) = inp
+            .loss_fn
+            .forward_with_grad(&inp.input, &inp.target)
+            .unwrap();
+        let (rtol, atol) = tolerances(case, &inp.input);
+        let name = &case.name;
+        assert_close(
+            &flat_f64(&loss),
+            &inp.want_loss,
+            rtol,
+            atol,
+            &format!("{name} loss"),
+        );
+        assert_close(
+            &flat_f64(&grad),
+            &inp.want_grad,
+            rtol,
+            atol,
+            &format!("{name} grad"),
+        );
+    }
+}
+
+#[test]
+fn matches_pytorch_in_its_own_dtype() {
+    // PyTorch run in f32/f64 (not the float64 reference): agreement to the dtype's precision.
+    let (meta, t) = fixtures();
+    let mut checked = 0;
+    for case in meta.cases.iter().filter(|c| c.torch_native) {
+        let dtype = dtype_of(&case.dtype);
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            continue;
+        }
+        let inp = inputs(case, &t);
+        let loss = inp.loss_fn.forward(&inp.input, &inp.target).unwrap();
+        let want = flat_f64(&t[&format!("{}.torch_loss", case.name)]);
+        let (rtol, atol) = tolerances(case, &inp.input);
+        assert_close(&flat_f64(&loss), &want, rtol, atol, &case.name);
+        checked += 1;
+    }
+    assert!(checked >= 30, "{checked}");
+}
+
+#[test]
+fn f16_stays_finite_where_pytorch_overflows() {
+    let (meta, t) = fixtures();
+    let case = meta
+        .cases
+        .iter()
+        .find(|c| c.name == "f16_c50000_mean")
+        .unwrap();
+    let torch_f16 = flat_f64(&t["f16_c50000_mean.torch_loss"]);
+    assert!(
+        torch_f16[0].is_infinite(),
+        "PyTorch f16 overflows in this case"
+    );
+    let inp = inputs(case, &t);
+    let loss = inp.loss_fn.forward(&inp.input, &inp.target).unwrap();
+    assert_eq!(loss.dtype(), DType::F16);
+    let got = flat_f64(&loss)[0];
+    assert!(got.is_finite());
+    assert_close(&[got], &inp.want_loss, 1e-3, 0.0, "f16 C=50000");
+}
+
+#[test]
+fn class_dim_reads_btv_layout_in_place() {
+    let (_, t) = fixtures();
+    // Stored as (B, V, T) for PyTorch; (B, T, V) with class_dim(2) must give the same loss.
+    let bvt = &t["class_dim2_mean.input"];
+    let btv = bvt.permute((0, 2, 1)).unwrap().contiguous().unwrap();
+    let target = &t["class_dim2_mean.target"];
+    let want = flat_f64(&t["class_dim2_mean.loss"]);
+    let want_grad = flat_f64(
+        &t["class_dim2_mean.grad"]
+            .permute((0, 2, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap(),
+    );
+    let loss_fn = CrossEntropyLoss::new().label_smoothing(0.1).class_dim(2);
+    let up = Tensor::new(1f32, &Device::Cpu).unwrap();
+    let (loss, grad) = run(&loss_fn, &btv, target, &up);
+    assert_close(&flat_f64(&loss), &want, 1e-5, 1e-7, "class_dim 2 loss");
+    assert_close(&flat_f64(&grad), &want_grad, 1e-5, 1e-7, "class_dim 2 grad");
+}
