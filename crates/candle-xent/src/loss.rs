@@ -238,18 +238,26 @@ impl CrossEntropyLoss {
         input: &Tensor,
         target: &Tensor,
     ) -> Result<Tensor> {
+        if op.rows() == 0 {
+            // Nothing to reduce (candle cannot narrow a zero-row tensor). The input still takes
+            // part so that a backward pass finds an (empty) gradient for it.
+            let zero = input.sum_all()?.to_dtype(stats.dtype())?.affine(0.0, 0.0)?;
+            let value = match self.reduction {
+                Reduction::None => {
+                    return Tensor::zeros(
+                        target_shape(self, op, input, target),
+                        input.dtype(),
+                        input.device(),
+                    )
+                }
+                Reduction::Sum => 0.0,
+                Reduction::Mean => f64::NAN,
+            };
+            return zero.affine(1.0, value)?.to_dtype(input.dtype());
+        }
         let per_row = stats.narrow(1, 0, 1)?.squeeze(1)?;
         let out = match self.reduction {
-            Reduction::None => {
-                let dims = if op.soft {
-                    let mut d = input.dims().to_vec();
-                    d.remove(self.class_dim_for(input.rank()));
-                    d
-                } else {
-                    target.dims().to_vec()
-                };
-                per_row.reshape(dims)?
-            }
+            Reduction::None => per_row.reshape(target_shape(self, op, input, target))?,
             Reduction::Sum => per_row.sum_all()?,
             Reduction::Mean => per_row.sum_all()?.div(&self.mean_denominator(op, stats)?)?,
         };
@@ -388,6 +396,22 @@ impl CrossEntropyLoss {
             },
         };
         Ok((op, input.contiguous()?, target.contiguous()?))
+    }
+}
+
+/// Shape of the unreduced loss: the input's shape without the class dimension.
+fn target_shape(
+    loss: &CrossEntropyLoss,
+    op: &CrossEntropyOp,
+    input: &Tensor,
+    target: &Tensor,
+) -> Vec<usize> {
+    if op.soft {
+        let mut d = input.dims().to_vec();
+        d.remove(loss.class_dim_for(input.rank()));
+        d
+    } else {
+        target.dims().to_vec()
     }
 }
 
