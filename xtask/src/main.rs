@@ -1,1 +1,52 @@
-fn main() {}
+//! The workspace's task runner: `cargo xtask <command>` (alias in `.cargo/config.toml`).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::Command;
+
+mod bench_xent;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Tasks of the candle-xent workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
+    /// peak RSS, one process per measurement.
+    BenchXent(bench_xent::Args),
+}
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing with its name if it fails; returns stdout.
+pub fn run_capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .current_dir(workspace_root())
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::BenchXent(args) => bench_xent::run(args),
+    }
+}

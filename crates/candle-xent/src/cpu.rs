@@ -111,6 +111,36 @@ fn block_max<A: Acc>(xb: &[A]) -> A {
     m
 }
 
+/// `LANES` consecutive elements of `s` starting at `i` as an array (bounds checked once).
+#[inline(always)]
+fn lanes<A: Copy>(s: &[A], i: usize) -> [A; LANES] {
+    s[i..i + LANES].try_into().unwrap()
+}
+
+/// Adds the contribution of one element to the lane accumulators.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn accumulate<A: Acc, const W: bool, const S: bool>(
+    xv: A,
+    wc: A,
+    tv: A,
+    anchor: A,
+    m: A,
+    se: &mut A,
+    wx: &mut A,
+    wtx: &mut A,
+    wt: &mut A,
+) {
+    let d = xv - anchor;
+    *se += (xv - m).exp();
+    let wd = if W { wc * d } else { d };
+    *wx += wd;
+    if S {
+        *wtx += wd * tv;
+        *wt += if W { wc * tv } else { tv };
+    }
+}
+
 /// One pass over a row. `W`: weighted; `S`: soft targets (`t` is then the target row).
 #[inline(always)]
 fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
@@ -120,6 +150,7 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> 
     let mut wx = [A::ZERO; LANES];
     let mut wtx = [A::ZERO; LANES];
     let mut wt = [A::ZERO; LANES];
+    let ones = [A::ONE; LANES];
     for (bi, xb) in x.chunks(BLOCK).enumerate() {
         let base = bi * BLOCK;
         let bm = block_max(xb);
@@ -131,37 +162,29 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> 
             max = bm;
         }
         let m = max;
-        let n_full = xb.len() / LANES * LANES;
+        let len = xb.len();
+        let wb = if W { &w[base..base + len] } else { &[][..] };
+        let tb = if S { &t[base..base + len] } else { &[][..] };
+        let n_full = len / LANES * LANES;
         let mut i = 0;
         while i < n_full {
+            let xv = lanes(xb, i);
+            let wv = if W { lanes(wb, i) } else { ones };
+            let tv = if S { lanes(tb, i) } else { ones };
             for j in 0..LANES {
-                let c = base + i + j;
-                let xv = xb[i + j];
-                let d = xv - anchor;
-                se[j] += (xv - m).exp();
-                let wc = if W { w[c] } else { A::ONE };
-                let wd = if W { wc * d } else { d };
-                wx[j] += wd;
-                if S {
-                    let tv = t[c];
-                    wtx[j] += wd * tv;
-                    wt[j] += wc * tv;
-                }
+                accumulate::<A, W, S>(
+                    xv[j], wv[j], tv[j], anchor, m, &mut se[j], &mut wx[j], &mut wtx[j], &mut wt[j],
+                );
             }
             i += LANES;
         }
-        for (j, &xv) in xb[n_full..].iter().enumerate() {
-            let c = base + n_full + j;
-            let d = xv - anchor;
-            se[j] += (xv - m).exp();
-            let wc = if W { w[c] } else { A::ONE };
-            let wd = if W { wc * d } else { d };
-            wx[j] += wd;
-            if S {
-                let tv = t[c];
-                wtx[j] += wd * tv;
-                wt[j] += wc * tv;
-            }
+        for j in 0..len - n_full {
+            let c = n_full + j;
+            let wc = if W { wb[c] } else { A::ONE };
+            let tv = if S { tb[c] } else { A::ONE };
+            accumulate::<A, W, S>(
+                xb[c], wc, tv, anchor, m, &mut se[j], &mut wx[j], &mut wtx[j], &mut wt[j],
+            );
         }
     }
     RowSums {

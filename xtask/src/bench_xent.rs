@@ -1,0 +1,98 @@
+//! `cargo xtask bench-xent`: the figures of candle-xent's CPU benchmark.
+
+use crate::{run_capture, workspace_root};
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::process::Command;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Shapes ROWSxCLASSES, comma separated.
+    #[arg(long, default_value = "4096x32000,8192x32000")]
+    shapes: String,
+    /// Repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Skip the (slow, memory-hungry) composition from candle-nn ops.
+    #[arg(long)]
+    no_composed: bool,
+    /// A Python with torch installed: also time `F.cross_entropy(label_smoothing=0.1)`.
+    #[arg(long)]
+    torch: Option<String>,
+    /// Threads for every measurement (RAYON_NUM_THREADS and torch.set_num_threads).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    run_capture(Command::new(env!("CARGO")).args([
+        "build",
+        "--release",
+        "-p",
+        "candle-xent",
+        "--example",
+        "xent_step",
+    ]))?;
+    let exe = workspace_root().join("target/release/examples/xent_step");
+    let mut rows: Vec<Value> = Vec::new();
+    for shape in a.shapes.split(',') {
+        let (n, c) = shape
+            .split_once('x')
+            .with_context(|| format!("shape {shape} is not ROWSxCLASSES"))?;
+        let mut modes = vec!["fused", "fused-grad"];
+        if !a.no_composed {
+            modes.push("composed");
+        }
+        for mode in modes {
+            eprintln!("{shape} {mode} ...");
+            let out = run_capture(
+                Command::new(&exe)
+                    .args([n, c, mode, &a.reps.to_string()])
+                    .env("RAYON_NUM_THREADS", a.threads.to_string()),
+            )?;
+            rows.push(serde_json::from_str(out.trim())?);
+        }
+        if let Some(py) = &a.torch {
+            eprintln!("{shape} torch ...");
+            let out = run_capture(Command::new(py).args([
+                "scripts/bench_torch_xent.py",
+                "--rows",
+                n,
+                "--classes",
+                c,
+                "--threads",
+                &a.threads.to_string(),
+                "--reps",
+                &a.reps.to_string(),
+            ]))?;
+            let line = out.lines().last().unwrap_or_default();
+            rows.push(serde_json::from_str(line)?);
+        }
+    }
+    println!("| shape | mode | median ms | peak RSS MiB | x composed | x torch |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        let shape = (r["rows"].as_u64(), r["classes"].as_u64());
+        let find = |m: &str| {
+            rows.iter()
+                .find(|o| (o["rows"].as_u64(), o["classes"].as_u64()) == shape && o["mode"] == m)
+                .and_then(|o| o["median_ms"].as_f64())
+        };
+        let t = r["median_ms"].as_f64().unwrap_or(f64::NAN);
+        let ratio = |base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.1}x", b / t));
+        println!(
+            "| {}x{} | {} | {:.0} | {} | {} | {} |",
+            shape.0.unwrap_or(0),
+            shape.1.unwrap_or(0),
+            r["mode"].as_str().unwrap_or("?"),
+            t,
+            r["peak_rss_mib"],
+            ratio(find("composed")),
+            ratio(find("torch")),
+        );
+    }
+    let path = workspace_root().join("target/bench-xent.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
