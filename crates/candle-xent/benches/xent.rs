@@ -37,7 +37,12 @@ fn bench(c: &mut Criterion) {
             b.iter(|| ce.forward_with_grad(x.as_tensor(), &y).unwrap())
         });
         g.bench_function(BenchmarkId::new("composed_candle_nn", &id), |b| {
-            b.iter(|| composed(x.as_tensor(), &y, 0.1).unwrap().backward().unwrap())
+            b.iter(|| {
+                composed(x.as_tensor(), &y, 0.1)
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            })
         });
     }
     g.finish();

@@ -44,7 +44,9 @@ fn main() -> anyhow::Result<()> {
         .to_dtype(DType::F64)?
         .broadcast_div(&Tensor::new(classes as f64, &dev)?)?;
     // y mod C, computed with tensor ops so it is cheap for big N.
-    let y = ((&y - y.floor()?)? * classes as f64)?.round()?.to_dtype(DType::U32)?;
+    let y = ((&y - y.floor()?)? * classes as f64)?
+        .round()?
+        .to_dtype(DType::U32)?;
     // Reset the peak-RSS counter so it covers the steps only (plus the inputs held).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let base_rss = peak_rss_mib();

@@ -84,7 +84,7 @@ fn lane_sum<A: Acc>(v: &[A; LANES]) -> A {
     let mut width = LANES / 2;
     while width > 0 {
         for i in 0..width {
-            h[i] = h[i] + h[i + width];
+            h[i] += h[i + width];
         }
         width /= 2;
     }
@@ -173,7 +173,15 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> 
             let tv = if S { lanes(tb, i) } else { ones };
             for j in 0..LANES {
                 accumulate::<A, W, S>(
-                    xv[j], wv[j], tv[j], anchor, m, &mut se[j], &mut wx[j], &mut wtx[j], &mut wt[j],
+                    xv[j],
+                    wv[j],
+                    tv[j],
+                    anchor,
+                    m,
+                    &mut se[j],
+                    &mut wx[j],
+                    &mut wtx[j],
+                    &mut wt[j],
                 );
             }
             i += LANES;
@@ -183,7 +191,15 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> 
             let wc = if W { wb[c] } else { A::ONE };
             let tv = if S { tb[c] } else { A::ONE };
             accumulate::<A, W, S>(
-                xb[c], wc, tv, anchor, m, &mut se[j], &mut wx[j], &mut wtx[j], &mut wt[j],
+                xb[c],
+                wc,
+                tv,
+                anchor,
+                m,
+                &mut se[j],
+                &mut wx[j],
+                &mut wtx[j],
+                &mut wt[j],
             );
         }
     }
@@ -197,26 +213,38 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> 
     }
 }
 
-/// `out_c = alpha * exp(x_c - lse) - beta * w_c - gamma * w_c * t_c` over a row.
+/// Coefficients of one row's gradient:
+/// `out_c = alpha * exp(x_c - lse) - beta * w_c - gamma * w_c * t_c`, then `out_y -= fix.1`.
+#[derive(Clone, Copy)]
+struct GradRow<A> {
+    lse: A,
+    alpha: A,
+    beta: A,
+    gamma: A,
+    /// Class-index targets: the true class and its one-hot term.
+    fix: Option<(usize, A)>,
+}
+
 #[inline(always)]
 fn row_grad<A: Acc, const W: bool, const S: bool>(
     x: &[A],
     w: &[A],
     t: &[A],
-    lse: A,
-    alpha: A,
-    beta: A,
-    gamma: A,
+    k: GradRow<A>,
     out: &mut [A],
 ) {
     for (c, (o, &xv)) in out.iter_mut().zip(x).enumerate() {
-        let p = (xv - lse).exp();
+        let p = (xv - k.lse).exp();
         let wc = if W { w[c] } else { A::ONE };
-        let mut g = alpha * p - beta * wc;
+        let mut g = k.alpha * p - k.beta * wc;
         if S {
-            g = g - gamma * wc * t[c];
+            g = g - k.gamma * wc * t[c];
         }
         *o = g;
+    }
+    // Subtracted in the accumulator type, before any rounding to the logits' dtype.
+    if let Some((y, v)) = k.fix {
+        out[y] = out[y] - v;
     }
 }
 
@@ -234,7 +262,7 @@ dispatch_simd!(row_sums, row_sums_avx2, (x: &[A], w: &[A], t: &[A]) -> RowSums<A
 dispatch_simd!(
     row_grad,
     row_grad_avx2,
-    (x: &[A], w: &[A], t: &[A], lse: A, alpha: A, beta: A, gamma: A, out: &mut [A]) -> ()
+    (x: &[A], w: &[A], t: &[A], k: GradRow<A>, out: &mut [A]) -> ()
 );
 
 fn has_avx2() -> bool {
@@ -292,9 +320,8 @@ impl<A: Acc> Kernels<A> {
     fn sums(&self, x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
         select!(self, row_sums, row_sums_avx2, x, w, t)
     }
-    #[allow(clippy::too_many_arguments)]
-    fn grad(&self, x: &[A], w: &[A], t: &[A], lse: A, al: A, be: A, ga: A, out: &mut [A]) {
-        select!(self, row_grad, row_grad_avx2, x, w, t, lse, al, be, ga, out)
+    fn grad(&self, x: &[A], w: &[A], t: &[A], k: GradRow<A>, out: &mut [A]) {
+        select!(self, row_grad, row_grad_avx2, x, w, t, k, out)
     }
 }
 
@@ -355,8 +382,11 @@ fn row_target<A>(p: &Problem<'_, A>, targets: &Targets<'_, impl Sized>, r: usize
     }
 }
 
-/// Splits `rows` into task ranges `(n, d0, len)` that never cross an `outer` boundary.
-fn tasks(p: &Problem<'_, impl Acc>) -> Vec<(usize, usize, usize)> {
+/// A task: `(first row, 0, rows)` for `inner == 1`, `(n, d0, rows)` otherwise.
+type Task = (usize, usize, usize);
+
+/// Splits the rows into tasks that never cross an `outer` boundary.
+fn tasks(p: &Problem<'_, impl Acc>) -> Vec<Task> {
     let mut out = Vec::new();
     if p.inner == 1 {
         let rows = p.rows();
@@ -435,14 +465,14 @@ pub(crate) fn forward<T: Elem>(
     let k = Kernels::<T::A>::new(p.weighted(), matches!(targets, Targets::Soft(_)));
     let tasks = tasks(p);
     // Split the output into the tasks' disjoint pieces.
-    let mut pieces: Vec<(&(usize, usize, usize), &mut [T::A])> = Vec::with_capacity(tasks.len());
+    let mut pieces: Vec<(Task, &mut [T::A])> = Vec::with_capacity(tasks.len());
     let mut rest: &mut [T::A] = &mut out;
     for t in &tasks {
         let (head, tail) = rest.split_at_mut(t.2 * STATS);
-        pieces.push((t, head));
+        pieces.push((*t, head));
         rest = tail;
     }
-    pieces.into_par_iter().for_each(|(&(a, d0, len), dst)| {
+    pieces.into_par_iter().for_each(|((a, d0, len), dst)| {
         let empty: &[T::A] = &[];
         if p.inner == 1 {
             // Rows a..a+len, each contiguous.
@@ -505,12 +535,8 @@ pub(crate) fn forward<T: Elem>(
 
 /// Coefficients of `row_grad` for row `r`, or `None` when the row's gradient is zero.
 /// `st = [lse, target_weight, g]` where `g` is the upstream gradient of the row's loss.
-fn grad_coeffs<A: Acc>(
-    p: &Problem<'_, A>,
-    target: RowTarget,
-    st: &[A],
-) -> Option<(A, A, A, Option<(usize, A)>)> {
-    let (tw, g) = (st[1], st[2]);
+fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Option<GradRow<A>> {
+    let (lse, tw, g) = (st[0], st[1], st[2]);
     let eps = p.eps();
     let eoc = p.eps_over_c();
     match target {
@@ -519,11 +545,23 @@ fn grad_coeffs<A: Acc>(
             // d/dx_c = g [ (1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum_w - w_c) ]
             let alpha = g * ((A::ONE - eps) * tw + eoc * p.weight_sum);
             let beta = g * eoc;
-            Some((alpha, beta, A::ZERO, Some((y, g * (A::ONE - eps) * tw))))
+            Some(GradRow {
+                lse,
+                alpha,
+                beta,
+                gamma: A::ZERO,
+                fix: Some((y, g * (A::ONE - eps) * tw)),
+            })
         }
         RowTarget::Soft => {
             // d/dx_c = g [ p_c sum_k w_k q_k - w_c q_c ],  q_c = (1-eps) t_c + eps/C
-            Some((g * tw, g * eoc, g * (A::ONE - eps), None))
+            Some(GradRow {
+                lse,
+                alpha: g * tw,
+                beta: g * eoc,
+                gamma: g * (A::ONE - eps),
+                fix: None,
+            })
         }
     }
 }
@@ -561,7 +599,7 @@ pub(crate) fn backward<T: Elem>(
                 let r = a + j;
                 let out = &mut dst[j * c_n..(j + 1) * c_n];
                 let st = &stats[r * STATS..(r + 1) * STATS];
-                let Some((al, be, ga, fix)) = grad_coeffs(p, row_target(p, targets, r), st) else {
+                let Some(coef) = grad_coeffs(p, row_target(p, targets, r), st) else {
                     out.fill(T::from_acc(T::A::ZERO));
                     continue;
                 };
@@ -590,17 +628,11 @@ pub(crate) fn backward<T: Elem>(
                 };
                 match T::as_acc_mut(out) {
                     Some(o) => {
-                        k.grad(xa, p.weight, ta, st[0], al, be, ga, o);
-                        if let Some((y, v)) = fix {
-                            o[y] = o[y] - v;
-                        }
+                        k.grad(xa, p.weight, ta, coef, o);
                     }
                     None => {
                         gbuf.resize(c_n, T::A::ZERO);
-                        k.grad(xa, p.weight, ta, st[0], al, be, ga, &mut gbuf);
-                        if let Some((y, v)) = fix {
-                            gbuf[y] = gbuf[y] - v;
-                        }
+                        k.grad(xa, p.weight, ta, coef, &mut gbuf);
                         T::store(&gbuf, out);
                     }
                 }
@@ -632,17 +664,14 @@ pub(crate) fn backward<T: Elem>(
                         let o = &mut gbuf[j * c_n..(j + 1) * c_n];
                         match grad_coeffs(p, row_target(p, targets, r), st) {
                             None => o.fill(T::A::ZERO),
-                            Some((al, be, ga, fix)) => {
+                            Some(coef) => {
                                 let xa = &xbuf[j * c_n..(j + 1) * c_n];
                                 let ta = if tbuf.is_empty() {
                                     empty
                                 } else {
                                     &tbuf[j * c_n..(j + 1) * c_n]
                                 };
-                                k.grad(xa, p.weight, ta, st[0], al, be, ga, o);
-                                if let Some((y, v)) = fix {
-                                    o[y] = o[y] - v;
-                                }
+                                k.grad(xa, p.weight, ta, coef, o);
                             }
                         }
                     }

@@ -191,13 +191,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const HI: f32 = 88.0;
     // Round-to-nearest via the 1.5 * 2^23 trick: the integer lands in the low mantissa bits.
     const SHIFTER: f32 = 12_582_912.0;
-    let xc = if x < LO {
-        LO
-    } else if x > HI {
-        HI
-    } else {
-        x
-    };
+    // `clamp` keeps NaN as NaN.
+    let xc = x.clamp(LO, HI);
     let t = xc * LOG2E + SHIFTER;
     let n = t - SHIFTER;
     let r = xc - n * LN2_HI - n * LN2_LO;
@@ -207,7 +202,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let p = p * r2 + r + 1.0;
     let ni = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
     let scale = f32::from_bits(((ni + 127) as u32) << 23);
