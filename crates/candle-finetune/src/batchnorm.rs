@@ -1,0 +1,158 @@
+//! A trainable `BatchNorm2d` with PyTorch's train/eval semantics, computed on the NCHW layout
+//! directly (no transposes).
+
+use candle_core::{bail, DType, ModuleT, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+/// `nn.BatchNorm2d(C)` (affine, track_running_stats, eps 1e-5, momentum 0.1).
+///
+/// Train mode normalises with the batch mean and biased variance over `(N, H, W)` and updates
+/// `running_mean` and `running_var` (with the unbiased variance) in place; eval mode uses the
+/// running statistics. Variables: `weight`, `bias`, `running_mean`, `running_var`, the names of
+/// PyTorch's state dict. Half-precision inputs are normalised in f32.
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// # fn main() -> candle_core::Result<()> {
+/// let vm = VarMap::new();
+/// let bn = candle_finetune::batchnorm::BatchNorm2d::new(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let x = Tensor::randn(2f32, 3., (4, 3, 5, 5), &Device::Cpu)?;
+/// let y = bn.forward_t(&x, true)?;
+/// let mean = y.mean_keepdim((0, 2, 3))?.flatten_all()?.to_vec1::<f32>()?;
+/// assert!(mean.iter().all(|m| m.abs() < 1e-5));
+/// // The running mean moved 10% of the way to the batch mean (about 2).
+/// let rm = bn.running_mean().flatten_all()?.to_vec1::<f32>()?;
+/// assert!(rm.iter().all(|m| (*m - 0.2).abs() < 0.1));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// Creates (or fetches from `vb`) the four tensors of a `C`-channel batch norm.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let bn = candle_finetune::batchnorm::BatchNorm2d::new(64, vb.pp("bn1")).unwrap();
+    /// assert!(vm.data().lock().unwrap().contains_key("bn1.running_var"));
+    /// ```
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
+        let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.))?;
+        let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.))?;
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// The running mean (updated by every train-mode forward).
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # let vm = VarMap::new();
+    /// # let bn = candle_finetune::batchnorm::BatchNorm2d::new(2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// assert_eq!(bn.running_mean().dims(), &[2]);
+    /// ```
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    /// The running variance (unbiased batch variances, averaged with momentum 0.1).
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # let vm = VarMap::new();
+    /// # let bn = candle_finetune::batchnorm::BatchNorm2d::new(2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// assert_eq!(bn.running_var().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1., 1.]);
+    /// ```
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+
+    fn channel_shape(&self) -> Result<(usize, usize, usize, usize)> {
+        Ok((1, self.weight.dim(0)?, 1, 1))
+    }
+
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let count = n * h * w;
+        if count < 2 {
+            bail!(
+                "batch_norm: training needs more than one value per channel, got input {:?}",
+                x.dims()
+            );
+        }
+        let dtype = x.dtype();
+        let xf = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let mean = xf.mean_keepdim((0, 2, 3))?;
+        let xc = xf.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+        let m = self.momentum;
+        let unbias = count as f64 / (count - 1) as f64;
+        let rm = self.running_mean.as_tensor();
+        let rv = self.running_var.as_tensor();
+        let new_rm =
+            ((rm * (1.0 - m))? + (mean.detach().flatten_all()?.to_dtype(rm.dtype())? * m)?)?;
+        let new_rv = ((rv * (1.0 - m))?
+            + (var.detach().flatten_all()?.to_dtype(rv.dtype())? * (m * unbias))?)?;
+        self.running_mean.set(&new_rm)?;
+        self.running_var.set(&new_rv)?;
+        let shape = self.channel_shape()?;
+        let gamma = self.weight.to_dtype(xf.dtype())?.reshape(shape)?;
+        let beta = self.bias.to_dtype(xf.dtype())?.reshape(shape)?;
+        let scale = (var + self.eps)?.sqrt()?.recip()?.broadcast_mul(&gamma)?;
+        debug_assert_eq!(scale.dim(1)?, c);
+        xc.broadcast_mul(&scale)?
+            .broadcast_add(&beta)?
+            .to_dtype(dtype)
+    }
+
+    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        let shape = self.channel_shape()?;
+        let dt = x.dtype();
+        let inv = (self.running_var.as_tensor() + self.eps)?.sqrt()?.recip()?;
+        let scale = (inv * &self.weight)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        x.broadcast_mul(&scale.to_dtype(dt)?.reshape(shape)?)?
+            .broadcast_add(&shift.to_dtype(dt)?.reshape(shape)?)
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.rank() != 4 || x.dim(1)? != self.weight.dim(0)? {
+            bail!(
+                "batch_norm: expected (N, {}, H, W) input, got {:?}",
+                self.weight.dim(0)?,
+                x.dims()
+            );
+        }
+        if train {
+            self.forward_train(x)
+        } else {
+            self.forward_eval(x)
+        }
+    }
+}

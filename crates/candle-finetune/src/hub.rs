@@ -1,0 +1,294 @@
+//! ImageNet weights from the Hugging Face Hub (hf-hub 1.0) or a local file, into a trainable
+//! [`VarMap`].
+//!
+//! Environment, as the Python `huggingface_hub` reads it: `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME`
+//! and `HF_HUB_CACHE` (read by hf-hub itself) and `HF_HUB_OFFLINE` (mapped here to hf-hub's
+//! `local_files_only`). Files land in the standard cache layout
+//! (`<cache>/models--OWNER--NAME/snapshots/<commit>/<file>`), so a second run, or a run with a
+//! pinned 40-hex revision already cached, makes no network request.
+
+use crate::resnet::{Arch, ResNet};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Default weights: torchvision's ResNet-18 V1 ImageNet weights as published by timm.
+pub const DEFAULT_REPO: &str = "timm/resnet18.tv_in1k";
+/// The pinned commit of [`DEFAULT_REPO`].
+pub const DEFAULT_REVISION: &str = "bbd144b3e5565108aad885f145491d11bc6ce807";
+/// The weights file in [`DEFAULT_REPO`].
+pub const DEFAULT_FILE: &str = "model.safetensors";
+
+/// Where the weights come from.
+///
+/// ```
+/// use candle_finetune::hub::WeightsSource;
+/// let src = WeightsSource::default();
+/// assert!(matches!(src, WeightsSource::Hub { .. }));
+/// let local = WeightsSource::File("model.safetensors".into());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsSource {
+    /// A file in a Hub model repository at a revision (branch, tag or commit).
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or 40-hex commit.
+        revision: String,
+        /// File inside the repository.
+        file: String,
+    },
+    /// A local safetensors file.
+    File(PathBuf),
+}
+
+impl Default for WeightsSource {
+    fn default() -> Self {
+        WeightsSource::Hub {
+            repo: DEFAULT_REPO.into(),
+            revision: DEFAULT_REVISION.into(),
+            file: DEFAULT_FILE.into(),
+        }
+    }
+}
+
+/// How to reach the Hub. [`HubOptions::from_env`] is what the command-line tools use; tests set
+/// the fields explicitly instead of touching process-wide environment variables.
+///
+/// ```
+/// let opts = candle_finetune::hub::HubOptions { offline: true, ..Default::default() };
+/// assert!(opts.cache_dir.is_none());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubOptions {
+    /// Cache root; `None`: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+    pub cache_dir: Option<PathBuf>,
+    /// Never touch the network (resolve from the cache only).
+    pub offline: bool,
+    /// Endpoint; `None`: `HF_ENDPOINT`, else `https://huggingface.co`.
+    pub endpoint: Option<String>,
+}
+
+/// Whether an environment value means "on" (`1`, `true`, `yes`, `on`, any case).
+fn truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+impl HubOptions {
+    /// Options from the environment: `HF_HUB_OFFLINE` sets [`HubOptions::offline`]; the cache
+    /// and endpoint variables are read by hf-hub.
+    ///
+    /// ```
+    /// let opts = candle_finetune::hub::HubOptions::from_env();
+    /// ```
+    pub fn from_env() -> Self {
+        Self {
+            cache_dir: None,
+            offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| truthy(&v)),
+            endpoint: None,
+        }
+    }
+
+    /// A blocking hf-hub client honouring these options.
+    ///
+    /// ```
+    /// let client = candle_finetune::hub::HubOptions::default().client().unwrap();
+    /// ```
+    pub fn client(&self) -> Result<hf_hub::HFClientSync> {
+        let mut b = hf_hub::HFClient::builder();
+        if let Some(dir) = &self.cache_dir {
+            b = b.cache_dir(dir);
+        }
+        if let Some(e) = &self.endpoint {
+            b = b.endpoint(e);
+        }
+        b.build_sync()
+            .map_err(hub_err("cannot create the Hub client"))
+    }
+
+    /// The local path of `file` in model repo `repo` at `revision`, downloading it into the cache
+    /// unless it is there (or [`HubOptions::offline`] is set).
+    ///
+    /// ```no_run
+    /// let opts = candle_finetune::hub::HubOptions::from_env();
+    /// let p = opts.model_file("timm/resnet18.tv_in1k", candle_finetune::hub::DEFAULT_REVISION, "model.safetensors").unwrap();
+    /// ```
+    pub fn model_file(&self, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
+        let (owner, name) = split_repo(repo)?;
+        let client = self.client()?;
+        client
+            .model(owner, name)
+            .download_file()
+            .filename(file)
+            .revision(revision)
+            .local_files_only(self.offline)
+            .send()
+            .map_err(hub_err(&format!(
+                "cannot get {file} from model repo {repo} at {revision}{}",
+                if self.offline {
+                    " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
+                } else {
+                    ""
+                }
+            )))
+    }
+
+    /// Resolves a [`WeightsSource`] to a local file.
+    ///
+    /// ```
+    /// use candle_finetune::hub::{HubOptions, WeightsSource};
+    /// let p = HubOptions::default().resolve(&WeightsSource::File("w.safetensors".into()));
+    /// assert!(p.is_err()); // no such file
+    /// ```
+    pub fn resolve(&self, source: &WeightsSource) -> Result<PathBuf> {
+        match source {
+            WeightsSource::File(p) => {
+                if !p.is_file() {
+                    bail!("weights file {} does not exist", p.display());
+                }
+                Ok(p.clone())
+            }
+            WeightsSource::Hub {
+                repo,
+                revision,
+                file,
+            } => self.model_file(repo, revision, file),
+        }
+    }
+}
+
+/// `owner/name` split in two, or an error naming the bad id.
+pub(crate) fn split_repo(repo: &str) -> Result<(&str, &str)> {
+    match repo.split_once('/') {
+        Some((o, n)) if !o.is_empty() && !n.is_empty() && !n.contains('/') => Ok((o, n)),
+        _ => bail!("repository id {repo:?} is not of the form OWNER/NAME"),
+    }
+}
+
+pub(crate) fn hub_err(context: &str) -> impl FnOnce(hf_hub::HFError) -> candle_core::Error + '_ {
+    move |e| candle_core::Error::Msg(format!("{context}: {e}"))
+}
+
+/// How to treat the file's `fc` when loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Keep the freshly initialised head of the model (fine-tuning from ImageNet weights).
+    Fresh,
+    /// Load `fc` from the file too (reloading a fine-tuned model); its shape must match.
+    FromFile,
+}
+
+/// Loads a torchvision/timm state dict from `path` into `varmap`, whose variables must already
+/// exist (build the model on `VarBuilder::from_varmap(varmap, ..)` first). Every model variable
+/// must be in the file with the same shape, except `fc.*` under [`Head::Fresh`]; file entries the
+/// model does not have are an error, except `num_batches_tracked` (ignored) and `fc.*` under
+/// [`Head::Fresh`]. Returns the number of tensors loaded.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_finetune::{export, hub};
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("m.safetensors");
+/// let a = VarMap::new();
+/// candle_finetune::resnet::resnet18(7, VarBuilder::from_varmap(&a, DType::F32, &Device::Cpu)).unwrap();
+/// export::export_safetensors(&a, 0, &path).unwrap();
+/// let b = VarMap::new();
+/// candle_finetune::resnet::resnet18(7, VarBuilder::from_varmap(&b, DType::F32, &Device::Cpu)).unwrap();
+/// assert_eq!(hub::load_weights(&b, &path, hub::Head::FromFile).unwrap(), 102);
+/// ```
+pub fn load_weights(varmap: &VarMap, path: &Path, head: Head) -> Result<usize> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        candle_core::Error::Msg(format!("cannot read weights {}: {e}", path.display()))
+    })?;
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let skip_head = |name: &str| head == Head::Fresh && crate::params::is_head(name);
+    for name in tensors.keys() {
+        if name.ends_with(".num_batches_tracked") || skip_head(name) {
+            continue;
+        }
+        if !data.contains_key(name) {
+            bail!(
+                "weights {}: tensor {name:?} has no counterpart in the model (wrong architecture?)",
+                path.display()
+            );
+        }
+    }
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut loaded = 0;
+    for name in names {
+        if skip_head(name) {
+            continue;
+        }
+        let var = &data[name];
+        let Some(t) = tensors.get(name) else {
+            bail!(
+                "weights {}: the model's tensor {name:?} is missing from the file",
+                path.display()
+            );
+        };
+        if t.dims() != var.dims() {
+            bail!(
+                "weights {}: tensor {name:?} has shape {:?}, the model expects {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        if !t.dtype().is_float() {
+            bail!(
+                "weights {}: tensor {name:?} has dtype {:?}, expected a float",
+                path.display(),
+                t.dtype()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        loaded += 1;
+    }
+    Ok(loaded)
+}
+
+/// A trainable model initialised from pretrained weights, with a fresh `num_classes` head
+/// initialised like PyTorch's `nn.Linear`.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_finetune::{export, hub, resnet::Arch};
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("imagenet.safetensors");
+/// let vm = VarMap::new();
+/// candle_finetune::resnet::resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// export::export_safetensors(&vm, 0, &path).unwrap();
+/// let (varmap, model) = hub::pretrained(Arch::ResNet18, 196, &path, &Device::Cpu).unwrap();
+/// assert_eq!(model.num_classes(), 196);
+/// ```
+pub fn pretrained(
+    arch: Arch,
+    num_classes: usize,
+    weights: &Path,
+    device: &Device,
+) -> Result<(VarMap, ResNet)> {
+    let varmap = VarMap::new();
+    let model = arch.build(
+        num_classes,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    load_weights(&varmap, weights, Head::Fresh)?;
+    Ok((varmap, model))
+}
+
+/// Reads the tensors of a safetensors file (a convenience for tools and tests).
+///
+/// ```
+/// let r = candle_finetune::hub::read_safetensors(std::path::Path::new("/nonexistent"));
+/// assert!(r.is_err());
+/// ```
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+}

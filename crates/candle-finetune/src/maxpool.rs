@@ -1,0 +1,247 @@
+//! A fused, differentiable 2-D max-pool with padding (candle's `max_pool2d` has no padding and no
+//! backward when the kernel size differs from the stride, which is exactly ResNet's 3x3/s2/p1
+//! stem pool).
+//!
+//! Semantics are PyTorch's `nn.MaxPool2d(kernel, stride, padding)` with `ceil_mode=False`,
+//! `dilation=1`: padding behaves as `-inf`, the output is `floor((H + 2p - k) / s) + 1`, a NaN in
+//! a window wins (propagates), and the backward routes each output's gradient to the first
+//! maximal element of its window in row-major order.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// `nn.MaxPool2d(kernel, stride, padding)` on `(N, C, H, W)` tensors, with a backward pass.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_finetune::maxpool::MaxPool2d;
+/// # fn main() -> candle_core::Result<()> {
+/// let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((1, 1, 4, 4))?;
+/// let y = MaxPool2d::new(3, 2, 1).forward(&x)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![5., 7., 13., 15.]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPool2d {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+/// Geometry of one call.
+#[derive(Clone, Copy)]
+struct Geo {
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl MaxPool2d {
+    /// A max-pool with a square `kernel`, `stride` and zero-cost `-inf` `padding`.
+    ///
+    /// ```
+    /// let stem_pool = candle_finetune::maxpool::MaxPool2d::new(3, 2, 1);
+    /// ```
+    pub fn new(kernel: usize, stride: usize, padding: usize) -> Self {
+        Self {
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    /// Applies the pool; differentiable with respect to `x`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let x = Var::new(&[[[[1f32, 3.], [2., 0.]]]], &Device::Cpu)?;
+    /// let y = candle_finetune::maxpool::MaxPool2d::new(2, 2, 0).forward(x.as_tensor())?;
+    /// let g = y.sum_all()?.backward()?.get(x.as_tensor()).unwrap().flatten_all()?;
+    /// assert_eq!(g.to_vec1::<f32>()?, vec![0., 1., 0., 0.]);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check()?;
+        if x.rank() != 4 {
+            bail!(
+                "max_pool2d: expected an (N, C, H, W) input, got shape {:?}",
+                x.dims()
+            );
+        }
+        x.contiguous()?.apply_op1(*self)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.kernel == 0 || self.stride == 0 {
+            bail!("max_pool2d: kernel and stride must be positive");
+        }
+        if 2 * self.padding > self.kernel {
+            bail!(
+                "max_pool2d: padding {} must be at most half the kernel {}",
+                self.padding,
+                self.kernel
+            );
+        }
+        Ok(())
+    }
+
+    fn geo(&self, shape: &Shape) -> Result<Geo> {
+        let (n, c, h, w) = shape.dims4()?;
+        let (hp, wp) = (h + 2 * self.padding, w + 2 * self.padding);
+        if hp < self.kernel || wp < self.kernel {
+            bail!(
+                "max_pool2d: input {h}x{w} (padded {hp}x{wp}) is smaller than the {}x{} kernel",
+                self.kernel,
+                self.kernel
+            );
+        }
+        Ok(Geo {
+            planes: n * c,
+            h,
+            w,
+            oh: (hp - self.kernel) / self.stride + 1,
+            ow: (wp - self.kernel) / self.stride + 1,
+        })
+    }
+
+    /// Index (within the plane) of the first maximal element of output `(i, j)`'s window.
+    #[inline]
+    fn argmax<T: WithDType>(&self, plane: &[T], g: &Geo, i: usize, j: usize) -> usize {
+        let (k, s, p) = (
+            self.kernel as isize,
+            self.stride as isize,
+            self.padding as isize,
+        );
+        let y0 = i as isize * s - p;
+        let x0 = j as isize * s - p;
+        let (ylo, yhi) = (y0.max(0) as usize, ((y0 + k) as usize).min(g.h));
+        let (xlo, xhi) = (x0.max(0) as usize, ((x0 + k) as usize).min(g.w));
+        let mut best = ylo * g.w + xlo;
+        let mut bv = plane[best].to_f64();
+        for y in ylo..yhi {
+            for x in xlo..xhi {
+                let v = plane[y * g.w + x].to_f64();
+                if v > bv || (v.is_nan() && !bv.is_nan()) {
+                    bv = v;
+                    best = y * g.w + x;
+                }
+            }
+        }
+        best
+    }
+
+    fn fwd<T: WithDType>(&self, x: &[T], g: &Geo) -> Vec<T> {
+        let mut out = vec![T::zero(); g.planes * g.oh * g.ow];
+        out.par_chunks_mut(g.oh * g.ow)
+            .zip(x.par_chunks(g.h * g.w))
+            .for_each(|(o, plane)| {
+                for i in 0..g.oh {
+                    for j in 0..g.ow {
+                        o[i * g.ow + j] = plane[self.argmax(plane, g, i, j)];
+                    }
+                }
+            });
+        out
+    }
+
+    fn bwd_kernel<T: WithDType>(&self, x: &[T], dy: &[T], g: &Geo) -> Vec<T> {
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(g.h * g.w)
+            .zip(x.par_chunks(g.h * g.w))
+            .zip(dy.par_chunks(g.oh * g.ow))
+            .for_each(|((d, plane), dyp)| {
+                // Windows overlap: accumulate in f64, round once.
+                let mut acc = vec![0f64; g.h * g.w];
+                for i in 0..g.oh {
+                    for j in 0..g.ow {
+                        acc[self.argmax(plane, g, i, j)] += dyp[i * g.ow + j].to_f64();
+                    }
+                }
+                for (dst, a) in d.iter_mut().zip(acc) {
+                    *dst = T::from_f64(a);
+                }
+            });
+        dx
+    }
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("max_pool2d: input must be contiguous")
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "candle-finetune-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geo(l.shape())?;
+        let (n, c, _, _) = l.shape().dims4()?;
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(slice::<f32>(s, l)?, &g)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(slice::<f64>(s, l)?, &g)),
+            CpuStorage::F16(_) => CpuStorage::F16(self.fwd(slice::<f16>(s, l)?, &g)),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.fwd(slice::<bf16>(s, l)?, &g)),
+            _ => bail!("max_pool2d: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, Shape::from((n, c, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(*self))?;
+        Ok(Some(grad))
+    }
+}
+
+use candle_core::backend::BackendStorage;
+
+/// Backward of [`MaxPool2d`] as a custom op of `(input, grad_output)`.
+struct MaxPool2dBackward(MaxPool2d);
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "candle-finetune-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = &self.0;
+        let g = p.geo(l1.shape())?;
+        if l2.shape().elem_count() != g.planes * g.oh * g.ow {
+            bail!(
+                "max_pool2d backward: gradient shape {:?} does not match the output",
+                l2.shape()
+            );
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(p.bwd_kernel(slice::<f32>(s1, l1)?, slice::<f32>(s2, l2)?, &g))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(p.bwd_kernel(slice::<f64>(s1, l1)?, slice::<f64>(s2, l2)?, &g))
+            }
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(p.bwd_kernel(slice::<f16>(s1, l1)?, slice::<f16>(s2, l2)?, &g))
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(p.bwd_kernel(slice::<bf16>(s1, l1)?, slice::<bf16>(s2, l2)?, &g))
+            }
+            _ => bail!("max_pool2d backward: unsupported dtype {:?}", s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}

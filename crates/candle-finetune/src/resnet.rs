@@ -1,0 +1,414 @@
+//! Trainable ResNet-18/34/50 with torchvision's architecture and variable names.
+//!
+//! Unlike `candle_transformers::models::resnet` (inference only), batch norms train
+//! ([`crate::batchnorm::BatchNorm2d`]) and every layer has a backward pass, the 3x3/stride-2 stem
+//! max-pool included ([`crate::maxpool::MaxPool2d`]). Variable names are torchvision's
+//! (`conv1`, `bn1.*`, `layer{1-4}.{i}.{conv1,bn1,conv2,bn2[,conv3,bn3]}`,
+//! `layer{2-4}.0.downsample.{0,1}`, `fc`), so a torchvision or timm state dict fills every
+//! variable.
+
+use crate::batchnorm::BatchNorm2d;
+use crate::maxpool::MaxPool2d;
+use candle_core::{bail, Module, ModuleT, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The supported architectures.
+///
+/// ```
+/// use candle_finetune::resnet::Arch;
+/// assert_eq!("resnet18".parse::<Arch>().unwrap(), Arch::ResNet18);
+/// assert_eq!(Arch::ResNet50.feature_dim(), 2048);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// BasicBlock x [2, 2, 2, 2], 512 features.
+    ResNet18,
+    /// BasicBlock x [3, 4, 6, 3], 512 features.
+    ResNet34,
+    /// Bottleneck x [3, 4, 6, 3], 2048 features.
+    ResNet50,
+}
+
+impl Arch {
+    fn blocks(self) -> [usize; 4] {
+        match self {
+            Arch::ResNet18 => [2, 2, 2, 2],
+            Arch::ResNet34 | Arch::ResNet50 => [3, 4, 6, 3],
+        }
+    }
+
+    fn bottleneck(self) -> bool {
+        self == Arch::ResNet50
+    }
+
+    /// Width of the pooled features that feed `fc`.
+    ///
+    /// ```
+    /// assert_eq!(candle_finetune::resnet::Arch::ResNet18.feature_dim(), 512);
+    /// ```
+    pub fn feature_dim(self) -> usize {
+        if self.bottleneck() {
+            2048
+        } else {
+            512
+        }
+    }
+
+    /// The name torchvision and timm use (`resnet18`, ...).
+    ///
+    /// ```
+    /// assert_eq!(candle_finetune::resnet::Arch::ResNet34.name(), "resnet34");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::ResNet18 => "resnet18",
+            Arch::ResNet34 => "resnet34",
+            Arch::ResNet50 => "resnet50",
+        }
+    }
+
+    /// Builds the model, creating or fetching its variables through `vb`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let model = candle_finetune::resnet::Arch::ResNet18.build(10, vb).unwrap();
+    /// assert_eq!(model.num_classes(), 10);
+    /// ```
+    pub fn build(self, num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
+        ResNet::new(self, num_classes, vb)
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "resnet18" => Ok(Arch::ResNet18),
+            "resnet34" => Ok(Arch::ResNet34),
+            "resnet50" => Ok(Arch::ResNet50),
+            other => Err(format!(
+                "unknown architecture {other:?} (resnet18, resnet34, resnet50)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A bias-free convolution initialised like torchvision (`kaiming_normal_`, fan-out, ReLU gain).
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let std = (2.0 / (cout * k * k) as f64).sqrt();
+    let w = vb.get_with_hints(
+        (cout, cin, k, k),
+        "weight",
+        Init::Randn {
+            mean: 0.,
+            stdev: std,
+        },
+    )?;
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(w, None, cfg))
+}
+
+/// `nn.Linear` with PyTorch's default initialisation: `U(-1/sqrt(in), 1/sqrt(in))` for both the
+/// weight and the bias.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let vm = VarMap::new();
+/// let fc = candle_finetune::resnet::torch_linear(512, 196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// let w = vm.data().lock().unwrap()["weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+/// assert!(w.iter().all(|v| v.abs() <= 1.0 / 512f32.sqrt()));
+/// ```
+pub fn torch_linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
+    let b = 1.0 / (input as f64).sqrt();
+    let init = Init::Uniform { lo: -b, up: b };
+    let w = vb.get_with_hints((output, input), "weight", init)?;
+    let bias = vb.get_with_hints(output, "bias", init)?;
+    Ok(Linear::new(w, Some(bias)))
+}
+
+#[derive(Debug, Clone)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    convs: Vec<(Conv2d, BatchNorm2d)>,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    fn new(
+        cin: usize,
+        width: usize,
+        stride: usize,
+        bottleneck: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let (convs, cout) = if bottleneck {
+            let out = width * 4;
+            (
+                vec![
+                    (
+                        conv(cin, width, 1, 1, 0, vb.pp("conv1"))?,
+                        BatchNorm2d::new(width, vb.pp("bn1"))?,
+                    ),
+                    // torchvision (V1.5) strides the 3x3 convolution.
+                    (
+                        conv(width, width, 3, stride, 1, vb.pp("conv2"))?,
+                        BatchNorm2d::new(width, vb.pp("bn2"))?,
+                    ),
+                    (
+                        conv(width, out, 1, 1, 0, vb.pp("conv3"))?,
+                        BatchNorm2d::new(out, vb.pp("bn3"))?,
+                    ),
+                ],
+                out,
+            )
+        } else {
+            (
+                vec![
+                    (
+                        conv(cin, width, 3, stride, 1, vb.pp("conv1"))?,
+                        BatchNorm2d::new(width, vb.pp("bn1"))?,
+                    ),
+                    (
+                        conv(width, width, 3, 1, 1, vb.pp("conv2"))?,
+                        BatchNorm2d::new(width, vb.pp("bn2"))?,
+                    ),
+                ],
+                width,
+            )
+        };
+        let downsample = if stride != 1 || cin != cout {
+            Some(Downsample {
+                conv: conv(cin, cout, 1, stride, 0, vb.pp("downsample.0"))?,
+                bn: BatchNorm2d::new(cout, vb.pp("downsample.1"))?,
+            })
+        } else {
+            None
+        };
+        Ok(Self { convs, downsample })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, (c, bn)) in self.convs.iter().enumerate() {
+            y = bn.forward_t(&c.forward(&y)?, train)?;
+            if i != last {
+                y = y.relu()?;
+            }
+        }
+        let shortcut = match &self.downsample {
+            Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (y + shortcut)?.relu()
+    }
+}
+
+/// A torchvision ResNet: `(N, 3, H, W)` images to `(N, num_classes)` logits.
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// # fn main() -> candle_core::Result<()> {
+/// let vm = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+/// let model = candle_finetune::resnet::resnet18(196, vb)?;
+/// let images = Tensor::randn(0f32, 1., (2, 3, 64, 64), &Device::Cpu)?;
+/// let logits = model.forward_t(&images, true)?;
+/// assert_eq!(logits.dims(), &[2, 196]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    arch: Arch,
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    pool: MaxPool2d,
+    layers: Vec<Vec<Block>>,
+    fc: Linear,
+    num_classes: usize,
+}
+
+impl ResNet {
+    /// Builds `arch` with a `num_classes` head (variables under `vb`, torchvision names).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// candle_finetune::resnet::ResNet::new(candle_finetune::resnet::Arch::ResNet18, 3, vb).unwrap();
+    /// assert_eq!(vm.all_vars().len(), 62 + 40); // 62 trainable tensors, 40 running stats
+    /// ```
+    pub fn new(arch: Arch, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+        if num_classes == 0 {
+            bail!("resnet: num_classes must be positive");
+        }
+        let conv1 = conv(3, 64, 7, 2, 3, vb.pp("conv1"))?;
+        let bn1 = BatchNorm2d::new(64, vb.pp("bn1"))?;
+        let mut cin = 64;
+        let mut layers = Vec::new();
+        for (li, &n) in arch.blocks().iter().enumerate() {
+            let width = 64 << li;
+            let stride = if li == 0 { 1 } else { 2 };
+            let vbl = vb.pp(format!("layer{}", li + 1));
+            let mut blocks = Vec::new();
+            for bi in 0..n {
+                let b = Block::new(
+                    cin,
+                    width,
+                    if bi == 0 { stride } else { 1 },
+                    arch.bottleneck(),
+                    vbl.pp(bi.to_string()),
+                )?;
+                cin = if arch.bottleneck() { width * 4 } else { width };
+                blocks.push(b);
+            }
+            layers.push(blocks);
+        }
+        let fc = torch_linear(arch.feature_dim(), num_classes, vb.pp("fc"))?;
+        Ok(Self {
+            arch,
+            conv1,
+            bn1,
+            pool: MaxPool2d::new(3, 2, 1),
+            layers,
+            fc,
+            num_classes,
+        })
+    }
+
+    /// The architecture.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # let vm = VarMap::new();
+    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// assert_eq!(m.arch(), candle_finetune::resnet::Arch::ResNet18);
+    /// ```
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// Width of the head.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # let vm = VarMap::new();
+    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// assert_eq!(m.num_classes(), 5);
+    /// ```
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Pooled backbone features `(N, feature_dim)`, before `fc`.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # let vm = VarMap::new();
+    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// let f = m.features_t(&Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap(), false).unwrap();
+    /// assert_eq!(f.dims(), &[1, 512]);
+    /// ```
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.rank() != 4 || x.dim(1)? != 3 {
+            bail!("resnet: expected (N, 3, H, W) images, got {:?}", x.dims());
+        }
+        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        y = self.pool.forward(&y)?;
+        for layer in &self.layers {
+            for b in layer {
+                y = b.forward_t(&y, train)?;
+            }
+        }
+        y.mean((2, 3))
+    }
+
+    /// The classification head.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Module, Tensor};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # let vm = VarMap::new();
+    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// let z = m.head().forward(&Tensor::zeros((1, 512), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    /// assert_eq!(z.dims(), &[1, 5]);
+    /// ```
+    pub fn head(&self) -> &Linear {
+        &self.fc
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.fc.forward(&self.features_t(x, train)?)
+    }
+}
+
+/// ResNet-18 with a `num_classes` head.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let vm = VarMap::new();
+/// let model = candle_finetune::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// ```
+pub fn resnet18(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(Arch::ResNet18, num_classes, vb)
+}
+
+/// ResNet-34 with a `num_classes` head.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let vm = VarMap::new();
+/// let model = candle_finetune::resnet::resnet34(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// ```
+pub fn resnet34(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(Arch::ResNet34, num_classes, vb)
+}
+
+/// ResNet-50 with a `num_classes` head.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let vm = VarMap::new();
+/// let model = candle_finetune::resnet::resnet50(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// ```
+pub fn resnet50(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(Arch::ResNet50, num_classes, vb)
+}
