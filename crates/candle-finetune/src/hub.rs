@@ -292,3 +292,109 @@ pub fn pretrained(
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, &Device::Cpu)
 }
+
+/// Kind of Hub repository, as named in the cache (`models--...`, `datasets--...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoKind {
+    /// A model repository.
+    Model,
+    /// A dataset repository.
+    Dataset,
+}
+
+impl RepoKind {
+    fn plural(self) -> &'static str {
+        match self {
+            RepoKind::Model => "models",
+            RepoKind::Dataset => "datasets",
+        }
+    }
+}
+
+/// The Hub cache folder of a repository: `<cache>/<kind>s--OWNER--NAME`.
+///
+/// ```
+/// use candle_finetune::hub::{repo_cache_dir, RepoKind};
+/// let p = repo_cache_dir(std::path::Path::new("/c"), RepoKind::Model, "timm/resnet18.tv_in1k").unwrap();
+/// assert_eq!(p, std::path::Path::new("/c/models--timm--resnet18.tv_in1k"));
+/// ```
+pub fn repo_cache_dir(cache: &Path, kind: RepoKind, repo: &str) -> Result<PathBuf> {
+    let (owner, name) = split_repo(repo)?;
+    Ok(cache.join(format!("{}--{owner}--{name}", kind.plural())))
+}
+
+/// The lower-case hex SHA-256 of a file.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("x");
+/// std::fs::write(&p, b"abc").unwrap();
+/// assert_eq!(candle_finetune::hub::sha256_file(&p).unwrap(),
+///            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+/// ```
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Places a local file into a Hub cache exactly as hf-hub would after downloading it: the
+/// content under `blobs/<sha256>`, a relative symlink `snapshots/<revision>/<file>` to it, and
+/// `refs/main` pointing at `revision` (a 40-hex commit). Used by the offline `--smoke` runs and by
+/// the tests, which then read the file back through the normal hf-hub path.
+///
+/// ```
+/// use candle_finetune::hub::{seed_cache, HubOptions, RepoKind, WeightsSource};
+/// let cache = tempfile::tempdir().unwrap();
+/// let src = cache.path().join("w.bin");
+/// std::fs::write(&src, b"weights").unwrap();
+/// let rev = "0123456789abcdef0123456789abcdef01234567";
+/// seed_cache(cache.path(), RepoKind::Model, "me/net", rev, "model.safetensors", &src).unwrap();
+/// let opts = HubOptions { cache_dir: Some(cache.path().into()), offline: true, endpoint: None };
+/// let p = opts.model_file("me/net", "main", "model.safetensors").unwrap();
+/// assert_eq!(std::fs::read(p).unwrap(), b"weights");
+/// ```
+pub fn seed_cache(
+    cache: &Path,
+    kind: RepoKind,
+    repo: &str,
+    revision: &str,
+    file: &str,
+    src: &Path,
+) -> Result<PathBuf> {
+    if revision.len() != 40 || !revision.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("seed_cache: revision {revision:?} must be a 40-hex commit");
+    }
+    let root = repo_cache_dir(cache, kind, repo)?;
+    let sha = sha256_file(src)?;
+    let blob = root.join("blobs").join(&sha);
+    std::fs::create_dir_all(root.join("blobs"))?;
+    if !blob.exists() {
+        crate::export::atomic_write(&blob, |tmp| {
+            std::fs::copy(src, tmp)?;
+            Ok(())
+        })?;
+    }
+    let snap = root.join("snapshots").join(revision).join(file);
+    let parent = snap.parent().expect("snapshot path has a parent");
+    std::fs::create_dir_all(parent)?;
+    let depth = Path::new(file).components().count() + 1; // file's dirs + the revision folder
+    let mut target = PathBuf::new();
+    for _ in 0..depth {
+        target.push("..");
+    }
+    target.push("blobs");
+    target.push(&sha);
+    if snap.symlink_metadata().is_ok() {
+        std::fs::remove_file(&snap)?;
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&target, &snap)?;
+    #[cfg(not(unix))]
+    std::fs::copy(&blob, &snap)?;
+    std::fs::create_dir_all(root.join("refs"))?;
+    crate::export::atomic_write_bytes(&root.join("refs").join("main"), revision.as_bytes())?;
+    Ok(snap)
+}
