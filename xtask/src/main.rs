@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::Command;
 
+mod bench_resnet;
 mod bench_xent;
 
 #[derive(Parser)]
@@ -19,6 +20,9 @@ enum Cmd {
     /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
     /// peak RSS, one process per measurement.
     BenchXent(bench_xent::Args),
+    /// One ResNet training step (forward, label-smoothed loss, backward, SGD): images/s, candle
+    /// vs PyTorch.
+    BenchResnet(bench_resnet::Args),
 }
 
 /// The workspace root (the parent of this crate).
@@ -48,5 +52,6 @@ pub fn run_capture(cmd: &mut Command) -> Result<String> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::BenchXent(args) => bench_xent::run(args),
+        Cmd::BenchResnet(args) => bench_resnet::run(args),
     }
 }

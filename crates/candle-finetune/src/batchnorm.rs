@@ -92,6 +92,20 @@ impl BatchNorm2d {
         Ok((1, self.weight.dim(0)?, 1, 1))
     }
 
+    /// `running = (1 - momentum) * running + momentum * batch`, with the unbiased variance.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let m = self.momentum;
+        let unbias = count as f64 / (count - 1) as f64;
+        let rm = self.running_mean.as_tensor();
+        let rv = self.running_var.as_tensor();
+        let mean = mean.detach().flatten_all()?.to_dtype(rm.dtype())?;
+        let var = var.detach().flatten_all()?.to_dtype(rv.dtype())?;
+        let new_rm = ((rm * (1.0 - m))? + (mean * m)?)?;
+        let new_rv = ((rv * (1.0 - m))? + (var * (m * unbias))?)?;
+        self.running_mean.set(&new_rm)?;
+        self.running_var.set(&new_rv)
+    }
+
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let count = n * h * w;
@@ -101,6 +115,13 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
+        if crate::batchnorm_op::fused_applies(x) {
+            let (y, st) =
+                crate::batchnorm_op::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            self.update_running(&st.get(0)?, &st.get(1)?, count)?;
+            return Ok(y);
+        }
+        // Composed fallback (other devices, half precision).
         let dtype = x.dtype();
         let xf = match dtype {
             DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
@@ -109,16 +130,7 @@ impl BatchNorm2d {
         let mean = xf.mean_keepdim((0, 2, 3))?;
         let xc = xf.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
-        let m = self.momentum;
-        let unbias = count as f64 / (count - 1) as f64;
-        let rm = self.running_mean.as_tensor();
-        let rv = self.running_var.as_tensor();
-        let new_rm =
-            ((rm * (1.0 - m))? + (mean.detach().flatten_all()?.to_dtype(rm.dtype())? * m)?)?;
-        let new_rv = ((rv * (1.0 - m))?
-            + (var.detach().flatten_all()?.to_dtype(rv.dtype())? * (m * unbias))?)?;
-        self.running_mean.set(&new_rm)?;
-        self.running_var.set(&new_rv)?;
+        self.update_running(&mean, &var, count)?;
         let shape = self.channel_shape()?;
         let gamma = self.weight.to_dtype(xf.dtype())?.reshape(shape)?;
         let beta = self.bias.to_dtype(xf.dtype())?.reshape(shape)?;

@@ -20,6 +20,8 @@
 //! ```
 
 pub mod batchnorm;
+mod batchnorm_op;
+pub mod conv;
 pub mod export;
 pub mod hub;
 pub mod maxpool;

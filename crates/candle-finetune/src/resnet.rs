@@ -10,7 +10,7 @@
 use crate::batchnorm::BatchNorm2d;
 use crate::maxpool::MaxPool2d;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// The supported architectures.
@@ -104,7 +104,21 @@ impl std::fmt::Display for Arch {
     }
 }
 
-/// A bias-free convolution initialised like torchvision (`kaiming_normal_`, fan-out, ReLU gain).
+/// A bias-free convolution (variable `weight`), initialised like torchvision
+/// (`kaiming_normal_`, fan-out, ReLU gain), computed by [`crate::conv::conv2d`].
+#[derive(Debug, Clone)]
+struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::conv::conv2d(x, &self.weight, self.stride, self.padding)
+    }
+}
+
 fn conv(
     cin: usize,
     cout: usize,
@@ -114,20 +128,16 @@ fn conv(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let std = (2.0 / (cout * k * k) as f64).sqrt();
-    let w = vb.get_with_hints(
-        (cout, cin, k, k),
-        "weight",
-        Init::Randn {
-            mean: 0.,
-            stdev: std,
-        },
-    )?;
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
+    let init = Init::Randn {
+        mean: 0.,
+        stdev: std,
     };
-    Ok(Conv2d::new(w, None, cfg))
+    let weight = vb.get_with_hints((cout, cin, k, k), "weight", init)?;
+    Ok(Conv2d {
+        weight,
+        stride,
+        padding,
+    })
 }
 
 /// `nn.Linear` with PyTorch's default initialisation: `U(-1/sqrt(in), 1/sqrt(in))` for both the

@@ -1,0 +1,49 @@
+//! Times one ResNet training step (train-mode forward, label-smoothed loss, backward, SGD update)
+//! on random images. Prints one JSON line. Used by `cargo xtask bench-resnet`.
+//!
+//! ```text
+//! cargo run --release -p candle-finetune --example resnet_step -- [BATCH] [SIZE] [STEPS] [ARCH]
+//! ```
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_finetune::params::ParamGroups;
+use candle_finetune::resnet::Arch;
+use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use std::time::Instant;
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    let batch: usize = a.get(1).map_or(Ok(32), |s| s.parse())?;
+    let size: usize = a.get(2).map_or(Ok(224), |s| s.parse())?;
+    let steps: usize = a.get(3).map_or(Ok(3), |s| s.parse())?;
+    let arch: Arch = a
+        .get(4)
+        .map_or("resnet18", |s| s.as_str())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let model = arch.build(196, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let mut opt = SGD::new(ParamGroups::from_varmap(&vm).trainable(false), 0.01)?;
+    let x = Tensor::randn(0f32, 1., (batch, 3, size, size), &dev)?;
+    let y = Tensor::arange(0u32, batch as u32, &dev)?;
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let t0 = Instant::now();
+        let logits = model.forward_t(&x, true)?;
+        let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
+        opt.backward_step(&loss)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if step > 0 {
+            times.push(dt); // step 0 is a warm-up
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!(
+        "{{\"impl\":\"candle\",\"arch\":\"{arch}\",\"batch\":{batch},\"size\":{size},\"threads\":{},\"median_step_s\":{med:.3},\"images_per_s\":{:.2}}}",
+        candle_core::utils::get_num_threads(),
+        batch as f64 / med
+    );
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The fused CPU kernels of train-mode batch norm: per-channel statistics, normalisation, and the
+//! backward, each one parallel pass (over channels for reductions, over planes otherwise).
+//!
+//! `batch_norm_train(x, gamma, beta, eps)` returns `y` and the batch `(mean, biased var)`; its
+//! backward is the analytic one (gradient through the batch statistics included):
+//! `dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat))`,
+//! `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, sums over `(N, H, W)`, `M = N * H * W`.
+//! Sums are accumulated in f64.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+struct Geo {
+    n: usize,
+    c: usize,
+    hw: usize,
+}
+
+impl Geo {
+    fn new(dims: &[usize]) -> Result<Self> {
+        let &[n, c, h, w] = dims else {
+            bail!("batch_norm: expected an (N, C, H, W) input, got {dims:?}")
+        };
+        Ok(Self { n, c, hw: h * w })
+    }
+    fn m(&self) -> usize {
+        self.n * self.hw
+    }
+    fn plane<'a, T>(&self, x: &'a [T], n: usize, c: usize) -> &'a [T] {
+        &x[(n * self.c + c) * self.hw..(n * self.c + c + 1) * self.hw]
+    }
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("batch_norm: tensors must be contiguous")
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+/// Per-channel `[mean..., biased var...]` as `(2, C)`.
+fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
+    let per: Vec<(f64, f64)> = (0..g.c)
+        .into_par_iter()
+        .map(|c| {
+            // Shifted sums (shift = the channel's first value) keep the variance accurate.
+            let shift = g.plane(x, 0, c).first().map_or(0.0, |v| v.to_f64());
+            let (mut s, mut s2) = (0f64, 0f64);
+            for n in 0..g.n {
+                for v in g.plane(x, n, c) {
+                    let d = v.to_f64() - shift;
+                    s += d;
+                    s2 += d * d;
+                }
+            }
+            let m = g.m() as f64;
+            let mean = s / m;
+            (shift + mean, (s2 / m - mean * mean).max(0.0))
+        })
+        .collect();
+    per.iter()
+        .map(|p| T::from_f64(p.0))
+        .chain(per.iter().map(|p| T::from_f64(p.1)))
+        .collect()
+}
+
+/// Batch statistics op: `x -> (2, C)`.
+struct Stats;
+
+impl CustomOp1 for Stats {
+    fn name(&self) -> &'static str {
+        "candle-finetune-bn-stats"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geo::new(l.dims())?;
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(stats(&g, slice::<f32>(s, l)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(stats(&g, slice::<f64>(s, l)?)),
+            _ => bail!("batch_norm: fused kernels take f32 or f64"),
+        };
+        Ok((out, Shape::from((2, g.c))))
+    }
+}
+
+/// `(x, stats (2, C), affine (2, C) = [gamma; beta]) -> y`.
+#[derive(Debug, Clone, Copy)]
+struct Normalize {
+    eps: f64,
+}
+
+fn normalize<T: WithDType>(g: &Geo, eps: f64, x: &[T], st: &[T], af: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(g.hw).enumerate().for_each(|(p, out)| {
+        let (n, c) = (p / g.c, p % g.c);
+        let mean = st[c].to_f64();
+        let scale = af[c].to_f64() / (st[g.c + c].to_f64() + eps).sqrt();
+        let shift = af[g.c + c].to_f64() - mean * scale;
+        let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+        for (o, &v) in out.iter_mut().zip(g.plane(x, n, c)) {
+            *o = v * scale + shift;
+        }
+    });
+    y
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "candle-finetune-bn-normalize"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geo::new(l1.dims())?;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(normalize(
+                &g,
+                self.eps,
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(normalize(
+                &g,
+                self.eps,
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+            )),
+            _ => bail!("batch_norm: fused kernels take f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        st: &Tensor,
+        af: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let packed = Tensor::cat(&[st, af], 0)?; // (4, C): mean, var, gamma, beta
+        let sums = x.apply_op3_no_bwd(
+            &dy,
+            &packed,
+            &Backward {
+                eps: self.eps,
+                dx: false,
+            },
+        )?; // (2, C)
+        let packed = Tensor::cat(&[&packed, &sums], 0)?; // (6, C)
+        let dx = x.apply_op3_no_bwd(
+            &dy,
+            &packed,
+            &Backward {
+                eps: self.eps,
+                dx: true,
+            },
+        )?;
+        // sums = [sum(dy * xhat); sum(dy)] = [dgamma; dbeta]: the affine gradient as stacked.
+        // The statistics were computed from x by a detached op: their dependence on x is in dx.
+        Ok((Some(dx), None, Some(sums)))
+    }
+}
+
+/// Backward kernels over `(x, dy, packed)`: per-channel sums (`dx == false`, output (2, C)) or
+/// the input gradient (`dx == true`, packed holds the sums too).
+struct Backward {
+    eps: f64,
+    dx: bool,
+}
+
+fn sums<T: WithDType>(g: &Geo, eps: f64, x: &[T], dy: &[T], pk: &[T]) -> Vec<T> {
+    let per: Vec<(f64, f64)> = (0..g.c)
+        .into_par_iter()
+        .map(|c| {
+            let mean = pk[c].to_f64();
+            let invstd = 1.0 / (pk[g.c + c].to_f64() + eps).sqrt();
+            let (mut sg, mut sb) = (0f64, 0f64);
+            for n in 0..g.n {
+                for (&v, &d) in g.plane(x, n, c).iter().zip(g.plane(dy, n, c)) {
+                    let d = d.to_f64();
+                    sg += d * (v.to_f64() - mean) * invstd;
+                    sb += d;
+                }
+            }
+            (sg, sb)
+        })
+        .collect();
+    per.iter()
+        .map(|p| T::from_f64(p.0))
+        .chain(per.iter().map(|p| T::from_f64(p.1)))
+        .collect()
+}
+
+fn input_grad<T: WithDType>(g: &Geo, eps: f64, x: &[T], dy: &[T], pk: &[T]) -> Vec<T> {
+    let c_n = g.c;
+    let m = g.m() as f64;
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(g.hw).enumerate().for_each(|(p, out)| {
+        let (n, c) = (p / c_n, p % c_n);
+        let mean = pk[c].to_f64();
+        let invstd = 1.0 / (pk[c_n + c].to_f64() + eps).sqrt();
+        let gamma = pk[2 * c_n + c].to_f64();
+        let (sg, sb) = (pk[4 * c_n + c].to_f64(), pk[5 * c_n + c].to_f64());
+        let k = gamma * invstd;
+        // dx = k * (dy - sb/M - xhat * sg/M), xhat = (x - mean) * invstd
+        let a = k;
+        // sg already holds one factor invstd (it sums dy * xhat).
+        let b = -k * (sb / m - mean * invstd * sg / m);
+        let cx = -k * invstd * sg / m;
+        for ((o, &v), &d) in out.iter_mut().zip(g.plane(x, n, c)).zip(g.plane(dy, n, c)) {
+            *o = T::from_f64(a * d.to_f64() + cx * v.to_f64() + b);
+        }
+    });
+    dx
+}
+
+impl CustomOp3 for Backward {
+    fn name(&self) -> &'static str {
+        "candle-finetune-bn-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geo::new(l1.dims())?;
+        macro_rules! run {
+            ($t:ty, $v:ident) => {{
+                let (x, dy, pk) = (
+                    slice::<$t>(s1, l1)?,
+                    slice::<$t>(s2, l2)?,
+                    slice::<$t>(s3, l3)?,
+                );
+                if self.dx {
+                    (
+                        CpuStorage::$v(input_grad(&g, self.eps, x, dy, pk)),
+                        l1.shape().clone(),
+                    )
+                } else {
+                    (
+                        CpuStorage::$v(sums(&g, self.eps, x, dy, pk)),
+                        Shape::from((2, g.c)),
+                    )
+                }
+            }};
+        }
+        Ok(match s1 {
+            CpuStorage::F32(_) => run!(f32, F32),
+            CpuStorage::F64(_) => run!(f64, F64),
+            _ => bail!("batch_norm: fused kernels take f32 or f64"),
+        })
+    }
+}
+
+/// Whether the fused kernels apply (CPU, f32 or f64).
+pub(crate) fn fused_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// Train-mode batch norm of `x (N, C, H, W)`: returns `y` and the detached batch statistics
+/// `(2, C) = [mean; biased variance]`. Differentiable in `x`, `gamma` and `beta`.
+pub(crate) fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let st = x.apply_op1_no_bwd(&Stats)?;
+    let affine = Tensor::stack(&[gamma, beta], 0)?.to_dtype(x.dtype())?;
+    let y = x.apply_op3(&st, &affine, Normalize { eps })?;
+    Ok((y, st))
+}
