@@ -287,3 +287,80 @@ pub(crate) fn batch_norm_train(
     let y = x.apply_op3(&st, &affine, Normalize { eps })?;
     Ok((y, st))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Two-pass reference in f64: y, dx, dgamma, dbeta for upstream `dy`.
+    fn reference(
+        x: &[f64],
+        dy: &[f64],
+        g: &Geo,
+        gamma: &[f64],
+        beta: &[f64],
+        eps: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let m = g.m() as f64;
+        let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        let (mut dg, mut db) = (vec![0.0; g.c], vec![0.0; g.c]);
+        for c in 0..g.c {
+            let idx: Vec<usize> = (0..g.n)
+                .flat_map(|n| (0..g.hw).map(move |i| (n * g.c + c) * g.hw + i))
+                .collect();
+            let mean = idx.iter().map(|&i| x[i]).sum::<f64>() / m;
+            let var = idx.iter().map(|&i| (x[i] - mean).powi(2)).sum::<f64>() / m;
+            let inv = 1.0 / (var + eps).sqrt();
+            for &i in &idx {
+                y[i] = (x[i] - mean) * inv * gamma[c] + beta[c];
+            }
+            db[c] = idx.iter().map(|&i| dy[i]).sum();
+            dg[c] = idx.iter().map(|&i| dy[i] * (x[i] - mean) * inv).sum();
+            for &i in &idx {
+                let xh = (x[i] - mean) * inv;
+                dx[i] = gamma[c] * inv / m * (m * dy[i] - db[c] - xh * dg[c]);
+            }
+        }
+        (y, dx, dg, db)
+    }
+
+    #[test]
+    fn fused_matches_two_pass_reference() {
+        let dev = Device::Cpu;
+        for dims in [(2usize, 3usize, 1usize, 1usize), (2, 5, 2, 2), (4, 3, 5, 7)] {
+            let (n, c, h, w) = dims;
+            let g = Geo { n, c, hw: h * w };
+            let x = Tensor::randn(3f64, 2., dims, &dev).unwrap();
+            let dy = Tensor::randn(0f64, 1., dims, &dev).unwrap();
+            let gamma = Var::from_tensor(&Tensor::randn(1f64, 0.3, c, &dev).unwrap()).unwrap();
+            let beta = Var::from_tensor(&Tensor::randn(0f64, 0.3, c, &dev).unwrap()).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let (y, _) =
+                batch_norm_train(xv.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5)
+                    .unwrap();
+            let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let (ry, rdx, rdg, rdb) = reference(
+                &v(&x),
+                &v(&dy),
+                &g,
+                &v(gamma.as_tensor()),
+                &v(beta.as_tensor()),
+                1e-5,
+            );
+            let close = |a: &[f64], b: &[f64], what: &str| {
+                for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-9 * (1.0 + q.abs()),
+                        "{dims:?} {what}[{i}]: {p} vs {q}"
+                    );
+                }
+            };
+            close(&v(&y), &ry, "y");
+            close(&v(grads.get(xv.as_tensor()).unwrap()), &rdx, "dx");
+            close(&v(grads.get(gamma.as_tensor()).unwrap()), &rdg, "dgamma");
+            close(&v(grads.get(beta.as_tensor()).unwrap()), &rdb, "dbeta");
+        }
+    }
+}
