@@ -137,6 +137,33 @@ impl HubOptions {
             )))
     }
 
+    /// The local path of `file` in dataset repo `repo` at `revision` (see [`HubOptions::model_file`]).
+    ///
+    /// ```no_run
+    /// let opts = candle_finetune::hub::HubOptions::from_env();
+    /// let p = opts.dataset_file("tanganke/stanford_cars", candle_finetune::data::DEFAULT_DATASET_REVISION,
+    ///     "data/test-00000-of-00002.parquet").unwrap();
+    /// ```
+    pub fn dataset_file(&self, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
+        let (owner, name) = split_repo(repo)?;
+        let client = self.client()?;
+        client
+            .dataset(owner, name)
+            .download_file()
+            .filename(file)
+            .revision(revision)
+            .local_files_only(self.offline)
+            .send()
+            .map_err(hub_err(&format!(
+                "cannot get {file} from dataset repo {repo} at {revision}{}",
+                if self.offline {
+                    " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
+                } else {
+                    ""
+                }
+            )))
+    }
+
     /// Resolves a [`WeightsSource`] to a local file.
     ///
     /// ```

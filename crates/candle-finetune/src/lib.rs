@@ -22,6 +22,7 @@
 pub mod batchnorm;
 mod batchnorm_op;
 pub mod conv;
+pub mod data;
 pub mod export;
 pub mod hub;
 pub mod maxpool;

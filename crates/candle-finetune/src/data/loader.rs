@@ -1,0 +1,225 @@
+//! Batches: per-epoch shuffling, parallel decode + transform (rayon) on a producer thread that
+//! keeps `prefetch` batches ready while the model trains.
+
+use super::{Dataset, Transform};
+use candle_core::{bail, Device, Result, Tensor};
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Batching options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoaderConfig {
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Shuffle the order every epoch (from `seed` and the epoch number).
+    pub shuffle: bool,
+    /// Drop the last, smaller batch.
+    pub drop_last: bool,
+    /// Seed of the order and of the random transforms.
+    pub seed: u64,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            shuffle: true,
+            drop_last: false,
+            seed: 0,
+            prefetch: 2,
+        }
+    }
+}
+
+/// One batch: `(N, 3, S, S)` f32 images on the CPU, `(N,)` u32 labels, and the dataset indices.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Normalised images.
+    pub images: Tensor,
+    /// Class indices.
+    pub labels: Tensor,
+    /// Dataset index of each image.
+    pub indices: Vec<usize>,
+}
+
+/// What an epoch skipped: `(dataset index, reason)` for every image that could not be decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EpochReport {
+    /// Images delivered.
+    pub images: usize,
+    /// Undecodable images.
+    pub skipped: Vec<(usize, String)>,
+}
+
+impl std::fmt::Display for EpochReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} images", self.images)?;
+        if !self.skipped.is_empty() {
+            write!(f, ", {} skipped:", self.skipped.len())?;
+            for (i, why) in self.skipped.iter().take(10) {
+                write!(f, "\n  sample {i}: {why}")?;
+            }
+            if self.skipped.len() > 10 {
+                write!(f, "\n  ... and {} more", self.skipped.len() - 10)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A dataset, a transform and a batching policy.
+///
+/// ```
+/// use std::sync::Arc;
+/// use candle_finetune::data::{Dataset, Loader, LoaderConfig, Preprocess, Transform};
+/// let dir = tempfile::tempdir().unwrap();
+/// std::fs::create_dir(dir.path().join("a")).unwrap();
+/// for i in 0..3 {
+///     image::RgbImage::new(40, 30).save(dir.path().join("a").join(format!("{i}.png"))).unwrap();
+/// }
+/// let ds = Arc::new(Dataset::from_image_folder(dir.path()).unwrap());
+/// let t = Transform { pre: Preprocess { size: 16, ..Default::default() }, train: true };
+/// let loader = Loader::new(ds, t, LoaderConfig { batch_size: 2, ..Default::default() }).unwrap();
+/// let mut epoch = loader.epoch(0);
+/// let sizes: Vec<usize> = epoch.by_ref().map(|b| b.unwrap().indices.len()).collect();
+/// assert_eq!(sizes, [2, 1]);
+/// assert_eq!(epoch.finish().images, 3);
+/// ```
+pub struct Loader {
+    dataset: Arc<Dataset>,
+    transform: Transform,
+    cfg: LoaderConfig,
+}
+
+impl Loader {
+    /// A loader; `batch_size` and `prefetch` must be positive.
+    pub fn new(dataset: Arc<Dataset>, transform: Transform, cfg: LoaderConfig) -> Result<Self> {
+        if cfg.batch_size == 0 || cfg.prefetch == 0 {
+            bail!("loader: batch_size and prefetch must be positive, got {cfg:?}");
+        }
+        Ok(Self {
+            dataset,
+            transform,
+            cfg,
+        })
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.dataset
+    }
+
+    /// Batches per epoch (before any skipped image).
+    pub fn num_batches(&self) -> usize {
+        let n = self.dataset.len();
+        if self.cfg.drop_last {
+            n / self.cfg.batch_size
+        } else {
+            n.div_ceil(self.cfg.batch_size)
+        }
+    }
+
+    /// The sample order of an epoch.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
+        if self.cfg.shuffle {
+            idx.shuffle(&mut super::sample_rng(self.cfg.seed, epoch, u64::MAX));
+        }
+        idx
+    }
+
+    /// Starts producing the batches of `epoch` in the background.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        let (tx, rx) = sync_channel(self.cfg.prefetch);
+        let order = self.order(epoch);
+        let ds = self.dataset.clone();
+        let t = self.transform.clone();
+        let cfg = self.cfg.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("loader-epoch-{epoch}"))
+            .spawn(move || {
+                let mut report = EpochReport::default();
+                let s = t.pre.size as usize;
+                let per = 3 * s * s;
+                for chunk in order.chunks(cfg.batch_size) {
+                    if cfg.drop_last && chunk.len() < cfg.batch_size {
+                        break;
+                    }
+                    let mut buf = vec![0f32; chunk.len() * per];
+                    let results: Vec<std::result::Result<(), String>> = buf
+                        .par_chunks_mut(per)
+                        .zip(chunk.par_iter())
+                        .map(|(out, &i)| {
+                            let img = ds.load_image(i)?;
+                            t.apply(&img, cfg.seed, epoch, i as u64, out)
+                        })
+                        .collect();
+                    let mut kept = Vec::with_capacity(chunk.len());
+                    for (slot, (r, &i)) in results.into_iter().zip(chunk).enumerate() {
+                        match r {
+                            Ok(()) => {
+                                if kept.len() != slot {
+                                    buf.copy_within(slot * per..(slot + 1) * per, kept.len() * per);
+                                }
+                                kept.push(i);
+                            }
+                            Err(why) => report.skipped.push((i, why)),
+                        }
+                    }
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    buf.truncate(kept.len() * per);
+                    report.images += kept.len();
+                    let labels: Vec<u32> = kept.iter().map(|&i| ds.samples[i].label).collect();
+                    let batch = (|| -> Result<Batch> {
+                        Ok(Batch {
+                            images: Tensor::from_vec(buf, (kept.len(), 3, s, s), &Device::Cpu)?,
+                            labels: Tensor::new(labels.as_slice(), &Device::Cpu)?,
+                            indices: kept,
+                        })
+                    })();
+                    if tx.send(batch).is_err() {
+                        break; // the consumer went away
+                    }
+                }
+                report
+            })
+            .expect("cannot spawn the loader thread");
+        EpochIter {
+            rx,
+            handle: Some(handle),
+        }
+    }
+}
+
+/// The batches of one epoch; [`EpochIter::finish`] returns what was skipped.
+pub struct EpochIter {
+    rx: Receiver<Result<Batch>>,
+    handle: Option<JoinHandle<EpochReport>>,
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}
+
+impl EpochIter {
+    /// Waits for the producer and returns the epoch's report (images delivered, images skipped
+    /// with the reason). Call after the last batch.
+    pub fn finish(mut self) -> EpochReport {
+        // Drain so a producer blocked on a full channel can finish.
+        while self.rx.recv().is_ok() {}
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}

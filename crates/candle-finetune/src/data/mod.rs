@@ -1,0 +1,288 @@
+//! Image-classification data: Hub parquet datasets (Stanford Cars first), local parquet files
+//! and image folders behind one [`Dataset`] type; decoding, transforms and a parallel,
+//! prefetching [`Loader`].
+
+mod decode;
+mod loader;
+pub mod parquet;
+mod transform;
+
+pub use decode::decode_rgb;
+pub use loader::{Batch, EpochIter, EpochReport, Loader, LoaderConfig};
+pub use transform::{
+    center_crop_box, random_resized_crop_box, sample_rng, CropBox, Interpolation, Preprocess,
+    Transform,
+};
+
+use crate::hub::HubOptions;
+use candle_core::{bail, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The Stanford Cars mirror on the Hub (parquet shards, 196 ClassLabel names).
+pub const DEFAULT_DATASET_REPO: &str = "tanganke/stanford_cars";
+/// The pinned commit of [`DEFAULT_DATASET_REPO`].
+pub const DEFAULT_DATASET_REVISION: &str = "9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40";
+
+/// A dataset split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// Training images.
+    Train,
+    /// Test images.
+    Test,
+}
+
+impl Split {
+    /// `train` or `test`.
+    ///
+    /// ```
+    /// assert_eq!(candle_finetune::data::Split::Test.name(), "test");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+
+    /// The shard names of a split in the Stanford Cars mirror.
+    ///
+    /// ```
+    /// let s = candle_finetune::data::Split::Train.stanford_cars_shards();
+    /// assert_eq!(s, ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]);
+    /// ```
+    pub fn stanford_cars_shards(self) -> Vec<String> {
+        (0..2)
+            .map(|i| format!("data/{}-{i:05}-of-00002.parquet", self.name()))
+            .collect()
+    }
+}
+
+/// Where a sample's encoded image lives.
+#[derive(Debug, Clone)]
+pub enum ImageData {
+    /// Encoded bytes held in memory (parquet).
+    Encoded(Arc<[u8]>),
+    /// A file on disk (image folder).
+    File(PathBuf),
+}
+
+/// One labelled image.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// The encoded image.
+    pub image: ImageData,
+    /// Class index in `[0, num_classes)`.
+    pub label: u32,
+}
+
+/// A labelled image dataset with its class names.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// for (class, n) in [("cat", 2), ("dog", 1)] {
+///     std::fs::create_dir(dir.path().join(class)).unwrap();
+///     for i in 0..n {
+///         image::RgbImage::new(8, 8).save(dir.path().join(class).join(format!("{i}.png"))).unwrap();
+///     }
+/// }
+/// let ds = candle_finetune::data::Dataset::from_image_folder(dir.path()).unwrap();
+/// assert_eq!(ds.class_names, ["cat", "dog"]);
+/// assert_eq!(ds.class_counts(), [2, 1]);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Dataset {
+    /// The samples.
+    pub samples: Vec<Sample>,
+    /// Class names, indexed by label.
+    pub class_names: Vec<String>,
+}
+
+impl Dataset {
+    /// Number of samples.
+    ///
+    /// ```
+    /// assert_eq!(candle_finetune::data::Dataset::default().len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether there are no samples.
+    ///
+    /// ```
+    /// assert!(candle_finetune::data::Dataset::default().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Number of classes.
+    ///
+    /// ```
+    /// assert_eq!(candle_finetune::data::Dataset::default().num_classes(), 0);
+    /// ```
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    /// Samples per class.
+    ///
+    /// ```
+    /// assert!(candle_finetune::data::Dataset::default().class_counts().is_empty());
+    /// ```
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.num_classes()];
+        for s in &self.samples {
+            c[s.label as usize] += 1;
+        }
+        c
+    }
+
+    /// Reads parquet shards in the `datasets` layout. Class names come from the shards'
+    /// `huggingface` metadata (they must agree); without metadata, classes are named by index.
+    ///
+    /// ```
+    /// use candle_finetune::data::{parquet::write_shard, Dataset};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let p = dir.path().join("a.parquet");
+    /// write_shard(&p, &[(vec![1, 2], 0)], &["x".into()]).unwrap();
+    /// assert_eq!(Dataset::from_parquet(&[p]).unwrap().len(), 1);
+    /// ```
+    pub fn from_parquet(paths: &[PathBuf]) -> Result<Self> {
+        if paths.is_empty() {
+            bail!("dataset: no parquet files given");
+        }
+        let mut ds = Dataset::default();
+        let mut max_label = -1i64;
+        for p in paths {
+            let shard = parquet::read_shard(p).map_err(candle_core::Error::Msg)?;
+            if !shard.class_names.is_empty() {
+                if ds.class_names.is_empty() {
+                    ds.class_names = shard.class_names.clone();
+                } else if ds.class_names != shard.class_names {
+                    bail!(
+                        "dataset: {} lists different class names than the shards before it",
+                        p.display()
+                    );
+                }
+            }
+            for (i, r) in shard.rows.into_iter().enumerate() {
+                if r.label < 0 || r.label > u32::MAX as i64 {
+                    bail!("dataset: {} row {i} has label {}", p.display(), r.label);
+                }
+                max_label = max_label.max(r.label);
+                ds.samples.push(Sample {
+                    image: ImageData::Encoded(r.bytes),
+                    label: r.label as u32,
+                });
+            }
+        }
+        if ds.class_names.is_empty() {
+            ds.class_names = (0..=max_label).map(|i| i.to_string()).collect();
+        } else if max_label >= ds.class_names.len() as i64 {
+            bail!(
+                "dataset: label {max_label} is out of range for {} class names",
+                ds.class_names.len()
+            );
+        }
+        Ok(ds)
+    }
+
+    /// Fetches shards of a Hub dataset repo into the Hub cache (or finds them there) and reads them.
+    ///
+    /// ```no_run
+    /// use candle_finetune::{data::{Dataset, Split, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION}, hub::HubOptions};
+    /// let test = Dataset::from_hub(&HubOptions::from_env(), DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION,
+    ///     &Split::Test.stanford_cars_shards()).unwrap();
+    /// assert_eq!(test.len(), 8041);
+    /// ```
+    pub fn from_hub(
+        opts: &HubOptions,
+        repo: &str,
+        revision: &str,
+        shards: &[String],
+    ) -> Result<Self> {
+        let paths = shards
+            .iter()
+            .map(|s| opts.dataset_file(repo, revision, s))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_parquet(&paths)
+    }
+
+    /// A split of Stanford Cars from [`DEFAULT_DATASET_REPO`] at [`DEFAULT_DATASET_REVISION`].
+    ///
+    /// ```no_run
+    /// use candle_finetune::{data::{Dataset, Split}, hub::HubOptions};
+    /// let train = Dataset::stanford_cars(&HubOptions::from_env(), Split::Train).unwrap();
+    /// assert_eq!(train.num_classes(), 196);
+    /// ```
+    pub fn stanford_cars(opts: &HubOptions, split: Split) -> Result<Self> {
+        Self::from_hub(
+            opts,
+            DEFAULT_DATASET_REPO,
+            DEFAULT_DATASET_REVISION,
+            &split.stanford_cars_shards(),
+        )
+    }
+
+    /// An image folder: one sub-folder per class (sorted by name), JPEG/PNG files inside
+    /// (`.jpg`, `.jpeg`, `.png`, any case), sorted by path.
+    pub fn from_image_folder(root: &Path) -> Result<Self> {
+        let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
+            .map_err(|e| candle_core::Error::Msg(format!("image folder {}: {e}", root.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        classes.sort();
+        if classes.is_empty() {
+            bail!("image folder {} has no class sub-folders", root.display());
+        }
+        let mut ds = Dataset::default();
+        for (label, dir) in classes.iter().enumerate() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+                        })
+                })
+                .collect();
+            files.sort();
+            ds.class_names.push(
+                dir.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            ds.samples.extend(files.into_iter().map(|f| Sample {
+                image: ImageData::File(f),
+                label: label as u32,
+            }));
+        }
+        Ok(ds)
+    }
+
+    /// Decodes sample `i` to RGB.
+    ///
+    /// ```
+    /// let ds = candle_finetune::data::Dataset::default();
+    /// assert!(ds.load_image(0).is_err());
+    /// ```
+    pub fn load_image(&self, i: usize) -> std::result::Result<RgbImage, String> {
+        let s = self
+            .samples
+            .get(i)
+            .ok_or_else(|| format!("sample {i} out of range"))?;
+        match &s.image {
+            ImageData::Encoded(b) => decode_rgb(b),
+            ImageData::File(p) => {
+                let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                decode_rgb(&bytes).map_err(|e| format!("{}: {e}", p.display()))
+            }
+        }
+    }
+}

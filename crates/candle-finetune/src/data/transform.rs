@@ -1,0 +1,340 @@
+//! Train and eval transforms with torchvision's geometry, from the weights' preprocessing config.
+
+use fast_image_resize as fr;
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Resampling filter of the resize step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    /// PIL-style antialiased bilinear (torchvision `BILINEAR`, antialias on).
+    #[default]
+    Bilinear,
+    /// PIL-style antialiased bicubic.
+    Bicubic,
+    /// Nearest neighbour.
+    Nearest,
+}
+
+impl Interpolation {
+    fn alg(self) -> fr::ResizeAlg {
+        match self {
+            Interpolation::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+            Interpolation::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
+            Interpolation::Nearest => fr::ResizeAlg::Nearest,
+        }
+    }
+}
+
+/// Preprocessing of the pretrained weights (timm's `pretrained_cfg`).
+///
+/// ```
+/// let p = candle_finetune::data::Preprocess::default();
+/// assert_eq!((p.size, p.crop_pct), (224, 0.875));
+/// assert_eq!(p.eval_resize(), 256);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Output side in pixels.
+    pub size: u32,
+    /// Eval crop fraction: the shorter side is resized to `floor(size / crop_pct)` first.
+    pub crop_pct: f64,
+    /// Resampling filter.
+    pub interpolation: Interpolation,
+    /// Per-channel mean (RGB, on [0, 1] pixels).
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation.
+    pub std: [f32; 3],
+}
+
+impl Default for Preprocess {
+    /// ImageNet defaults of `timm/resnet18.tv_in1k`.
+    fn default() -> Self {
+        Self {
+            size: 224,
+            crop_pct: 0.875,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+impl Preprocess {
+    /// Reads timm's `config.json` (`pretrained_cfg`: `input_size`, `crop_pct`, `interpolation`,
+    /// `mean`, `std`); missing fields keep the defaults.
+    ///
+    /// ```
+    /// let cfg = r#"{"architecture": "resnet18", "pretrained_cfg": {"input_size": [3, 288, 288],
+    ///   "crop_pct": 0.95, "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}"#;
+    /// let p = candle_finetune::data::Preprocess::from_timm_config(cfg).unwrap();
+    /// assert_eq!(p.size, 288);
+    /// assert_eq!(p.interpolation, candle_finetune::data::Interpolation::Bicubic);
+    /// ```
+    pub fn from_timm_config(json: &str) -> Result<Self, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("config.json: {e}"))?;
+        let c = v.get("pretrained_cfg").unwrap_or(&v);
+        let mut p = Self::default();
+        if let Some(s) = c
+            .get("input_size")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.last())
+            .and_then(|s| s.as_u64())
+        {
+            p.size = s as u32;
+        }
+        if let Some(x) = c.get("crop_pct").and_then(|x| x.as_f64()) {
+            p.crop_pct = x;
+        }
+        if let Some(i) = c.get("interpolation").and_then(|i| i.as_str()) {
+            p.interpolation = match i {
+                "bilinear" => Interpolation::Bilinear,
+                "bicubic" => Interpolation::Bicubic,
+                "nearest" => Interpolation::Nearest,
+                other => return Err(format!("config.json: unsupported interpolation {other:?}")),
+            };
+        }
+        let triple = |k: &str| -> Result<Option<[f32; 3]>, String> {
+            match c.get(k).and_then(|m| m.as_array()) {
+                None => Ok(None),
+                Some(a) if a.len() == 3 => Ok(Some(
+                    [0, 1, 2].map(|i| a[i].as_f64().unwrap_or(f64::NAN) as f32),
+                )),
+                Some(_) => Err(format!("config.json: {k} must have 3 values")),
+            }
+        };
+        if let Some(m) = triple("mean")? {
+            p.mean = m;
+        }
+        if let Some(s) = triple("std")? {
+            p.std = s;
+        }
+        if p.size == 0
+            || !(p.crop_pct > 0.0 && p.crop_pct <= 1.0)
+            || p.std.iter().any(|s| !(*s > 0.0))
+        {
+            return Err(format!("config.json: invalid preprocessing {p:?}"));
+        }
+        Ok(p)
+    }
+
+    /// Side the shorter edge is resized to before the eval center crop (timm: `floor(size / crop_pct)`).
+    ///
+    /// ```
+    /// let p = candle_finetune::data::Preprocess { size: 64, crop_pct: 0.9, ..Default::default() };
+    /// assert_eq!(p.eval_resize(), 71);
+    /// ```
+    pub fn eval_resize(&self) -> u32 {
+        (self.size as f64 / self.crop_pct).floor() as u32
+    }
+}
+
+/// A crop box in source pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CropBox {
+    /// First column.
+    pub left: f64,
+    /// First row.
+    pub top: f64,
+    /// Width.
+    pub width: f64,
+    /// Height.
+    pub height: f64,
+}
+
+/// torchvision's `RandomResizedCrop.get_params` (scale 0.08-1, ratio 3/4-4/3): ten tries at a
+/// random area and log-uniform aspect ratio, then a center crop clamped to the ratio range.
+///
+/// ```
+/// use rand::SeedableRng;
+/// let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+/// let b = candle_finetune::data::random_resized_crop_box(600, 400, &mut rng);
+/// assert!(b.left + b.width <= 600.0 && b.top + b.height <= 400.0);
+/// ```
+pub fn random_resized_crop_box(width: u32, height: u32, rng: &mut impl Rng) -> CropBox {
+    let (w, h) = (width as f64, height as f64);
+    let area = w * h;
+    let (lr0, lr1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(0.08..1.0);
+        let aspect = rng.random_range(lr0..lr1).exp();
+        let cw = (target * aspect).sqrt().round();
+        let ch = (target / aspect).sqrt().round();
+        if cw > 0.0 && cw <= w && ch > 0.0 && ch <= h {
+            let top = rng.random_range(0..=(height - ch as u32)) as f64;
+            let left = rng.random_range(0..=(width - cw as u32)) as f64;
+            return CropBox {
+                left,
+                top,
+                width: cw,
+                height: ch,
+            };
+        }
+    }
+    let ratio = w / h;
+    let (cw, ch) = if ratio < 3.0 / 4.0 {
+        (w, (w / (3.0 / 4.0)).round())
+    } else if ratio > 4.0 / 3.0 {
+        ((h * 4.0 / 3.0).round(), h)
+    } else {
+        (w, h)
+    };
+    CropBox {
+        left: ((w - cw) / 2.0).floor(),
+        top: ((h - ch) / 2.0).floor(),
+        width: cw,
+        height: ch,
+    }
+}
+
+/// Eval geometry: resize the shorter side to `resize` (torchvision `Resize(int)`: the longer side
+/// becomes `int(resize * long / short)`), then a centered `size` x `size` crop (torchvision
+/// `CenterCrop`: offsets `round((resized - size) / 2)`). Returned as the equivalent box in
+/// source pixels and the resized dimensions.
+///
+/// ```
+/// let (b, rw, rh) = candle_finetune::data::center_crop_box(600, 400, 256, 224);
+/// assert_eq!((rw, rh), (384, 256));
+/// assert_eq!((b.left, b.top), (80.0 * 600.0 / 384.0, 16.0 * 400.0 / 256.0));
+/// ```
+pub fn center_crop_box(width: u32, height: u32, resize: u32, size: u32) -> (CropBox, u32, u32) {
+    let (rw, rh) = if width <= height {
+        (
+            resize,
+            (resize as u64 * height as u64 / width.max(1) as u64) as u32,
+        )
+    } else {
+        (
+            (resize as u64 * width as u64 / height.max(1) as u64) as u32,
+            resize,
+        )
+    };
+    let left = ((rw as f64 - size as f64) / 2.0).round();
+    let top = ((rh as f64 - size as f64) / 2.0).round();
+    let (sx, sy) = (width as f64 / rw as f64, height as f64 / rh as f64);
+    (
+        CropBox {
+            left: left * sx,
+            top: top * sy,
+            width: size as f64 * sx,
+            height: size as f64 * sy,
+        },
+        rw,
+        rh,
+    )
+}
+
+/// Train (random resized crop + horizontal flip) or eval (resize + center crop) transform;
+/// both normalise to `(x / 255 - mean) / std` and return CHW f32.
+#[derive(Debug, Clone)]
+pub struct Transform {
+    /// Preprocessing parameters.
+    pub pre: Preprocess,
+    /// Train mode (random) or eval mode (deterministic).
+    pub train: bool,
+}
+
+/// The RNG of one sample in one epoch: results do not depend on thread count or order.
+///
+/// ```
+/// use rand::Rng;
+/// let a: u64 = candle_finetune::data::sample_rng(1, 2, 3).random();
+/// let b: u64 = candle_finetune::data::sample_rng(1, 2, 3).random();
+/// assert_eq!(a, b);
+/// ```
+pub fn sample_rng(seed: u64, epoch: u64, index: u64) -> ChaCha8Rng {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..16].copy_from_slice(&epoch.to_le_bytes());
+    s[16..24].copy_from_slice(&index.to_le_bytes());
+    s[24..].copy_from_slice(b"xentdata");
+    ChaCha8Rng::from_seed(s)
+}
+
+impl Transform {
+    /// The crop box and flip of a sample (train: from [`sample_rng`]; eval: center, no flip).
+    ///
+    /// ```
+    /// let t = candle_finetune::data::Transform { pre: Default::default(), train: false };
+    /// let (b, flip) = t.geometry(600, 400, 0, 0, 7);
+    /// assert!(!flip && b.width < 600.0);
+    /// ```
+    pub fn geometry(
+        &self,
+        width: u32,
+        height: u32,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+    ) -> (CropBox, bool) {
+        if self.train {
+            let mut rng = sample_rng(seed, epoch, index);
+            let b = random_resized_crop_box(width, height, &mut rng);
+            let flip = rng.random_bool(0.5);
+            (b, flip)
+        } else {
+            let (b, _, _) = center_crop_box(width, height, self.pre.eval_resize(), self.pre.size);
+            (b, false)
+        }
+    }
+
+    /// Crops, resizes, flips and normalises `img` into `out` (3 x size x size, CHW).
+    ///
+    /// ```
+    /// let t = candle_finetune::data::Transform { pre: Default::default(), train: true };
+    /// let img = image::RgbImage::from_pixel(600, 400, image::Rgb([255, 0, 0]));
+    /// let mut out = vec![0f32; 3 * 224 * 224];
+    /// t.apply(&img, 0, 0, 0, &mut out).unwrap();
+    /// assert!((out[0] - (1.0 - 0.485) / 0.229).abs() < 1e-5);
+    /// ```
+    pub fn apply(
+        &self,
+        img: &RgbImage,
+        seed: u64,
+        epoch: u64,
+        index: u64,
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        let (w, h) = img.dimensions();
+        if w == 0 || h == 0 {
+            return Err("empty image (0 pixels)".into());
+        }
+        let s = self.pre.size;
+        if out.len() != 3 * (s * s) as usize {
+            return Err(format!(
+                "output buffer has {} values, expected {}",
+                out.len(),
+                3 * s * s
+            ));
+        }
+        let (b, flip) = self.geometry(w, h, seed, epoch, index);
+        let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
+            .map_err(|e| e.to_string())?;
+        let mut dst = fr::images::Image::new(s, s, fr::PixelType::U8x3);
+        let opts = fr::ResizeOptions::new()
+            .resize_alg(self.pre.interpolation.alg())
+            .crop(b.left, b.top, b.width, b.height);
+        fr::Resizer::new()
+            .resize(&src, &mut dst, &opts)
+            .map_err(|e| e.to_string())?;
+        let px = dst.buffer();
+        let plane = (s * s) as usize;
+        let scale: [f32; 3] = [0, 1, 2].map(|c| 1.0 / (255.0 * self.pre.std[c]));
+        let shift: [f32; 3] = [0, 1, 2].map(|c| -self.pre.mean[c] / self.pre.std[c]);
+        let s = s as usize;
+        for y in 0..s {
+            for x in 0..s {
+                let sx = if flip { s - 1 - x } else { x };
+                let p = &px[(y * s + sx) * 3..(y * s + sx) * 3 + 3];
+                for c in 0..3 {
+                    out[c * plane + y * s + x] = p[c] as f32 * scale[c] + shift[c];
+                }
+            }
+        }
+        Ok(())
+    }
+}
