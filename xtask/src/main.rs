@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::Command;
 
+mod bench_data;
 mod bench_resnet;
 mod bench_xent;
 
@@ -15,6 +16,8 @@ struct Cli {
     command: Cmd,
 }
 
+// More commands (train-cars, eval-cars, predict, publish-cars) join these.
+#[allow(clippy::enum_variant_names)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
@@ -23,6 +26,8 @@ enum Cmd {
     /// One ResNet training step (forward, label-smoothed loss, backward, SGD): images/s, candle
     /// vs PyTorch.
     BenchResnet(bench_resnet::Args),
+    /// Train-transform throughput (decode + crop + flip + normalise) on generated JPEGs.
+    BenchData(bench_data::Args),
 }
 
 /// The workspace root (the parent of this crate).
@@ -53,5 +58,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::BenchXent(args) => bench_xent::run(args),
         Cmd::BenchResnet(args) => bench_resnet::run(args),
+        Cmd::BenchData(args) => bench_data::run(args),
     }
 }

@@ -1,0 +1,38 @@
+//! `cargo xtask bench-data`: train-transform throughput on generated 600 x 400 JPEGs.
+
+use crate::{run_capture, workspace_root};
+use anyhow::Result;
+use std::process::Command;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Number of generated JPEGs.
+    #[arg(long, default_value_t = 512)]
+    images: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    run_capture(Command::new(env!("CARGO")).args([
+        "build",
+        "--release",
+        "-p",
+        "candle-finetune",
+        "--example",
+        "data_bench",
+    ]))?;
+    let exe = workspace_root().join("target/release/examples/data_bench");
+    let out = run_capture(Command::new(exe).arg(a.images.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    println!("| images | mean JPEG KiB | decode only, 1 thread | train transform, 1 thread | threads | train transform, all threads |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} img/s | {} img/s | {} | {} img/s |",
+        v["images"],
+        v["mean_jpeg_kb"],
+        v["decode_only_1_thread"],
+        v["train_transform_1_thread"],
+        v["threads"],
+        v["train_transform_all_threads"]
+    );
+    Ok(())
+}
