@@ -115,7 +115,7 @@ impl Preprocess {
         }
         if p.size == 0
             || !(p.crop_pct > 0.0 && p.crop_pct <= 1.0)
-            || p.std.iter().any(|s| !(*s > 0.0))
+            || p.std.iter().any(|s| s.is_nan() || *s <= 0.0)
         {
             return Err(format!("config.json: invalid preprocessing {p:?}"));
         }
