@@ -358,3 +358,69 @@ fn timm_config_is_parsed_and_validated() {
     );
     assert!(Preprocess::from_timm_config("not json").is_err());
 }
+
+#[test]
+fn cmyk_jpeg_decodes_to_rgb() {
+    // 8 x 8 pure cyan and pure yellow halves in CMYK (C, M, Y, K).
+    let mut px = Vec::new();
+    for _y in 0..8 {
+        for x in 0..8 {
+            px.extend_from_slice(if x < 4 {
+                &[255u8, 0, 0, 0]
+            } else {
+                &[0u8, 0, 255, 0]
+            });
+        }
+    }
+    let mut jpg = Vec::new();
+    jpeg_encoder::Encoder::new(&mut jpg, 100)
+        .encode(&px, 8, 8, jpeg_encoder::ColorType::Cmyk)
+        .unwrap();
+    let rgb = candle_finetune::data::decode_rgb(&jpg).unwrap();
+    let near = |p: [u8; 3], q: [u8; 3]| {
+        p.iter()
+            .zip(q)
+            .all(|(a, b)| (*a as i32 - b as i32).abs() < 24)
+    };
+    assert!(
+        near(rgb.get_pixel(1, 1).0, [0, 255, 255]),
+        "cyan: {:?}",
+        rgb.get_pixel(1, 1)
+    );
+    assert!(
+        near(rgb.get_pixel(6, 6).0, [255, 255, 0]),
+        "yellow: {:?}",
+        rgb.get_pixel(6, 6)
+    );
+}
+
+#[test]
+fn drop_last_and_unshuffled_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("k")).unwrap();
+    for i in 0..5 {
+        std::fs::write(
+            dir.path().join("k").join(format!("{i}.png")),
+            encode(&picture(10, 10, 0), ImageFormat::Png),
+        )
+        .unwrap();
+    }
+    let ds = Arc::new(Dataset::from_image_folder(dir.path()).unwrap());
+    let t = Transform {
+        pre: Preprocess {
+            size: 8,
+            ..Default::default()
+        },
+        train: false,
+    };
+    let cfg = LoaderConfig {
+        batch_size: 2,
+        shuffle: false,
+        drop_last: true,
+        ..Default::default()
+    };
+    let l = Loader::new(ds, t, cfg).unwrap();
+    assert_eq!(l.num_batches(), 2);
+    let idx: Vec<Vec<usize>> = l.epoch(0).map(|b| b.unwrap().indices).collect();
+    assert_eq!(idx, vec![vec![0, 1], vec![2, 3]]);
+}
