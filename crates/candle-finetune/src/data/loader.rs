@@ -214,10 +214,22 @@ impl Iterator for EpochIter {
 impl EpochIter {
     /// Waits for the producer and returns the epoch's report (images delivered, images skipped
     /// with the reason). Call after the last batch.
-    pub fn finish(mut self) -> EpochReport {
+    pub fn finish(self) -> EpochReport {
+        let mut this = self;
         // Drain so a producer blocked on a full channel can finish.
-        while self.rx.recv().is_ok() {}
-        self.handle
+        while this.rx.recv().is_ok() {}
+        this.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+
+    /// Stops the producer (batches not taken yet are not made) and returns the report of what
+    /// was produced.
+    pub fn stop(self) -> EpochReport {
+        let EpochIter { rx, mut handle } = self;
+        drop(rx);
+        handle
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default()

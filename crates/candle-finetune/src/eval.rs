@@ -1,0 +1,183 @@
+//! Classification metrics: top-1/top-5, NLL, expected calibration error (15 bins), per-class
+//! accuracy, confusion matrix and the most-confused class pairs.
+
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Number of confidence bins of the ECE and the reliability diagram.
+pub const ECE_BINS: usize = 15;
+
+/// One reliability bin.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bin {
+    /// Mean confidence of the predictions in the bin.
+    pub confidence: f64,
+    /// Their accuracy.
+    pub accuracy: f64,
+    /// How many.
+    pub count: usize,
+}
+
+/// The metrics of one evaluation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Evaluated images.
+    pub n: usize,
+    /// Top-1 accuracy in [0, 1].
+    pub top1: f64,
+    /// Top-5 accuracy.
+    pub top5: f64,
+    /// Mean negative log-likelihood of the true class.
+    pub nll: f64,
+    /// Expected calibration error over [`ECE_BINS`] equal-width confidence bins.
+    pub ece: f64,
+    /// Accuracy per class (NaN for a class without images).
+    pub per_class_accuracy: Vec<f64>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u32>>,
+    /// `(true, predicted, count)` of the most frequent errors, largest first (at most 20).
+    pub most_confused: Vec<(usize, usize, u32)>,
+    /// Reliability diagram bins.
+    pub reliability: Vec<Bin>,
+}
+
+/// Accumulates predictions batch by batch.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_finetune::eval::Accumulator;
+/// # fn main() -> candle_core::Result<()> {
+/// let mut acc = Accumulator::new(3);
+/// let logits = Tensor::new(&[[5f32, 0., 0.], [0., 0., 5.]], &Device::Cpu)?;
+/// acc.add(&logits, &[0, 1])?;
+/// let r = acc.finish();
+/// assert_eq!(r.top1, 0.5);
+/// assert_eq!(r.most_confused, vec![(1, 2, 1)]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Accumulator {
+    classes: usize,
+    n: usize,
+    top1: usize,
+    top5: usize,
+    nll: f64,
+    confusion: Vec<Vec<u32>>,
+    bins: Vec<(f64, usize, usize)>,
+}
+
+impl Accumulator {
+    /// An empty accumulator for `classes` classes.
+    pub fn new(classes: usize) -> Self {
+        Self {
+            classes,
+            n: 0,
+            top1: 0,
+            top5: 0,
+            nll: 0.0,
+            confusion: vec![vec![0; classes]; classes],
+            bins: vec![(0.0, 0, 0); ECE_BINS],
+        }
+    }
+
+    /// Adds a batch of `(N, C)` logits and their labels.
+    pub fn add(&mut self, logits: &Tensor, labels: &[u32]) -> Result<()> {
+        let rows = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        if rows.len() != labels.len() {
+            candle_core::bail!(
+                "eval: {} logit rows for {} labels",
+                rows.len(),
+                labels.len()
+            );
+        }
+        for (row, &y) in rows.iter().zip(labels) {
+            let y = y as usize;
+            if row.len() != self.classes || y >= self.classes {
+                candle_core::bail!(
+                    "eval: row of {} logits or label {y} for {} classes",
+                    row.len(),
+                    self.classes
+                );
+            }
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            self.nll += lse - row[y];
+            // Rank of the true class: how many logits beat it (ties count against it).
+            let pred = row
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
+            let better = row
+                .iter()
+                .enumerate()
+                .filter(|(i, v)| **v > row[y] || (**v == row[y] && *i < y))
+                .count();
+            self.top1 += (pred == y) as usize;
+            self.top5 += (better < 5) as usize;
+            self.confusion[y][pred] += 1;
+            let conf = (row[pred] - lse).exp();
+            let b = ((conf * ECE_BINS as f64).ceil() as usize).clamp(1, ECE_BINS) - 1;
+            self.bins[b].0 += conf;
+            self.bins[b].1 += 1;
+            self.bins[b].2 += (pred == y) as usize;
+            self.n += 1;
+        }
+        Ok(())
+    }
+
+    /// The metrics.
+    pub fn finish(&self) -> EvalResult {
+        let n = self.n.max(1) as f64;
+        let reliability: Vec<Bin> = self
+            .bins
+            .iter()
+            .map(|&(c, k, ok)| Bin {
+                confidence: if k > 0 { c / k as f64 } else { 0.0 },
+                accuracy: if k > 0 { ok as f64 / k as f64 } else { 0.0 },
+                count: k,
+            })
+            .collect();
+        let ece = reliability
+            .iter()
+            .map(|b| (b.accuracy - b.confidence).abs() * b.count as f64)
+            .sum::<f64>()
+            / n;
+        let per_class_accuracy = self
+            .confusion
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let t: u32 = r.iter().sum();
+                if t == 0 {
+                    f64::NAN
+                } else {
+                    r[i] as f64 / t as f64
+                }
+            })
+            .collect();
+        let mut pairs: Vec<(usize, usize, u32)> = self
+            .confusion
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.iter()
+                    .enumerate()
+                    .filter(move |(j, c)| *j != i && **c > 0)
+                    .map(move |(j, c)| (i, j, *c))
+            })
+            .collect();
+        pairs.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+        pairs.truncate(20);
+        EvalResult {
+            n: self.n,
+            top1: self.top1 as f64 / n,
+            top5: self.top5 as f64 / n,
+            nll: self.nll / n,
+            ece,
+            per_class_accuracy,
+            confusion: self.confusion.clone(),
+            most_confused: pairs,
+            reliability,
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! PNG plots of training curves and the reliability diagram (plotters, bundled DejaVu Sans).
+
+use crate::eval::Bin;
+use plotters::prelude::*;
+use std::path::Path;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+fn err<E: std::fmt::Display>(e: E) -> candle_core::Error {
+    candle_core::Error::Msg(format!("plot: {e}"))
+}
+
+/// Per-epoch curves: train loss and test NLL (left), test top-1 and top-5 in % (right).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("curves.png");
+/// candle_finetune::plot::curves(&p, &[2.0, 1.0], &[1.8, 1.2], &[40.0, 60.0], &[70.0, 85.0]).unwrap();
+/// assert!(std::fs::metadata(&p).unwrap().len() > 1000);
+/// ```
+pub fn curves(
+    path: &Path,
+    train_loss: &[f64],
+    test_nll: &[f64],
+    top1: &[f64],
+    top5: &[f64],
+) -> candle_core::Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (1200, 450)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (left, right) = root.split_horizontally(600);
+        let n = train_loss.len().max(1) as f64;
+        let ymax = train_loss
+            .iter()
+            .chain(test_nll)
+            .cloned()
+            .filter(|v| v.is_finite())
+            .fold(0.1, f64::max)
+            * 1.05;
+        let mut c = ChartBuilder::on(&left)
+            .caption("loss", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(1f64..n.max(2.0), 0f64..ymax)
+            .map_err(err)?;
+        c.configure_mesh().x_desc("epoch").draw().map_err(err)?;
+        let series = |v: &[f64]| {
+            v.iter()
+                .enumerate()
+                .map(|(i, y)| (i as f64 + 1.0, *y))
+                .collect::<Vec<_>>()
+        };
+        c.draw_series(LineSeries::new(series(train_loss), &BLUE))
+            .map_err(err)?
+            .label("train loss")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE));
+        c.draw_series(LineSeries::new(series(test_nll), &RED))
+            .map_err(err)?
+            .label("test NLL")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED));
+        c.configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(err)?;
+        let mut a = ChartBuilder::on(&right)
+            .caption("test accuracy (%)", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(1f64..n.max(2.0), 0f64..100f64)
+            .map_err(err)?;
+        a.configure_mesh().x_desc("epoch").draw().map_err(err)?;
+        a.draw_series(LineSeries::new(series(top1), &GREEN))
+            .map_err(err)?
+            .label("top-1")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], GREEN));
+        a.draw_series(LineSeries::new(series(top5), &MAGENTA))
+            .map_err(err)?
+            .label("top-5")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], MAGENTA));
+        a.configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reliability diagram: accuracy per confidence bin against the diagonal, with the ECE.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("rel.png");
+/// let bins = vec![candle_finetune::eval::Bin { confidence: 0.5, accuracy: 0.4, count: 3 }; 15];
+/// candle_finetune::plot::reliability(&p, &bins, 0.1).unwrap();
+/// assert!(p.exists());
+/// ```
+pub fn reliability(path: &Path, bins: &[Bin], ece: f64) -> candle_core::Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (600, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(
+                format!("reliability (ECE {:.2} %)", ece * 100.0),
+                ("sans-serif", 22),
+            )
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(err)?;
+        c.configure_mesh()
+            .x_desc("confidence")
+            .y_desc("accuracy")
+            .draw()
+            .map_err(err)?;
+        let w = 1.0 / bins.len().max(1) as f64;
+        c.draw_series(
+            bins.iter()
+                .enumerate()
+                .filter(|(_, b)| b.count > 0)
+                .map(|(i, b)| {
+                    Rectangle::new(
+                        [(i as f64 * w, 0.0), ((i + 1) as f64 * w, b.accuracy)],
+                        BLUE.mix(0.6).filled(),
+                    )
+                }),
+        )
+        .map_err(err)?;
+        c.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK))
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

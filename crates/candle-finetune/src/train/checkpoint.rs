@@ -1,0 +1,100 @@
+//! Training checkpoints: weights, optimizer state and run metadata in one safetensors file,
+//! written atomically.
+
+use super::{EpochMetrics, Optimizer, TrainConfig};
+use crate::eval::EvalResult;
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Run metadata stored with a checkpoint. The data order and augmentations derive from
+/// `(config.seed, epoch, sample index)`, so `epoch` and `step` are the whole RNG state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Best epoch so far (1-based).
+    pub best_epoch: usize,
+    /// Its evaluation.
+    pub best: Option<EvalResult>,
+    /// Metrics of every completed epoch.
+    pub history: Vec<EpochMetrics>,
+    /// The run's configuration.
+    pub config: TrainConfig,
+}
+
+/// Weights (`model.*`), optimizer state (`optim.*`) and [`CheckpointMeta`] (`meta`, JSON bytes).
+pub struct Checkpoint {
+    /// Metadata.
+    pub meta: CheckpointMeta,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// Captures the current state.
+    pub fn capture(varmap: &VarMap, opt: &Optimizer, meta: CheckpointMeta) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for (k, v) in varmap.data().lock().expect("VarMap lock poisoned").iter() {
+            tensors.insert(
+                format!("model.{k}"),
+                v.as_tensor().to_device(&Device::Cpu)?.copy()?,
+            );
+        }
+        for (k, v) in opt.state()? {
+            tensors.insert(format!("optim.{k}"), v.to_device(&Device::Cpu)?);
+        }
+        Ok(Self { meta, tensors })
+    }
+
+    /// Writes the checkpoint atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec(&self.meta).map_err(candle_core::Error::wrap)?;
+        let mut all = self.tensors.clone();
+        let n = json.len();
+        all.insert("meta".into(), Tensor::from_vec(json, n, &Device::Cpu)?);
+        crate::export::atomic_write(path, |tmp| candle_core::safetensors::save(&all, tmp))
+    }
+
+    /// Reads a checkpoint; a truncated or foreign file is an error naming it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| candle_core::Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
+        let Some(meta) = tensors.remove("meta") else {
+            bail!(
+                "checkpoint {}: no `meta` entry (not a candle-finetune checkpoint)",
+                path.display()
+            )
+        };
+        if meta.dtype() != DType::U8 {
+            bail!(
+                "checkpoint {}: `meta` has dtype {:?}",
+                path.display(),
+                meta.dtype()
+            );
+        }
+        let meta: CheckpointMeta = serde_json::from_slice(&meta.to_vec1::<u8>()?).map_err(|e| {
+            candle_core::Error::Msg(format!("checkpoint {}: metadata: {e}", path.display()))
+        })?;
+        Ok(Self { meta, tensors })
+    }
+
+    /// Puts weights and optimizer state back. Every model variable must be in the checkpoint.
+    pub fn restore(&self, varmap: &VarMap, opt: &mut Optimizer) -> Result<()> {
+        for (k, v) in varmap.data().lock().expect("VarMap lock poisoned").iter() {
+            let Some(t) = self.tensors.get(&format!("model.{k}")) else {
+                bail!("checkpoint: model variable {k} is missing");
+            };
+            v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
+        }
+        let state: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        opt.load_state(&state)
+    }
+}

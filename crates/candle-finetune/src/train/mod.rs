@@ -1,0 +1,437 @@
+//! Training: optimizers with saveable state, learning-rate schedules, checkpoints and the
+//! fine-tuning loop.
+
+mod checkpoint;
+mod optim;
+mod schedule;
+
+pub use checkpoint::{Checkpoint, CheckpointMeta};
+pub use optim::{Group, Optimizer, Rule};
+pub use schedule::{Decay, Schedule};
+
+use crate::data::Loader;
+use crate::eval::{Accumulator, EvalResult};
+use crate::params::ParamGroups;
+use crate::resnet::ResNet;
+use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Optimizer choice of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// SGD with momentum (the torchvision recipe).
+    Sgd,
+    /// AdamW.
+    AdamW,
+}
+
+/// Hyper-parameters of a run. Defaults are the torchvision ResNet-18 fine-tuning anchor recipe
+/// (SGD 0.1, momentum 0.9, wd 1e-4, batch 128) with label smoothing 0.1 and a cosine schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Epochs.
+    pub epochs: usize,
+    /// Images per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub accum_steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Weight decay (not applied to batch norms and biases).
+    pub weight_decay: f64,
+    /// Decoupled weight decay for SGD.
+    pub decoupled_wd: bool,
+    /// Label smoothing of the loss.
+    pub label_smoothing: f64,
+    /// Linear warmup, in epochs.
+    pub warmup_epochs: f64,
+    /// Decay after the warmup.
+    pub decay: Decay,
+    /// Learning-rate multiplier of the backbone (1: same as the head).
+    pub backbone_lr_mult: f64,
+    /// Train the head only.
+    pub freeze_backbone: bool,
+    /// Seed of the data order, augmentations and the new head.
+    pub seed: u64,
+    /// Stop each epoch after this many micro-batches (smoke runs).
+    pub max_batches_per_epoch: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 90,
+            batch_size: 128,
+            accum_steps: 1,
+            lr: 0.1,
+            optimizer: OptimizerKind::Sgd,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+            decoupled_wd: false,
+            label_smoothing: 0.1,
+            warmup_epochs: 1.0,
+            decay: Decay::Cosine { min_lr: 0.0 },
+            backbone_lr_mult: 1.0,
+            freeze_backbone: false,
+            seed: 0,
+            max_batches_per_epoch: None,
+        }
+    }
+}
+
+/// Metrics of one epoch (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Learning rate at the end of the epoch.
+    pub lr: f64,
+    /// Test top-1.
+    pub top1: f64,
+    /// Test top-5.
+    pub top5: f64,
+    /// Test NLL.
+    pub nll: f64,
+    /// Test ECE.
+    pub ece: f64,
+    /// Training images per second.
+    pub images_per_s: f64,
+    /// Undecodable images skipped this epoch (train + test).
+    pub skipped_images: usize,
+}
+
+/// What [`fit`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct FitSummary {
+    /// The loss of every optimizer step run by this call.
+    pub step_losses: Vec<f64>,
+    /// Every epoch so far (including epochs restored from a checkpoint).
+    pub history: Vec<EpochMetrics>,
+    /// Evaluation of the best epoch.
+    pub best: EvalResult,
+    /// The best epoch (1-based).
+    pub best_epoch: usize,
+}
+
+/// Files of a run directory.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    /// Latest checkpoint.
+    pub fn last(&self) -> PathBuf {
+        self.dir.join("checkpoint-last.safetensors")
+    }
+    /// Best checkpoint by test top-1.
+    pub fn best(&self) -> PathBuf {
+        self.dir.join("checkpoint-best.safetensors")
+    }
+    /// Exported best model (torchvision names).
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    /// Per-epoch metrics, one JSON object a line.
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    /// Evaluation of the best model.
+    pub fn eval(&self) -> PathBuf {
+        self.dir.join("eval.json")
+    }
+}
+
+/// Re-draws the `fc` head from `seed` with PyTorch's `nn.Linear` initialisation, so a seeded run
+/// starts from the same head every time.
+pub fn reinit_head(varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let w = data
+        .get("fc.weight")
+        .ok_or_else(|| candle_core::Error::Msg("no fc.weight".into()))?;
+    let b = data
+        .get("fc.bias")
+        .ok_or_else(|| candle_core::Error::Msg("no fc.bias".into()))?;
+    let bound = 1.0 / (w.dim(1)? as f64).sqrt();
+    let mut rng = crate::data::sample_rng(seed, u64::MAX, u64::MAX);
+    for v in [w, b] {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        v.set(&Tensor::from_vec(vals, v.shape(), v.device())?.to_dtype(v.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Evaluates `model` (eval mode) on every batch of `loader` (its epoch 0).
+pub fn evaluate(model: &ResNet, loader: &Loader, device: &Device) -> Result<(EvalResult, usize)> {
+    let mut acc = Accumulator::new(model.num_classes());
+    let mut epoch = loader.epoch(0);
+    for b in epoch.by_ref() {
+        let b = b?;
+        let logits = model.forward_t(&b.images.to_device(device)?, false)?;
+        acc.add(&logits, &b.labels.to_vec1::<u32>()?)?;
+    }
+    let report = epoch.finish();
+    Ok((acc.finish(), report.skipped.len()))
+}
+
+fn optimizer(cfg: &TrainConfig, varmap: &VarMap) -> Result<Optimizer> {
+    let g = ParamGroups::from_varmap(varmap);
+    let mut groups = vec![
+        Group {
+            vars: g.head_decay.vars,
+            weight_decay: cfg.weight_decay,
+            lr_mult: 1.0,
+        },
+        Group {
+            vars: g.head_no_decay.vars,
+            weight_decay: 0.0,
+            lr_mult: 1.0,
+        },
+    ];
+    if !cfg.freeze_backbone {
+        groups.push(Group {
+            vars: g.backbone_decay.vars,
+            weight_decay: cfg.weight_decay,
+            lr_mult: cfg.backbone_lr_mult,
+        });
+        groups.push(Group {
+            vars: g.backbone_no_decay.vars,
+            weight_decay: 0.0,
+            lr_mult: cfg.backbone_lr_mult,
+        });
+    }
+    let rule = match cfg.optimizer {
+        OptimizerKind::Sgd => Rule::Sgd {
+            momentum: cfg.momentum,
+            nesterov: cfg.nesterov,
+            decoupled: cfg.decoupled_wd,
+        },
+        OptimizerKind::AdamW => Rule::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+    };
+    Optimizer::new(rule, groups)
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Fine-tunes `model` (variables in `varmap`) for `cfg.epochs` epochs, evaluating on `test`
+/// after every epoch. Writes into `out`: `checkpoint-last.safetensors` every epoch (atomic),
+/// `checkpoint-best.safetensors`, `model.safetensors` (torchvision names) and `eval.json` for
+/// the best test top-1, and `metrics.jsonl`. With `resume`, continues from
+/// `checkpoint-last.safetensors` so that the remaining steps are exactly those of an
+/// uninterrupted run (on CPU). A non-finite loss stops the run with an error and leaves the last
+/// checkpoint as it was.
+pub fn fit(
+    model: &ResNet,
+    varmap: &VarMap,
+    train: &Loader,
+    test: &Loader,
+    cfg: &TrainConfig,
+    device: &Device,
+    out: &Path,
+    resume: bool,
+) -> Result<FitSummary> {
+    if cfg.accum_steps == 0 || cfg.epochs == 0 {
+        bail!("train: epochs and accum_steps must be positive");
+    }
+    std::fs::create_dir_all(out)?;
+    let paths = RunPaths {
+        dir: out.to_path_buf(),
+    };
+    let mut opt = optimizer(cfg, varmap)?;
+    let batches = train
+        .num_batches()
+        .min(cfg.max_batches_per_epoch.unwrap_or(usize::MAX));
+    let steps_per_epoch = batches.div_ceil(cfg.accum_steps).max(1);
+    let schedule = Schedule {
+        base_lr: cfg.lr,
+        warmup: (cfg.warmup_epochs * steps_per_epoch as f64).round() as u64,
+        total: (cfg.epochs * steps_per_epoch) as u64,
+        decay: cfg.decay,
+    };
+    let mut summary = FitSummary::default();
+    let mut start_epoch = 0;
+    let mut step: u64 = 0;
+    if resume {
+        let ck = Checkpoint::load(&paths.last())?;
+        ck.restore(varmap, &mut opt)?;
+        start_epoch = ck.meta.epoch;
+        step = ck.meta.step;
+        summary.history = ck.meta.history.clone();
+        summary.best_epoch = ck.meta.best_epoch;
+        if let Some(best) = ck.meta.best.clone() {
+            summary.best = best;
+        }
+        if start_epoch >= cfg.epochs {
+            return Ok(summary);
+        }
+    } else {
+        let _ = std::fs::remove_file(paths.metrics());
+    }
+    let loss_fn = candle_xent::CrossEntropyLoss::new().label_smoothing(cfg.label_smoothing);
+    for epoch in start_epoch..cfg.epochs {
+        let t0 = Instant::now();
+        let bar = ProgressBar::new(batches as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+            )
+            .map_err(candle_core::Error::wrap)?
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
+        let mut it = train.epoch(epoch as u64);
+        let mut acc_grads: HashMap<String, Tensor> = HashMap::new();
+        let mut micro = 0;
+        let (mut loss_sum, mut loss_n, mut images) = (0.0, 0usize, 0usize);
+        let mut step_loss = 0.0;
+        let names: Vec<(String, candle_core::Var)> = {
+            let d = varmap.data().lock().expect("VarMap lock poisoned");
+            d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let mut lr = schedule.lr(step);
+        for (bi, batch) in it.by_ref().enumerate() {
+            if bi >= batches {
+                break;
+            }
+            let batch = batch?;
+            let x = batch.images.to_device(device)?;
+            let y = batch.labels.to_device(device)?;
+            let logits = model.forward_t(&x, true)?;
+            let loss = loss_fn.forward(&logits, &y)?;
+            let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !v.is_finite() {
+                bar.abandon();
+                bail!(
+                    "train: the loss became {v} at epoch {}, batch {bi}; stopping. The last checkpoint ({}) still holds the end of epoch {}. Lower --lr or check the data.",
+                    epoch + 1,
+                    paths.last().display(),
+                    epoch
+                );
+            }
+            let grads = (loss / cfg.accum_steps as f64)?.backward()?;
+            for (n, var) in &names {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    let e = match acc_grads.remove(n) {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    };
+                    acc_grads.insert(n.clone(), e);
+                }
+            }
+            step_loss += v / cfg.accum_steps as f64;
+            micro += 1;
+            images += batch.indices.len();
+            if micro == cfg.accum_steps || bi + 1 == batches {
+                lr = schedule.lr(step);
+                opt.step_with(&acc_grads, lr)?;
+                acc_grads.clear();
+                summary
+                    .step_losses
+                    .push(step_loss * cfg.accum_steps as f64 / micro as f64);
+                loss_sum += step_loss * cfg.accum_steps as f64 / micro as f64;
+                loss_n += 1;
+                step_loss = 0.0;
+                micro = 0;
+                step += 1;
+            }
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.1} img/s",
+                loss_sum / loss_n.max(1) as f64,
+                lr,
+                images as f64 / secs
+            ));
+            bar.inc(1);
+        }
+        let train_report = it.stop();
+        bar.finish_and_clear();
+        let ips = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let (res, test_skipped) = evaluate(model, test, device)?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / loss_n.max(1) as f64,
+            lr,
+            top1: res.top1,
+            top5: res.top5,
+            nll: res.nll,
+            ece: res.ece,
+            images_per_s: ips,
+            skipped_images: train_report.skipped.len() + test_skipped,
+        };
+        eprintln!(
+            "epoch {}/{}: train loss {:.4}, test top-1 {:.2}% top-5 {:.2}% NLL {:.4} ECE {:.2}%, {:.1} img/s{}",
+            m.epoch,
+            cfg.epochs,
+            m.train_loss,
+            100.0 * m.top1,
+            100.0 * m.top5,
+            m.nll,
+            100.0 * m.ece,
+            ips,
+            if train_report.skipped.is_empty() { String::new() } else { format!("\n  train data: {train_report}") }
+        );
+        append_line(
+            &paths.metrics(),
+            &serde_json::to_string(&m).map_err(candle_core::Error::wrap)?,
+        )?;
+        summary.history.push(m);
+        let improved = summary.best_epoch == 0 || res.top1 > summary.best.top1;
+        if improved {
+            summary.best = res.clone();
+            summary.best_epoch = epoch + 1;
+        }
+        let meta = CheckpointMeta {
+            epoch: epoch + 1,
+            step,
+            best_epoch: summary.best_epoch,
+            best: Some(summary.best.clone()),
+            history: summary.history.clone(),
+            config: cfg.clone(),
+        };
+        let ck = Checkpoint::capture(varmap, &opt, meta)?;
+        ck.save(&paths.last())?;
+        if improved {
+            ck.save(&paths.best())?;
+            crate::export::export_safetensors(varmap, step as i64, &paths.model())?;
+            crate::export::atomic_write_bytes(
+                &paths.eval(),
+                serde_json::to_string_pretty(&res)
+                    .map_err(candle_core::Error::wrap)?
+                    .as_bytes(),
+            )?;
+        }
+    }
+    Ok(summary)
+}
