@@ -68,6 +68,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop each epoch after this many micro-batches (smoke runs).
     pub max_batches_per_epoch: Option<usize>,
+    /// End this invocation after completing this epoch (1-based), keeping the schedule of the
+    /// whole run: for time-boxed jobs continued later with `--resume`.
+    #[serde(default)]
+    pub stop_after_epoch: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -89,6 +93,7 @@ impl Default for TrainConfig {
             freeze_backbone: false,
             seed: 0,
             max_batches_per_epoch: None,
+            stop_after_epoch: None,
         }
     }
 }
@@ -300,7 +305,10 @@ pub fn fit(
         let _ = std::fs::remove_file(paths.metrics());
     }
     let loss_fn = candle_xent::CrossEntropyLoss::new().label_smoothing(cfg.label_smoothing);
-    for epoch in start_epoch..cfg.epochs {
+    let end = cfg
+        .stop_after_epoch
+        .map_or(cfg.epochs, |e| e.min(cfg.epochs));
+    for epoch in start_epoch..end {
         let t0 = Instant::now();
         let bar = ProgressBar::new(batches as u64);
         bar.set_style(

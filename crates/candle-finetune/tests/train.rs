@@ -1,0 +1,287 @@
+//! The training loop: learnability from random init, exact resumption, the non-finite-loss stop,
+//! and the metrics against hand-computed values.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_finetune::data::{
+    parquet::write_shard, Dataset, Loader, LoaderConfig, Preprocess, Transform,
+};
+use candle_finetune::eval::Accumulator;
+use candle_finetune::resnet::resnet18;
+use candle_finetune::train::{fit, Checkpoint, Decay, TrainConfig};
+use candle_nn::{VarBuilder, VarMap};
+use image::{ImageFormat, Rgb, RgbImage};
+use std::sync::Arc;
+
+/// Four classes told apart by colour and by the position of a bright square, with noise.
+fn shapes_dataset(dir: &std::path::Path, per_class: usize, salt: u32) -> Dataset {
+    let colours = [
+        [200u8, 40, 40],
+        [40, 200, 40],
+        [40, 40, 200],
+        [200, 200, 40],
+    ];
+    let mut rows = Vec::new();
+    let mut s = 12345u32 ^ salt;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        s
+    };
+    for (c, col) in colours.iter().enumerate() {
+        for _ in 0..per_class {
+            let (ox, oy) = (rnd() % 20, rnd() % 20);
+            let img = RgbImage::from_fn(40, 40, |x, y| {
+                let n = (rnd() % 40) as i32 - 20;
+                let inside = x >= ox && x < ox + 14 && y >= oy && y < oy + 14;
+                let base = if inside { [255, 255, 255] } else { *col };
+                Rgb(base.map(|v| (v as i32 + n).clamp(0, 255) as u8))
+            });
+            let mut bytes = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut bytes), ImageFormat::Png)
+                .unwrap();
+            rows.push((bytes, c as i64));
+        }
+    }
+    let names: Vec<String> = ["red", "green", "blue", "yellow"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let p = dir.join(format!("shapes-{salt}.parquet"));
+    write_shard(&p, &rows, &names).unwrap();
+    Dataset::from_parquet(&[p]).unwrap()
+}
+
+fn loaders(dir: &std::path::Path) -> (Loader, Loader) {
+    let pre = Preprocess {
+        size: 32,
+        crop_pct: 1.0,
+        ..Default::default()
+    };
+    let train = Arc::new(shapes_dataset(dir, 24, 1));
+    let test = Arc::new(shapes_dataset(dir, 8, 2));
+    let cfg = LoaderConfig {
+        batch_size: 16,
+        seed: 7,
+        ..Default::default()
+    };
+    (
+        Loader::new(
+            train,
+            Transform {
+                pre: pre.clone(),
+                train: true,
+            },
+            cfg.clone(),
+        )
+        .unwrap(),
+        Loader::new(
+            test,
+            Transform { pre, train: false },
+            LoaderConfig {
+                shuffle: false,
+                ..cfg
+            },
+        )
+        .unwrap(),
+    )
+}
+
+fn model() -> (VarMap, candle_finetune::resnet::ResNet) {
+    let vm = VarMap::new();
+    let m = resnet18(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    common::fill_deterministic(&vm).unwrap();
+    // Start from ImageNet-like statistics: neutral running stats.
+    for (k, v) in vm.data().lock().unwrap().iter() {
+        if k.ends_with("running_mean") {
+            v.set(&v.zeros_like().unwrap()).unwrap();
+        } else if k.ends_with("running_var") {
+            v.set(&v.ones_like().unwrap()).unwrap();
+        }
+    }
+    (vm, m)
+}
+
+fn config(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: 16,
+        lr: 0.02,
+        warmup_epochs: 0.5,
+        decay: Decay::Cosine { min_lr: 0.0 },
+        seed: 3,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn learns_a_learnable_dataset_from_random_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let (vm, m) = model();
+    let out = dir.path().join("run");
+    let s = fit(
+        &m,
+        &vm,
+        &train,
+        &test,
+        &config(6),
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
+    let top1: Vec<f64> = s.history.iter().map(|h| h.top1).collect();
+    assert!(s.best.top1 >= 0.9, "test top-1 per epoch: {top1:?}");
+    assert!(s.history.last().unwrap().train_loss < s.history[0].train_loss);
+    // The run folder.
+    for f in [
+        "checkpoint-last.safetensors",
+        "checkpoint-best.safetensors",
+        "model.safetensors",
+        "eval.json",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    for k in ["top1", "top5", "nll", "ece"] {
+        assert!(eval[k].is_number(), "{k}");
+    }
+}
+
+#[test]
+fn resuming_gives_the_losses_of_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let (vm, m) = model();
+    let full = fit(
+        &m,
+        &vm,
+        &train,
+        &test,
+        &config(2),
+        &Device::Cpu,
+        &dir.path().join("a"),
+        false,
+    )
+    .unwrap();
+
+    let (vm, m) = model();
+    let out = dir.path().join("b");
+    let interrupted = TrainConfig {
+        stop_after_epoch: Some(1),
+        ..config(2)
+    };
+    let first = fit(
+        &m,
+        &vm,
+        &train,
+        &test,
+        &interrupted,
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
+    assert_eq!(first.history.len(), 1);
+    // A fresh process would rebuild the model from scratch: do the same.
+    let (vm2, m2) = resnet18_fresh();
+    let rest = fit(
+        &m2,
+        &vm2,
+        &train,
+        &test,
+        &config(2),
+        &Device::Cpu,
+        &out,
+        true,
+    )
+    .unwrap();
+    let mut joined = first.step_losses.clone();
+    joined.extend(&rest.step_losses);
+    assert_eq!(joined, full.step_losses, "per-step losses");
+    assert_eq!(rest.history.len(), 2);
+    assert_eq!(rest.history[1].top1, full.history[1].top1);
+}
+
+fn resnet18_fresh() -> (VarMap, candle_finetune::resnet::ResNet) {
+    let vm = VarMap::new();
+    let m = resnet18(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    (vm, m)
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let (vm, m) = model();
+    let out = dir.path().join("run");
+    fit(
+        &m,
+        &vm,
+        &train,
+        &test,
+        &config(1),
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
+    let before = std::fs::read(out.join("checkpoint-last.safetensors")).unwrap();
+    let wild = TrainConfig {
+        lr: 1e35,
+        warmup_epochs: 0.0,
+        ..config(3)
+    };
+    let e = fit(&m, &vm, &train, &test, &wild, &Device::Cpu, &out, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the loss became") && e.contains("checkpoint-last"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("checkpoint-last.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(
+        Checkpoint::load(&out.join("checkpoint-last.safetensors"))
+            .unwrap()
+            .meta
+            .epoch,
+        1
+    );
+}
+
+#[test]
+fn metrics_match_hand_computed_values() {
+    // Three samples, three classes.
+    let logits = Tensor::new(&[[2f32, 1., 0.], [0., 3., 0.], [1., 0., 0.5]], &Device::Cpu).unwrap();
+    let mut acc = Accumulator::new(3);
+    acc.add(&logits, &[0, 1, 2]).unwrap();
+    let r = acc.finish();
+    let lse = |v: [f64; 3]| v.iter().map(|x| x.exp()).sum::<f64>().ln();
+    let nll =
+        ((lse([2., 1., 0.]) - 2.0) + (lse([0., 3., 0.]) - 3.0) + (lse([1., 0., 0.5]) - 0.5)) / 3.0;
+    assert!((r.nll - nll).abs() < 1e-12);
+    assert!((r.top1 - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(r.top5, 1.0);
+    let conf = [
+        2f64 - lse([2., 1., 0.]),
+        3.0 - lse([0., 3., 0.]),
+        1.0 - lse([1., 0., 0.5]),
+    ]
+    .map(f64::exp);
+    // Bins of width 1/15: confidences 0.665 (bin 9), 0.909 (bin 13), 0.506 (bin 7).
+    let ece = ((1.0 - conf[0]) + (1.0 - conf[1]) + conf[2]) / 3.0;
+    assert!((r.ece - ece).abs() < 1e-12, "{} vs {ece}", r.ece);
+    assert_eq!(r.confusion[2][0], 1);
+    assert_eq!(r.most_confused, vec![(2, 0, 1)]);
+    assert_eq!(r.per_class_accuracy, vec![1.0, 1.0, 0.0]);
+}
