@@ -8,6 +8,7 @@ use std::process::Command;
 mod bench_data;
 mod bench_resnet;
 mod bench_xent;
+mod cars;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Tasks of the candle-xent workspace")]
@@ -16,10 +17,17 @@ struct Cli {
     command: Cmd,
 }
 
-// More commands (train-cars, eval-cars, predict, publish-cars) join these.
-#[allow(clippy::enum_variant_names)]
 #[derive(Subcommand)]
 enum Cmd {
+    /// Fine-tune ResNet-18 on Stanford Cars with label smoothing (the main job); `--smoke` runs
+    /// the whole pipeline offline on generated data.
+    TrainCars(Box<cars::TrainArgs>),
+    /// Evaluate a model folder or Hub repo on the test split.
+    EvalCars(cars::EvalArgs),
+    /// Top-5 classes of images.
+    Predict(cars::PredictArgs),
+    /// Fetch both splits into the Hub cache, decode every image, print counts.
+    DownloadCars(cars::DownloadArgs),
     /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
     /// peak RSS, one process per measurement.
     BenchXent(bench_xent::Args),
@@ -56,6 +64,10 @@ pub fn run_capture(cmd: &mut Command) -> Result<String> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::TrainCars(args) => cars::train_cars(*args),
+        Cmd::EvalCars(args) => cars::eval_cars(args),
+        Cmd::Predict(args) => cars::predict(args),
+        Cmd::DownloadCars(args) => cars::download_cars(args),
         Cmd::BenchXent(args) => bench_xent::run(args),
         Cmd::BenchResnet(args) => bench_resnet::run(args),
         Cmd::BenchData(args) => bench_data::run(args),

@@ -425,3 +425,24 @@ pub fn seed_cache(
     crate::export::atomic_write_bytes(&root.join("refs").join("main"), revision.as_bytes())?;
     Ok(snap)
 }
+
+/// Loads an exported model folder (`config.json` + `model.safetensors`, as written by
+/// `cargo xtask train-cars`): the model in eval-ready state, its config and its variables.
+pub fn load_model_folder(
+    dir: &Path,
+    device: &Device,
+) -> Result<(ResNet, crate::card::ModelConfig, VarMap)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        candle_core::Error::Msg(format!("model folder {}: {e}", cfg_path.display()))
+    })?;
+    let cfg: crate::card::ModelConfig = serde_json::from_str(&text)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", cfg_path.display())))?;
+    let varmap = VarMap::new();
+    let model = cfg.architecture.build(
+        cfg.num_classes,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    load_weights(&varmap, &dir.join("model.safetensors"), Head::FromFile)?;
+    Ok((model, cfg, varmap))
+}

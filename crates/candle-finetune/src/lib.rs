@@ -21,6 +21,7 @@
 
 pub mod batchnorm;
 mod batchnorm_op;
+pub mod card;
 pub mod conv;
 pub mod data;
 pub mod eval;
@@ -30,4 +31,5 @@ pub mod maxpool;
 pub mod params;
 pub mod plot;
 pub mod resnet;
+pub mod smoke;
 pub mod train;

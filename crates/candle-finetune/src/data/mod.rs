@@ -266,6 +266,45 @@ impl Dataset {
         Ok(ds)
     }
 
+    /// Relabels the samples to the class order `names` (e.g. a model's `id2label`), matching by
+    /// class name; a class of the dataset missing from `names` is an error.
+    ///
+    /// ```
+    /// use candle_finetune::data::{Dataset, ImageData, Sample};
+    /// let ds = Dataset { samples: vec![Sample { image: ImageData::Encoded(vec![].into()), label: 0 }], class_names: vec!["b".into()] };
+    /// let r = ds.remap_to(&["a".into(), "b".into()]).unwrap();
+    /// assert_eq!((r.samples[0].label, r.num_classes()), (1, 2));
+    /// assert!(ds.remap_to(&["a".into()]).is_err());
+    /// ```
+    pub fn remap_to(&self, names: &[String]) -> Result<Dataset> {
+        let map = self
+            .class_names
+            .iter()
+            .map(|n| {
+                names
+                    .iter()
+                    .position(|m| m == n)
+                    .map(|p| p as u32)
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "dataset class {n:?} is not a class of the model"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        Ok(Dataset {
+            samples: self
+                .samples
+                .iter()
+                .map(|s| Sample {
+                    image: s.image.clone(),
+                    label: map[s.label as usize],
+                })
+                .collect(),
+            class_names: names.to_vec(),
+        })
+    }
+
     /// Decodes sample `i` to RGB.
     ///
     /// ```

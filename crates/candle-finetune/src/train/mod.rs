@@ -257,6 +257,7 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
 /// `checkpoint-last.safetensors` so that the remaining steps are exactly those of an
 /// uninterrupted run (on CPU). A non-finite loss stops the run with an error and leaves the last
 /// checkpoint as it was.
+#[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
 pub fn fit(
     model: &ResNet,
     varmap: &VarMap,

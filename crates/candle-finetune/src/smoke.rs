@@ -1,0 +1,148 @@
+//! Offline stand-ins for the Hub: a small generated image-classification dataset written as
+//! parquet shards, and random ImageNet-shaped weights, both placed into a Hub cache exactly where
+//! hf-hub looks for the real ones. `cargo xtask train-cars --smoke` then runs the normal code path
+//! with `HF_HUB_OFFLINE=1`.
+
+use crate::data::{parquet::write_shard, Split, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION};
+use crate::hub::{seed_cache, RepoKind, DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION};
+use candle_core::{DType, Device, Result};
+use candle_nn::{VarBuilder, VarMap};
+use image::{ImageFormat, Rgb, RgbImage};
+use std::path::Path;
+
+/// Class names of the generated dataset.
+pub const SMOKE_CLASSES: [&str; 6] = [
+    "red square",
+    "green square",
+    "blue square",
+    "red disc",
+    "green disc",
+    "blue disc",
+];
+
+/// One generated JPEG: a coloured square or disc at a random place on a noisy background.
+fn picture(class: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let (w, h) = (96 + (rnd() % 32) as u32, 64 + (rnd() % 32) as u32);
+    let r = 14 + (rnd() % 8) as i64;
+    let (cx, cy) = (
+        r + (rnd() % (w as u64 - 2 * r as u64)) as i64,
+        r + (rnd() % (h as u64 - 2 * r as u64)) as i64,
+    );
+    let colour = [[220u8, 40, 40], [40, 200, 40], [40, 60, 220]][class % 3];
+    let disc = class >= 3;
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        let (dx, dy) = (x as i64 - cx, y as i64 - cy);
+        let inside = if disc {
+            dx * dx + dy * dy <= r * r
+        } else {
+            dx.abs() <= r && dy.abs() <= r
+        };
+        let n = (rnd() % 30) as u8;
+        if inside {
+            Rgb(colour)
+        } else {
+            Rgb([120 + n, 120 + n, 120 + n])
+        }
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), ImageFormat::Jpeg)
+        .expect("in-memory JPEG");
+    out
+}
+
+/// Writes the generated dataset as the two shards per split of the Stanford Cars mirror into
+/// `cache` (`datasets--tanganke--stanford_cars` at the pinned revision). Returns the images per
+/// split.
+pub fn seed_dataset(
+    cache: &Path,
+    train_per_class: usize,
+    test_per_class: usize,
+) -> Result<(usize, usize)> {
+    let names: Vec<String> = SMOKE_CLASSES.iter().map(|s| s.to_string()).collect();
+    let work = cache.join("smoke-src");
+    std::fs::create_dir_all(&work)?;
+    let mut counts = (0, 0);
+    for (split, per) in [
+        (Split::Train, train_per_class),
+        (Split::Test, test_per_class),
+    ] {
+        let shards = split.stanford_cars_shards();
+        let mut rows: Vec<Vec<(Vec<u8>, i64)>> = vec![Vec::new(); shards.len()];
+        let mut k = 0;
+        for c in 0..names.len() {
+            for i in 0..per {
+                let seed = (split == Split::Test) as u64 * 1_000_000 + (c * 1000 + i) as u64;
+                rows[k % shards.len()].push((picture(c, seed), c as i64));
+                k += 1;
+            }
+        }
+        for (shard, rows) in shards.iter().zip(rows) {
+            let local = work.join(shard.replace('/', "_"));
+            write_shard(&local, &rows, &names).map_err(candle_core::Error::Msg)?;
+            seed_cache(
+                cache,
+                RepoKind::Dataset,
+                DEFAULT_DATASET_REPO,
+                DEFAULT_DATASET_REVISION,
+                shard,
+                &local,
+            )?;
+        }
+        if split == Split::Train {
+            counts.0 = k;
+        } else {
+            counts.1 = k;
+        }
+    }
+    Ok(counts)
+}
+
+/// Writes random 1000-class ResNet-18 weights and a timm-style `config.json` (at `size` pixels)
+/// as `timm/resnet18.tv_in1k` at the pinned revision into `cache`.
+pub fn seed_weights(cache: &Path, size: u32) -> Result<()> {
+    let work = cache.join("smoke-src");
+    std::fs::create_dir_all(&work)?;
+    let vm = VarMap::new();
+    crate::resnet::resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    let w = work.join("model.safetensors");
+    crate::export::export_safetensors(&vm, 0, &w)?;
+    seed_cache(
+        cache,
+        RepoKind::Model,
+        DEFAULT_REPO,
+        DEFAULT_REVISION,
+        DEFAULT_FILE,
+        &w,
+    )?;
+    let cfg = serde_json::json!({
+        "architecture": "resnet18",
+        "num_classes": 1000,
+        "pretrained_cfg": {
+            "input_size": [3, size, size], "interpolation": "bilinear", "crop_pct": 0.875,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]
+        }
+    });
+    let c = work.join("config.json");
+    std::fs::write(
+        &c,
+        serde_json::to_vec_pretty(&cfg).map_err(candle_core::Error::wrap)?,
+    )?;
+    seed_cache(
+        cache,
+        RepoKind::Model,
+        DEFAULT_REPO,
+        DEFAULT_REVISION,
+        "config.json",
+        &c,
+    )?;
+    Ok(())
+}
