@@ -119,21 +119,37 @@ impl HubOptions {
     /// ```
     pub fn model_file(&self, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
         let (owner, name) = split_repo(repo)?;
-        let client = self.client()?;
-        client
-            .model(owner, name)
+        self.fetch(
+            self.client()?.model(owner, name),
+            "model",
+            repo,
+            revision,
+            file,
+        )
+    }
+
+    /// Downloads (or finds in the cache) one file of a repository.
+    fn fetch<T: hf_hub::RepoType>(
+        &self,
+        handle: hf_hub::HFRepositorySync<T>,
+        kind: &str,
+        repo: &str,
+        revision: &str,
+        file: &str,
+    ) -> Result<PathBuf> {
+        let offline = if self.offline {
+            " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
+        } else {
+            ""
+        };
+        handle
             .download_file()
             .filename(file)
             .revision(revision)
             .local_files_only(self.offline)
             .send()
             .map_err(hub_err(&format!(
-                "cannot get {file} from model repo {repo} at {revision}{}",
-                if self.offline {
-                    " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
-                } else {
-                    ""
-                }
+                "cannot get {file} from {kind} repo {repo} at {revision}{offline}"
             )))
     }
 
@@ -146,22 +162,13 @@ impl HubOptions {
     /// ```
     pub fn dataset_file(&self, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
         let (owner, name) = split_repo(repo)?;
-        let client = self.client()?;
-        client
-            .dataset(owner, name)
-            .download_file()
-            .filename(file)
-            .revision(revision)
-            .local_files_only(self.offline)
-            .send()
-            .map_err(hub_err(&format!(
-                "cannot get {file} from dataset repo {repo} at {revision}{}",
-                if self.offline {
-                    " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
-                } else {
-                    ""
-                }
-            )))
+        self.fetch(
+            self.client()?.dataset(owner, name),
+            "dataset",
+            repo,
+            revision,
+            file,
+        )
     }
 
     /// Resolves a [`WeightsSource`] to a local file.
