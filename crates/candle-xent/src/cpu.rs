@@ -34,6 +34,10 @@ pub(crate) struct Problem<'a, A> {
     pub inner: usize,
     pub smoothing: f64,
     pub ignore_index: i64,
+    /// PaLM's z-loss coefficient: `+ z * lse^2` per (non-ignored) row.
+    pub z_loss: f64,
+    /// Gemma's logit soft-capping: logits become `cap * tanh(x / cap)` first.
+    pub softcap: Option<f64>,
     /// Class weights (len C) or empty when unweighted.
     pub weight: &'a [A],
     /// Sum of the class weights (C when unweighted).
@@ -350,12 +354,16 @@ fn finish_row<A: Acc>(
             if p.smoothing != 0.0 {
                 loss += eoc * (lse_rel * p.weight_sum - s.wx);
             }
+            if p.z_loss != 0.0 {
+                loss += A::from_f64(p.z_loss) * lse * lse;
+            }
             [loss, lse, wy]
         }
         RowTarget::Soft => {
             let wq = (A::ONE - eps) * s.wt + eoc * p.weight_sum;
             let wqx = (A::ONE - eps) * s.wtx + eoc * s.wx;
-            [lse_rel * wq - wqx, lse, wq]
+            let z = A::from_f64(p.z_loss) * lse * lse;
+            [lse_rel * wq - wqx + z, lse, wq]
         }
     }
 }
@@ -384,6 +392,23 @@ fn row_target<A>(p: &Problem<'_, A>, targets: &Targets<'_, impl Sized>, r: usize
 
 /// A task: `(first row, 0, rows)` for `inner == 1`, `(n, d0, rows)` otherwise.
 type Task = (usize, usize, usize);
+
+/// `row <- cap * tanh(row / cap)`.
+fn cap_row<A: Acc>(row: &mut [A], cap: f64) {
+    let (c, inv) = (A::from_f64(cap), A::from_f64(1.0 / cap));
+    for v in row.iter_mut() {
+        *v = c * (*v * inv).tanh();
+    }
+}
+
+/// Chain rule of the soft-cap: `grad <- grad * (1 - (capped / cap)^2)`.
+fn cap_grad<A: Acc>(grad: &mut [A], capped: &[A], cap: f64) {
+    let inv = A::from_f64(1.0 / cap);
+    for (g, &y) in grad.iter_mut().zip(capped) {
+        let t = y * inv;
+        *g *= A::ONE - t * t;
+    }
+}
 
 /// Splits the rows into tasks that never cross an `outer` boundary.
 fn tasks(p: &Problem<'_, impl Acc>) -> Vec<Task> {
@@ -481,11 +506,14 @@ pub(crate) fn forward<T: Elem>(
             for j in 0..len {
                 let r = a + j;
                 let xr = &x[r * c_n..(r + 1) * c_n];
-                let xa: &[T::A] = match T::as_acc(xr) {
-                    Some(v) => v,
-                    None => {
+                let xa: &[T::A] = match (T::as_acc(xr), p.softcap) {
+                    (Some(v), None) => v,
+                    (_, cap) => {
                         xbuf.resize(c_n, T::A::ZERO);
                         T::load(xr, &mut xbuf);
+                        if let Some(cap) = cap {
+                            cap_row(&mut xbuf, cap);
+                        }
                         &xbuf
                     }
                 };
@@ -511,6 +539,9 @@ pub(crate) fn forward<T: Elem>(
             let n = a;
             let mut xbuf = vec![T::A::ZERO; len * c_n];
             gather(x, p, n, d0, len, &mut xbuf);
+            if let Some(cap) = p.softcap {
+                cap_row(&mut xbuf, cap);
+            }
             let mut tbuf = Vec::new();
             if let Targets::Soft(t) = targets {
                 tbuf.resize(len * c_n, T::A::ZERO);
@@ -543,7 +574,8 @@ fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Optio
         RowTarget::Ignored => None,
         RowTarget::Class(y) => {
             // d/dx_c = g [ (1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum_w - w_c) ]
-            let alpha = g * ((A::ONE - eps) * tw + eoc * p.weight_sum);
+            let alpha =
+                g * ((A::ONE - eps) * tw + eoc * p.weight_sum + A::from_f64(2.0 * p.z_loss) * lse);
             let beta = g * eoc;
             Some(GradRow {
                 lse,
@@ -557,7 +589,7 @@ fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Optio
             // d/dx_c = g [ p_c sum_k w_k q_k - w_c q_c ],  q_c = (1-eps) t_c + eps/C
             Some(GradRow {
                 lse,
-                alpha: g * tw,
+                alpha: g * (tw + A::from_f64(2.0 * p.z_loss) * lse),
                 beta: g * eoc,
                 gamma: g * (A::ONE - eps),
                 fix: None,
@@ -604,11 +636,14 @@ pub(crate) fn backward<T: Elem>(
                     continue;
                 };
                 let xr = &x[r * c_n..(r + 1) * c_n];
-                let xa: &[T::A] = match T::as_acc(xr) {
-                    Some(v) => v,
-                    None => {
+                let xa: &[T::A] = match (T::as_acc(xr), p.softcap) {
+                    (Some(v), None) => v,
+                    (_, cap) => {
                         xbuf.resize(c_n, T::A::ZERO);
                         T::load(xr, &mut xbuf);
+                        if let Some(cap) = cap {
+                            cap_row(&mut xbuf, cap);
+                        }
                         &xbuf
                     }
                 };
@@ -629,10 +664,16 @@ pub(crate) fn backward<T: Elem>(
                 match T::as_acc_mut(out) {
                     Some(o) => {
                         k.grad(xa, p.weight, ta, coef, o);
+                        if let Some(cap) = p.softcap {
+                            cap_grad(o, xa, cap);
+                        }
                     }
                     None => {
                         gbuf.resize(c_n, T::A::ZERO);
                         k.grad(xa, p.weight, ta, coef, &mut gbuf);
+                        if let Some(cap) = p.softcap {
+                            cap_grad(&mut gbuf, xa, cap);
+                        }
                         T::store(&gbuf, out);
                     }
                 }
@@ -654,6 +695,9 @@ pub(crate) fn backward<T: Elem>(
                 while d0 < p.inner {
                     let len = TILE.min(p.inner - d0);
                     gather(x, p, n, d0, len, &mut xbuf);
+                    if let Some(cap) = p.softcap {
+                        cap_row(&mut xbuf[..len * c_n], cap);
+                    }
                     if let Targets::Soft(t) = targets {
                         tbuf.resize(TILE * c_n, T::A::ZERO);
                         gather(t, p, n, d0, len, &mut tbuf);
@@ -672,6 +716,9 @@ pub(crate) fn backward<T: Elem>(
                                     &tbuf[j * c_n..(j + 1) * c_n]
                                 };
                                 k.grad(xa, p.weight, ta, coef, o);
+                                if let Some(cap) = p.softcap {
+                                    cap_grad(o, xa, cap);
+                                }
                             }
                         }
                     }

@@ -26,6 +26,7 @@ pub(crate) trait Acc:
     const NEG_INF: Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+    fn tanh(self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
 }
@@ -41,6 +42,10 @@ impl Acc for f32 {
     #[inline(always)]
     fn ln(self) -> Self {
         f32::ln(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f32::tanh(self)
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
@@ -63,6 +68,10 @@ impl Acc for f64 {
     #[inline(always)]
     fn ln(self) -> Self {
         f64::ln(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {

@@ -25,6 +25,10 @@ pub(crate) struct CrossEntropyOp {
     pub inner: usize,
     pub smoothing: f64,
     pub ignore_index: i64,
+    /// z-loss coefficient (0: off).
+    pub z_loss: f64,
+    /// Logit soft-cap (None: off).
+    pub softcap: Option<f64>,
     /// Class weights `(C,)` in the accumulator dtype, on the logits' device.
     pub weight: Option<Tensor>,
     /// Probability targets (same shape and dtype as the logits) instead of class indices.
@@ -118,6 +122,8 @@ impl CrossEntropyOp {
             inner: self.inner,
             smoothing: self.smoothing,
             ignore_index: self.ignore_index,
+            z_loss: self.z_loss,
+            softcap: self.softcap,
             weight,
             weight_sum,
         }

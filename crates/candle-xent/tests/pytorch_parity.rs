@@ -19,6 +19,10 @@ struct Case {
     weighted: bool,
     target_dtype: Option<String>,
     torch_native: bool,
+    #[serde(default)]
+    z_loss: f64,
+    #[serde(default)]
+    softcap: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +89,12 @@ fn inputs(case: &Case, t: &HashMap<String, Tensor>) -> Inputs {
         .reduction(reduction_of(&case.reduction));
     if case.weighted {
         loss_fn = loss_fn.weight(get("weight"));
+    }
+    if case.z_loss != 0.0 {
+        loss_fn = loss_fn.z_loss(case.z_loss);
+    }
+    if let Some(cap) = case.softcap {
+        loss_fn = loss_fn.softcap(cap);
     }
     Inputs {
         loss_fn,
@@ -157,6 +167,12 @@ fn fixtures_cover_what_the_issue_asks() {
     assert!(c.iter().any(|k| k.name.starts_with("unbatched")));
     assert!(c.iter().any(|k| k.name.starts_with("huge")));
     assert!(c.iter().any(|k| k.name.starts_with("all_ignored")));
+    assert!(
+        c.iter()
+            .filter(|k| k.z_loss > 0.0 && k.softcap.is_some())
+            .count()
+            >= 3
+    );
 }
 
 #[test]
