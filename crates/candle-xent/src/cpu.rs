@@ -728,3 +728,82 @@ pub(crate) fn backward<T: Elem>(
             });
     }
 }
+
+/// Backward written over the logits themselves (`xg` holds the logits on entry, the gradient on
+/// exit). Each row (or 16-row tile) is copied to a per-task buffer before it is overwritten.
+pub(crate) fn backward_inplace<T: Elem>(
+    xg: &mut [T],
+    targets: &Targets<'_, T>,
+    stats: &[T::A],
+    p: &Problem<'_, T::A>,
+) {
+    let rows = p.rows();
+    let c_n = p.classes;
+    if rows == 0 {
+        return;
+    }
+    let k = Kernels::<T::A>::new(p.weighted(), matches!(targets, Targets::Soft(_)));
+    let empty: &[T::A] = &[];
+    let local = Problem {
+        outer: 1,
+        ..p.clone()
+    };
+    xg.par_chunks_mut(c_n * p.inner)
+        .enumerate()
+        .for_each(|(n, slab)| {
+            let tile = if p.inner == 1 { 1 } else { TILE };
+            let mut xbuf = vec![T::A::ZERO; tile * c_n];
+            let mut gbuf = vec![T::A::ZERO; tile * c_n];
+            let mut tbuf = Vec::new();
+            let mut d0 = 0;
+            while d0 < p.inner {
+                let len = tile.min(p.inner - d0);
+                if p.inner == 1 {
+                    T::load(slab, &mut xbuf);
+                } else {
+                    gather(slab, &local, 0, d0, len, &mut xbuf);
+                }
+                if let Some(cap) = p.softcap {
+                    cap_row(&mut xbuf[..len * c_n], cap);
+                }
+                if let Targets::Soft(t) = targets {
+                    tbuf.resize(tile * c_n, T::A::ZERO);
+                    let base = n * c_n * p.inner;
+                    gather(
+                        &t[base..base + c_n * p.inner],
+                        &local,
+                        0,
+                        d0,
+                        len,
+                        &mut tbuf,
+                    );
+                }
+                for j in 0..len {
+                    let r = n * p.inner + d0 + j;
+                    let st = &stats[r * STATS..(r + 1) * STATS];
+                    let o = &mut gbuf[j * c_n..(j + 1) * c_n];
+                    match grad_coeffs(p, row_target(p, targets, r), st) {
+                        None => o.fill(T::A::ZERO),
+                        Some(coef) => {
+                            let xa = &xbuf[j * c_n..(j + 1) * c_n];
+                            let ta = if tbuf.is_empty() {
+                                empty
+                            } else {
+                                &tbuf[j * c_n..(j + 1) * c_n]
+                            };
+                            k.grad(xa, p.weight, ta, coef, o);
+                            if let Some(cap) = p.softcap {
+                                cap_grad(o, xa, cap);
+                            }
+                        }
+                    }
+                }
+                if p.inner == 1 {
+                    T::store(&gbuf, slab);
+                } else {
+                    scatter(&gbuf, &local, 0, d0, len, slab);
+                }
+                d0 += len;
+            }
+        });
+}

@@ -49,6 +49,7 @@ pub struct CrossEntropyLoss {
     class_dim: Option<usize>,
     z_loss: f64,
     softcap: Option<f64>,
+    inplace_grad: bool,
 }
 
 impl Default for CrossEntropyLoss {
@@ -73,6 +74,7 @@ impl CrossEntropyLoss {
             class_dim: None,
             z_loss: 0.0,
             softcap: None,
+            inplace_grad: false,
         }
     }
 
@@ -173,6 +175,27 @@ impl CrossEntropyLoss {
     /// ```
     pub fn softcap(mut self, cap: f64) -> Self {
         self.softcap = Some(cap);
+        self
+    }
+
+    /// Opt-in: the backward pass writes the gradient over the logits' own buffer (as Liger
+    /// Kernel does), so training needs no separate logits-sized gradient allocation from this op.
+    /// **The logits tensor holds the gradient after `backward()`**: use it only when nothing
+    /// reads the logits afterwards, including the backward of the op that produced them (fine for
+    /// a linear layer's output; wrong after e.g. `exp`). CPU only for now; elsewhere ignored.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, Var};
+    /// let x = Var::new(&[[1f32, 2., 3.]], &Device::Cpu).unwrap();
+    /// let logits = (x.as_tensor() * 1.0).unwrap(); // a fresh buffer the loss may overwrite
+    /// let y = Tensor::new(&[2u32], &Device::Cpu).unwrap();
+    /// let loss = candle_xent::CrossEntropyLoss::new().inplace_grad(true).forward(&logits, &y).unwrap();
+    /// let g = loss.backward().unwrap();
+    /// let sum: f32 = g.get(x.as_tensor()).unwrap().sum_all().unwrap().to_scalar().unwrap();
+    /// assert!(sum.abs() < 1e-6);
+    /// ```
+    pub fn inplace_grad(mut self, on: bool) -> Self {
+        self.inplace_grad = on;
         self
     }
 
@@ -437,6 +460,7 @@ impl CrossEntropyLoss {
             ignore_index: self.ignore_index,
             z_loss: self.z_loss,
             softcap: self.softcap,
+            inplace_grad: self.inplace_grad,
             weight,
             soft,
             target_dims: if soft {

@@ -11,7 +11,8 @@ use crate::cpu::{self, Problem, Targets, STATS};
 use crate::math::Elem;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor,
+    WithDType,
 };
 use half::{bf16, f16};
 
@@ -29,6 +30,8 @@ pub(crate) struct CrossEntropyOp {
     pub z_loss: f64,
     /// Logit soft-cap (None: off).
     pub softcap: Option<f64>,
+    /// Write the gradient over the logits (opt-in; see `CrossEntropyLoss::inplace_grad`).
+    pub inplace_grad: bool,
     /// Class weights `(C,)` in the accumulator dtype, on the logits' device.
     pub weight: Option<Tensor>,
     /// Probability targets (same shape and dtype as the logits) instead of class indices.
@@ -181,6 +184,30 @@ impl CrossEntropyOp {
         Ok(T::to_cpu_storage_owned(grad))
     }
 
+    fn cpu_backward_inplace<T: Elem + WithDType>(
+        &self,
+        xg: &mut [T],
+        ts: &CpuStorage,
+        tl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()>
+    where
+        T::A: WithDType,
+    {
+        let w = self.weight_host::<T::A>()?;
+        let p = self.problem(&w);
+        let stats = contiguous_slice::<T::A>(ss, sl, "backward stats")?;
+        if self.soft {
+            let t = contiguous_slice::<T>(ts, tl, "soft target")?;
+            cpu::backward_inplace(xg, &Targets::Soft(t), stats, &p);
+        } else {
+            let t = self.class_targets(ts, tl)?;
+            cpu::backward_inplace(xg, &Targets::<T>::Hard(&t), stats, &p);
+        }
+        Ok(())
+    }
+
     fn check_logits(&self, l: &Layout) -> Result<(usize, usize)> {
         let Some((start, end)) = l.contiguous_offsets() else {
             bail!("cross_entropy: logits must be contiguous")
@@ -249,7 +276,11 @@ impl CustomOp2 for CrossEntropyOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Only the loss column carries a gradient: lse and the target weight are internal.
         let g = grad_res.narrow(1, 0, 1)?;
-        let stats = Tensor::cat(&[&res.narrow(1, 1, 2)?.detach(), &g], 1)?;
+        let stats = Tensor::cat(&[&res.narrow(1, 1, 2)?.detach(), &g], 1)?.contiguous()?;
+        if self.inplace_grad && logits.device().is_cpu() {
+            logits.inplace_op3(target, &stats, &CrossEntropyBackward { op: self.clone() })?;
+            return Ok((Some(logits.clone()), None));
+        }
         let grad = self.backward_with_stats(logits, target, &stats)?;
         // Soft targets are treated as constants; see the crate docs.
         Ok((Some(grad), None))
@@ -272,6 +303,35 @@ impl CrossEntropyOp {
 /// The backward kernel of [`CrossEntropyOp`], as a custom op of `(logits, target, stats)`.
 pub(crate) struct CrossEntropyBackward {
     pub op: CrossEntropyOp,
+}
+
+impl InplaceOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "candle-xent-cross-entropy-backward-inplace"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let op = &self.op;
+        let (a, b) = op.check_logits(l1)?;
+        match s1 {
+            CpuStorage::F32(v) => op.cpu_backward_inplace::<f32>(&mut v[a..b], s2, l2, s3, l3),
+            CpuStorage::F64(v) => op.cpu_backward_inplace::<f64>(&mut v[a..b], s2, l2, s3, l3),
+            CpuStorage::F16(v) => op.cpu_backward_inplace::<f16>(&mut v[a..b], s2, l2, s3, l3),
+            CpuStorage::BF16(v) => op.cpu_backward_inplace::<bf16>(&mut v[a..b], s2, l2, s3, l3),
+            other => bail!(
+                "cross_entropy backward: logits must be f16, bf16, f32 or f64, got {:?}",
+                other.dtype()
+            ),
+        }
+    }
 }
 
 impl CustomOp3 for CrossEntropyBackward {

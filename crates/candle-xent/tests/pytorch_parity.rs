@@ -291,3 +291,45 @@ fn class_dim_reads_btv_layout_in_place() {
     assert_close(&flat_f64(&loss), &want, 1e-5, 1e-7, "class_dim 2 loss");
     assert_close(&flat_f64(&grad), &want_grad, 1e-5, 1e-7, "class_dim 2 grad");
 }
+
+#[test]
+fn inplace_gradient_matches_pytorch() {
+    let (meta, t) = fixtures();
+    for case in &meta.cases {
+        let inp = inputs(case, &t);
+        let var = Var::from_tensor(&inp.input).unwrap();
+        // A fresh buffer the loss may overwrite (the output of a layer, in a model).
+        let logits = (var.as_tensor() * 1.0).unwrap();
+        let loss_fn = inp.loss_fn.clone().inplace_grad(true);
+        let loss = loss_fn.forward(&logits, &inp.target).unwrap();
+        let total = (&loss * &inp.upstream.to_dtype(loss.dtype()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = total.backward().unwrap();
+        let grad = grads.get(var.as_tensor()).unwrap();
+        let (rtol, atol) = tolerances(case, &inp.input);
+        assert_close(
+            &flat_f64(&loss),
+            &inp.want_loss,
+            rtol,
+            atol,
+            &format!("{} loss", case.name),
+        );
+        assert_close(
+            &flat_f64(grad),
+            &inp.want_grad,
+            rtol,
+            atol,
+            &format!("{} inplace grad", case.name),
+        );
+        // The logits buffer now holds the gradient.
+        assert_close(
+            &flat_f64(&logits),
+            &inp.want_grad,
+            rtol,
+            atol,
+            &format!("{} logits buffer", case.name),
+        );
+    }
+}
