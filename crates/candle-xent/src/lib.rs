@@ -38,11 +38,13 @@
 //!
 //! Exactness, layout and error contracts are documented on [`CrossEntropyLoss`].
 
+mod bce;
 mod cpu;
 mod loss;
 mod math;
 mod op;
 mod reduction;
 
+pub use bce::BinaryCrossEntropyWithLogits;
 pub use loss::{cross_entropy, CrossEntropyLoss};
 pub use reduction::Reduction;
