@@ -40,11 +40,13 @@
 
 mod bce;
 mod cpu;
+mod linear;
 mod loss;
 mod math;
 mod op;
 mod reduction;
 
 pub use bce::BinaryCrossEntropyWithLogits;
+pub use linear::FusedLinearCrossEntropy;
 pub use loss::{cross_entropy, CrossEntropyLoss};
 pub use reduction::Reduction;

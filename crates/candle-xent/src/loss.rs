@@ -283,6 +283,23 @@ impl CrossEntropyLoss {
         Ok((loss, grad))
     }
 
+    /// `sum_i w_{y_i}` over the non-ignored class targets (their count when unweighted): the
+    /// denominator of the mean. Out-of-range targets count 0 (the loss itself reports them).
+    pub(crate) fn target_weight_sum(&self, classes: usize, target: &Tensor) -> Result<f64> {
+        let t = target
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1::<i64>()?;
+        let w = match &self.weight {
+            Some(w) => w.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            None => vec![1.0; classes],
+        };
+        Ok(t.iter()
+            .filter(|&&y| y != self.ignore_index && y >= 0 && (y as usize) < w.len())
+            .map(|&y| w[y as usize])
+            .sum())
+    }
+
     fn mean_denominator(&self, op: &CrossEntropyOp, stats: &Tensor) -> Result<Tensor> {
         if op.soft {
             Tensor::new(op.rows() as f64, stats.device())?.to_dtype(stats.dtype())

@@ -1,0 +1,193 @@
+//! Fused linear cross-entropy: the loss of `hidden (N, H) x weight (V, H)^T (+ bias)` computed in
+//! row chunks, so the `(N, V)` logits never exist at once.
+
+use crate::{CrossEntropyLoss, Reduction};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Cross-entropy of a linear layer's output without materialising the logits (Liger Kernel's
+/// idea): rows are processed `chunk` at a time; for each chunk the logits, the fused loss and its
+/// gradient are computed and immediately turned into the gradients of `hidden`, `weight` and
+/// `bias`, which the backward pass then hands out. Every [`CrossEntropyLoss`] option applies
+/// (smoothing, weights, ignore_index, z-loss, softcap); reductions `Mean` and `Sum`.
+///
+/// Extra memory: one chunk of logits and its gradient (`2 * chunk * V` values) plus the
+/// gradients themselves, instead of the `N * V` logits and their gradient.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_xent::{CrossEntropyLoss, FusedLinearCrossEntropy};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let h = Var::randn(0f32, 1., (6, 4), &dev)?;
+/// let w = Var::randn(0f32, 1., (10, 4), &dev)?;
+/// let y = Tensor::new(&[1u32, 2, 3, 4, 5, 9], &dev)?;
+/// let ce = CrossEntropyLoss::new().label_smoothing(0.1);
+/// let fused = FusedLinearCrossEntropy::new(ce.clone()).chunk(4).forward(h.as_tensor(), w.as_tensor(), None, &y)?;
+/// let plain = ce.forward(&h.as_tensor().matmul(&w.as_tensor().t()?)?, &y)?;
+/// assert!((fused.to_scalar::<f32>()? - plain.to_scalar::<f32>()?).abs() < 1e-5);
+/// let g = fused.backward()?;
+/// assert_eq!(g.get(w.as_tensor()).unwrap().dims(), &[10, 4]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FusedLinearCrossEntropy {
+    loss: CrossEntropyLoss,
+    chunk: usize,
+}
+
+impl FusedLinearCrossEntropy {
+    /// Wraps a configured loss (reduction `Mean` or `Sum`); default chunk 1024 rows.
+    pub fn new(loss: CrossEntropyLoss) -> Self {
+        Self { loss, chunk: 1024 }
+    }
+
+    /// Rows per chunk.
+    pub fn chunk(mut self, rows: usize) -> Self {
+        self.chunk = rows.max(1);
+        self
+    }
+
+    /// The reduced loss of `hidden (N, H) x weight (V, H)^T + bias (V)` against class targets
+    /// `(N,)`; differentiable in `hidden`, `weight` and `bias`.
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        target: &Tensor,
+    ) -> Result<Tensor> {
+        let (n, h) = hidden.dims2()?;
+        let (v, h2) = weight.dims2()?;
+        if h != h2 {
+            bail!("fused_linear_cross_entropy: hidden has {h} features, weight expects {h2}");
+        }
+        if let Some(b) = bias {
+            if b.dims() != [v] {
+                bail!(
+                    "fused_linear_cross_entropy: bias must have shape ({v},), got {:?}",
+                    b.dims()
+                );
+            }
+        }
+        if target.dims() != [n] {
+            bail!(
+                "fused_linear_cross_entropy: target must have shape ({n},), got {:?}",
+                target.dims()
+            );
+        }
+        let red = self.loss.get_reduction();
+        if red == Reduction::None {
+            bail!("fused_linear_cross_entropy: reduction None is not supported (use Mean or Sum)");
+        }
+        let ignore = self.loss.get_ignore_index();
+        let ys = target.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?;
+        if let Some((pos, y)) = ys
+            .iter()
+            .enumerate()
+            .find(|(_, &y)| y != ignore && !(0..v as i64).contains(&y))
+        {
+            bail!("fused_linear_cross_entropy: target class {y} at position [{pos}] is out of range for {v} classes");
+        }
+        // The mean's denominator over all rows, so that each chunk can be reduced with Sum.
+        let denom = match red {
+            Reduction::Mean => self.loss.target_weight_sum(v, target)?,
+            _ => 1.0,
+        };
+        let chunk_loss = self.loss.clone().reduction(Reduction::Sum);
+        let wt = weight.detach();
+        let mut total = 0f64;
+        let mut gh = Vec::new();
+        let mut gw: Option<Tensor> = None;
+        let mut gb: Option<Tensor> = None;
+        let mut start = 0;
+        while start < n {
+            let len = self.chunk.min(n - start);
+            let hc = hidden.detach().narrow(0, start, len)?;
+            let mut logits = hc.matmul(&wt.t()?)?;
+            if let Some(b) = bias {
+                logits = logits.broadcast_add(&b.detach())?;
+            }
+            let (l, g) = chunk_loss.forward_with_grad(&logits, &target.narrow(0, start, len)?)?;
+            total += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let g = (g / denom)?;
+            gh.push(g.matmul(&wt)?);
+            let gwc = g.t()?.matmul(&hc)?;
+            gw = Some(match gw {
+                None => gwc,
+                Some(a) => (a + gwc)?,
+            });
+            if bias.is_some() {
+                let gbc = g.sum(0)?;
+                gb = Some(match gb {
+                    None => gbc,
+                    Some(a) => (a + gbc)?,
+                });
+            }
+            start += len;
+        }
+        let value = total / denom;
+        let zeros;
+        let bias_t = match bias {
+            Some(b) => b,
+            None => {
+                zeros = Tensor::zeros(v, weight.dtype(), weight.device())?;
+                &zeros
+            }
+        };
+        let op = Precomputed {
+            value,
+            gh: Tensor::cat(&gh, 0)?,
+            gw: gw.unwrap_or(weight.zeros_like()?),
+            gb,
+        };
+        hidden
+            .apply_op3(weight, bias_t, op)?
+            .to_dtype(hidden.dtype())
+    }
+}
+
+/// Carries the eagerly computed loss value and gradients through autograd.
+struct Precomputed {
+    value: f64,
+    gh: Tensor,
+    gw: Tensor,
+    gb: Option<Tensor>,
+}
+
+impl CustomOp3 for Precomputed {
+    fn name(&self) -> &'static str {
+        "candle-xent-fused-linear-cross-entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F64(_) => CpuStorage::F64(vec![self.value]),
+            _ => CpuStorage::F32(vec![self.value as f32]),
+        };
+        Ok((out, Shape::from(())))
+    }
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(self.gh.dtype())?;
+        let gh = self.gh.broadcast_mul(&g)?.to_dtype(h.dtype())?;
+        let gw = self.gw.broadcast_mul(&g)?.to_dtype(w.dtype())?;
+        let gb = match &self.gb {
+            Some(b) => Some(b.broadcast_mul(&g)?),
+            None => None,
+        };
+        Ok((Some(gh), Some(gw), gb))
+    }
+}

@@ -1,0 +1,133 @@
+//! FusedLinearCrossEntropy against the materialised path (matmul, fused loss, autograd) in f64.
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use candle_xent::{CrossEntropyLoss, FusedLinearCrossEntropy, Reduction};
+use common::{assert_close, flat_f64};
+
+#[test]
+fn chunked_equals_materialised_for_every_option() {
+    let dev = Device::Cpu;
+    let (n, h, v) = (13, 7, 23);
+    let configs: Vec<(CrossEntropyLoss, bool, usize)> = vec![
+        (CrossEntropyLoss::new(), false, 4),
+        (CrossEntropyLoss::new().label_smoothing(0.1), true, 5),
+        (
+            CrossEntropyLoss::new()
+                .label_smoothing(0.2)
+                .reduction(Reduction::Sum),
+            true,
+            13,
+        ),
+        (
+            CrossEntropyLoss::new()
+                .weight(Tensor::rand(0.5f64, 2.0, v, &dev).unwrap())
+                .label_smoothing(0.1),
+            true,
+            3,
+        ),
+        (
+            CrossEntropyLoss::new()
+                .z_loss(1e-2)
+                .softcap(5.0)
+                .label_smoothing(0.1),
+            false,
+            6,
+        ),
+        (
+            CrossEntropyLoss::new().ignore_index(-1).z_loss(1e-3),
+            true,
+            1,
+        ),
+    ];
+    for (i, (ce, with_bias, chunk)) in configs.into_iter().enumerate() {
+        let hid = Var::from_tensor(&Tensor::randn(0f64, 1., (n, h), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f64, 0.5, (v, h), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f64, 0.5, v, &dev).unwrap()).unwrap();
+        let ys: Vec<i64> = (0..n)
+            .map(|k| {
+                if k % 5 == 2 {
+                    -1
+                } else {
+                    ((k * 7 + i) % v) as i64
+                }
+            })
+            .collect();
+        let ys: Vec<i64> = ys
+            .into_iter()
+            .map(|y| if y == -1 && i != 5 { 0 } else { y })
+            .collect();
+        let y = Tensor::new(ys.as_slice(), &dev).unwrap();
+        let bias = with_bias.then_some(b.as_tensor());
+        let fused = FusedLinearCrossEntropy::new(ce.clone())
+            .chunk(chunk)
+            .forward(hid.as_tensor(), w.as_tensor(), bias, &y)
+            .unwrap();
+        let gf = fused.backward().unwrap();
+        let mut logits = hid.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        if with_bias {
+            logits = logits.broadcast_add(b.as_tensor()).unwrap();
+        }
+        let plain = ce.forward(&logits, &y).unwrap();
+        let gp = plain.backward().unwrap();
+        let what = format!("config {i}");
+        assert_close(
+            &flat_f64(&fused),
+            &flat_f64(&plain),
+            1e-12,
+            1e-12,
+            &format!("{what} loss"),
+        );
+        assert_close(
+            &flat_f64(gf.get(hid.as_tensor()).unwrap()),
+            &flat_f64(gp.get(hid.as_tensor()).unwrap()),
+            1e-10,
+            1e-12,
+            &format!("{what} d hidden"),
+        );
+        assert_close(
+            &flat_f64(gf.get(w.as_tensor()).unwrap()),
+            &flat_f64(gp.get(w.as_tensor()).unwrap()),
+            1e-10,
+            1e-12,
+            &format!("{what} d weight"),
+        );
+        if with_bias {
+            assert_close(
+                &flat_f64(gf.get(b.as_tensor()).unwrap()),
+                &flat_f64(gp.get(b.as_tensor()).unwrap()),
+                1e-10,
+                1e-12,
+                &format!("{what} d bias"),
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_and_reduction_none_are_errors() {
+    let dev = Device::Cpu;
+    let h = Tensor::zeros((4, 3), candle_core::DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((5, 2), candle_core::DType::F32, &dev).unwrap();
+    let y = Tensor::zeros(4, candle_core::DType::U32, &dev).unwrap();
+    let f = FusedLinearCrossEntropy::new(CrossEntropyLoss::new());
+    assert!(f
+        .forward(&h, &w, None, &y)
+        .unwrap_err()
+        .to_string()
+        .contains("features"));
+    let w = Tensor::zeros((5, 3), candle_core::DType::F32, &dev).unwrap();
+    let none = FusedLinearCrossEntropy::new(CrossEntropyLoss::new().reduction(Reduction::None));
+    assert!(none
+        .forward(&h, &w, None, &y)
+        .unwrap_err()
+        .to_string()
+        .contains("None"));
+    let bad_y = Tensor::new(&[0u32, 9, 0, 0], &dev).unwrap();
+    assert!(f
+        .forward(&h, &w, None, &bad_y)
+        .unwrap_err()
+        .to_string()
+        .contains("target class 9"));
+}
