@@ -98,6 +98,8 @@ impl FusedLinearCrossEntropy {
         let mut total = 0f64;
         let mut gh = Vec::new();
         let mut gw: Option<Tensor> = None;
+        // CPU f32/f64: accumulate the weight gradient in place with one GEMM per chunk.
+        let mut gw_acc = GradAcc::new(weight)?;
         let mut gb: Option<Tensor> = None;
         let mut start = 0;
         while start < n {
@@ -111,11 +113,13 @@ impl FusedLinearCrossEntropy {
             total += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             let g = (g / denom)?;
             gh.push(g.matmul(&wt)?);
-            let gwc = g.t()?.matmul(&hc)?;
-            gw = Some(match gw {
-                None => gwc,
-                Some(a) => (a + gwc)?,
-            });
+            if !gw_acc.add(&g, &hc)? {
+                let gwc = g.t()?.matmul(&hc)?;
+                gw = Some(match gw {
+                    None => gwc,
+                    Some(a) => (a + gwc)?,
+                });
+            }
             if bias.is_some() {
                 let gbc = g.sum(0)?;
                 gb = Some(match gb {
@@ -137,7 +141,10 @@ impl FusedLinearCrossEntropy {
         let op = Precomputed {
             value,
             gh: Tensor::cat(&gh, 0)?,
-            gw: gw.unwrap_or(weight.zeros_like()?),
+            gw: match gw_acc.finish(weight)? {
+                Some(t) => t,
+                None => gw.unwrap_or(weight.zeros_like()?),
+            },
             gb,
         };
         hidden
@@ -189,5 +196,115 @@ impl CustomOp3 for Precomputed {
             None => None,
         };
         Ok((Some(gh), Some(gw), gb))
+    }
+}
+
+/// In-place accumulation of `dW (V, H) += G^T (V, rows) x H (rows, H)` with the gemm crate, for
+/// contiguous CPU f32/f64 tensors (elsewhere [`GradAcc::add`] returns false and the caller uses
+/// tensor ops). Saves the `V x H` temporaries of an add per chunk.
+enum GradAcc {
+    F32(Vec<f32>, usize, usize),
+    F64(Vec<f64>, usize, usize),
+    Off,
+}
+
+impl GradAcc {
+    fn new(weight: &Tensor) -> Result<Self> {
+        let (v, h) = weight.dims2()?;
+        if !weight.device().is_cpu() {
+            return Ok(GradAcc::Off);
+        }
+        Ok(match weight.dtype() {
+            candle_core::DType::F32 => GradAcc::F32(vec![0.0; v * h], v, h),
+            candle_core::DType::F64 => GradAcc::F64(vec![0.0; v * h], v, h),
+            _ => GradAcc::Off,
+        })
+    }
+
+    fn add(&mut self, g: &Tensor, hc: &Tensor) -> Result<bool> {
+        let rows = g.dim(0)?;
+        match self {
+            GradAcc::F32(acc, v, h) => {
+                let (g, hc) = (
+                    g.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+                    hc.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+                );
+                gemm_at_b(acc, &g, &hc, rows, *v, *h);
+                Ok(true)
+            }
+            GradAcc::F64(acc, v, h) => {
+                let (g, hc) = (
+                    g.contiguous()?.flatten_all()?.to_vec1::<f64>()?,
+                    hc.contiguous()?.flatten_all()?.to_vec1::<f64>()?,
+                );
+                gemm_at_b(acc, &g, &hc, rows, *v, *h);
+                Ok(true)
+            }
+            GradAcc::Off => Ok(false),
+        }
+    }
+
+    fn finish(self, weight: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self {
+            GradAcc::F32(acc, v, h) => Some(Tensor::from_vec(acc, (v, h), weight.device())?),
+            GradAcc::F64(acc, v, h) => Some(Tensor::from_vec(acc, (v, h), weight.device())?),
+            GradAcc::Off => None,
+        })
+    }
+}
+
+/// `acc (v x h) += g^T x hc` with `g (rows x v)` and `hc (rows x h)` row-major.
+fn gemm_at_b<T: 'static + Copy + num_one::One>(
+    acc: &mut [T],
+    g: &[T],
+    hc: &[T],
+    rows: usize,
+    v: usize,
+    h: usize,
+) {
+    assert!(acc.len() == v * h && g.len() == rows * v && hc.len() == rows * h);
+    if rows == 0 || v == 0 || h == 0 {
+        return;
+    }
+    // SAFETY: the three slices have exactly the sizes the strides address (checked above) and
+    // `acc` does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            v,
+            h,
+            rows,
+            acc.as_mut_ptr(),
+            1,
+            h as isize,
+            true,
+            g.as_ptr(),
+            v as isize,
+            1,
+            hc.as_ptr(),
+            1,
+            h as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
+
+mod num_one {
+    pub trait One {
+        fn one() -> Self;
+    }
+    impl One for f32 {
+        fn one() -> Self {
+            1.0
+        }
+    }
+    impl One for f64 {
+        fn one() -> Self {
+            1.0
+        }
     }
 }

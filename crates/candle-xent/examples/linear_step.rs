@@ -1,0 +1,62 @@
+//! One step of a language-model head: loss of `hidden (N, H) x weight (V, H)^T` with label
+//! smoothing 0.1, forward + backward, either fused and chunked (`fused`) or materialised
+//! (`materialised`: matmul, fused loss, autograd). Prints time and peak RSS (one process per mode).
+//!
+//! ```text
+//! cargo run --release -p candle-xent --example linear_step -- 2048 1024 32000 fused 256
+//! ```
+
+use candle_core::{Device, Tensor, Var};
+use candle_xent::{CrossEntropyLoss, FusedLinearCrossEntropy};
+use std::time::Instant;
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    let n: usize = a.get(1).map_or(Ok(2048), |s| s.parse())?;
+    let h: usize = a.get(2).map_or(Ok(1024), |s| s.parse())?;
+    let v: usize = a.get(3).map_or(Ok(32000), |s| s.parse())?;
+    let mode = a.get(4).cloned().unwrap_or_else(|| "fused".into());
+    let chunk: usize = a.get(5).map_or(Ok(256), |s| s.parse())?;
+    let dev = Device::Cpu;
+    let hid = Var::randn(0f32, 1., (n, h), &dev)?;
+    let w = Var::randn(0f32, 0.02, (v, h), &dev)?;
+    let ys: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
+    let y = Tensor::new(ys.as_slice(), &dev)?;
+    let ce = CrossEntropyLoss::new().label_smoothing(0.1);
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let base = peak_rss_mib();
+    let mut times = Vec::new();
+    let mut last = 0f32;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let loss = match mode.as_str() {
+            "fused" => FusedLinearCrossEntropy::new(ce.clone())
+                .chunk(chunk)
+                .forward(hid.as_tensor(), w.as_tensor(), None, &y)?,
+            "materialised" => ce.forward(&hid.as_tensor().matmul(&w.as_tensor().t()?)?, &y)?,
+            m => anyhow::bail!("unknown mode {m}"),
+        };
+        let g = loss.backward()?;
+        anyhow::ensure!(g.get(w.as_tensor()).is_some() && g.get(hid.as_tensor()).is_some());
+        last = loss.to_scalar::<f32>()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let logits_mib = (n * v * 4) as f64 / (1 << 20) as f64;
+    println!(
+        "{{\"mode\":\"{mode}\",\"n\":{n},\"h\":{h},\"v\":{v},\"chunk\":{chunk},\"median_s\":{:.3},\"peak_rss_mib\":{:.0},\"inputs_rss_mib\":{base:.0},\"logits_mib\":{logits_mib:.0},\"loss\":{last}}}",
+        times[1],
+        peak_rss_mib()
+    );
+    Ok(())
+}
