@@ -702,30 +702,49 @@ pub(crate) fn backward<T: Elem>(
                         tbuf.resize(TILE * c_n, T::A::ZERO);
                         gather(t, p, n, d0, len, &mut tbuf);
                     }
-                    for j in 0..len {
-                        let r = n * p.inner + d0 + j;
-                        let st = &stats[r * STATS..(r + 1) * STATS];
-                        let o = &mut gbuf[j * c_n..(j + 1) * c_n];
-                        match grad_coeffs(p, row_target(p, targets, r), st) {
-                            None => o.fill(T::A::ZERO),
-                            Some(coef) => {
-                                let xa = &xbuf[j * c_n..(j + 1) * c_n];
-                                let ta = if tbuf.is_empty() {
-                                    empty
-                                } else {
-                                    &tbuf[j * c_n..(j + 1) * c_n]
-                                };
-                                k.grad(xa, p.weight, ta, coef, o);
-                                if let Some(cap) = p.softcap {
-                                    cap_grad(o, xa, cap);
-                                }
-                            }
-                        }
-                    }
+                    let first = n * p.inner + d0;
+                    tile_grads(&k, p, targets, stats, first, len, &xbuf, &tbuf, &mut gbuf);
                     scatter(&gbuf, &local, 0, d0, len, slab);
                     d0 += len;
                 }
             });
+    }
+}
+
+/// Gradients of the `len` consecutive rows starting at row `first`, whose logits (already
+/// soft-capped) and soft targets are rows of `C` in `xbuf` / `tbuf`, into `gbuf`.
+#[allow(clippy::too_many_arguments)]
+fn tile_grads<T: Elem>(
+    k: &Kernels<T::A>,
+    p: &Problem<'_, T::A>,
+    targets: &Targets<'_, T>,
+    stats: &[T::A],
+    first: usize,
+    len: usize,
+    xbuf: &[T::A],
+    tbuf: &[T::A],
+    gbuf: &mut [T::A],
+) {
+    let c_n = p.classes;
+    for j in 0..len {
+        let r = first + j;
+        let st = &stats[r * STATS..(r + 1) * STATS];
+        let o = &mut gbuf[j * c_n..(j + 1) * c_n];
+        match grad_coeffs(p, row_target(p, targets, r), st) {
+            None => o.fill(T::A::ZERO),
+            Some(coef) => {
+                let xa = &xbuf[j * c_n..(j + 1) * c_n];
+                let ta = if tbuf.is_empty() {
+                    &[][..]
+                } else {
+                    &tbuf[j * c_n..(j + 1) * c_n]
+                };
+                k.grad(xa, p.weight, ta, coef, o);
+                if let Some(cap) = p.softcap {
+                    cap_grad(o, xa, cap);
+                }
+            }
+        }
     }
 }
 
@@ -743,7 +762,6 @@ pub(crate) fn backward_inplace<T: Elem>(
         return;
     }
     let k = Kernels::<T::A>::new(p.weighted(), matches!(targets, Targets::Soft(_)));
-    let empty: &[T::A] = &[];
     let local = Problem {
         outer: 1,
         ..p.clone()
@@ -778,26 +796,8 @@ pub(crate) fn backward_inplace<T: Elem>(
                         &mut tbuf,
                     );
                 }
-                for j in 0..len {
-                    let r = n * p.inner + d0 + j;
-                    let st = &stats[r * STATS..(r + 1) * STATS];
-                    let o = &mut gbuf[j * c_n..(j + 1) * c_n];
-                    match grad_coeffs(p, row_target(p, targets, r), st) {
-                        None => o.fill(T::A::ZERO),
-                        Some(coef) => {
-                            let xa = &xbuf[j * c_n..(j + 1) * c_n];
-                            let ta = if tbuf.is_empty() {
-                                empty
-                            } else {
-                                &tbuf[j * c_n..(j + 1) * c_n]
-                            };
-                            k.grad(xa, p.weight, ta, coef, o);
-                            if let Some(cap) = p.softcap {
-                                cap_grad(o, xa, cap);
-                            }
-                        }
-                    }
-                }
+                let first = n * p.inner + d0;
+                tile_grads(&k, p, targets, stats, first, len, &xbuf, &tbuf, &mut gbuf);
                 if p.inner == 1 {
                     T::store(&gbuf, slab);
                 } else {
