@@ -7,6 +7,7 @@
 //! `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, sums over `(N, H, W)`, `M = N * H * W`.
 //! Sums are accumulated in f64.
 
+use crate::storage::contiguous_slice;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -32,13 +33,6 @@ impl Geo {
     fn plane<'a, T>(&self, x: &'a [T], n: usize, c: usize) -> &'a [T] {
         &x[(n * self.c + c) * self.hw..(n * self.c + c + 1) * self.hw]
     }
-}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("batch_norm: tensors must be contiguous")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
 }
 
 /// Per-channel `[mean..., biased var...]` as `(2, C)`.
@@ -77,8 +71,14 @@ impl CustomOp1 for Stats {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geo::new(l.dims())?;
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(stats(&g, slice::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(stats(&g, slice::<f64>(s, l)?)),
+            CpuStorage::F32(_) => CpuStorage::F32(stats(
+                &g,
+                contiguous_slice::<f32>(s, l, "batch_norm: tensors")?,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(stats(
+                &g,
+                contiguous_slice::<f64>(s, l, "batch_norm: tensors")?,
+            )),
             _ => bail!("batch_norm: fused kernels take f32 or f64"),
         };
         Ok((out, Shape::from((2, g.c))))
@@ -124,16 +124,16 @@ impl CustomOp3 for Normalize {
             CpuStorage::F32(_) => CpuStorage::F32(normalize(
                 &g,
                 self.eps,
-                slice(s1, l1)?,
-                slice(s2, l2)?,
-                slice(s3, l3)?,
+                contiguous_slice(s1, l1, "batch_norm: tensors")?,
+                contiguous_slice(s2, l2, "batch_norm: tensors")?,
+                contiguous_slice(s3, l3, "batch_norm: tensors")?,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(normalize(
                 &g,
                 self.eps,
-                slice(s1, l1)?,
-                slice(s2, l2)?,
-                slice(s3, l3)?,
+                contiguous_slice(s1, l1, "batch_norm: tensors")?,
+                contiguous_slice(s2, l2, "batch_norm: tensors")?,
+                contiguous_slice(s3, l3, "batch_norm: tensors")?,
             )),
             _ => bail!("batch_norm: fused kernels take f32 or f64"),
         };
@@ -243,9 +243,9 @@ impl CustomOp3 for Backward {
         macro_rules! run {
             ($t:ty, $v:ident) => {{
                 let (x, dy, pk) = (
-                    slice::<$t>(s1, l1)?,
-                    slice::<$t>(s2, l2)?,
-                    slice::<$t>(s3, l3)?,
+                    contiguous_slice::<$t>(s1, l1, "batch_norm: tensors")?,
+                    contiguous_slice::<$t>(s2, l2, "batch_norm: tensors")?,
+                    contiguous_slice::<$t>(s3, l3, "batch_norm: tensors")?,
                 );
                 if self.dx {
                     (

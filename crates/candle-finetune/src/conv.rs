@@ -13,6 +13,7 @@
 //! Images are processed in parallel (rayon), each GEMM single-threaded. f32 and f64 only; other
 //! dtypes and other devices use candle's own `conv2d` (see [`conv2d`]).
 
+use crate::storage::contiguous_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -280,13 +281,6 @@ fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
     out
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("conv2d: {what} must be contiguous")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
-
 /// The convolution op: `(x, w) -> y`, with its im2col + GEMM backward.
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp {
@@ -310,13 +304,13 @@ impl CustomOp2 for Conv2dOp {
         let y = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(forward(
                 &g,
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "weight")?,
+                contiguous_slice(s1, l1, "conv2d: input")?,
+                contiguous_slice(s2, l2, "conv2d: weight")?,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(forward(
                 &g,
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "weight")?,
+                contiguous_slice(s1, l1, "conv2d: input")?,
+                contiguous_slice(s2, l2, "conv2d: weight")?,
             )),
             _ => bail!("conv2d: input and weight must both be f32 or both f64"),
         };
@@ -356,13 +350,13 @@ impl CustomOp2 for GradInput {
         let dx = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(grad_input(
                 g,
-                slice(s1, l1, "weight")?,
-                slice(s2, l2, "grad")?,
+                contiguous_slice(s1, l1, "conv2d: weight")?,
+                contiguous_slice(s2, l2, "conv2d: grad")?,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(grad_input(
                 g,
-                slice(s1, l1, "weight")?,
-                slice(s2, l2, "grad")?,
+                contiguous_slice(s1, l1, "conv2d: weight")?,
+                contiguous_slice(s2, l2, "conv2d: grad")?,
             )),
             _ => bail!("conv2d backward: weight and gradient must both be f32 or both f64"),
         };
@@ -388,13 +382,13 @@ impl CustomOp2 for GradWeight {
         let dw = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(grad_weight(
                 g,
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "grad")?,
+                contiguous_slice(s1, l1, "conv2d: input")?,
+                contiguous_slice(s2, l2, "conv2d: grad")?,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(grad_weight(
                 g,
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "grad")?,
+                contiguous_slice(s1, l1, "conv2d: input")?,
+                contiguous_slice(s2, l2, "conv2d: grad")?,
             )),
             _ => bail!("conv2d backward: input and gradient must both be f32 or both f64"),
         };

@@ -32,4 +32,5 @@ pub mod params;
 pub mod plot;
 pub mod resnet;
 pub mod smoke;
+mod storage;
 pub mod train;

@@ -7,6 +7,7 @@
 //! a window wins (propagates), and the backward routes each output's gradient to the first
 //! maximal element of its window in row-major order.
 
+use crate::storage::contiguous_slice;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -171,13 +172,6 @@ impl MaxPool2d {
     }
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("max_pool2d: input must be contiguous")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
-
 impl CustomOp1 for MaxPool2d {
     fn name(&self) -> &'static str {
         "candle-finetune-max-pool2d"
@@ -187,10 +181,18 @@ impl CustomOp1 for MaxPool2d {
         let g = self.geo(l.shape())?;
         let (n, c, _, _) = l.shape().dims4()?;
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(slice::<f32>(s, l)?, &g)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(slice::<f64>(s, l)?, &g)),
-            CpuStorage::F16(_) => CpuStorage::F16(self.fwd(slice::<f16>(s, l)?, &g)),
-            CpuStorage::BF16(_) => CpuStorage::BF16(self.fwd(slice::<bf16>(s, l)?, &g)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.fwd(contiguous_slice::<f32>(s, l, "max_pool2d: input")?, &g))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.fwd(contiguous_slice::<f64>(s, l, "max_pool2d: input")?, &g))
+            }
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(self.fwd(contiguous_slice::<f16>(s, l, "max_pool2d: input")?, &g))
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(self.fwd(contiguous_slice::<bf16>(s, l, "max_pool2d: input")?, &g))
+            }
             _ => bail!("max_pool2d: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, Shape::from((n, c, g.oh, g.ow))))
@@ -228,18 +230,26 @@ impl CustomOp2 for MaxPool2dBackward {
             );
         }
         let out = match s1 {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(p.bwd_kernel(slice::<f32>(s1, l1)?, slice::<f32>(s2, l2)?, &g))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(p.bwd_kernel(slice::<f64>(s1, l1)?, slice::<f64>(s2, l2)?, &g))
-            }
-            CpuStorage::F16(_) => {
-                CpuStorage::F16(p.bwd_kernel(slice::<f16>(s1, l1)?, slice::<f16>(s2, l2)?, &g))
-            }
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(p.bwd_kernel(slice::<bf16>(s1, l1)?, slice::<bf16>(s2, l2)?, &g))
-            }
+            CpuStorage::F32(_) => CpuStorage::F32(p.bwd_kernel(
+                contiguous_slice::<f32>(s1, l1, "max_pool2d: input")?,
+                contiguous_slice::<f32>(s2, l2, "max_pool2d: input")?,
+                &g,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(p.bwd_kernel(
+                contiguous_slice::<f64>(s1, l1, "max_pool2d: input")?,
+                contiguous_slice::<f64>(s2, l2, "max_pool2d: input")?,
+                &g,
+            )),
+            CpuStorage::F16(_) => CpuStorage::F16(p.bwd_kernel(
+                contiguous_slice::<f16>(s1, l1, "max_pool2d: input")?,
+                contiguous_slice::<f16>(s2, l2, "max_pool2d: input")?,
+                &g,
+            )),
+            CpuStorage::BF16(_) => CpuStorage::BF16(p.bwd_kernel(
+                contiguous_slice::<bf16>(s1, l1, "max_pool2d: input")?,
+                contiguous_slice::<bf16>(s2, l2, "max_pool2d: input")?,
+                &g,
+            )),
             _ => bail!("max_pool2d backward: unsupported dtype {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))

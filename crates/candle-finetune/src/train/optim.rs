@@ -168,7 +168,7 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The state as named tensors (plus `steps` as a 0-d u32... stored as f64 for range).
+    /// The state as named tensors: the per-variable buffers and `steps` (a 0-d f64).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out: HashMap<String, Tensor> = self
             .state
