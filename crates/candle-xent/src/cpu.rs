@@ -9,10 +9,10 @@
 //! Forward, per row, in one read of the row: an online max / sum-of-exp (the max is updated once
 //! per [`BLOCK`] of elements, the exp sums live in [`LANES`] independent lanes so LLVM vectorises
 //! them), the sum of (weighted) logits, and, for soft targets, the target-weighted sums. All sums
-//! are taken relative to an anchor (the row's first logit) so that rows of huge logits (1e4) do not
-//! lose their low bits to cancellation. Backward recomputes `p = exp(x - lse)` from the saved
-//! log-sum-exp and writes the gradient in the same pass; the true-class term is subtracted in the
-//! accumulator type before rounding to the input's dtype.
+//! are taken relative to an anchor (the row's first logit, or 0 when that is not finite) so that
+//! rows of huge logits (1e4) do not lose their low bits to cancellation. Backward recomputes
+//! `p = exp(x - lse)` from the saved log-sum-exp and writes the gradient in the same pass; the
+//! true-class term is subtracted in the accumulator type before rounding to the input's dtype.
 
 use crate::math::{Acc, Elem};
 use rayon::prelude::*;
@@ -148,7 +148,8 @@ fn accumulate<A: Acc, const W: bool, const S: bool>(
 /// One pass over a row. `W`: weighted; `S`: soft targets (`t` is then the target row).
 #[inline(always)]
 fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
-    let anchor = x[0];
+    // A non-finite first logit (a masked -inf) would poison every relative sum: anchor at 0.
+    let anchor = if x[0].is_finite() { x[0] } else { A::ZERO };
     let mut max = A::NEG_INF;
     let mut se = [A::ZERO; LANES];
     let mut wx = [A::ZERO; LANES];
@@ -165,7 +166,8 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> 
             }
             max = bm;
         }
-        let m = max;
+        // While every logit so far is -inf (masked), exp(x - 0) adds the exact 0 (NaN stays NaN).
+        let m = if max == A::NEG_INF { A::ZERO } else { max };
         let len = xb.len();
         let wb = if W { &w[base..base + len] } else { &[][..] };
         let tb = if S { &t[base..base + len] } else { &[][..] };

@@ -40,6 +40,7 @@
 
 mod bce;
 mod cpu;
+pub mod launch;
 mod linear;
 mod loss;
 mod math;

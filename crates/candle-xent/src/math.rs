@@ -29,6 +29,7 @@ pub(crate) trait Acc:
     fn tanh(self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
+    fn is_finite(self) -> bool;
 }
 
 impl Acc for f32 {
@@ -55,6 +56,10 @@ impl Acc for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
 }
 
 impl Acc for f64 {
@@ -80,6 +85,10 @@ impl Acc for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
     }
 }
 

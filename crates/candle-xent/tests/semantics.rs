@@ -247,6 +247,41 @@ fn non_finite_logits_propagate() {
     assert_eq!(scalar(&cross_entropy(&x, &y, 0.1).unwrap()), f64::INFINITY);
 }
 
+/// A row whose first 1,100 logits are masked (-inf, more than one 1,024-element block of the CPU
+/// kernel and more than one thread's share of a GPU row) still gives the loss and gradient of
+/// its finite part, in every float dtype.
+#[test]
+fn leading_masked_logits_are_exact_zeros() {
+    let dev = Device::Cpu;
+    let masked = 1100;
+    let finite = [0.5f64, -1.0, 2.0, 0.25];
+    let mut row = vec![f64::NEG_INFINITY; masked];
+    row.extend_from_slice(&finite);
+    let y = masked + 2;
+    let lse = finite.iter().map(|v| v.exp()).sum::<f64>().ln();
+    for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+        let x = Tensor::new(row.as_slice(), &dev)
+            .unwrap()
+            .reshape((1, row.len()))
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let t = Tensor::new(&[y as u32], &dev).unwrap();
+        let (loss, grad) = CrossEntropyLoss::new().forward_with_grad(&x, &t).unwrap();
+        let tol = if dtype == DType::F64 { 1e-12 } else { 2e-2 };
+        assert!((scalar(&loss) - (lse - 2.0)).abs() < tol, "{dtype:?} loss");
+        let g = flat_f64(&grad);
+        assert!(
+            g[..masked].iter().all(|&v| v == 0.0),
+            "{dtype:?} masked grad"
+        );
+        for (i, v) in finite.iter().enumerate() {
+            let want = (v - lse).exp() - if i == 2 { 1.0 } else { 0.0 };
+            assert!((g[masked + i] - want).abs() < tol, "{dtype:?} grad {i}");
+        }
+    }
+}
+
 /// Central finite differences of the f64 loss against the fused gradient.
 #[test]
 fn gradient_matches_finite_differences() {

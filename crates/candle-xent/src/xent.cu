@@ -1,0 +1,547 @@
+// CUDA kernels of candle-xent's fused cross-entropy op (`src/op.rs`).
+//
+// Compiled three ways from this one file:
+//   * to PTX by nvcc in build.rs when the `cuda` feature is on (loaded with
+//     `CudaDevice::get_or_load_custom_func`),
+//   * to PTX for sm_80 and sm_90 with warnings as errors in CI (`.ci/run`),
+//   * as host C++ with a small shim for the CUDA built-ins by the `xent-kernel-emu` test crate,
+//     which runs every thread of every block and compares the results with the CPU op.
+//
+// Layout: logits viewed as (outer, C, inner), rows r = n * inner + d (the order of the targets).
+//   * `xent_fwd_*` / `xent_bwd_*` (inner == 1): `group` threads per row, either one warp (several
+//     rows per block, shuffle reductions only) or the whole block (shuffles + shared memory).
+//     Each thread streams its share of the row with 16-byte loads (after a scalar head that
+//     reaches 16-byte alignment), so every logit is read once in the forward and once in the
+//     backward, and the gradient written once.
+//   * `xent_fwd_strided_*` / `xent_bwd_strided_*` (inner > 1, PyTorch's K-dim inputs): one thread
+//     per row; consecutive threads take consecutive d, so the loads of a warp are coalesced.
+//
+// Forward writes per row [loss, lse, target_weight] in the accumulator type A (f32, f64 for f64
+// logits), exactly the CPU op's formulas: an online max / sum-of-exp (one exp per element), the
+// weighted logit sums taken relative to an anchor (the row's first logit, 0 if not finite), and
+// the label-smoothing, class-weight, soft-target, z-loss and soft-cap terms. Out-of-range class
+// targets are never read: the row's index goes into `bad` with atomicMin and its loss is NaN; the
+// host reads `bad` back and returns an error.
+//
+// Backward reads per row [lse, target_weight, g] and writes
+//   g * (alpha p_c - beta w_c - gamma w_c t_c) - [c == y] fix,  p_c = exp(x_c - lse)
+// with the true-class term subtracted in A before rounding to the logits' type; soft-capped
+// logits get the tanh chain rule. It may run in place (out == x): each element is read and then
+// written by the same thread, and nothing else reads it.
+
+#ifndef XENT_HOST_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#endif
+
+#define XENT_WARP 32
+#define XENT_MAX_WARPS 32
+
+// Mirrors `candle_xent::launch::XentParams` (all fields 8 bytes: no padding to disagree on).
+struct XentParams {
+    long long outer;
+    long long classes;
+    long long inner;
+    double smoothing;
+    long long ignore_index;
+    double z_loss;
+    double softcap;    // 0: off
+    long long group;   // threads per row in the row kernels: 32 or blockDim.x
+    long long weighted;
+    long long soft;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Types and math in the accumulator type.
+
+template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float acc_exp(float v) { return expf(v); }
+__device__ __forceinline__ double acc_exp(double v) { return exp(v); }
+__device__ __forceinline__ float acc_log(float v) { return logf(v); }
+__device__ __forceinline__ double acc_log(double v) { return log(v); }
+__device__ __forceinline__ float acc_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double acc_tanh(double v) { return tanh(v); }
+__device__ __forceinline__ bool acc_finite(float v) { return isfinite(v); }
+__device__ __forceinline__ bool acc_finite(double v) { return isfinite(v); }
+template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
+
+// Soft-cap: cap * tanh(x / cap), computed as the CPU op does (multiply by the reciprocal).
+template <typename A> struct Cap {
+    A cap, inv;
+    bool on;
+    __device__ __forceinline__ A operator()(A v) const { return on ? cap * acc_tanh(v * inv) : v; }
+};
+
+template <typename A> __device__ __forceinline__ Cap<A> make_cap(const XentParams &p) {
+    Cap<A> c;
+    c.on = p.softcap > 0.0;
+    c.cap = (A)p.softcap;
+    c.inv = c.on ? (A)(1.0 / p.softcap) : (A)0;
+    return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row sums: online max / sum-exp plus the weighted sums of the smoothing and soft-target terms.
+
+template <typename A> struct Sums {
+    A max, sum_exp;  // running max and sum exp(x - max)
+    A wx;            // sum_c w_c (x_c - anchor)
+    A wtx, wt;       // soft targets: sum_c w_c t_c (x_c - anchor), sum_c w_c t_c
+};
+
+template <typename A> __device__ __forceinline__ Sums<A> sums_zero() {
+    Sums<A> s;
+    s.max = neg_inf<A>();
+    s.sum_exp = (A)0;
+    s.wx = (A)0;
+    s.wtx = (A)0;
+    s.wt = (A)0;
+    return s;
+}
+
+// Merges (m2, s2) into (m1, s1); -inf maxima (no element yet, or all -inf) contribute nothing.
+template <typename A> __device__ __forceinline__ void merge_exp(A &m1, A &s1, A m2, A s2) {
+    bool up = m2 > m1;
+    A lo = up ? m1 : m2;
+    A hi = up ? m2 : m1;
+    A e = (lo == neg_inf<A>()) ? (A)0 : acc_exp(lo - hi);
+    s1 = up ? s1 * e + s2 : s1 + s2 * e;
+    m1 = hi;
+}
+
+// Adds one (already soft-capped) logit. A NaN logit never becomes the max and turns sum_exp NaN.
+template <typename A>
+__device__ __forceinline__ void add_elem(Sums<A> &s, A v, A wc, A tc, A anchor, bool soft) {
+    merge_exp(s.max, s.sum_exp, v, (A)1);
+    A d = wc * (v - anchor);
+    s.wx += d;
+    if (soft) {
+        s.wtx += d * tc;
+        s.wt += wc * tc;
+    }
+}
+
+template <typename A> __device__ __forceinline__ void merge_sums(Sums<A> &a, const Sums<A> &b) {
+    merge_exp(a.max, a.sum_exp, b.max, b.sum_exp);
+    a.wx += b.wx;
+    a.wtx += b.wtx;
+    a.wt += b.wt;
+}
+
+template <typename A> __device__ __forceinline__ Sums<A> shfl_sums(const Sums<A> &s, int off) {
+    Sums<A> o;
+    o.max = __shfl_xor_sync(0xffffffffu, s.max, off);
+    o.sum_exp = __shfl_xor_sync(0xffffffffu, s.sum_exp, off);
+    o.wx = __shfl_xor_sync(0xffffffffu, s.wx, off);
+    o.wtx = __shfl_xor_sync(0xffffffffu, s.wtx, off);
+    o.wt = __shfl_xor_sync(0xffffffffu, s.wt, off);
+    return o;
+}
+
+// Butterfly reduction: every lane of the warp ends with the warp's total.
+template <typename A> __device__ __forceinline__ void warp_reduce(Sums<A> &s) {
+    for (int off = XENT_WARP / 2; off > 0; off /= 2) {
+        Sums<A> o = shfl_sums(s, off);
+        merge_sums(s, o);
+    }
+}
+
+// Whole-block reduction; the total is valid in thread 0. Every thread of the block must call it.
+template <typename A> __device__ __forceinline__ void block_reduce(Sums<A> &s) {
+    __shared__ Sums<A> part[XENT_MAX_WARPS];
+    warp_reduce(s);
+    int warp = threadIdx.x / XENT_WARP, lane = threadIdx.x % XENT_WARP;
+    int warps = blockDim.x / XENT_WARP;
+    if (lane == 0) part[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        s = lane < warps ? part[lane] : sums_zero<A>();
+        warp_reduce(s);
+    }
+    __syncthreads();  // `part` may be reused by a later call
+}
+
+// Visits the elements of one contiguous row owned by thread `lane` of `group`: a scalar head up
+// to 16-byte alignment, 16-byte vectors, a scalar tail. `f(c, value)` gets each element once.
+template <typename T, typename F>
+__device__ __forceinline__ void for_row(const T *row, long long C, int lane, int group, F f) {
+    const int VEC = 16 / (int)sizeof(T);
+    long long mis = (long long)(((uintptr_t)row) & 15) / (long long)sizeof(T);
+    long long head = mis == 0 ? 0 : VEC - mis;
+    if (head > C) head = C;
+    for (long long c = lane; c < head; c += group) f(c, row[c]);
+    long long nvec = (C - head) / VEC;
+    const uint4 *vp = reinterpret_cast<const uint4 *>(row + head);
+    for (long long i = lane; i < nvec; i += group) {
+        uint4 raw = vp[i];
+        const T *e = reinterpret_cast<const T *>(&raw);
+        long long c0 = head + i * VEC;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) f(c0 + k, e[k]);
+    }
+    for (long long c = head + nvec * VEC + lane; c < C; c += group) f(c, row[c]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-row finish (forward) and gradient coefficients (backward), shared by both layouts.
+
+// Writes [loss, lse, target_weight] for one row. `xy` is the (capped) target logit, read only for
+// valid class targets. Returns false for an out-of-range class.
+template <typename A>
+__device__ __forceinline__ void finish_row(const XentParams &p, const Sums<A> &s, A anchor, long long y,
+                                           bool has_y, A wy, A xy, A weight_sum, A *out) {
+    A lse_rel = (s.max - anchor) + acc_log(s.sum_exp);
+    A lse = anchor + lse_rel;
+    A eps = (A)p.smoothing;
+    A eoc = (A)(p.smoothing / (double)p.classes);
+    A one = (A)1;
+    A z = (A)p.z_loss * lse * lse;
+    if (!p.soft) {
+        if (!has_y) {
+            out[0] = (A)0;
+            out[1] = lse;
+            out[2] = (A)0;
+            return;
+        }
+        A nll = wy * (lse_rel - (xy - anchor));
+        A loss = (one - eps) * nll;
+        if (p.smoothing != 0.0) loss += eoc * (lse_rel * weight_sum - s.wx);
+        if (p.z_loss != 0.0) loss += z;
+        out[0] = loss;
+        out[1] = lse;
+        out[2] = wy;
+        (void)y;
+    } else {
+        A wq = (one - eps) * s.wt + eoc * weight_sum;
+        A wqx = (one - eps) * s.wtx + eoc * s.wx;
+        out[0] = lse_rel * wq - wqx + z;
+        out[1] = lse;
+        out[2] = wq;
+    }
+}
+
+template <typename A> struct GradCoef {
+    A lse, alpha, beta, gamma, fix;
+    long long y;  // -1: no one-hot term
+    bool zero;    // ignored row
+};
+
+template <typename A>
+__device__ __forceinline__ GradCoef<A> grad_coef(const XentParams &p, const A *st, long long y, bool has_y,
+                                                 A weight_sum) {
+    GradCoef<A> k;
+    A lse = st[0], tw = st[1], g = st[2];
+    A eps = (A)p.smoothing;
+    A eoc = (A)(p.smoothing / (double)p.classes);
+    A one = (A)1;
+    A two_z = (A)(2.0 * p.z_loss);
+    k.lse = lse;
+    k.zero = false;
+    k.y = -1;
+    k.fix = (A)0;
+    if (!p.soft) {
+        if (!has_y) {
+            k.zero = true;
+            k.alpha = k.beta = k.gamma = (A)0;
+            return k;
+        }
+        k.alpha = g * ((one - eps) * tw + eoc * weight_sum + two_z * lse);
+        k.beta = g * eoc;
+        k.gamma = (A)0;
+        k.y = y;
+        k.fix = g * (one - eps) * tw;
+    } else {
+        k.alpha = g * (tw + two_z * lse);
+        k.beta = g * eoc;
+        k.gamma = g * (one - eps);
+    }
+    return k;
+}
+
+template <typename A>
+__device__ __forceinline__ A grad_elem(const GradCoef<A> &k, const Cap<A> &cap, long long c, A xc, A wc,
+                                       A tc) {
+    A pr = acc_exp(xc - k.lse);
+    A g = k.alpha * pr - k.beta * wc;
+    g = g - k.gamma * wc * tc;
+    if (c == k.y) g = g - k.fix;
+    if (cap.on) {
+        A t = xc * cap.inv;
+        g *= (A)1 - t * t;
+    }
+    return g;
+}
+
+// Class target of row r: validity, and the ignore_index test. Out-of-range rows are recorded.
+template <typename Y>
+__device__ __forceinline__ bool read_target(const Y *y, long long r, const XentParams &p,
+                                            unsigned long long *bad, long long &cls, bool &valid) {
+    cls = (long long)y[r];
+    if (cls == p.ignore_index) {
+        valid = true;
+        return false;
+    }
+    valid = cls >= 0 && cls < p.classes;
+    if (!valid) atomicMin(bad, (unsigned long long)r);
+    return valid;
+}
+
+template <typename A>
+__device__ __forceinline__ A weight_total(const XentParams &p, const double *wsum) {
+    return p.weighted ? (A)(*wsum) : (A)(double)p.classes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels, contiguous rows (inner == 1).
+
+template <typename T, typename Y>
+__device__ __forceinline__ void fwd_rows(const T *__restrict__ x, const Y *__restrict__ y,
+                                         const T *__restrict__ soft,
+                                         const typename AccOf<T>::type *__restrict__ w,
+                                         const double *__restrict__ wsum,
+                                         typename AccOf<T>::type *__restrict__ stats, XentParams p,
+                                         unsigned long long *bad) {
+    typedef typename AccOf<T>::type A;
+    const int group = (int)p.group;
+    const long long rows = p.outer * p.inner;
+    const long long r = (long long)blockIdx.x * (blockDim.x / group) + threadIdx.x / group;
+    const int lane = threadIdx.x % group;
+    // Rows past the end only exist in warp-per-row mode, where the whole warp leaves together.
+    if (r >= rows) return;
+    const long long C = p.classes;
+    const T *xr = x + r * C;
+    const Cap<A> cap = make_cap<A>(p);
+    A anchor = cap(to_acc(xr[0]));
+    if (!acc_finite(anchor)) anchor = (A)0;
+    Sums<A> s = sums_zero<A>();
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    if (!is_soft) {
+        for_row(xr, C, lane, group, [&](long long c, T v) {
+            A wc = weighted ? w[c] : (A)1;
+            add_elem(s, cap(to_acc(v)), wc, (A)0, anchor, false);
+        });
+    } else {
+        const T *tr = soft + r * C;
+        for_row(xr, C, lane, group, [&](long long c, T v) {
+            A wc = weighted ? w[c] : (A)1;
+            add_elem(s, cap(to_acc(v)), wc, to_acc(tr[c]), anchor, true);
+        });
+    }
+    if (group == XENT_WARP) {
+        warp_reduce(s);
+    } else {
+        block_reduce(s);
+    }
+    if (lane != 0) return;
+    A wsm = weight_total<A>(p, wsum);
+    A *out = stats + r * 3;
+    if (is_soft) {
+        finish_row(p, s, anchor, -1, true, (A)1, (A)0, wsm, out);
+        return;
+    }
+    long long cls;
+    bool valid;
+    if (!read_target(y, r, p, bad, cls, valid)) {
+        if (valid) {
+            finish_row(p, s, anchor, -1, false, (A)0, (A)0, wsm, out);
+        } else {
+            out[0] = out[1] = (A)NAN;
+            out[2] = (A)0;
+        }
+        return;
+    }
+    A wy = weighted ? w[cls] : (A)1;
+    finish_row(p, s, anchor, cls, true, wy, cap(to_acc(xr[cls])), wsm, out);
+}
+
+// `x` and `out` may be the same buffer (in-place gradient), so neither is __restrict__.
+template <typename T, typename Y>
+__device__ __forceinline__ void bwd_rows(const T *x, const Y *__restrict__ y, const T *__restrict__ soft,
+                                         const typename AccOf<T>::type *__restrict__ w,
+                                         const double *__restrict__ wsum,
+                                         const typename AccOf<T>::type *__restrict__ stats, T *out,
+                                         XentParams p, unsigned long long *bad) {
+    typedef typename AccOf<T>::type A;
+    const int group = (int)p.group;
+    const long long rows = p.outer * p.inner;
+    const long long r = (long long)blockIdx.x * (blockDim.x / group) + threadIdx.x / group;
+    const int lane = threadIdx.x % group;
+    if (r >= rows) return;
+    const long long C = p.classes;
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    long long cls = -1;
+    bool has_y = true, valid = true;
+    if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
+    const GradCoef<A> k = grad_coef(p, stats + r * 3, cls, has_y, weight_total<A>(p, wsum));
+    const Cap<A> cap = make_cap<A>(p);
+    const T *xr = x + r * C;
+    T *orow = out + r * C;
+    const T *tr = is_soft ? soft + r * C : nullptr;
+    // Same traversal as the reads, so a vector is written by the thread that read it.
+    const int VEC = 16 / (int)sizeof(T);
+    long long mis = (long long)(((uintptr_t)xr) & 15) / (long long)sizeof(T);
+    long long head = mis == 0 ? 0 : VEC - mis;
+    if (head > C) head = C;
+    auto one = [&](long long c, T v) -> T {
+        if (k.zero) return from_acc<T>(valid ? (A)0 : (A)NAN);
+        A wc = weighted ? w[c] : (A)1;
+        A tc = is_soft ? to_acc(tr[c]) : (A)0;
+        return from_acc<T>(grad_elem(k, cap, c, cap(to_acc(v)), wc, tc));
+    };
+    for (long long c = lane; c < head; c += group) orow[c] = one(c, xr[c]);
+    long long nvec = (C - head) / VEC;
+    const uint4 *vp = reinterpret_cast<const uint4 *>(xr + head);
+    // The gradient row may sit at another 16-byte phase than the logits row (a view with an
+    // offset): then its elements are stored one by one.
+    const bool out_aligned = ((((uintptr_t)orow) - ((uintptr_t)xr)) & 15) == 0;
+    uint4 *op = reinterpret_cast<uint4 *>(orow + head);
+    for (long long i = lane; i < nvec; i += group) {
+        uint4 raw = vp[i];
+        const T *e = reinterpret_cast<const T *>(&raw);
+        uint4 res;
+        T *o = reinterpret_cast<T *>(&res);
+        long long c0 = head + i * VEC;
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) o[q] = one(c0 + q, e[q]);
+        if (out_aligned) {
+            op[i] = res;
+        } else {
+#pragma unroll
+            for (int q = 0; q < VEC; ++q) orow[c0 + q] = o[q];
+        }
+    }
+    for (long long c = head + nvec * VEC + lane; c < C; c += group) orow[c] = one(c, xr[c]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels, strided rows (inner > 1): one thread per row, element c of row (n, d) at
+// n * C * inner + c * inner + d.
+
+template <typename T, typename Y>
+__device__ __forceinline__ void fwd_strided(const T *__restrict__ x, const Y *__restrict__ y,
+                                            const T *__restrict__ soft,
+                                            const typename AccOf<T>::type *__restrict__ w,
+                                            const double *__restrict__ wsum,
+                                            typename AccOf<T>::type *__restrict__ stats, XentParams p,
+                                            unsigned long long *bad) {
+    typedef typename AccOf<T>::type A;
+    const long long rows = p.outer * p.inner;
+    const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const long long C = p.classes, inner = p.inner;
+    const long long n = r / inner, d = r % inner;
+    const T *xr = x + n * C * inner + d;
+    const T *tr = p.soft ? soft + n * C * inner + d : nullptr;
+    const Cap<A> cap = make_cap<A>(p);
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    A anchor = cap(to_acc(xr[0]));
+    if (!acc_finite(anchor)) anchor = (A)0;
+    Sums<A> s = sums_zero<A>();
+    for (long long c = 0; c < C; ++c) {
+        A wc = weighted ? w[c] : (A)1;
+        A tc = is_soft ? to_acc(tr[c * inner]) : (A)0;
+        add_elem(s, cap(to_acc(xr[c * inner])), wc, tc, anchor, is_soft);
+    }
+    A wsm = weight_total<A>(p, wsum);
+    A *out = stats + r * 3;
+    if (is_soft) {
+        finish_row(p, s, anchor, -1, true, (A)1, (A)0, wsm, out);
+        return;
+    }
+    long long cls;
+    bool valid;
+    if (!read_target(y, r, p, bad, cls, valid)) {
+        if (valid) {
+            finish_row(p, s, anchor, -1, false, (A)0, (A)0, wsm, out);
+        } else {
+            out[0] = out[1] = (A)NAN;
+            out[2] = (A)0;
+        }
+        return;
+    }
+    A wy = weighted ? w[cls] : (A)1;
+    finish_row(p, s, anchor, cls, true, wy, cap(to_acc(xr[cls * inner])), wsm, out);
+}
+
+template <typename T, typename Y>
+__device__ __forceinline__ void bwd_strided(const T *x, const Y *__restrict__ y, const T *__restrict__ soft,
+                                            const typename AccOf<T>::type *__restrict__ w,
+                                            const double *__restrict__ wsum,
+                                            const typename AccOf<T>::type *__restrict__ stats, T *out,
+                                            XentParams p, unsigned long long *bad) {
+    typedef typename AccOf<T>::type A;
+    const long long rows = p.outer * p.inner;
+    const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const long long C = p.classes, inner = p.inner;
+    const long long n = r / inner, d = r % inner;
+    const long long base = n * C * inner + d;
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    long long cls = -1;
+    bool has_y = true, valid = true;
+    if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
+    const GradCoef<A> k = grad_coef(p, stats + r * 3, cls, has_y, weight_total<A>(p, wsum));
+    const Cap<A> cap = make_cap<A>(p);
+    for (long long c = 0; c < C; ++c) {
+        long long i = base + c * inner;
+        A g;
+        if (k.zero) {
+            g = valid ? (A)0 : (A)NAN;
+        } else {
+            A wc = weighted ? w[c] : (A)1;
+            A tc = is_soft ? to_acc(soft[i]) : (A)0;
+            g = grad_elem(k, cap, c, cap(to_acc(x[i])), wc, tc);
+        }
+        out[i] = from_acc<T>(g);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: xent_{fwd,bwd}[_strided]_{f32,f16,bf16,f64}_{u32,i64}. Soft targets use any
+// instantiation with a null `y`. Unused pointers (y, soft, w, wsum) may be null.
+
+#define XENT_FWD_ARGS(T, Y)                                                                       \
+    const T *x, const Y *y, const T *soft, const AccOf<T>::type *w, const double *wsum,         \
+        AccOf<T>::type *stats, XentParams p, unsigned long long *bad
+#define XENT_BWD_ARGS(T, Y)                                                                       \
+    const T *x, const Y *y, const T *soft, const AccOf<T>::type *w, const double *wsum,         \
+        const AccOf<T>::type *stats, T *out, XentParams p, unsigned long long *bad
+
+#define XENT_INSTANTIATE(T, TN, Y, YN)                                                            \
+    extern "C" __global__ void xent_fwd_##TN##_##YN(XENT_FWD_ARGS(T, Y)) {                      \
+        fwd_rows<T, Y>(x, y, soft, w, wsum, stats, p, bad);                                      \
+    }                                                                                             \
+    extern "C" __global__ void xent_bwd_##TN##_##YN(XENT_BWD_ARGS(T, Y)) {                      \
+        bwd_rows<T, Y>(x, y, soft, w, wsum, stats, out, p, bad);                                 \
+    }                                                                                             \
+    extern "C" __global__ void xent_fwd_strided_##TN##_##YN(XENT_FWD_ARGS(T, Y)) {              \
+        fwd_strided<T, Y>(x, y, soft, w, wsum, stats, p, bad);                                   \
+    }                                                                                             \
+    extern "C" __global__ void xent_bwd_strided_##TN##_##YN(XENT_BWD_ARGS(T, Y)) {              \
+        bwd_strided<T, Y>(x, y, soft, w, wsum, stats, out, p, bad);                              \
+    }
+
+XENT_INSTANTIATE(float, f32, uint32_t, u32)
+XENT_INSTANTIATE(float, f32, int64_t, i64)
+XENT_INSTANTIATE(__half, f16, uint32_t, u32)
+XENT_INSTANTIATE(__half, f16, int64_t, i64)
+XENT_INSTANTIATE(__nv_bfloat16, bf16, uint32_t, u32)
+XENT_INSTANTIATE(__nv_bfloat16, bf16, int64_t, i64)
+XENT_INSTANTIATE(double, f64, uint32_t, u32)
+XENT_INSTANTIATE(double, f64, int64_t, i64)

@@ -1,0 +1,281 @@
+//! The CUDA kernel source on the host: wide rows in every reduction mode, unaligned rows, masked
+//! logits, out-of-range targets and the strided (K-dim) kernels, against candle-xent's CPU op.
+
+#[path = "../../candle-xent/tests/common/mod.rs"]
+mod common;
+
+use candle_core::{DType, Device, Tensor, WithDType};
+use candle_xent::{CrossEntropyLoss, Reduction};
+use common::{assert_close, flat_f64};
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use xent_kernel_emu::{BadTarget, Elem, Problem, Targets};
+
+fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            // Box-Muller.
+            let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+            scale * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        })
+        .collect()
+}
+
+/// Per-row loss and the gradient of the summed loss from the CPU op, for (outer, C, inner) data.
+fn cpu_reference(p: &Problem, dims: &[usize], x: &Tensor, target: &Tensor) -> (Vec<f64>, Vec<f64>) {
+    let mut f = CrossEntropyLoss::new()
+        .label_smoothing(p.smoothing)
+        .ignore_index(p.ignore_index)
+        .z_loss(p.z_loss);
+    if let Some(c) = p.softcap {
+        f = f.softcap(c);
+    }
+    if let Some(w) = &p.weight {
+        f = f.weight(Tensor::new(w.as_slice(), &Device::Cpu).unwrap());
+    }
+    let x = x.reshape(dims).unwrap();
+    let loss = f
+        .clone()
+        .reduction(Reduction::None)
+        .forward(&x, target)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let (_, grad) = f
+        .reduction(Reduction::Sum)
+        .forward_with_grad(&x, target)
+        .unwrap();
+    (flat_f64(&loss), flat_f64(&grad))
+}
+
+struct Run {
+    loss: Vec<f64>,
+    grad: Vec<f64>,
+}
+
+/// Emulated forward (per-row loss, in the logits' dtype like `Reduction::None`) and backward of
+/// the summed loss. `offset` shifts the logits in memory to break 16-byte alignment.
+fn emulate<T: Elem>(p: &Problem, x64: &[f64], t: Targets<'_, T>, offset: usize) -> Run
+where
+    T::Acc: Into<f64>,
+{
+    let mut buf = vec![T::round_from(0.0); offset];
+    buf.extend(x64.iter().map(|&v| T::round_from(v)));
+    let x = &buf[offset..];
+    let stats = p.forward(x, t).unwrap();
+    let rows = p.rows();
+    let loss = (0..rows)
+        .map(|r| T::round_from(stats[r * 3].into()).as_f64())
+        .collect();
+    let mut b = Vec::with_capacity(rows * 3);
+    for r in 0..rows {
+        b.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], T::acc(1.0)]);
+    }
+    let grad = p.backward(x, t, &b).unwrap();
+    Run {
+        loss,
+        grad: grad.iter().map(|v| v.as_f64()).collect(),
+    }
+}
+
+fn tol(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-12, 1e-12),
+        DType::F32 => (2e-5, 2e-6),
+        DType::F16 => (2e-3, 2e-4),
+        _ => (1e-2, 2e-3),
+    }
+}
+
+fn check_rows<T: Elem + WithDType>(p: &Problem, seed: u64, u32_targets: bool)
+where
+    T::Acc: Into<f64>,
+{
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (rows, c) = (p.rows(), p.classes);
+    let x64 = randn(&mut rng, rows * c, 3.0);
+    let y: Vec<i64> = (0..rows)
+        .map(|r| {
+            if r % 5 == 3 {
+                p.ignore_index
+            } else {
+                rng.random_range(0..c as i64)
+            }
+        })
+        .collect();
+    let x = Tensor::new(x64.as_slice(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(T::DTYPE)
+        .unwrap();
+    let yt = Tensor::new(y.as_slice(), &Device::Cpu).unwrap();
+    let (want_loss, want_grad) = cpu_reference(p, &[rows, c], &x, &yt);
+    // The kernels see the same rounded logits as the CPU op.
+    let xr = flat_f64(&x);
+    let y32: Vec<u32> = y.iter().map(|&v| v as u32).collect();
+    let (rtol, atol) = tol(T::DTYPE);
+    for offset in [0, 1] {
+        let run = if u32_targets {
+            emulate::<T>(p, &xr, Targets::U32(&y32), offset)
+        } else {
+            emulate::<T>(p, &xr, Targets::I64(&y), offset)
+        };
+        let what = format!("{:?} C={c} group {:?} offset {offset}", T::DTYPE, p.group);
+        assert_close(&run.loss, &want_loss, rtol, atol, &format!("{what} loss"));
+        assert_close(&run.grad, &want_grad, rtol, atol, &format!("{what} grad"));
+    }
+}
+
+#[test]
+fn wide_rows_in_every_reduction_mode_and_alignment() {
+    // C odd: every row starts at a different alignment; 3001 > one warp's 16-byte vectors.
+    for (group, c) in [
+        (None, 3001),
+        (Some(32), 3001),
+        (Some(1024), 3001),
+        (None, 40_000),
+    ] {
+        let mut p = Problem::new(6, c, 1);
+        p.smoothing = 0.1;
+        p.ignore_index = 7;
+        p.group = group;
+        check_rows::<f32>(&p, 1, false);
+        check_rows::<bf16>(&p, 2, true);
+    }
+    let mut p = Problem::new(5, 2049, 1);
+    p.smoothing = 0.2;
+    p.z_loss = 1e-3;
+    p.softcap = Some(6.0);
+    p.ignore_index = 5;
+    p.weight = Some((0..2049).map(|i| 0.5 + (i % 7) as f64 / 7.0).collect());
+    check_rows::<f16>(&p, 3, false);
+    check_rows::<f64>(&p, 4, true);
+    p.group = Some(512);
+    check_rows::<f32>(&p, 5, false);
+}
+
+#[test]
+fn strided_rows_with_soft_targets_and_weights() {
+    let (outer, c, inner) = (3, 37, 10);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let x64 = randn(&mut rng, outer * c * inner, 2.0);
+    // Probabilities along the class dim of a (outer, C, inner) array.
+    let mut t64 = randn(&mut rng, outer * c * inner, 1.0)
+        .into_iter()
+        .map(f64::exp)
+        .collect::<Vec<_>>();
+    for n in 0..outer {
+        for d in 0..inner {
+            let s: f64 = (0..c).map(|k| t64[n * c * inner + k * inner + d]).sum();
+            for k in 0..c {
+                t64[n * c * inner + k * inner + d] /= s;
+            }
+        }
+    }
+    let mut p = Problem::new(outer, c, inner);
+    p.smoothing = 0.3;
+    p.weight = Some((0..c).map(|i| 1.0 + i as f64 / c as f64).collect());
+    p.softcap = Some(3.0);
+    let x = Tensor::new(x64.as_slice(), &Device::Cpu).unwrap();
+    let t = Tensor::new(t64.as_slice(), &Device::Cpu)
+        .unwrap()
+        .reshape((outer, c, inner))
+        .unwrap();
+    let (want_loss, want_grad) = cpu_reference(&p, &[outer, c, inner], &x, &t);
+    let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
+    let t32: Vec<f32> = t64.iter().map(|&v| v as f32).collect();
+    let stats = p.forward(&x32, Targets::Soft(&t32)).unwrap();
+    let loss: Vec<f64> = (0..p.rows()).map(|r| stats[r * 3] as f64).collect();
+    assert_close(&loss, &want_loss, 2e-5, 2e-6, "strided soft loss");
+    let mut b = Vec::new();
+    for r in 0..p.rows() {
+        b.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], 1.0]);
+    }
+    let grad: Vec<f64> = p
+        .backward(&x32, Targets::Soft(&t32), &b)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    assert_close(&grad, &want_grad, 2e-5, 2e-6, "strided soft grad");
+}
+
+#[test]
+fn leading_masked_logits_in_every_layout() {
+    let masked = 1100;
+    let finite = [0.5f64, -1.0, 2.0, 0.25];
+    let mut row = vec![f64::NEG_INFINITY; masked];
+    row.extend_from_slice(&finite);
+    let c = row.len();
+    let lse = finite.iter().map(|v| v.exp()).sum::<f64>().ln();
+    let y = [(masked + 2) as i64];
+    for group in [Some(32), Some(256), None] {
+        let mut p = Problem::new(1, c, 1);
+        p.group = group;
+        let r = emulate::<f32>(&p, &row, Targets::I64(&y), 0);
+        assert!(
+            (r.loss[0] - (lse - 2.0)).abs() < 1e-6,
+            "{group:?}: {}",
+            r.loss[0]
+        );
+        assert!(r.grad[..masked].iter().all(|&g| g == 0.0));
+        assert!((r.grad[masked + 2] - ((2.0 - lse).exp() - 1.0)).abs() < 1e-6);
+    }
+    // Strided: the same row along the class dim of a (1, C, 2) array (both columns equal).
+    let p = Problem::new(1, c, 2);
+    let x2: Vec<f32> = row.iter().flat_map(|&v| [v as f32, v as f32]).collect();
+    let stats = p.forward(&x2, Targets::I64(&[y[0], y[0]])).unwrap();
+    assert!((stats[0] as f64 - (lse - 2.0)).abs() < 1e-6);
+    assert_eq!(stats[0], stats[3]);
+    // A NaN logit makes the row's loss NaN; it must not be skipped.
+    let mut nan_row = row.clone();
+    nan_row[masked + 1] = f64::NAN;
+    for group in [Some(32), Some(256)] {
+        let mut p = Problem::new(1, c, 1);
+        p.group = group;
+        let stats = p
+            .forward(
+                &nan_row.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                Targets::I64(&y),
+            )
+            .unwrap();
+        assert!(stats[0].is_nan(), "{group:?}");
+    }
+}
+
+#[test]
+fn out_of_range_targets_report_the_first_bad_row() {
+    let (rows, c) = (40, 10);
+    let x = vec![0.5f32; rows * c];
+    for group in [Some(32), Some(128)] {
+        let mut p = Problem::new(rows, c, 1);
+        p.group = group;
+        let mut y = vec![1i64; rows];
+        y[33] = 10;
+        y[17] = -3;
+        y[25] = -100; // ignore_index: fine
+        assert_eq!(
+            p.forward(&x, Targets::I64(&y)),
+            Err(BadTarget { row: 17 }),
+            "{group:?}"
+        );
+        let b = vec![0f32; rows * 3];
+        assert_eq!(
+            p.backward(&x, Targets::I64(&y), &b).unwrap_err(),
+            BadTarget { row: 17 }
+        );
+        let y32: Vec<u32> = (0..rows as u32)
+            .map(|r| if r == 39 { 11 } else { 0 })
+            .collect();
+        assert_eq!(
+            p.forward(&x, Targets::U32(&y32)),
+            Err(BadTarget { row: 39 })
+        );
+    }
+    let p = Problem::new(2, c, 3);
+    let y = [0i64, 1, 2, 3, 99, 5];
+    assert_eq!(
+        p.forward(&vec![0f32; 2 * c * 3], Targets::I64(&y)),
+        Err(BadTarget { row: 4 })
+    );
+}

@@ -1,0 +1,256 @@
+//! The CUDA kernel source, run on the host through the shim, against the PyTorch fixtures of
+//! candle-xent and against candle-xent's CPU op.
+
+#[path = "../../candle-xent/tests/common/mod.rs"]
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var, WithDType};
+use candle_xent::{CrossEntropyLoss, Reduction};
+use common::{assert_close, eps_for, flat_f64, rtol_for};
+use half::{bf16, f16};
+use serde::Deserialize;
+use std::collections::HashMap;
+use xent_kernel_emu::{Elem, Problem, Targets};
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    dtype: String,
+    eps: f64,
+    ignore_index: i64,
+    reduction: String,
+    soft: bool,
+    weighted: bool,
+    #[serde(default)]
+    z_loss: f64,
+    #[serde(default)]
+    softcap: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    cases: Vec<Case>,
+}
+
+fn fixtures() -> (Meta, HashMap<String, Tensor>) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../candle-xent/tests/fixtures");
+    let meta = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/xent.json")).unwrap())
+        .unwrap();
+    let t =
+        candle_core::safetensors::load(format!("{dir}/xent.safetensors"), &Device::Cpu).unwrap();
+    (meta, t)
+}
+
+/// What one emulated forward + backward gives, reduced like `CrossEntropyLoss`.
+struct Emulated {
+    loss: Vec<f64>,
+    grad: Vec<f64>,
+    grad_inplace: Vec<f64>,
+}
+
+fn acc_f64<T: Elem>(v: T::Acc) -> f64
+where
+    T::Acc: Into<f64>,
+{
+    v.into()
+}
+
+fn emulate<T: Elem + WithDType>(
+    case: &Case,
+    t: &HashMap<String, Tensor>,
+    group: Option<u32>,
+) -> (Problem, Emulated)
+where
+    T::Acc: Into<f64>,
+{
+    let get = |k: &str| t[&format!("{}.{k}", case.name)].clone();
+    let input = get("input");
+    let dims = input.dims().to_vec();
+    let cd = if dims.len() == 1 { 0 } else { 1 };
+    let mut p = Problem::new(
+        dims[..cd].iter().product(),
+        dims[cd],
+        dims[cd + 1..].iter().product(),
+    );
+    p.smoothing = case.eps;
+    p.ignore_index = case.ignore_index;
+    p.z_loss = case.z_loss;
+    p.softcap = case.softcap;
+    p.group = if p.inner == 1 { group } else { None };
+    if case.weighted {
+        p.weight = Some(flat_f64(&get("weight")));
+    }
+    let x: Vec<T> = input.flatten_all().unwrap().to_vec1().unwrap();
+    let soft_t: Vec<T>;
+    let hard_t: Vec<i64>;
+    let targets = if case.soft {
+        soft_t = get("target").flatten_all().unwrap().to_vec1().unwrap();
+        Targets::Soft(&soft_t)
+    } else {
+        hard_t = get("target")
+            .to_dtype(DType::I64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        Targets::I64(&hard_t)
+    };
+    let stats = p.forward(&x, targets).expect("valid targets");
+    let rows = p.rows();
+    let loss_rows: Vec<f64> = (0..rows).map(|r| acc_f64::<T>(stats[r * 3])).collect();
+    let denom = if case.soft {
+        rows as f64
+    } else {
+        (0..rows).map(|r| acc_f64::<T>(stats[r * 3 + 2])).sum()
+    };
+    let up = flat_f64(&get("upstream"));
+    let (loss, g): (Vec<f64>, Vec<f64>) = match case.reduction.as_str() {
+        // The unreduced loss is returned in the input's dtype.
+        "none" => (
+            loss_rows
+                .iter()
+                .map(|&v| T::round_from(v).as_f64())
+                .collect(),
+            up.clone(),
+        ),
+        "sum" => (vec![loss_rows.iter().sum()], vec![up[0]; rows]),
+        "mean" => (
+            vec![loss_rows.iter().sum::<f64>() / denom],
+            vec![up[0] / denom; rows],
+        ),
+        other => panic!("reduction {other}"),
+    };
+    let mut bstats = Vec::with_capacity(rows * 3);
+    for r in 0..rows {
+        bstats.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], T::acc(g[r])]);
+    }
+    let grad = p.backward(&x, targets, &bstats).expect("valid targets");
+    let mut xg = x.clone();
+    p.backward_inplace(&mut xg, targets, &bstats).unwrap();
+    let to64 = |v: &[T]| v.iter().map(|e| e.as_f64()).collect::<Vec<_>>();
+    (
+        p,
+        Emulated {
+            loss,
+            grad: to64(&grad),
+            grad_inplace: to64(&xg),
+        },
+    )
+}
+
+fn cpu_op(case: &Case, t: &HashMap<String, Tensor>) -> (Vec<f64>, Vec<f64>) {
+    let get = |k: &str| t[&format!("{}.{k}", case.name)].clone();
+    let mut f = CrossEntropyLoss::new()
+        .label_smoothing(case.eps)
+        .ignore_index(case.ignore_index)
+        .z_loss(case.z_loss)
+        .reduction(match case.reduction.as_str() {
+            "none" => Reduction::None,
+            "sum" => Reduction::Sum,
+            _ => Reduction::Mean,
+        });
+    if case.weighted {
+        f = f.weight(get("weight"));
+    }
+    if let Some(c) = case.softcap {
+        f = f.softcap(c);
+    }
+    let input = get("input");
+    let target = if case.soft {
+        get("target")
+    } else {
+        get("target").to_dtype(DType::I64).unwrap()
+    };
+    let var = Var::from_tensor(&input).unwrap();
+    let loss = f.forward(var.as_tensor(), &target).unwrap();
+    let up = get("upstream").to_dtype(loss.dtype()).unwrap();
+    let grads = (&loss * &up)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    (
+        flat_f64(&loss),
+        flat_f64(grads.get(var.as_tensor()).unwrap()),
+    )
+}
+
+fn check_case<T: Elem + WithDType>(case: &Case, t: &HashMap<String, Tensor>, dtype: DType)
+where
+    T::Acc: Into<f64>,
+{
+    let get = |k: &str| t[&format!("{}.{k}", case.name)].clone();
+    let xmax = flat_f64(&get("input"))
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs()));
+    let acc_eps = if dtype == DType::F64 {
+        f64::EPSILON
+    } else {
+        f32::EPSILON as f64
+    };
+    let rtol = rtol_for(dtype);
+    let atol = 1e-7_f64.min(eps_for(dtype)) + 4.0 * xmax * acc_eps;
+    let (want_loss, want_grad) = (flat_f64(&get("loss")), flat_f64(&get("grad")));
+    let (cpu_loss, cpu_grad) = cpu_op(case, t);
+    // The geometry the CUDA path picks, then the other reduction path (warp <-> block).
+    for forced in [None, Some(32), Some(256)] {
+        let (p, e) = emulate::<T>(case, t, forced);
+        let what = format!("{} (inner {}, group {:?})", case.name, p.inner, p.group);
+        assert_close(
+            &e.loss,
+            &want_loss,
+            rtol,
+            atol,
+            &format!("{what} loss vs PyTorch"),
+        );
+        assert_close(
+            &e.grad,
+            &want_grad,
+            rtol,
+            atol,
+            &format!("{what} grad vs PyTorch"),
+        );
+        assert_close(
+            &e.loss,
+            &cpu_loss,
+            rtol,
+            atol,
+            &format!("{what} loss vs CPU op"),
+        );
+        assert_close(
+            &e.grad,
+            &cpu_grad,
+            rtol,
+            atol,
+            &format!("{what} grad vs CPU op"),
+        );
+        assert_eq!(
+            e.grad.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            e.grad_inplace
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            "{what}: in-place gradient differs from the out-of-place one"
+        );
+        if p.inner > 1 {
+            break;
+        }
+    }
+}
+
+#[test]
+fn kernels_match_pytorch_fixtures_and_the_cpu_op() {
+    let (meta, t) = fixtures();
+    assert!(meta.cases.len() >= 80);
+    for case in &meta.cases {
+        match case.dtype.as_str() {
+            "f32" => check_case::<f32>(case, &t, DType::F32),
+            "f64" => check_case::<f64>(case, &t, DType::F64),
+            "f16" => check_case::<f16>(case, &t, DType::F16),
+            "bf16" => check_case::<bf16>(case, &t, DType::BF16),
+            other => panic!("dtype {other}"),
+        }
+    }
+}
