@@ -9,6 +9,7 @@ mod bench_data;
 mod bench_resnet;
 mod bench_xent;
 mod cars;
+mod gpu_check;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Tasks of the candle-xent workspace")]
@@ -36,6 +37,9 @@ enum Cmd {
     BenchResnet(bench_resnet::Args),
     /// Train-transform throughput (decode + crop + flip + normalise) on generated JPEGs.
     BenchData(bench_data::Args),
+    /// Build (here, without a GPU) the bundle that checks candle-xent's CUDA kernels on a CUDA
+    /// machine: parity vs the CPU op and PyTorch, then time and memory vs PyTorch and Liger.
+    GpuCheck(gpu_check::Args),
 }
 
 /// The workspace root (the parent of this crate).
@@ -71,5 +75,6 @@ fn main() -> Result<()> {
         Cmd::BenchXent(args) => bench_xent::run(args),
         Cmd::BenchResnet(args) => bench_resnet::run(args),
         Cmd::BenchData(args) => bench_data::run(args),
+        Cmd::GpuCheck(args) => gpu_check::run(args),
     }
 }

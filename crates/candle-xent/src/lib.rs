@@ -40,6 +40,8 @@
 
 mod bce;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod launch;
 mod linear;
 mod loss;

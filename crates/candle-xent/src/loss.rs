@@ -486,7 +486,16 @@ impl CrossEntropyLoss {
                 target.dims().to_vec()
             },
         };
-        Ok((op, input.contiguous()?, target.contiguous()?))
+        // The GPU kernels read class indices as u32 or i64: widen the other integer types.
+        let target = if !soft
+            && !input.device().is_cpu()
+            && !matches!(target.dtype(), DType::U32 | DType::I64)
+        {
+            target.to_dtype(DType::I64)?
+        } else {
+            target.contiguous()?
+        };
+        Ok((op, input.contiguous()?, target))
     }
 }
 

@@ -93,16 +93,22 @@ impl CrossEntropyOp {
             .enumerate()
             .find(|(_, &y)| y != self.ignore_index && !(0..c).contains(&y))
         {
-            bail!(
-                "cross_entropy: target class {y} at position {:?} is out of range for {} classes \
-                 (expected 0..{} or ignore_index {})",
-                self.position(pos),
-                self.classes,
-                self.classes,
-                self.ignore_index
-            );
+            return Err(self.bad_target(pos, y));
         }
         Ok(t)
+    }
+
+    /// The error for class `y` at flat target position `flat` (every device reports it alike).
+    pub(crate) fn bad_target(&self, flat: usize, y: i64) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "cross_entropy: target class {y} at position {:?} is out of range for {} classes \
+             (expected 0..{} or ignore_index {})",
+            self.position(flat),
+            self.classes,
+            self.classes,
+            self.ignore_index
+        ))
+        .bt()
     }
 
     fn weight_host<A: WithDType>(&self) -> Result<Vec<A>> {
@@ -208,7 +214,7 @@ impl CrossEntropyOp {
         Ok(())
     }
 
-    fn check_logits(&self, l: &Layout) -> Result<(usize, usize)> {
+    pub(crate) fn check_logits(&self, l: &Layout) -> Result<(usize, usize)> {
         let Some((start, end)) = l.contiguous_offsets() else {
             bail!("cross_entropy: logits must be contiguous")
         };
@@ -267,6 +273,18 @@ impl CustomOp2 for CrossEntropyOp {
         Ok((out, Shape::from((self.rows(), STATS))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::forward(self, s1, l1, s2, l2)?;
+        Ok((out, Shape::from((self.rows(), STATS))))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -277,7 +295,7 @@ impl CustomOp2 for CrossEntropyOp {
         // Only the loss column carries a gradient: lse and the target weight are internal.
         let g = grad_res.narrow(1, 0, 1)?;
         let stats = Tensor::cat(&[&res.narrow(1, 1, 2)?.detach(), &g], 1)?.contiguous()?;
-        if self.inplace_grad && logits.device().is_cpu() {
+        if self.inplace_grad && (logits.device().is_cpu() || logits.device().is_cuda()) {
             logits.inplace_op3(target, &stats, &CrossEntropyBackward { op: self.clone() })?;
             return Ok((Some(logits.clone()), None));
         }
@@ -332,6 +350,19 @@ impl InplaceOp3 for CrossEntropyBackward {
             ),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        crate::cuda::backward_inplace(&self.op, s1, l1, s2, l2, s3, l3)
+    }
 }
 
 impl CustomOp3 for CrossEntropyBackward {
@@ -360,6 +391,20 @@ impl CustomOp3 for CrossEntropyBackward {
                 other.dtype()
             ),
         };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::backward(&self.op, s1, l1, s2, l2, s3, l3)?;
         Ok((out, l1.shape().clone()))
     }
 }

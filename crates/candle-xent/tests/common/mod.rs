@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use candle_core::{DType, Tensor};
 
 /// Every element of `got` is within `rtol * |want| + atol` of `want`; NaN matches NaN and an

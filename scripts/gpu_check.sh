@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU check of candle-xent's CUDA kernels: the `run.sh` of the bundle `cargo xtask gpu-check`
+# builds. Runs on a CUDA 13 machine with PyTorch (no Rust needed):
+#     bash target/gpu-check/run.sh OUT_DIR
+# Writes into OUT_DIR: nvidia-smi.txt, cuda-tests.log, cuda_dump.safetensors, gpu_check.log,
+# results.json, results.md. Exit status: non-zero if the Rust CUDA tests or the parity fail.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-${OUT:-$here/out}}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+cat "$here/BUILD_INFO" >> "$out/nvidia-smi.txt" 2>/dev/null || true
+
+# The CUDA libraries candle links (nvrtc, cublas, cublasLt, curand) from PyTorch's nvidia wheels.
+libdirs=$("$py" - <<'EOF'
+import glob, os, site, sys
+want = ("libnvrtc.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10")
+roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+dirs = []
+for r in roots:
+    for w in want:
+        for f in glob.glob(os.path.join(r, "nvidia", "**", w), recursive=True):
+            d = os.path.dirname(f)
+            if d not in dirs:
+                dirs.append(d)
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >> "$out/nvidia-smi.txt"
+
+if [ -d "$here/wheels" ] && ls "$here"/wheels/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site \
+    "$here"/wheels/*.whl && export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+status=0
+echo "== Rust CUDA tests (parity vs the CPU op and the PyTorch fixtures)"
+XENT_FIXTURES_DIR="$here/fixtures" XENT_CUDA_DUMP="$out/cuda_dump.safetensors" \
+  "$here/cuda-tests" --test-threads=1 2>&1 | tee "$out/cuda-tests.log" || status=1
+
+echo "== PyTorch CUDA parity and benchmark"
+PYTHONUNBUFFERED=1 "$py" "$here/gpu_check.py" --fixtures "$here/fixtures" \
+  --dump "$out/cuda_dump.safetensors" --bench-bin "$here/xent_cuda_bench" --out "$out" \
+  ${GPU_CHECK_ARGS:-} 2>&1 | tee "$out/gpu_check.log" || status=1
+exit $status
