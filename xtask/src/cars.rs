@@ -362,22 +362,14 @@ pub fn train_cars(mut a: TrainArgs) -> Result<()> {
 }
 
 /// A model folder, or a Hub repo holding one (`OWNER/NAME`).
+/// A model folder or a Hub repo `OWNER/NAME`, through `hub::from_pretrained`.
 fn load_model(
     spec: &str,
     revision: &str,
     dev: &Device,
 ) -> Result<(candle_finetune::resnet::ResNet, ModelConfig)> {
-    let p = Path::new(spec);
-    let dir = if p.is_dir() {
-        p.to_path_buf()
-    } else {
-        let opts = HubOptions::from_env();
-        opts.model_file(spec, revision, "config.json")?;
-        let w = opts.model_file(spec, revision, "model.safetensors")?;
-        w.parent().context("snapshot folder")?.to_path_buf()
-    };
-    let (m, c, _) = hub::load_model_folder(&dir, dev)?;
-    Ok((m, c))
+    let p = hub::from_pretrained(&HubOptions::from_env(), spec, Some(revision), dev)?;
+    Ok((p.model, p.config))
 }
 
 #[derive(clap::Args, Debug)]
@@ -508,5 +500,45 @@ pub fn download_cars(a: DownloadArgs) -> Result<()> {
             println!("  undecodable sample {i}: {e}");
         }
     }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PublishArgs {
+    /// Model repository OWNER/NAME (created if missing).
+    #[arg(long)]
+    repo: String,
+    /// The model folder written by train-cars.
+    #[arg(long, default_value = "out/resnet18-stanford-cars")]
+    dir: PathBuf,
+    /// Create the repository private.
+    #[arg(long)]
+    private: bool,
+    /// Branch to commit to (created from main if missing); default main.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Commit message.
+    #[arg(long)]
+    message: Option<String>,
+}
+
+/// Uploads the model folder to the Hub in one commit; the token comes from HF_TOKEN,
+/// HF_TOKEN_PATH or `huggingface-cli login`, and is never printed.
+pub fn publish_cars(a: PublishArgs) -> Result<()> {
+    let opts = candle_finetune::publish::PublishOptions {
+        repo: a.repo.clone(),
+        private: a.private,
+        revision: a.revision.clone(),
+        message: a.message.clone(),
+    };
+    eprintln!("publishing {} to {} ...", a.dir.display(), a.repo);
+    let p = candle_finetune::publish::publish_folder(&HubOptions::from_env(), &a.dir, &opts)?;
+    eprintln!("{} files: {}", p.files.len(), p.files.join(", "));
+    println!("{}", p.commit_url.unwrap_or(p.repo_url));
+    eprintln!(
+        "load it back: candle_finetune::hub::from_pretrained(&opts, \"{}\", None, &device) or \
+         cargo xtask predict --model {} IMAGE",
+        a.repo, a.repo
+    );
     Ok(())
 }

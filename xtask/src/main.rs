@@ -25,8 +25,10 @@ enum Cmd {
     TrainCars(Box<cars::TrainArgs>),
     /// Evaluate a model folder or Hub repo on the test split.
     EvalCars(cars::EvalArgs),
-    /// Top-5 classes of images.
+    /// Top-5 classes of images, with a model folder or a published Hub repo.
     Predict(cars::PredictArgs),
+    /// Publish the train-cars model folder to the Hugging Face Hub in one commit.
+    PublishCars(cars::PublishArgs),
     /// Fetch both splits into the Hub cache, decode every image, print counts.
     DownloadCars(cars::DownloadArgs),
     /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
@@ -71,6 +73,7 @@ fn main() -> Result<()> {
         Cmd::TrainCars(args) => cars::train_cars(*args),
         Cmd::EvalCars(args) => cars::eval_cars(args),
         Cmd::Predict(args) => cars::predict(args),
+        Cmd::PublishCars(args) => cars::publish_cars(args),
         Cmd::DownloadCars(args) => cars::download_cars(args),
         Cmd::BenchXent(args) => bench_xent::run(args),
         Cmd::BenchResnet(args) => bench_resnet::run(args),

@@ -106,14 +106,49 @@ fn pct(x: f64) -> String {
     format!("{:.2}", 100.0 * x)
 }
 
-/// The model card (README.md) text.
+/// The model card template of the published model (`models/resnet18-stanford-cars/card.md`):
+/// `{{name}}` placeholders filled by [`model_card`].
+pub const CARD_TEMPLATE: &str = include_str!("../../../models/resnet18-stanford-cars/card.md");
+
+/// The 196 Stanford Cars class names in label order (`models/resnet18-stanford-cars/classes.json`).
+pub const STANFORD_CARS_CLASSES_JSON: &str =
+    include_str!("../../../models/resnet18-stanford-cars/classes.json");
+
+/// Fills `{{key}}` placeholders of `template`; fails on a placeholder without a value, so a
+/// card never ships with a hole.
+pub fn render(template: &str, values: &BTreeMap<&str, String>) -> Result<String> {
+    let mut out = String::with_capacity(template.len() + 1024);
+    let mut rest = template;
+    while let Some(i) = rest.find("{{") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(j) = after.find("}}") else {
+            candle_core::bail!(
+                "card template: unclosed {{{{ near {:?}",
+                &rest[i..rest.len().min(i + 30)]
+            );
+        };
+        let key = after[..j].trim();
+        match values.get(key) {
+            Some(v) => out.push_str(v),
+            None => candle_core::bail!("card template: no value for {{{{{key}}}}}"),
+        }
+        rest = &after[j + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The model card (README.md) text: YAML front matter (library, licence, datasets, base model,
+/// `model-index` with top-1/top-5) and [`CARD_TEMPLATE`] filled from the config, provenance,
+/// training arguments and best evaluation.
 pub fn model_card(
     cfg: &ModelConfig,
     prov: &Provenance,
     args: &serde_json::Value,
     best: &EvalResult,
     best_epoch: usize,
-) -> String {
+) -> Result<String> {
     let mut y = String::from(
         "---\nlibrary_name: candle\nlicense: other\nlicense_name: stanford-cars-non-commercial\n",
     );
@@ -129,43 +164,86 @@ pub fn model_card(
         .clone()
         .unwrap_or_else(|| prov.dataset.clone());
     y += &format!(
-        "model-index:\n- name: {arch}-finetuned\n  results:\n  - task:\n      type: image-classification\n      name: Image Classification\n    dataset:\n      name: {dataset_name}\n      type: {dataset_name}\n      split: test\n    metrics:\n    - type: accuracy\n      name: top-1 accuracy\n      value: {t1}\n    - type: top_5_accuracy\n      name: top-5 accuracy\n      value: {t5}\n---\n",
+        "model-index:\n- name: {arch}-finetuned\n  results:\n  - task:\n      type: image-classification\n      name: Image Classification\n    dataset:\n      name: {dataset_name}\n      type: {dataset_name}\n      split: test\n    metrics:\n    - type: accuracy\n      name: top-1 accuracy\n      value: {t1}\n    - type: top_5_accuracy\n      name: top-5 accuracy\n      value: {t5}\n---",
         arch = cfg.architecture,
         t1 = pct(best.top1),
         t5 = pct(best.top5),
     );
-    let ls = args
-        .get("label_smoothing")
-        .and_then(|v| v.as_f64())
-        .unwrap_or(0.0);
-    if args.get("smoke").and_then(|v| v.as_bool()) == Some(true) {
-        y += "\n> **Smoke run**: generated images and random weights placed in a temporary Hub cache under the names below. Not a real model.\n";
+    let arg = |k: &str| match args.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".to_string(),
+        Some(v) => v.to_string(),
+    };
+    let smoke = args.get("smoke").and_then(|v| v.as_bool()) == Some(true);
+    let mut v: BTreeMap<&str, String> = BTreeMap::new();
+    v.insert("front_matter", y);
+    v.insert(
+        "smoke_note",
+        if smoke {
+            "\n> **Smoke run**: generated images and random weights placed in a temporary Hub \
+             cache under the names below. Not a real model.\n"
+                .to_string()
+        } else {
+            String::new()
+        },
+    );
+    v.insert("arch", cfg.architecture.to_string());
+    v.insert("num_classes", cfg.num_classes.to_string());
+    v.insert("base_model", prov.base_model.clone());
+    v.insert("dataset", prov.dataset.clone());
+    v.insert("best_epoch", best_epoch.to_string());
+    v.insert("top1", pct(best.top1));
+    v.insert("top5", pct(best.top5));
+    v.insert("nll", format!("{:.4}", best.nll));
+    v.insert("ece", pct(best.ece));
+    v.insert("count", best.n.to_string());
+    // Schedules serialise as {"kind": "cosine", "min_lr": 0.0}: "cosine decay (min_lr 0)".
+    let decay = match args.get("decay") {
+        Some(serde_json::Value::Object(m)) => {
+            let rest: Vec<String> = m
+                .iter()
+                .filter(|(k, _)| k.as_str() != "kind")
+                .map(|(k, x)| format!("{k} {x}"))
+                .collect();
+            let kind = m.get("kind").and_then(|k| k.as_str()).unwrap_or("-");
+            if rest.is_empty() {
+                format!("{kind} decay")
+            } else {
+                format!("{kind} decay ({})", rest.join(", "))
+            }
+        }
+        _ => arg("decay"),
+    };
+    v.insert("decay", decay);
+    for k in [
+        "label_smoothing",
+        "optimizer",
+        "momentum",
+        "nesterov",
+        "lr",
+        "warmup_epochs",
+        "backbone_lr_mult",
+        "weight_decay",
+        "epochs",
+        "batch_size",
+        "accum_steps",
+        "seed",
+    ] {
+        v.insert(k, arg(k));
     }
-    y += &format!(
-        "\n# {arch} fine-tuned with label smoothing {ls}\n\n\
-         A {arch} ({n} classes) fine-tuned with [candle-finetune](https://github.com/candle-xent/candle-xent) from `{base}` on `{data}`, with the loss of candle-xent (cross-entropy, label smoothing {ls}).\n\n\
-         ## Results (test split, best epoch {best_epoch})\n\n| metric | value |\n|---|---|\n| top-1 | {t1} % |\n| top-5 | {t5} % |\n| NLL | {nll:.4} |\n| ECE (15 bins) | {ece} % |\n| images | {count} |\n\n\
-         ![curves](curves.png) ![reliability](reliability.png)\n\n\
-         ## Intended use and licence\n\nResearch and education on fine-grained image classification. The training data (Stanford Cars) is for non-commercial research use only; so are these weights. The base weights are BSD-3-Clause (torchvision).\n\n\
-         ## Use\n\nCandle (Rust):\n\n```rust\nlet (model, config, varmap) = candle_finetune::hub::load_model_folder(\"path/to/this/folder\".as_ref(), &candle_core::Device::Cpu)?;\n```\n\ntimm / PyTorch:\n\n```python\nimport timm\nfrom safetensors.torch import load_file\nm = timm.create_model(\"{arch}\", num_classes={n})\nm.load_state_dict(load_file(\"model.safetensors\"))\n```\n\nPreprocessing: resize the shorter side to {resize} px ({interp:?}), center-crop {size} px, normalise with mean {mean:?} and std {std:?}.\n\n\
-         ## Training arguments\n\n```json\n{args}\n```\n",
-        arch = cfg.architecture,
-        n = cfg.num_classes,
-        base = prov.base_model,
-        data = prov.dataset,
-        t1 = pct(best.top1),
-        t5 = pct(best.top5),
-        nll = best.nll,
-        ece = pct(best.ece),
-        count = best.n,
-        resize = cfg.preprocess().eval_resize(),
-        interp = cfg.interpolation,
-        size = cfg.image_size,
-        mean = cfg.mean,
-        std = cfg.std,
-        args = serde_json::to_string_pretty(args).unwrap_or_default(),
+    v.insert("size", cfg.image_size.to_string());
+    v.insert("resize", cfg.preprocess().eval_resize().to_string());
+    v.insert(
+        "interpolation",
+        format!("{:?}", cfg.interpolation).to_lowercase(),
     );
-    y
+    v.insert("mean", format!("{:?}", cfg.mean));
+    v.insert("std", format!("{:?}", cfg.std));
+    v.insert(
+        "args",
+        serde_json::to_string_pretty(args).map_err(candle_core::Error::wrap)?,
+    );
+    render(CARD_TEMPLATE, &v)
 }
 
 /// Writes `config.json`, `README.md`, `training_args.json`, `curves.png` and
@@ -187,7 +265,7 @@ pub fn write_model_folder(
     )?;
     atomic_write_bytes(
         &out.join("README.md"),
-        model_card(cfg, prov, args, &fit.best, fit.best_epoch).as_bytes(),
+        model_card(cfg, prov, args, &fit.best, fit.best_epoch)?.as_bytes(),
     )?;
     let h = &fit.history;
     let col = |f: fn(&crate::train::EpochMetrics) -> f64| h.iter().map(f).collect::<Vec<_>>();

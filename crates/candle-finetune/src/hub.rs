@@ -60,7 +60,7 @@ impl Default for WeightsSource {
 /// let opts = candle_finetune::hub::HubOptions { offline: true, ..Default::default() };
 /// assert!(opts.cache_dir.is_none());
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct HubOptions {
     /// Cache root; `None`: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
     pub cache_dir: Option<PathBuf>,
@@ -68,6 +68,20 @@ pub struct HubOptions {
     pub offline: bool,
     /// Endpoint; `None`: `HF_ENDPOINT`, else `https://huggingface.co`.
     pub endpoint: Option<String>,
+    /// Access token; `None`: `HF_TOKEN`, else the file at `HF_TOKEN_PATH`, else
+    /// `HF_HOME/token` (what `huggingface-cli login` writes). Never printed: `Debug` redacts it.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Whether an environment value means "on" (`1`, `true`, `yes`, `on`, any case).
@@ -90,6 +104,7 @@ impl HubOptions {
             cache_dir: None,
             offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| truthy(&v)),
             endpoint: None,
+            token: None,
         }
     }
 
@@ -105,6 +120,9 @@ impl HubOptions {
         }
         if let Some(e) = &self.endpoint {
             b = b.endpoint(e);
+        }
+        if let Some(t) = &self.token {
+            b = b.token(t);
         }
         b.build_sync()
             .map_err(hub_err("cannot create the Hub client"))
@@ -386,7 +404,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// std::fs::write(&src, b"weights").unwrap();
 /// let rev = "0123456789abcdef0123456789abcdef01234567";
 /// seed_cache(cache.path(), RepoKind::Model, "me/net", rev, "model.safetensors", &src).unwrap();
-/// let opts = HubOptions { cache_dir: Some(cache.path().into()), offline: true, endpoint: None };
+/// let opts = HubOptions { cache_dir: Some(cache.path().into()), offline: true, ..Default::default() };
 /// let p = opts.model_file("me/net", "main", "model.safetensors").unwrap();
 /// assert_eq!(std::fs::read(p).unwrap(), b"weights");
 /// ```
@@ -452,4 +470,91 @@ pub fn load_model_folder(
     )?;
     load_weights(&varmap, &dir.join("model.safetensors"), Head::FromFile)?;
     Ok((model, cfg, varmap))
+}
+
+impl HubOptions {
+    /// The token uploads will use: [`HubOptions::token`], else `HF_TOKEN`, else the file named by
+    /// `HF_TOKEN_PATH`, else `HF_HOME/token` (default `~/.cache/huggingface/token`), the order
+    /// hf-hub itself follows. `None` when there is none (or `HF_HUB_DISABLE_IMPLICIT_TOKEN` is set).
+    pub fn resolved_token(&self) -> Option<String> {
+        if let Some(t) = &self.token {
+            return Some(t.clone()).filter(|t| !t.is_empty());
+        }
+        if std::env::var("HF_HUB_DISABLE_IMPLICIT_TOKEN").is_ok_and(|v| !v.is_empty()) {
+            return None;
+        }
+        if let Ok(t) = std::env::var("HF_TOKEN") {
+            if !t.is_empty() {
+                return Some(t);
+            }
+        }
+        let file = match std::env::var_os("HF_TOKEN_PATH") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let home = std::env::var_os("HF_HOME").map(PathBuf::from).or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface"))
+                });
+                home?.join("token")
+            }
+        };
+        let t = std::fs::read_to_string(file).ok()?.trim().to_string();
+        Some(t).filter(|t| !t.is_empty())
+    }
+}
+
+/// A fine-tuned classifier loaded back from the Hub (or a local folder) by [`from_pretrained`].
+pub struct Pretrained {
+    /// The network, weights loaded.
+    pub model: ResNet,
+    /// Its `config.json`.
+    pub config: crate::card::ModelConfig,
+    /// Class names, index order.
+    pub labels: Vec<String>,
+    /// The model's variables (to fine-tune further or export).
+    pub varmap: VarMap,
+}
+
+/// Loads a model published by `cargo xtask publish-cars` (any repo holding the `config.json` and
+/// `model.safetensors` of [`crate::card::write_model_folder`]): `repo` is `OWNER/NAME` on the
+/// Hub (downloaded into the Hub cache, or read from it when [`HubOptions::offline`]) or a local
+/// folder; `revision` defaults to `main`.
+///
+/// ```no_run
+/// use candle_finetune::hub::{from_pretrained, HubOptions};
+/// let p = from_pretrained(&HubOptions::from_env(), "someone/resnet18-stanford-cars", None,
+///                         &candle_core::Device::Cpu).unwrap();
+/// println!("{} classes, first {}", p.labels.len(), p.labels[0]);
+/// ```
+pub fn from_pretrained(
+    opts: &HubOptions,
+    repo: &str,
+    revision: Option<&str>,
+    device: &Device,
+) -> Result<Pretrained> {
+    let local = Path::new(repo);
+    let dir = if local.is_dir() {
+        local.to_path_buf()
+    } else {
+        let rev = revision.unwrap_or("main");
+        opts.model_file(repo, rev, "config.json")?;
+        let w = opts.model_file(repo, rev, "model.safetensors")?;
+        w.parent()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{repo}: no snapshot folder")))?
+            .to_path_buf()
+    };
+    let (model, config, varmap) = load_model_folder(&dir, device)?;
+    if config.id2label.len() != config.num_classes {
+        bail!(
+            "{repo}: config.json names {} classes but has num_classes {}",
+            config.id2label.len(),
+            config.num_classes
+        );
+    }
+    let labels = config.class_names();
+    Ok(Pretrained {
+        model,
+        config,
+        labels,
+        varmap,
+    })
 }

@@ -30,6 +30,7 @@ pub mod hub;
 pub mod maxpool;
 pub mod params;
 pub mod plot;
+pub mod publish;
 pub mod resnet;
 pub mod smoke;
 mod storage;

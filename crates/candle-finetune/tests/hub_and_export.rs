@@ -50,11 +50,13 @@ fn default_weights_load_offline_from_a_hub_cache() {
             cache_dir: Some(cache.path().into()),
             offline: true,
             endpoint: None,
+            token: None,
         },
         HubOptions {
             cache_dir: Some(cache.path().into()),
             offline: false,
             endpoint: Some("http://127.0.0.1:9".into()),
+            token: None,
         },
     ] {
         let path = opts.resolve(&WeightsSource::default()).unwrap();
@@ -102,6 +104,7 @@ fn branch_revisions_resolve_through_refs_offline_and_misses_are_clear() {
         cache_dir: Some(cache.path().into()),
         offline: true,
         endpoint: None,
+        token: None,
     };
     let p = opts
         .resolve(&WeightsSource::Hub {

@@ -225,7 +225,41 @@ impl Dataset {
             DEFAULT_DATASET_REPO,
             DEFAULT_DATASET_REVISION,
             &split.stanford_cars_shards(),
-        )
+        )?
+        .with_stanford_cars_names()
+    }
+
+    /// Names the classes with the 196 Stanford Cars names of
+    /// `models/resnet18-stanford-cars/classes.json` when the shards carried no names (classes
+    /// named by index); a dataset with real names is returned as is, one whose class count is
+    /// not 196 is an error.
+    ///
+    /// ```
+    /// use candle_finetune::data::Dataset;
+    /// let ds = Dataset { samples: vec![], class_names: (0..196).map(|i| i.to_string()).collect() };
+    /// let ds = ds.with_stanford_cars_names().unwrap();
+    /// assert_eq!(ds.class_names[0], "AM General Hummer SUV 2000");
+    /// ```
+    pub fn with_stanford_cars_names(mut self) -> Result<Self> {
+        let by_index = self
+            .class_names
+            .iter()
+            .enumerate()
+            .all(|(i, n)| *n == i.to_string());
+        if !by_index {
+            return Ok(self);
+        }
+        let names: Vec<String> = serde_json::from_str(crate::card::STANFORD_CARS_CLASSES_JSON)
+            .map_err(candle_core::Error::wrap)?;
+        if self.class_names.len() != names.len() {
+            bail!(
+                "dataset: {} unnamed classes, but Stanford Cars has {}",
+                self.class_names.len(),
+                names.len()
+            );
+        }
+        self.class_names = names;
+        Ok(self)
     }
 
     /// An image folder: one sub-folder per class (sorted by name), JPEG/PNG files inside
