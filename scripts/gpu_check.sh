@@ -13,10 +13,11 @@ py="${PYTHON:-python3}"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 cat "$here/BUILD_INFO" >> "$out/nvidia-smi.txt" 2>/dev/null || true
 
-# The CUDA libraries candle links (nvrtc, cublas, cublasLt, curand) from PyTorch's nvidia wheels.
+# The CUDA libraries candle links (cudart, nvrtc, cublas, cublasLt, curand) from PyTorch's
+# nvidia wheels; the driver's libcuda.so.1 comes from the system.
 libdirs=$("$py" - <<'EOF'
 import glob, os, site, sys
-want = ("libnvrtc.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10")
+want = ("libcudart.so.13", "libnvrtc.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10")
 roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
 dirs = []
 for r in roots:

@@ -13,8 +13,8 @@
 //! ```
 //!
 //! The binaries are linked against stub libraries that only carry the sonames of the CUDA
-//! driver and libraries candle links (libcuda.so.1, libnvrtc.so.13, libcublas.so.13,
-//! libcublasLt.so.13, libcurand.so.10): the real ones are found at run time, the driver's in the
+//! driver and libraries candle links (libcuda.so.1, libcudart.so.13, libnvrtc.so.13,
+//! libcublas.so.13, libcublasLt.so.13, libcurand.so.10): the real ones are found at run time, the driver's in the
 //! system and the others in PyTorch's `nvidia` wheels (run.sh puts them on LD_LIBRARY_PATH).
 //! The PTX (candle's and ours) comes from the nvcc on PATH: a driver runs PTX of its own CUDA
 //! version or older, so build with the oldest nvcc 13.x the target drivers have (13.0 for a
@@ -39,9 +39,11 @@ pub struct Args {
     wheels: Option<PathBuf>,
 }
 
-/// (soname, link name) of every CUDA library candle's cudarc links with `dynamic-linking`.
-const STUBS: [(&str, &str); 5] = [
+/// (soname, link name) of every CUDA library a `cuda` build links: cudarc's `dynamic-linking`
+/// set, and cudart for candle-kernels' statically compiled kernels.
+const STUBS: [(&str, &str); 6] = [
     ("libcuda.so.1", "cuda"),
+    ("libcudart.so.13", "cudart"),
     ("libnvrtc.so.13", "nvrtc"),
     ("libcublas.so.13", "cublas"),
     ("libcublasLt.so.13", "cublasLt"),

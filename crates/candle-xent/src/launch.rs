@@ -50,6 +50,74 @@ pub struct XentParams {
     pub soft: i64,
 }
 
+/// Kernel parameters of the Metal kernels, laid out like `struct XentParamsMetal` in
+/// `xent.metal`: seven 8-byte integers, then six `f32` (Metal GPUs have no f64). The derived
+/// values are computed here in f64 and rounded once, exactly as the CPU op rounds them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct XentParamsMetal {
+    /// Product of the dims before the class dim.
+    pub outer: i64,
+    /// Number of classes `C`.
+    pub classes: i64,
+    /// Product of the dims after the class dim.
+    pub inner: i64,
+    /// Target value that is ignored.
+    pub ignore_index: i64,
+    /// Threads per row in the row kernels.
+    pub group: i64,
+    /// 1 when class weights are given.
+    pub weighted: i64,
+    /// 1 for probability targets.
+    pub soft: i64,
+    /// Label smoothing `eps`.
+    pub smoothing: f32,
+    /// `eps / C`.
+    pub eps_over_c: f32,
+    /// z-loss coefficient.
+    pub z_loss: f32,
+    /// Soft-cap (0: off).
+    pub softcap: f32,
+    /// `1 / softcap` (0 when off).
+    pub softcap_inv: f32,
+    /// Sum of the class weights (`C` when unweighted).
+    pub weight_sum: f32,
+}
+
+impl XentParamsMetal {
+    /// The Metal parameters of the CUDA-side description `p` (whose `group` is taken as is)
+    /// with the class weights' sum (`None`: unweighted).
+    ///
+    /// ```
+    /// use candle_xent::launch::{XentParams, XentParamsMetal};
+    /// let p = XentParams { outer: 2, classes: 10, inner: 1, smoothing: 0.1, ignore_index: -100,
+    ///     z_loss: 0.0, softcap: 0.0, group: 32, weighted: 0, soft: 0 };
+    /// let m = XentParamsMetal::from_params(&p, None);
+    /// assert_eq!((m.eps_over_c, m.weight_sum), ((0.1f64 / 10.0) as f32, 10.0));
+    /// ```
+    pub fn from_params(p: &XentParams, weight_sum: Option<f64>) -> Self {
+        Self {
+            outer: p.outer,
+            classes: p.classes,
+            inner: p.inner,
+            ignore_index: p.ignore_index,
+            group: p.group,
+            weighted: p.weighted,
+            soft: p.soft,
+            smoothing: p.smoothing as f32,
+            eps_over_c: (p.smoothing / p.classes as f64) as f32,
+            z_loss: p.z_loss as f32,
+            softcap: p.softcap as f32,
+            softcap_inv: if p.softcap > 0.0 {
+                (1.0 / p.softcap) as f32
+            } else {
+                0.0
+            },
+            weight_sum: weight_sum.unwrap_or(p.classes as f64) as f32,
+        }
+    }
+}
+
 /// A 1-D launch: `grid` blocks of `block` threads, `group` threads per row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Launch {
@@ -138,5 +206,6 @@ mod tests {
     #[test]
     fn params_have_no_padding() {
         assert_eq!(std::mem::size_of::<XentParams>(), 10 * 8);
+        assert_eq!(std::mem::size_of::<XentParamsMetal>(), 7 * 8 + 6 * 4);
     }
 }

@@ -15,16 +15,10 @@
 #pragma once
 #define XENT_HOST_EMULATION 1
 
-#include <atomic>
-#include <barrier>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <math.h>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
+
+#include "emu_threads.h"
 
 #define __global__
 #define __device__
@@ -35,87 +29,23 @@
 
 using std::isfinite;
 
-struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
-};
 struct alignas(16) uint4 {
     uint32_t x, y, z, w;
 };
-
-namespace emu {
-struct Warp {
-    std::barrier<> bar;
-    alignas(8) unsigned char slot[32][8];
-    explicit Warp(int lanes) : bar(lanes) {}
-};
-struct Block {
-    std::barrier<> bar;
-    std::vector<std::unique_ptr<Warp>> warps;
-    explicit Block(int threads) : bar(threads) {
-        for (int w = 0; w * 32 < threads; ++w) {
-            int lanes = threads - w * 32 < 32 ? threads - w * 32 : 32;
-            warps.emplace_back(new Warp(lanes));
-        }
-    }
-};
-inline thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
-inline thread_local Block *block = nullptr;
-inline std::mutex one_launch;
-
-// Runs `kernel()` for every thread of every block of a 1-D launch. One OS thread per thread of
-// the block, reused for each block in turn; a separate barrier ends each block, so a thread that
-// left the kernel early while its block still waits in __syncthreads deadlocks here as it would
-// misbehave on a GPU.
-template <class F> void launch(unsigned grid, unsigned threads, F kernel) {
-    // `__shared__` statics are process-wide: one launch at a time, whatever the callers' threads
-    // (one mutex for every kernel, not a static of this template).
-    std::lock_guard<std::mutex> hold(one_launch);
-    Block blk((int)threads);
-    std::barrier<> block_done((std::ptrdiff_t)threads);
-    std::vector<std::thread> ts;
-    ts.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-        ts.emplace_back([&, t] {
-            for (unsigned b = 0; b < grid; ++b) {
-                thread_idx.x = t;
-                block_idx.x = b;
-                block_dim.x = threads;
-                grid_dim.x = grid;
-                block = &blk;
-                kernel();
-                block_done.arrive_and_wait();
-            }
-        });
-    }
-    for (auto &t : ts) t.join();
-}
-}  // namespace emu
 
 #define threadIdx (emu::thread_idx)
 #define blockIdx (emu::block_idx)
 #define blockDim (emu::block_dim)
 #define gridDim (emu::grid_dim)
 
-inline void __syncthreads() { emu::block->bar.arrive_and_wait(); }
+inline void __syncthreads() { emu::block_barrier(); }
 
 template <class V> V __shfl_xor_sync(unsigned, V v, int lane_mask) {
-    static_assert(sizeof(V) <= 8, "shuffle of at most 8 bytes");
-    emu::Warp &w = *emu::block->warps[threadIdx.x / 32];
-    int lane = (int)(threadIdx.x % 32);
-    std::memcpy(w.slot[lane], &v, sizeof(V));
-    w.bar.arrive_and_wait();
-    V r;
-    std::memcpy(&r, w.slot[lane ^ lane_mask], sizeof(V));
-    w.bar.arrive_and_wait();
-    return r;
+    return emu::shuffle_xor(v, lane_mask);
 }
 
 inline unsigned long long atomicMin(unsigned long long *addr, unsigned long long v) {
-    std::atomic_ref<unsigned long long> a(*addr);
-    unsigned long long old = a.load();
-    while (v < old && !a.compare_exchange_weak(old, v)) {
-    }
-    return old;
+    return emu::atomic_min(addr, v);
 }
 
 struct __half {
@@ -126,16 +56,5 @@ struct __nv_bfloat16 {
 };
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }
-inline float __bfloat162float(__nv_bfloat16 b) {
-    uint32_t u = (uint32_t)b.bits << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if (std::isnan(f)) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40)};
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return __nv_bfloat16{(uint16_t)(u >> 16)};
-}
+inline float __bfloat162float(__nv_bfloat16 b) { return emu::bf16_to_float(b.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{emu::float_to_bf16(f)}; }

@@ -23,7 +23,7 @@
 //! assert_eq!(stats[2], 1.0);
 //! ```
 
-use candle_xent::launch::{self, Launch, XentParams};
+use candle_xent::launch::{self, Launch, XentParams, XentParamsMetal};
 use half::{bf16, f16};
 use std::os::raw::{c_int, c_uint, c_void};
 
@@ -46,6 +46,34 @@ extern "C" {
         p: *const XentParams,
         bad: *mut u64,
     ) -> c_int;
+
+    #[allow(clippy::too_many_arguments)]
+    fn xent_emu_metal_run(
+        bwd: c_int,
+        strided: c_int,
+        dtype: c_int,
+        ytype: c_int,
+        grid: c_uint,
+        block: c_uint,
+        x: *const c_void,
+        y: *const c_void,
+        soft: *const c_void,
+        w: *const c_void,
+        p: *const XentParamsMetal,
+        stats: *mut c_void,
+        out: *mut c_void,
+        bad: *mut u32,
+    ) -> c_int;
+}
+
+/// Which kernel source runs: `src/xent.cu` or `src/xent.metal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// The CUDA kernels.
+    #[default]
+    Cuda,
+    /// The Metal kernels (no f64).
+    Metal,
 }
 
 /// Logit element types of the kernels and their accumulator type.
@@ -121,8 +149,10 @@ pub struct Problem {
     pub softcap: Option<f64>,
     /// Class weights.
     pub weight: Option<Vec<f64>>,
-    /// Threads per row for the row kernels; `None`: what the CUDA path would choose.
+    /// Threads per row for the row kernels; `None`: what the GPU path would choose.
     pub group: Option<u32>,
+    /// Kernel source to run.
+    pub source: Source,
 }
 
 impl Problem {
@@ -138,6 +168,7 @@ impl Problem {
             softcap: None,
             weight: None,
             group: None,
+            source: Source::Cuda,
         }
     }
 
@@ -204,37 +235,70 @@ impl Problem {
         let wsum: f64 = self.weight.as_ref().map_or(0.0, |w| w.iter().sum());
         let l = self.launch(std::mem::size_of::<T>());
         let p = self.params(matches!(targets, Targets::Soft(_)), l.group.max(32));
-        let mut bad = u64::MAX;
         if self.rows() == 0 {
             return Ok(());
         }
-        // SAFETY: every pointer covers the lengths checked above (stats and out by the callers);
-        // the kernels read and write only inside them.
-        let rc = unsafe {
-            xent_emu_run(
-                bwd as c_int,
-                (self.inner > 1) as c_int,
-                T::CODE,
-                ytype,
-                l.grid,
-                l.block,
-                x.cast(),
-                y,
-                soft,
-                w.as_ref()
-                    .map_or(std::ptr::null(), |v| v.as_ptr().cast::<c_void>()),
-                &wsum,
-                stats.cast(),
-                out.cast(),
-                &p,
-                &mut bad,
-            )
+        let w_ptr = w
+            .as_ref()
+            .map_or(std::ptr::null(), |v| v.as_ptr().cast::<c_void>());
+        let strided = (self.inner > 1) as c_int;
+        let first_bad: Option<usize> = match self.source {
+            Source::Cuda => {
+                let mut bad = u64::MAX;
+                // SAFETY: every pointer covers the lengths checked above (stats and out by the
+                // callers); the kernels read and write only inside them.
+                let rc = unsafe {
+                    xent_emu_run(
+                        bwd as c_int,
+                        strided,
+                        T::CODE,
+                        ytype,
+                        l.grid,
+                        l.block,
+                        x.cast(),
+                        y,
+                        soft,
+                        w_ptr,
+                        &wsum,
+                        stats.cast(),
+                        out.cast(),
+                        &p,
+                        &mut bad,
+                    )
+                };
+                assert_eq!(rc, 0, "unknown kernel type");
+                (bad != u64::MAX).then_some(bad as usize)
+            }
+            Source::Metal => {
+                assert!(T::CODE != 3, "Metal has no f64 kernels");
+                let mp = XentParamsMetal::from_params(&p, self.weight.as_ref().map(|_| wsum));
+                let mut bad = u32::MAX;
+                // SAFETY: as above; the Metal kernels take the same buffers.
+                let rc = unsafe {
+                    xent_emu_metal_run(
+                        bwd as c_int,
+                        strided,
+                        T::CODE,
+                        ytype,
+                        l.grid,
+                        l.block,
+                        x.cast(),
+                        y,
+                        soft,
+                        w_ptr,
+                        &mp,
+                        stats.cast(),
+                        out.cast(),
+                        &mut bad,
+                    )
+                };
+                assert_eq!(rc, 0, "unknown kernel type");
+                (bad != u32::MAX).then_some(bad as usize)
+            }
         };
-        assert_eq!(rc, 0, "unknown kernel type");
-        if bad == u64::MAX {
-            Ok(())
-        } else {
-            Err(BadTarget { row: bad as usize })
+        match first_bad {
+            None => Ok(()),
+            Some(row) => Err(BadTarget { row }),
         }
     }
 

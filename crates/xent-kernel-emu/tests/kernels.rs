@@ -10,7 +10,7 @@ use common::{assert_close, flat_f64};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use xent_kernel_emu::{BadTarget, Elem, Problem, Targets};
+use xent_kernel_emu::{BadTarget, Elem, Problem, Source, Targets};
 
 fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
     (0..n)
@@ -114,13 +114,25 @@ where
     let xr = flat_f64(&x);
     let y32: Vec<u32> = y.iter().map(|&v| v as u32).collect();
     let (rtol, atol) = tol(T::DTYPE);
-    for offset in [0, 1] {
+    let sources: &[Source] = if T::DTYPE == DType::F64 {
+        &[Source::Cuda]
+    } else {
+        &[Source::Cuda, Source::Metal]
+    };
+    for (&source, offset) in sources.iter().flat_map(|s| [0, 1].map(move |o| (s, o))) {
+        let mut p = p.clone();
+        p.source = source;
+        let p = &p;
         let run = if u32_targets {
             emulate::<T>(p, &xr, Targets::U32(&y32), offset)
         } else {
             emulate::<T>(p, &xr, Targets::I64(&y), offset)
         };
-        let what = format!("{:?} C={c} group {:?} offset {offset}", T::DTYPE, p.group);
+        let what = format!(
+            "{source:?} {:?} C={c} group {:?} offset {offset}",
+            T::DTYPE,
+            p.group
+        );
         assert_close(&run.loss, &want_loss, rtol, atol, &format!("{what} loss"));
         assert_close(&run.grad, &want_grad, rtol, atol, &format!("{what} grad"));
     }
@@ -184,20 +196,35 @@ fn strided_rows_with_soft_targets_and_weights() {
     let (want_loss, want_grad) = cpu_reference(&p, &[outer, c, inner], &x, &t);
     let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
     let t32: Vec<f32> = t64.iter().map(|&v| v as f32).collect();
-    let stats = p.forward(&x32, Targets::Soft(&t32)).unwrap();
-    let loss: Vec<f64> = (0..p.rows()).map(|r| stats[r * 3] as f64).collect();
-    assert_close(&loss, &want_loss, 2e-5, 2e-6, "strided soft loss");
-    let mut b = Vec::new();
-    for r in 0..p.rows() {
-        b.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], 1.0]);
+    for source in [Source::Cuda, Source::Metal] {
+        p.source = source;
+        let stats = p.forward(&x32, Targets::Soft(&t32)).unwrap();
+        let loss: Vec<f64> = (0..p.rows()).map(|r| stats[r * 3] as f64).collect();
+        assert_close(
+            &loss,
+            &want_loss,
+            2e-5,
+            2e-6,
+            &format!("{source:?} strided soft loss"),
+        );
+        let mut b = Vec::new();
+        for r in 0..p.rows() {
+            b.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], 1.0]);
+        }
+        let grad: Vec<f64> = p
+            .backward(&x32, Targets::Soft(&t32), &b)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        assert_close(
+            &grad,
+            &want_grad,
+            2e-5,
+            2e-6,
+            &format!("{source:?} strided soft grad"),
+        );
     }
-    let grad: Vec<f64> = p
-        .backward(&x32, Targets::Soft(&t32), &b)
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
-    assert_close(&grad, &want_grad, 2e-5, 2e-6, "strided soft grad");
 }
 
 #[test]
@@ -209,9 +236,13 @@ fn leading_masked_logits_in_every_layout() {
     let c = row.len();
     let lse = finite.iter().map(|v| v.exp()).sum::<f64>().ln();
     let y = [(masked + 2) as i64];
-    for group in [Some(32), Some(256), None] {
+    for (source, group) in [Source::Cuda, Source::Metal]
+        .into_iter()
+        .flat_map(|s| [Some(32), Some(256), None].map(move |g| (s, g)))
+    {
         let mut p = Problem::new(1, c, 1);
         p.group = group;
+        p.source = source;
         let r = emulate::<f32>(&p, &row, Targets::I64(&y), 0);
         assert!(
             (r.loss[0] - (lse - 2.0)).abs() < 1e-6,
@@ -247,9 +278,13 @@ fn leading_masked_logits_in_every_layout() {
 fn out_of_range_targets_report_the_first_bad_row() {
     let (rows, c) = (40, 10);
     let x = vec![0.5f32; rows * c];
-    for group in [Some(32), Some(128)] {
+    for (source, group) in [Source::Cuda, Source::Metal]
+        .into_iter()
+        .flat_map(|s| [Some(32), Some(128)].map(move |g| (s, g)))
+    {
         let mut p = Problem::new(rows, c, 1);
         p.group = group;
+        p.source = source;
         let mut y = vec![1i64; rows];
         y[33] = 10;
         y[17] = -3;
@@ -272,10 +307,14 @@ fn out_of_range_targets_report_the_first_bad_row() {
             Err(BadTarget { row: 39 })
         );
     }
-    let p = Problem::new(2, c, 3);
-    let y = [0i64, 1, 2, 3, 99, 5];
-    assert_eq!(
-        p.forward(&vec![0f32; 2 * c * 3], Targets::I64(&y)),
-        Err(BadTarget { row: 4 })
-    );
+    for source in [Source::Cuda, Source::Metal] {
+        let mut p = Problem::new(2, c, 3);
+        p.source = source;
+        let y = [0i64, 1, 2, 3, 99, 5];
+        assert_eq!(
+            p.forward(&vec![0f32; 2 * c * 3], Targets::I64(&y)),
+            Err(BadTarget { row: 4 }),
+            "{source:?}"
+        );
+    }
 }

@@ -10,7 +10,7 @@ use common::{assert_close, eps_for, flat_f64, rtol_for};
 use half::{bf16, f16};
 use serde::Deserialize;
 use std::collections::HashMap;
-use xent_kernel_emu::{Elem, Problem, Targets};
+use xent_kernel_emu::{Elem, Problem, Source, Targets};
 
 #[derive(Deserialize)]
 struct Case {
@@ -59,6 +59,7 @@ fn emulate<T: Elem + WithDType>(
     case: &Case,
     t: &HashMap<String, Tensor>,
     group: Option<u32>,
+    source: Source,
 ) -> (Problem, Emulated)
 where
     T::Acc: Into<f64>,
@@ -77,6 +78,7 @@ where
     p.z_loss = case.z_loss;
     p.softcap = case.softcap;
     p.group = if p.inner == 1 { group } else { None };
+    p.source = source;
     if case.weighted {
         p.weight = Some(flat_f64(&get("weight")));
     }
@@ -194,10 +196,22 @@ where
     let atol = 1e-7_f64.min(eps_for(dtype)) + 4.0 * xmax * acc_eps;
     let (want_loss, want_grad) = (flat_f64(&get("loss")), flat_f64(&get("grad")));
     let (cpu_loss, cpu_grad) = cpu_op(case, t);
-    // The geometry the CUDA path picks, then the other reduction path (warp <-> block).
-    for forced in [None, Some(32), Some(256)] {
-        let (p, e) = emulate::<T>(case, t, forced);
-        let what = format!("{} (inner {}, group {:?})", case.name, p.inner, p.group);
+    // The geometry the GPU path picks, then the other reduction path (warp <-> block), for the
+    // CUDA source and (no f64 on Metal) the Metal source.
+    let sources: &[Source] = if dtype == DType::F64 {
+        &[Source::Cuda]
+    } else {
+        &[Source::Cuda, Source::Metal]
+    };
+    for (&source, forced) in sources
+        .iter()
+        .flat_map(|s| [None, Some(32), Some(256)].map(move |g| (s, g)))
+    {
+        let (p, e) = emulate::<T>(case, t, forced, source);
+        let what = format!(
+            "{} ({source:?}, inner {}, group {:?})",
+            case.name, p.inner, p.group
+        );
         assert_close(
             &e.loss,
             &want_loss,
@@ -234,8 +248,8 @@ where
                 .collect::<Vec<_>>(),
             "{what}: in-place gradient differs from the out-of-place one"
         );
-        if p.inner > 1 {
-            break;
+        if p.inner > 1 && forced.is_some() {
+            continue;
         }
     }
 }

@@ -1,0 +1,430 @@
+// Metal kernels of candle-xent's fused cross-entropy op (`src/op.rs`): the algorithm of
+// `src/xent.cu`, in the Metal Shading Language.
+//
+// Compiled two ways from this one file:
+//   * by Metal at run time (`new_library_with_source`, fast math off) when the `metal` feature
+//     is on, once per device, pipelines cached;
+//   * as host C++ with a shim for the Metal built-ins (`crates/xent-kernel-emu/emu/metal_shim.h`)
+//     by the `xent-kernel-emu` test crate, which runs every thread of every threadgroup and
+//     compares the results with the CPU op and the PyTorch fixtures.
+//
+// Same layout, launch geometry (`candle_xent::launch`) and formulas as the CUDA kernels:
+//   * rows kernels (inner == 1): `group` threads per row, one SIMD-group (32 lanes, several rows
+//     per threadgroup, simd_shuffle_xor reductions) or the whole threadgroup (shuffles, then
+//     threadgroup memory);
+//   * strided kernels (inner > 1): one thread per row.
+// Differences from CUDA: no f64 on Metal GPUs (f32, f16 and, with Metal 3.1, bf16 logits, all
+// with f32 accumulation); parameters are f32/i64 (`XentParamsMetal`); the out-of-range flag is a
+// 32-bit atomic (rows < 2^32); loads are scalar (consecutive lanes read consecutive elements).
+
+#ifndef XENT_HOST_EMULATION
+#include <metal_stdlib>
+using namespace metal;
+#define XENT_HOST_NAME(n) [[host_name(n)]]
+#define XENT_THREADGROUP_ARRAY(T, name, n) threadgroup T name[n]
+#endif
+
+#define XENT_SIMD 32
+#define XENT_MAX_SIMDGROUPS 32
+
+// Mirrors `candle_xent::launch::XentParamsMetal`: seven 8-byte integers, then six floats (the
+// derived ones computed on the host in f64 and rounded once, as the CPU op does).
+struct XentParamsMetal {
+    long outer;
+    long classes;
+    long inner;
+    long ignore_index;
+    long group;  // threads per row in the rows kernels: 32 or the threadgroup size
+    long weighted;
+    long soft;
+    float smoothing;
+    float eps_over_c;  // smoothing / classes
+    float z_loss;
+    float softcap;      // 0: off
+    float softcap_inv;  // 1 / softcap
+    float weight_sum;   // sum of the class weights (classes when unweighted)
+};
+
+struct Sums {
+    float max, sum_exp;  // running max and sum exp(x - max)
+    float wx;            // sum_c w_c (x_c - anchor)
+    float wtx, wt;       // soft targets: sum_c w_c t_c (x_c - anchor), sum_c w_c t_c
+};
+
+inline Sums sums_zero() {
+    Sums s;
+    s.max = -INFINITY;
+    s.sum_exp = 0.0f;
+    s.wx = 0.0f;
+    s.wtx = 0.0f;
+    s.wt = 0.0f;
+    return s;
+}
+
+// Merges (m2, s2) into (m1, s1); -inf maxima contribute nothing.
+inline void merge_exp(thread float &m1, thread float &s1, float m2, float s2) {
+    bool up = m2 > m1;
+    float lo = up ? m1 : m2;
+    float hi = up ? m2 : m1;
+    float e = (lo == -INFINITY) ? 0.0f : exp(lo - hi);
+    s1 = up ? s1 * e + s2 : s1 + s2 * e;
+    m1 = hi;
+}
+
+inline void add_elem(thread Sums &s, float v, float wc, float tc, float anchor, bool soft) {
+    merge_exp(s.max, s.sum_exp, v, 1.0f);
+    float d = wc * (v - anchor);
+    s.wx += d;
+    if (soft) {
+        s.wtx += d * tc;
+        s.wt += wc * tc;
+    }
+}
+
+inline void merge_sums(thread Sums &a, Sums b) {
+    merge_exp(a.max, a.sum_exp, b.max, b.sum_exp);
+    a.wx += b.wx;
+    a.wtx += b.wtx;
+    a.wt += b.wt;
+}
+
+// Butterfly over the SIMD-group: every lane ends with the total.
+inline void simd_reduce(thread Sums &s) {
+    for (ushort off = XENT_SIMD / 2; off > 0; off /= 2) {
+        Sums o;
+        o.max = simd_shuffle_xor(s.max, off);
+        o.sum_exp = simd_shuffle_xor(s.sum_exp, off);
+        o.wx = simd_shuffle_xor(s.wx, off);
+        o.wtx = simd_shuffle_xor(s.wtx, off);
+        o.wt = simd_shuffle_xor(s.wt, off);
+        merge_sums(s, o);
+    }
+}
+
+// Whole-threadgroup reduction through `part` (threadgroup memory of XENT_MAX_SIMDGROUPS
+// entries); the total is valid in thread 0. Every thread of the threadgroup must call it.
+inline void group_reduce(thread Sums &s, threadgroup Sums *part, uint tid, uint tg_size) {
+    simd_reduce(s);
+    uint sg = tid / XENT_SIMD, lane = tid % XENT_SIMD;
+    uint groups = tg_size / XENT_SIMD;
+    if (lane == 0) part[sg] = s;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (sg == 0) {
+        s = lane < groups ? part[lane] : sums_zero();
+        simd_reduce(s);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+struct Cap {
+    float cap, inv;
+    bool on;
+};
+
+inline Cap make_cap(constant XentParamsMetal &p) {
+    Cap c;
+    c.on = p.softcap > 0.0f;
+    c.cap = p.softcap;
+    c.inv = p.softcap_inv;
+    return c;
+}
+
+inline float capped(Cap c, float v) { return c.on ? c.cap * tanh(v * c.inv) : v; }
+
+inline void finish_row(constant XentParamsMetal &p, Sums s, float anchor, bool has_y, float wy,
+                       float xy, device float *out) {
+    float lse_rel = (s.max - anchor) + log(s.sum_exp);
+    float lse = anchor + lse_rel;
+    float eps = p.smoothing;
+    float eoc = p.eps_over_c;
+    float z = p.z_loss * lse * lse;
+    if (p.soft == 0) {
+        if (!has_y) {
+            out[0] = 0.0f;
+            out[1] = lse;
+            out[2] = 0.0f;
+            return;
+        }
+        float loss = (1.0f - eps) * (wy * (lse_rel - (xy - anchor)));
+        if (p.smoothing != 0.0f) loss += eoc * (lse_rel * p.weight_sum - s.wx);
+        if (p.z_loss != 0.0f) loss += z;
+        out[0] = loss;
+        out[1] = lse;
+        out[2] = wy;
+    } else {
+        float wq = (1.0f - eps) * s.wt + eoc * p.weight_sum;
+        float wqx = (1.0f - eps) * s.wtx + eoc * s.wx;
+        out[0] = lse_rel * wq - wqx + z;
+        out[1] = lse;
+        out[2] = wq;
+    }
+}
+
+struct GradCoef {
+    float lse, alpha, beta, gamma, fix;
+    long y;
+    bool zero;
+};
+
+inline GradCoef grad_coef(constant XentParamsMetal &p, device const float *st, long y, bool has_y) {
+    GradCoef k;
+    float lse = st[0], tw = st[1], g = st[2];
+    float eps = p.smoothing;
+    float eoc = p.eps_over_c;
+    float two_z = 2.0f * p.z_loss;
+    k.lse = lse;
+    k.zero = false;
+    k.y = -1;
+    k.fix = 0.0f;
+    if (p.soft == 0) {
+        if (!has_y) {
+            k.zero = true;
+            k.alpha = k.beta = k.gamma = 0.0f;
+            return k;
+        }
+        k.alpha = g * ((1.0f - eps) * tw + eoc * p.weight_sum + two_z * lse);
+        k.beta = g * eoc;
+        k.gamma = 0.0f;
+        k.y = y;
+        k.fix = g * (1.0f - eps) * tw;
+    } else {
+        k.alpha = g * (tw + two_z * lse);
+        k.beta = g * eoc;
+        k.gamma = g * (1.0f - eps);
+    }
+    return k;
+}
+
+inline float grad_elem(GradCoef k, Cap cap, long c, float xc, float wc, float tc) {
+    float g = k.alpha * exp(xc - k.lse) - k.beta * wc;
+    g = g - k.gamma * wc * tc;
+    if (c == k.y) g = g - k.fix;
+    if (cap.on) {
+        float t = xc * cap.inv;
+        g *= 1.0f - t * t;
+    }
+    return g;
+}
+
+// Reads the class of row r. Returns true for a class to score; `valid` is false (and the row
+// recorded in `bad`) for an out-of-range class.
+template <typename Y>
+inline bool read_target(device const Y *y, long r, constant XentParamsMetal &p,
+                        device atomic_uint *bad, thread long &cls, thread bool &valid) {
+    cls = long(y[r]);
+    if (cls == p.ignore_index) {
+        valid = true;
+        return false;
+    }
+    valid = cls >= 0 && cls < p.classes;
+    if (!valid) atomic_fetch_min_explicit(bad, uint(r), memory_order_relaxed);
+    return valid;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows kernels (inner == 1).
+
+template <typename T, typename Y>
+kernel void xent_fwd(device const T *x [[buffer(0)]], device const Y *y [[buffer(1)]],
+                     device const T *soft [[buffer(2)]], device const float *w [[buffer(3)]],
+                     constant XentParamsMetal &p [[buffer(4)]], device float *stats [[buffer(5)]],
+                     device atomic_uint *bad [[buffer(6)]],
+                     uint tid [[thread_position_in_threadgroup]],
+                     uint tg [[threadgroup_position_in_grid]],
+                     uint tg_size [[threads_per_threadgroup]]) {
+    XENT_THREADGROUP_ARRAY(Sums, part, XENT_MAX_SIMDGROUPS);
+    const uint group = uint(p.group);
+    const long rows = p.outer * p.inner;
+    const long r = long(tg) * long(tg_size / group) + long(tid / group);
+    const uint lane = tid % group;
+    // Rows past the end only exist with a SIMD-group per row, which then leaves as a whole.
+    if (r >= rows) return;
+    const long C = p.classes;
+    device const T *xr = x + r * C;
+    const Cap cap = make_cap(p);
+    float anchor = capped(cap, float(xr[0]));
+    if (!isfinite(anchor)) anchor = 0.0f;
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    Sums s = sums_zero();
+    for (long c = lane; c < C; c += group) {
+        float wc = weighted ? w[c] : 1.0f;
+        float tc = is_soft ? float(soft[r * C + c]) : 0.0f;
+        add_elem(s, capped(cap, float(xr[c])), wc, tc, anchor, is_soft);
+    }
+    if (group == XENT_SIMD) {
+        simd_reduce(s);
+    } else {
+        group_reduce(s, part, tid, tg_size);
+    }
+    if (lane != 0) return;
+    device float *out = stats + r * 3;
+    if (is_soft) {
+        finish_row(p, s, anchor, true, 1.0f, 0.0f, out);
+        return;
+    }
+    long cls;
+    bool valid;
+    if (!read_target(y, r, p, bad, cls, valid)) {
+        if (valid) {
+            finish_row(p, s, anchor, false, 0.0f, 0.0f, out);
+        } else {
+            out[0] = out[1] = NAN;
+            out[2] = 0.0f;
+        }
+        return;
+    }
+    float wy = weighted ? w[cls] : 1.0f;
+    finish_row(p, s, anchor, true, wy, capped(cap, float(xr[cls])), out);
+}
+
+// `x` and `out` may be the same buffer (in-place gradient): each element is read and then
+// written by the same thread.
+template <typename T, typename Y>
+kernel void xent_bwd(device const T *x [[buffer(0)]], device const Y *y [[buffer(1)]],
+                     device const T *soft [[buffer(2)]], device const float *w [[buffer(3)]],
+                     constant XentParamsMetal &p [[buffer(4)]],
+                     device const float *stats [[buffer(5)]], device atomic_uint *bad [[buffer(6)]],
+                     device T *out [[buffer(7)]], uint tid [[thread_position_in_threadgroup]],
+                     uint tg [[threadgroup_position_in_grid]],
+                     uint tg_size [[threads_per_threadgroup]]) {
+    const uint group = uint(p.group);
+    const long rows = p.outer * p.inner;
+    const long r = long(tg) * long(tg_size / group) + long(tid / group);
+    const uint lane = tid % group;
+    if (r >= rows) return;
+    const long C = p.classes;
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    long cls = -1;
+    bool has_y = true, valid = true;
+    if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
+    const GradCoef k = grad_coef(p, stats + r * 3, cls, has_y);
+    const Cap cap = make_cap(p);
+    for (long c = lane; c < C; c += group) {
+        long i = r * C + c;
+        float g;
+        if (k.zero) {
+            g = valid ? 0.0f : NAN;
+        } else {
+            float wc = weighted ? w[c] : 1.0f;
+            float tc = is_soft ? float(soft[i]) : 0.0f;
+            g = grad_elem(k, cap, c, capped(cap, float(x[i])), wc, tc);
+        }
+        out[i] = T(g);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strided kernels (inner > 1): one thread per row (n, d), element c at n * C * inner + c * inner + d.
+
+template <typename T, typename Y>
+kernel void xent_fwd_strided(device const T *x [[buffer(0)]], device const Y *y [[buffer(1)]],
+                             device const T *soft [[buffer(2)]], device const float *w [[buffer(3)]],
+                             constant XentParamsMetal &p [[buffer(4)]],
+                             device float *stats [[buffer(5)]], device atomic_uint *bad [[buffer(6)]],
+                             uint tid [[thread_position_in_threadgroup]],
+                             uint tg [[threadgroup_position_in_grid]],
+                             uint tg_size [[threads_per_threadgroup]]) {
+    const long rows = p.outer * p.inner;
+    const long r = long(tg) * long(tg_size) + long(tid);
+    if (r >= rows) return;
+    const long C = p.classes, inner = p.inner;
+    const long base = (r / inner) * C * inner + r % inner;
+    const Cap cap = make_cap(p);
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    float anchor = capped(cap, float(x[base]));
+    if (!isfinite(anchor)) anchor = 0.0f;
+    Sums s = sums_zero();
+    for (long c = 0; c < C; ++c) {
+        float wc = weighted ? w[c] : 1.0f;
+        float tc = is_soft ? float(soft[base + c * inner]) : 0.0f;
+        add_elem(s, capped(cap, float(x[base + c * inner])), wc, tc, anchor, is_soft);
+    }
+    device float *out = stats + r * 3;
+    if (is_soft) {
+        finish_row(p, s, anchor, true, 1.0f, 0.0f, out);
+        return;
+    }
+    long cls;
+    bool valid;
+    if (!read_target(y, r, p, bad, cls, valid)) {
+        if (valid) {
+            finish_row(p, s, anchor, false, 0.0f, 0.0f, out);
+        } else {
+            out[0] = out[1] = NAN;
+            out[2] = 0.0f;
+        }
+        return;
+    }
+    float wy = weighted ? w[cls] : 1.0f;
+    finish_row(p, s, anchor, true, wy, capped(cap, float(x[base + cls * inner])), out);
+}
+
+template <typename T, typename Y>
+kernel void xent_bwd_strided(device const T *x [[buffer(0)]], device const Y *y [[buffer(1)]],
+                             device const T *soft [[buffer(2)]], device const float *w [[buffer(3)]],
+                             constant XentParamsMetal &p [[buffer(4)]],
+                             device const float *stats [[buffer(5)]],
+                             device atomic_uint *bad [[buffer(6)]], device T *out [[buffer(7)]],
+                             uint tid [[thread_position_in_threadgroup]],
+                             uint tg [[threadgroup_position_in_grid]],
+                             uint tg_size [[threads_per_threadgroup]]) {
+    const long rows = p.outer * p.inner;
+    const long r = long(tg) * long(tg_size) + long(tid);
+    if (r >= rows) return;
+    const long C = p.classes, inner = p.inner;
+    const long base = (r / inner) * C * inner + r % inner;
+    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    long cls = -1;
+    bool has_y = true, valid = true;
+    if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
+    const GradCoef k = grad_coef(p, stats + r * 3, cls, has_y);
+    const Cap cap = make_cap(p);
+    for (long c = 0; c < C; ++c) {
+        long i = base + c * inner;
+        float g;
+        if (k.zero) {
+            g = valid ? 0.0f : NAN;
+        } else {
+            float wc = weighted ? w[c] : 1.0f;
+            float tc = is_soft ? float(soft[i]) : 0.0f;
+            g = grad_elem(k, cap, c, capped(cap, float(x[i])), wc, tc);
+        }
+        out[i] = T(g);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: xent_{fwd,bwd}[_strided]_{f32,f16,bf16}_{u32,i64}. Soft targets use any
+// instantiation; unused buffers (y, soft, w) may be bound to any buffer.
+
+#ifndef XENT_HOST_EMULATION
+#define XENT_FWD_SIG(T, Y)                                                                        \
+    device const T *x [[buffer(0)]], device const Y *y [[buffer(1)]],                             \
+        device const T *soft [[buffer(2)]], device const float *w [[buffer(3)]],                  \
+        constant XentParamsMetal &p [[buffer(4)]], device float *stats [[buffer(5)]],             \
+        device atomic_uint *bad [[buffer(6)]], uint tid [[thread_position_in_threadgroup]],       \
+        uint tg [[threadgroup_position_in_grid]], uint tg_size [[threads_per_threadgroup]]
+#define XENT_BWD_SIG(T, Y)                                                                        \
+    device const T *x [[buffer(0)]], device const Y *y [[buffer(1)]],                             \
+        device const T *soft [[buffer(2)]], device const float *w [[buffer(3)]],                  \
+        constant XentParamsMetal &p [[buffer(4)]], device const float *stats [[buffer(5)]],       \
+        device atomic_uint *bad [[buffer(6)]], device T *out [[buffer(7)]],                       \
+        uint tid [[thread_position_in_threadgroup]], uint tg [[threadgroup_position_in_grid]],    \
+        uint tg_size [[threads_per_threadgroup]]
+#define XENT_INSTANTIATE(T, TN, Y, YN)                                                            \
+    template XENT_HOST_NAME("xent_fwd_" #TN "_" #YN) kernel void xent_fwd<T, Y>(XENT_FWD_SIG(T, Y)); \
+    template XENT_HOST_NAME("xent_bwd_" #TN "_" #YN) kernel void xent_bwd<T, Y>(XENT_BWD_SIG(T, Y)); \
+    template XENT_HOST_NAME("xent_fwd_strided_" #TN "_" #YN) kernel void xent_fwd_strided<T, Y>(     \
+        XENT_FWD_SIG(T, Y));                                                                      \
+    template XENT_HOST_NAME("xent_bwd_strided_" #TN "_" #YN) kernel void xent_bwd_strided<T, Y>(     \
+        XENT_BWD_SIG(T, Y));
+
+XENT_INSTANTIATE(float, f32, uint, u32)
+XENT_INSTANTIATE(float, f32, long, i64)
+XENT_INSTANTIATE(half, f16, uint, u32)
+XENT_INSTANTIATE(half, f16, long, i64)
+#if __METAL_VERSION__ >= 310
+XENT_INSTANTIATE(bfloat, bf16, uint, u32)
+XENT_INSTANTIATE(bfloat, bf16, long, i64)
+#endif
+#endif
