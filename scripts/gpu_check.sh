@@ -37,6 +37,13 @@ if [ -d "$here/wheels" ] && ls "$here"/wheels/*.whl >/dev/null 2>&1; then
     "$here"/wheels/*.whl && export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# The binaries travel stripped and gzipped.
+for b in cuda-tests xent_cuda_bench; do
+  if [ -f "$here/$b.gz" ]; then
+    gzip -dc "$here/$b.gz" > "$here/$b" && chmod +x "$here/$b"
+  fi
+done
+
 status=0
 echo "== Rust CUDA tests (parity vs the CPU op and the PyTorch fixtures)"
 XENT_FIXTURES_DIR="$here/fixtures" XENT_CUDA_DUMP="$out/cuda_dump.safetensors" \
