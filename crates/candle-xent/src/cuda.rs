@@ -4,7 +4,7 @@
 //! forward reads back one `u64` (the first row with an out-of-range class, if any) so that a bad
 //! target is an `Err`, never a silent number; that read waits for the kernel, like any host read.
 
-use crate::launch::{self, XentParams};
+use crate::launch::XentParams;
 use crate::op::CrossEntropyOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -54,43 +54,12 @@ fn dtype_err<T>(what: &str, got: DType) -> Result<T> {
     bail!("cross_entropy: {what} has an unsupported dtype {got:?} on CUDA")
 }
 
-/// Which kernel: forward or backward, rows or strided, and the target type.
-fn kernel_name(bwd: bool, op: &CrossEntropyOp, logit: &str, target: &str) -> String {
-    format!(
-        "xent_{}{}_{logit}_{target}",
-        if bwd { "bwd" } else { "fwd" },
-        if op.inner > 1 { "_strided" } else { "" }
-    )
-}
-
-fn geometry(op: &CrossEntropyOp, elem_bytes: usize) -> Result<(LaunchConfig, XentParams)> {
-    let rows = op.rows();
-    let l = if op.inner > 1 {
-        launch::strided_launch(rows)
-    } else {
-        launch::rows_launch(rows, op.classes, elem_bytes)
-    };
-    if rows.div_ceil((l.block / l.group.max(1)) as usize) > i32::MAX as usize {
-        bail!("cross_entropy: {rows} rows exceed one CUDA launch");
-    }
-    let cfg = LaunchConfig {
+fn launch_config(l: &crate::launch::Launch) -> LaunchConfig {
+    LaunchConfig {
         grid_dim: (l.grid, 1, 1),
         block_dim: (l.block, 1, 1),
         shared_mem_bytes: 0,
-    };
-    let p = XentParams {
-        outer: op.outer as i64,
-        classes: op.classes as i64,
-        inner: op.inner as i64,
-        smoothing: op.smoothing,
-        ignore_index: op.ignore_index,
-        z_loss: op.z_loss,
-        softcap: op.softcap.unwrap_or(0.0),
-        group: l.group.max(launch::WARP) as i64,
-        weighted: op.weight.is_some() as i64,
-        soft: op.soft as i64,
-    };
-    Ok((cfg, p))
+    }
 }
 
 /// The class weights (accumulator dtype) and their f64 sum, on the device, if any.
@@ -179,11 +148,12 @@ fn run<T: Logit>(
             other => return dtype_err("class-index target (u32 or i64 expected)", other),
         }
     };
-    let (cfg, params) = geometry(op, std::mem::size_of::<T>())?;
+    let (l, params) = op.kernel_launch(std::mem::size_of::<T>())?;
+    let cfg = launch_config(&l);
     let mut bad: CudaSlice<u64> = dev.clone_htod(&[u64::MAX])?;
     if rows > 0 {
         let func =
-            dev.get_or_load_custom_func(&kernel_name(bwd, op, T::NAME, y_name), MODULE, PTX)?;
+            dev.get_or_load_custom_func(&op.kernel_name(bwd, T::NAME, y_name), MODULE, PTX)?;
         let (bad_ptr, _bad_sync) = bad.device_ptr_mut(&stream);
         let mut b = func.builder();
         b.arg(&x);

@@ -46,6 +46,8 @@ pub mod launch;
 mod linear;
 mod loss;
 mod math;
+#[cfg(feature = "metal")]
+mod metal;
 mod op;
 mod reduction;
 

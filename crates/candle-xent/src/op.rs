@@ -229,6 +229,52 @@ impl CrossEntropyOp {
     }
 }
 
+// Used by the GPU backends (and unit-tested on every platform).
+#[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+impl CrossEntropyOp {
+    /// Launch geometry and parameter block of the GPU kernels (CUDA and Metal) for logits of
+    /// `elem_bytes` bytes: the row kernels when rows are contiguous, the strided ones otherwise.
+    pub(crate) fn kernel_launch(
+        &self,
+        elem_bytes: usize,
+    ) -> Result<(crate::launch::Launch, crate::launch::XentParams)> {
+        use crate::launch;
+        let rows = self.rows();
+        let l = if self.inner > 1 {
+            launch::strided_launch(rows)
+        } else {
+            launch::rows_launch(rows, self.classes, elem_bytes)
+        };
+        if l.grid as usize != rows.div_ceil((l.block / l.group.max(1)) as usize)
+            || rows.div_ceil((l.block / l.group.max(1)) as usize) > i32::MAX as usize
+        {
+            bail!("cross_entropy: {rows} rows exceed one GPU launch");
+        }
+        let p = launch::XentParams {
+            outer: self.outer as i64,
+            classes: self.classes as i64,
+            inner: self.inner as i64,
+            smoothing: self.smoothing,
+            ignore_index: self.ignore_index,
+            z_loss: self.z_loss,
+            softcap: self.softcap.unwrap_or(0.0),
+            group: l.group.max(launch::WARP) as i64,
+            weighted: self.weight.is_some() as i64,
+            soft: self.soft as i64,
+        };
+        Ok((l, p))
+    }
+
+    /// Entry point name in `xent.cu` / `xent.metal`: `xent_{fwd,bwd}[_strided]_{logit}_{target}`.
+    pub(crate) fn kernel_name(&self, bwd: bool, logit: &str, target: &str) -> String {
+        format!(
+            "xent_{}{}_{logit}_{target}",
+            if bwd { "bwd" } else { "fwd" },
+            if self.inner > 1 { "_strided" } else { "" }
+        )
+    }
+}
+
 fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
@@ -285,6 +331,18 @@ impl CustomOp2 for CrossEntropyOp {
         Ok((out, Shape::from((self.rows(), STATS))))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let out = crate::metal::forward(self, s1, l1, s2, l2)?;
+        Ok((out, Shape::from((self.rows(), STATS))))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -295,7 +353,7 @@ impl CustomOp2 for CrossEntropyOp {
         // Only the loss column carries a gradient: lse and the target weight are internal.
         let g = grad_res.narrow(1, 0, 1)?;
         let stats = Tensor::cat(&[&res.narrow(1, 1, 2)?.detach(), &g], 1)?.contiguous()?;
-        if self.inplace_grad && (logits.device().is_cpu() || logits.device().is_cuda()) {
+        if self.inplace_grad {
             logits.inplace_op3(target, &stats, &CrossEntropyBackward { op: self.clone() })?;
             return Ok((Some(logits.clone()), None));
         }
@@ -363,6 +421,19 @@ impl InplaceOp3 for CrossEntropyBackward {
     ) -> Result<()> {
         crate::cuda::backward_inplace(&self.op, s1, l1, s2, l2, s3, l3)
     }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &mut candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        crate::metal::backward(&self.op, s1, l1, s2, l2, s3, l3, true).map(|_| ())
+    }
 }
 
 impl CustomOp3 for CrossEntropyBackward {
@@ -406,5 +477,96 @@ impl CustomOp3 for CrossEntropyBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = crate::cuda::backward(&self.op, s1, l1, s2, l2, s3, l3)?;
         Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        let out = crate::metal::backward(&self.op, s1, l1, s2, l2, s3, l3, false)?
+            .expect("out-of-place backward returns the gradient");
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(outer: usize, classes: usize, inner: usize) -> CrossEntropyOp {
+        CrossEntropyOp {
+            outer,
+            classes,
+            inner,
+            smoothing: 0.1,
+            ignore_index: -100,
+            z_loss: 0.0,
+            softcap: Some(5.0),
+            inplace_grad: false,
+            weight: None,
+            soft: false,
+            target_dims: vec![outer * inner],
+        }
+    }
+
+    #[test]
+    fn gpu_arguments_follow_the_layout() {
+        let (l, p) = op(16, 131_072, 1).kernel_launch(2).unwrap();
+        assert_eq!((l.grid, l.block, l.group), (16, 1024, 1024));
+        assert_eq!((p.group, p.softcap, p.soft, p.weighted), (1024, 5.0, 0, 0));
+        assert_eq!(
+            op(16, 10, 1).kernel_name(false, "f32", "u32"),
+            "xent_fwd_f32_u32"
+        );
+        let k = op(2, 10, 300);
+        let (l, p) = k.kernel_launch(4).unwrap();
+        assert_eq!((l.grid, l.block, p.group), (3, 256, 32));
+        assert_eq!(
+            k.kernel_name(true, "bf16", "i64"),
+            "xent_bwd_strided_bf16_i64"
+        );
+        // Metal parameters: derived values rounded once from f64.
+        let m = crate::launch::XentParamsMetal::from_params(&p, Some(7.5));
+        assert_eq!(m.eps_over_c, (0.1f64 / 10.0) as f32);
+        assert_eq!(m.softcap_inv, (1.0f64 / 5.0) as f32);
+        assert_eq!(m.weight_sum, 7.5);
+    }
+
+    #[test]
+    fn every_kernel_name_exists_in_both_sources() {
+        let cu = include_str!("xent.cu");
+        let metal = include_str!("xent.metal");
+        for bwd in [false, true] {
+            for inner in [1, 3] {
+                let name = op(2, 10, inner).kernel_name(bwd, "T", "Y");
+                let stem = name.strip_suffix("_T_Y").unwrap();
+                assert!(
+                    cu.contains(&format!("void {stem}_##TN##_##YN(")),
+                    "{stem} in xent.cu"
+                );
+                assert!(
+                    metal.contains(&format!("(\"{stem}_\" #TN \"_\" #YN)")),
+                    "{stem} in xent.metal"
+                );
+            }
+        }
+        for (t, cu_t, metal_t) in [
+            ("f32", "float", "float"),
+            ("f16", "__half", "half"),
+            ("bf16", "__nv_bfloat16", "bfloat"),
+        ] {
+            for (y, cu_y, metal_y) in [("u32", "uint32_t", "uint"), ("i64", "int64_t", "long")] {
+                assert!(cu.contains(&format!("XENT_INSTANTIATE({cu_t}, {t}, {cu_y}, {y})")));
+                assert!(
+                    metal.contains(&format!("XENT_INSTANTIATE({metal_t}, {t}, {metal_y}, {y})"))
+                );
+            }
+        }
     }
 }

@@ -2,7 +2,7 @@
 // `src/xent.cu`, in the Metal Shading Language.
 //
 // Compiled two ways from this one file:
-//   * by Metal at run time (`new_library_with_source`, fast math off) when the `metal` feature
+//   * by Metal at run time (`new_library_with_source`; precise:: math) when the `metal` feature
 //     is on, once per device, pipelines cached;
 //   * as host C++ with a shim for the Metal built-ins (`crates/xent-kernel-emu/emu/metal_shim.h`)
 //     by the `xent-kernel-emu` test crate, which runs every thread of every threadgroup and
@@ -22,6 +22,14 @@
 using namespace metal;
 #define XENT_HOST_NAME(n) [[host_name(n)]]
 #define XENT_THREADGROUP_ARRAY(T, name, n) threadgroup T name[n]
+// Precise math whatever the library's fast-math setting (the CPU op's accuracy).
+#define XENT_EXP precise::exp
+#define XENT_LOG precise::log
+#define XENT_TANH precise::tanh
+#else
+#define XENT_EXP exp
+#define XENT_LOG log
+#define XENT_TANH tanh
 #endif
 
 #define XENT_SIMD 32
@@ -66,7 +74,7 @@ inline void merge_exp(thread float &m1, thread float &s1, float m2, float s2) {
     bool up = m2 > m1;
     float lo = up ? m1 : m2;
     float hi = up ? m2 : m1;
-    float e = (lo == -INFINITY) ? 0.0f : exp(lo - hi);
+    float e = (lo == -INFINITY) ? 0.0f : XENT_EXP(lo - hi);
     s1 = up ? s1 * e + s2 : s1 + s2 * e;
     m1 = hi;
 }
@@ -129,11 +137,11 @@ inline Cap make_cap(constant XentParamsMetal &p) {
     return c;
 }
 
-inline float capped(Cap c, float v) { return c.on ? c.cap * tanh(v * c.inv) : v; }
+inline float capped(Cap c, float v) { return c.on ? c.cap * XENT_TANH(v * c.inv) : v; }
 
 inline void finish_row(constant XentParamsMetal &p, Sums s, float anchor, bool has_y, float wy,
                        float xy, device float *out) {
-    float lse_rel = (s.max - anchor) + log(s.sum_exp);
+    float lse_rel = (s.max - anchor) + XENT_LOG(s.sum_exp);
     float lse = anchor + lse_rel;
     float eps = p.smoothing;
     float eoc = p.eps_over_c;
@@ -196,7 +204,7 @@ inline GradCoef grad_coef(constant XentParamsMetal &p, device const float *st, l
 }
 
 inline float grad_elem(GradCoef k, Cap cap, long c, float xc, float wc, float tc) {
-    float g = k.alpha * exp(xc - k.lse) - k.beta * wc;
+    float g = k.alpha * XENT_EXP(xc - k.lse) - k.beta * wc;
     g = g - k.gamma * wc * tc;
     if (c == k.y) g = g - k.fix;
     if (cap.on) {

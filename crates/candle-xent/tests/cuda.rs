@@ -1,227 +1,38 @@
-//! The CUDA kernels on a GPU: every PyTorch fixture case against the fixture values and against
-//! the CPU op, wide rows, K-dim, in-place gradients and error reporting.
+//! The CUDA kernels on a GPU (bodies in `common/gpu.rs`, shared with `tests/metal.rs`): every
+//! PyTorch fixture case against the fixture values and the CPU op, wide rows, K-dim, in-place
+//! gradients and error reporting.
 //!
 //! Built only with `--features cuda`; it needs a CUDA device (it fails without one: a `cuda`
 //! build is a request to check the GPU path). `cargo xtask gpu-check` builds it here and runs it
 //! on a GPU machine. With `XENT_CUDA_DUMP=FILE` it also writes every case's CUDA loss and
 //! gradient to a safetensors file, which `scripts/gpu_check.py` compares with PyTorch on CUDA.
-#![cfg(feature = "cuda")]
 
 mod common;
+#[path = "common/gpu.rs"]
+mod gpu;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_xent::{CrossEntropyLoss, Reduction};
-use common::fixtures::{fixtures, inputs, run, tolerances};
-use common::{assert_close, flat_f64};
-use std::collections::HashMap;
+use candle_core::Device;
 
-fn gpu() -> Device {
+fn dev() -> Device {
     Device::new_cuda(0).expect("a CUDA device (this test is built with --features cuda)")
 }
 
 #[test]
 fn fixtures_match_pytorch_and_the_cpu_op_on_cuda() {
-    let dev = gpu();
-    let (meta, t) = fixtures();
-    let mut dump = HashMap::new();
-    for case in &meta.cases {
-        let inp = inputs(case, &t);
-        let (cpu_loss, cpu_grad) = run(&inp.loss_fn, &inp.input, &inp.target, &inp.upstream);
-        let mut loss_fn = inp.loss_fn.clone();
-        if case.weighted {
-            let w = t[&format!("{}.weight", case.name)].to_device(&dev).unwrap();
-            loss_fn = loss_fn.weight(w);
-        }
-        let on = |x: &Tensor| x.to_device(&dev).unwrap();
-        let (loss, grad) = run(
-            &loss_fn,
-            &on(&inp.input),
-            &on(&inp.target),
-            &on(&inp.upstream),
-        );
-        assert!(loss.device().is_cuda() && grad.device().is_cuda());
-        let (rtol, atol) = tolerances(case, &inp.input);
-        let name = &case.name;
-        let (l, g) = (flat_f64(&loss), flat_f64(&grad));
-        assert_close(
-            &l,
-            &inp.want_loss,
-            rtol,
-            atol,
-            &format!("{name} loss vs PyTorch"),
-        );
-        assert_close(
-            &g,
-            &inp.want_grad,
-            rtol,
-            atol,
-            &format!("{name} grad vs PyTorch"),
-        );
-        assert_close(
-            &l,
-            &flat_f64(&cpu_loss),
-            rtol,
-            atol,
-            &format!("{name} loss vs CPU"),
-        );
-        assert_close(
-            &g,
-            &flat_f64(&cpu_grad),
-            rtol,
-            atol,
-            &format!("{name} grad vs CPU"),
-        );
-        // In place: the same numbers, written over the logits.
-        let (il, ig) = run(
-            &loss_fn.clone().inplace_grad(true),
-            &on(&inp.input),
-            &on(&inp.target),
-            &on(&inp.upstream),
-        );
-        assert_eq!(flat_f64(&il), l, "{name} in-place loss");
-        assert_eq!(flat_f64(&ig), g, "{name} in-place grad");
-        dump.insert(format!("{name}.loss"), loss.to_dtype(DType::F64).unwrap());
-        dump.insert(format!("{name}.grad"), grad.to_dtype(DType::F64).unwrap());
-    }
-    if let Some(path) = std::env::var_os("XENT_CUDA_DUMP") {
-        let cpu: HashMap<_, _> = dump
-            .into_iter()
-            .map(|(k, v)| (k, v.to_device(&Device::Cpu).unwrap()))
-            .collect();
-        candle_core::safetensors::save(&cpu, path).unwrap();
-    }
+    gpu::fixtures_match_pytorch_and_the_cpu_op(&dev(), true);
 }
 
-/// Wide rows (block-per-row kernels), every dtype and option, against the CPU op.
 #[test]
-fn wide_rows_match_the_cpu_op() {
-    let dev = gpu();
-    for (rows, c) in [(7usize, 32_000usize), (3, 131_072), (33, 1000), (5, 3001)] {
-        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
-            let x = Tensor::randn(0f32, 3.0, (rows, c), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let y: Vec<i64> = (0..rows)
-                .map(|r| {
-                    if r % 4 == 1 {
-                        -100
-                    } else {
-                        ((r * 7919) % c) as i64
-                    }
-                })
-                .collect();
-            let y = Tensor::new(y.as_slice(), &Device::Cpu).unwrap();
-            let w = Tensor::rand(0.5f32, 1.5, c, &Device::Cpu).unwrap();
-            let f = CrossEntropyLoss::new()
-                .label_smoothing(0.1)
-                .z_loss(1e-4)
-                .softcap(30.0)
-                .reduction(Reduction::None);
-            for weighted in [false, true] {
-                let f = if weighted {
-                    f.clone().weight(w.clone())
-                } else {
-                    f.clone()
-                };
-                let fg = if weighted {
-                    f.clone().weight(w.to_device(&dev).unwrap())
-                } else {
-                    f.clone()
-                };
-                let (cl, cg) = f.forward_with_grad(&x, &y).unwrap();
-                let (gl, gg) = fg
-                    .forward_with_grad(&x.to_device(&dev).unwrap(), &y.to_device(&dev).unwrap())
-                    .unwrap();
-                let (rtol, atol) = match dtype {
-                    DType::F64 => (1e-12, 1e-12),
-                    DType::F32 => (2e-5, 1e-6),
-                    DType::F16 => (2e-3, 1e-4),
-                    _ => (1e-2, 1e-3),
-                };
-                let what = format!("{rows}x{c} {dtype:?} weighted {weighted}");
-                assert_close(
-                    &flat_f64(&gl),
-                    &flat_f64(&cl),
-                    rtol,
-                    atol,
-                    &format!("{what} loss"),
-                );
-                assert_close(
-                    &flat_f64(&gg),
-                    &flat_f64(&cg),
-                    rtol,
-                    atol,
-                    &format!("{what} grad"),
-                );
-            }
-        }
-    }
+fn wide_rows_match_the_cpu_op_on_cuda() {
+    gpu::wide_rows_match_the_cpu_op(&dev(), true);
 }
 
 #[test]
 fn kdim_soft_targets_and_u8_targets_on_cuda() {
-    let dev = gpu();
-    let x = Tensor::randn(0f32, 2.0, (2, 19, 4, 5), &Device::Cpu).unwrap();
-    let soft = candle_nn::ops::softmax(
-        &Tensor::randn(0f32, 1.0, (2, 19, 4, 5), &Device::Cpu).unwrap(),
-        1,
-    )
-    .unwrap();
-    let f = CrossEntropyLoss::new().label_smoothing(0.2);
-    let (cl, cg) = f.forward_with_grad(&x, &soft).unwrap();
-    let (gl, gg) = f
-        .forward_with_grad(&x.to_device(&dev).unwrap(), &soft.to_device(&dev).unwrap())
-        .unwrap();
-    assert_close(&flat_f64(&gl), &flat_f64(&cl), 1e-5, 1e-6, "kdim soft loss");
-    assert_close(&flat_f64(&gg), &flat_f64(&cg), 1e-5, 1e-6, "kdim soft grad");
-    let y = Tensor::new(&[[3u8, 255, 18], [0, 7, 255]], &Device::Cpu).unwrap();
-    let x = Tensor::randn(0f32, 2.0, (2, 19, 3), &Device::Cpu).unwrap();
-    let f = CrossEntropyLoss::new()
-        .ignore_index(255)
-        .label_smoothing(0.1);
-    let (cl, cg) = f.forward_with_grad(&x, &y).unwrap();
-    let (gl, gg) = f
-        .forward_with_grad(&x.to_device(&dev).unwrap(), &y.to_device(&dev).unwrap())
-        .unwrap();
-    assert_close(&flat_f64(&gl), &flat_f64(&cl), 1e-5, 1e-6, "u8 loss");
-    assert_close(&flat_f64(&gg), &flat_f64(&cg), 1e-5, 1e-6, "u8 grad");
+    gpu::kdim_soft_targets_and_u8_targets(&dev());
 }
 
 #[test]
 fn out_of_range_targets_are_errors_on_cuda() {
-    let dev = gpu();
-    let x = Tensor::zeros((4, 10), DType::F32, &dev).unwrap();
-    for (y, bad) in [
-        (
-            Tensor::new(&[1u32, 2, 10, 3], &dev).unwrap(),
-            "class 10 at position [2]",
-        ),
-        (
-            Tensor::new(&[1i64, -5, 11, 3], &dev).unwrap(),
-            "class -5 at position [1]",
-        ),
-    ] {
-        let err = CrossEntropyLoss::new()
-            .forward(&x, &y)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(bad), "{err}");
-    }
-    let x = Tensor::zeros((2, 10, 3), DType::BF16, &dev).unwrap();
-    let y = Tensor::new(&[[0i64, 1, 2], [3, 40, 5]], &dev).unwrap();
-    let err = CrossEntropyLoss::new()
-        .forward(&x, &y)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("class 40 at position [1, 1]"), "{err}");
-    // Autograd into a Var on the GPU.
-    let v = Var::randn(0f32, 1.0, (3, 10), &dev).unwrap();
-    let y = Tensor::new(&[0u32, 9, 4], &dev).unwrap();
-    let g = candle_xent::cross_entropy(&v, &y, 0.1)
-        .unwrap()
-        .backward()
-        .unwrap();
-    let row_sums = flat_f64(&g.get(&v).unwrap().sum(1).unwrap());
-    assert!(row_sums.iter().all(|s| s.abs() < 1e-6), "{row_sums:?}");
+    gpu::out_of_range_targets_are_errors(&dev());
 }
