@@ -1,6 +1,8 @@
 //! One step of a language-model head: loss of `hidden (N, H) x weight (V, H)^T` with label
-//! smoothing 0.1, forward + backward, either fused and chunked (`fused`) or materialised
-//! (`materialised`: matmul, fused loss, autograd). Prints time and peak RSS (one process per mode).
+//! smoothing 0.1, forward + backward: fused and chunked through autograd (`fused`), fused without
+//! autograd (`fused-grad`: `forward_with_grad`), or materialised (`materialised`: matmul, fused
+//! loss, autograd). Prints the median time of 3 and the peak RSS beyond the inputs and the
+//! gradients themselves (`extra_peak_mib`), one process per mode.
 //!
 //! ```text
 //! cargo run --release -p candle-xent --example linear_step -- 2048 1024 32000 fused 256
@@ -40,23 +42,39 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..3 {
         let t0 = Instant::now();
         let loss = match mode.as_str() {
-            "fused" => FusedLinearCrossEntropy::new(ce.clone())
-                .chunk(chunk)
-                .forward(hid.as_tensor(), w.as_tensor(), None, &y)?,
-            "materialised" => ce.forward(&hid.as_tensor().matmul(&w.as_tensor().t()?)?, &y)?,
-            m => anyhow::bail!("unknown mode {m}"),
+            "fused-grad" => {
+                let r = FusedLinearCrossEntropy::new(ce.clone())
+                    .chunk(chunk)
+                    .forward_with_grad(hid.as_tensor(), w.as_tensor(), None, &y)?;
+                anyhow::ensure!(r.grad_weight.dims() == [v, h] && r.grad_hidden.dims() == [n, h]);
+                r.loss
+            }
+            mode => {
+                let loss = match mode {
+                    "fused" => FusedLinearCrossEntropy::new(ce.clone())
+                        .chunk(chunk)
+                        .forward(hid.as_tensor(), w.as_tensor(), None, &y)?,
+                    "materialised" => {
+                        ce.forward(&hid.as_tensor().matmul(&w.as_tensor().t()?)?, &y)?
+                    }
+                    m => anyhow::bail!("unknown mode {m}"),
+                };
+                let g = loss.backward()?;
+                anyhow::ensure!(g.get(w.as_tensor()).is_some() && g.get(hid.as_tensor()).is_some());
+                loss
+            }
         };
-        let g = loss.backward()?;
-        anyhow::ensure!(g.get(w.as_tensor()).is_some() && g.get(hid.as_tensor()).is_some());
         last = loss.to_scalar::<f32>()?;
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let logits_mib = (n * v * 4) as f64 / (1 << 20) as f64;
+    let mib = |elems: usize| (elems * 4) as f64 / (1 << 20) as f64;
+    let (logits_mib, grads_mib) = (mib(n * v), mib(n * h + v * h));
+    let peak = peak_rss_mib();
     println!(
-        "{{\"mode\":\"{mode}\",\"n\":{n},\"h\":{h},\"v\":{v},\"chunk\":{chunk},\"median_s\":{:.3},\"peak_rss_mib\":{:.0},\"inputs_rss_mib\":{base:.0},\"logits_mib\":{logits_mib:.0},\"loss\":{last}}}",
+        "{{\"mode\":\"{mode}\",\"n\":{n},\"h\":{h},\"v\":{v},\"chunk\":{chunk},\"median_s\":{:.3},\"peak_rss_mib\":{peak:.0},\"inputs_rss_mib\":{base:.0},\"grads_mib\":{grads_mib:.0},\"extra_peak_mib\":{:.0},\"logits_mib\":{logits_mib:.0},\"loss\":{last}}}",
         times[1],
-        peak_rss_mib()
+        peak - base - grads_mib
     );
     Ok(())
 }

@@ -287,6 +287,8 @@ fn has_avx2() -> bool {
 struct Kernels<A: Acc> {
     weighted: bool,
     soft: bool,
+    // Read only where the AVX2 kernels exist.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx2: bool,
     _a: std::marker::PhantomData<A>,
 }

@@ -52,6 +52,6 @@ mod op;
 mod reduction;
 
 pub use bce::BinaryCrossEntropyWithLogits;
-pub use linear::FusedLinearCrossEntropy;
+pub use linear::{FusedLinearCrossEntropy, LinearGrads};
 pub use loss::{cross_entropy, CrossEntropyLoss};
 pub use reduction::Reduction;

@@ -1,8 +1,9 @@
 //! Fused linear cross-entropy: the loss of `hidden (N, H) x weight (V, H)^T (+ bias)` computed in
 //! row chunks, so the `(N, V)` logits never exist at once.
 
+use crate::op::CrossEntropyBackward;
 use crate::{CrossEntropyLoss, Reduction};
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 /// Cross-entropy of a linear layer's output without materialising the logits (Liger Kernel's
 /// idea): rows are processed `chunk` at a time; for each chunk the logits, the fused loss and its
@@ -56,6 +57,54 @@ impl FusedLinearCrossEntropy {
         bias: Option<&Tensor>,
         target: &Tensor,
     ) -> Result<Tensor> {
+        let r = self.forward_with_grad(hidden, weight, bias, target)?;
+        let zeros;
+        let bias_t = match bias {
+            Some(b) => b,
+            None => {
+                zeros = Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?;
+                &zeros
+            }
+        };
+        let value = r
+            .loss
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        let op = Precomputed {
+            value,
+            gh: r.grad_hidden,
+            gw: r.grad_weight,
+            gb: r.grad_bias,
+        };
+        hidden
+            .apply_op3(weight, bias_t, op)?
+            .to_dtype(hidden.dtype())
+    }
+
+    /// The loss and its gradients without autograd: the memory-lean path. Beyond the inputs and
+    /// the returned gradients it holds one chunk of logits (`chunk * V` values), overwritten in
+    /// place by its gradient, and (on CPU) accumulates the weight gradient in place.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_xent::{CrossEntropyLoss, FusedLinearCrossEntropy};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let h = Tensor::randn(0f32, 1., (6, 4), &dev)?;
+    /// let w = Tensor::randn(0f32, 1., (10, 4), &dev)?;
+    /// let y = Tensor::new(&[1u32, 2, 3, 4, 5, 9], &dev)?;
+    /// let r = FusedLinearCrossEntropy::new(CrossEntropyLoss::new()).chunk(4)
+    ///     .forward_with_grad(&h, &w, None, &y)?;
+    /// assert_eq!((r.grad_hidden.dims(), r.grad_weight.dims()), (&[6, 4][..], &[10, 4][..]));
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_with_grad(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        target: &Tensor,
+    ) -> Result<LinearGrads> {
         let (n, h) = hidden.dims2()?;
         let (v, h2) = weight.dims2()?;
         if h != h2 {
@@ -95,6 +144,7 @@ impl FusedLinearCrossEntropy {
         };
         let chunk_loss = self.loss.clone().reduction(Reduction::Sum);
         let wt = weight.detach();
+        let hd = hidden.detach();
         let mut total = 0f64;
         let mut gh = Vec::new();
         let mut gw: Option<Tensor> = None;
@@ -104,14 +154,24 @@ impl FusedLinearCrossEntropy {
         let mut start = 0;
         while start < n {
             let len = self.chunk.min(n - start);
-            let hc = hidden.detach().narrow(0, start, len)?;
+            let hc = hd.narrow(0, start, len)?;
             let mut logits = hc.matmul(&wt.t()?)?;
             if let Some(b) = bias {
                 logits = logits.broadcast_add(&b.detach())?;
             }
-            let (l, g) = chunk_loss.forward_with_grad(&logits, &target.narrow(0, start, len)?)?;
-            total += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            let g = (g / denom)?;
+            // Loss of the chunk, then its gradient written over the chunk's logits.
+            let (op, logits, tc) = chunk_loss.prepare(&logits, &target.narrow(0, start, len)?)?;
+            let stats = logits.apply_op2_no_bwd(&tc, &op)?;
+            total += stats
+                .narrow(1, 0, 1)?
+                .to_dtype(candle_core::DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            let g_rows =
+                Tensor::full(1.0 / denom, (len, 1), stats.device())?.to_dtype(stats.dtype())?;
+            let bstats = Tensor::cat(&[&stats.narrow(1, 1, 2)?, &g_rows], 1)?.contiguous()?;
+            logits.inplace_op3(&tc, &bstats, &CrossEntropyBackward { op })?;
+            let g = logits;
             gh.push(g.matmul(&wt)?);
             if !gw_acc.add(&g, &hc)? {
                 let gwc = g.t()?.matmul(&hc)?;
@@ -129,28 +189,34 @@ impl FusedLinearCrossEntropy {
             }
             start += len;
         }
-        let value = total / denom;
-        let zeros;
-        let bias_t = match bias {
-            Some(b) => b,
-            None => {
-                zeros = Tensor::zeros(v, weight.dtype(), weight.device())?;
-                &zeros
-            }
+        let grad_weight = match gw_acc.finish(weight)? {
+            Some(t) => t,
+            None => gw.unwrap_or(weight.zeros_like()?),
         };
-        let op = Precomputed {
-            value,
-            gh: Tensor::cat(&gh, 0)?,
-            gw: match gw_acc.finish(weight)? {
-                Some(t) => t,
-                None => gw.unwrap_or(weight.zeros_like()?),
+        Ok(LinearGrads {
+            loss: Tensor::new(total / denom, hidden.device())?.to_dtype(hidden.dtype())?,
+            grad_hidden: if gh.is_empty() {
+                hidden.zeros_like()?
+            } else {
+                Tensor::cat(&gh, 0)?
             },
-            gb,
-        };
-        hidden
-            .apply_op3(weight, bias_t, op)?
-            .to_dtype(hidden.dtype())
+            grad_weight,
+            grad_bias: gb,
+        })
     }
+}
+
+/// The result of [`FusedLinearCrossEntropy::forward_with_grad`].
+#[derive(Debug, Clone)]
+pub struct LinearGrads {
+    /// The reduced loss (a scalar in the hidden states' dtype).
+    pub loss: Tensor,
+    /// Gradient of the loss with respect to `hidden`, `(N, H)`.
+    pub grad_hidden: Tensor,
+    /// Gradient with respect to `weight`, `(V, H)`.
+    pub grad_weight: Tensor,
+    /// Gradient with respect to `bias`, `(V,)`, when a bias was given.
+    pub grad_bias: Option<Tensor>,
 }
 
 /// Carries the eagerly computed loss value and gradients through autograd.
@@ -188,11 +254,20 @@ impl CustomOp3 for Precomputed {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.to_dtype(self.gh.dtype())?;
-        let gh = self.gh.broadcast_mul(&g)?.to_dtype(h.dtype())?;
-        let gw = self.gw.broadcast_mul(&g)?.to_dtype(w.dtype())?;
+        // `loss.backward()` hands 1: then the precomputed gradients are returned as they are
+        // (no weight-sized copy).
+        let scale = g.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let scaled = |t: &Tensor, dtype| -> Result<Tensor> {
+            if scale == 1.0 {
+                t.to_dtype(dtype)
+            } else {
+                t.affine(scale, 0.0)?.to_dtype(dtype)
+            }
+        };
+        let gh = scaled(&self.gh, h.dtype())?;
+        let gw = scaled(&self.gw, w.dtype())?;
         let gb = match &self.gb {
-            Some(b) => Some(b.broadcast_mul(&g)?),
+            Some(b) => Some(scaled(b, b.dtype())?),
             None => None,
         };
         Ok((Some(gh), Some(gw), gb))
@@ -223,24 +298,31 @@ impl GradAcc {
 
     fn add(&mut self, g: &Tensor, hc: &Tensor) -> Result<bool> {
         let rows = g.dim(0)?;
-        match self {
-            GradAcc::F32(acc, v, h) => {
-                let (g, hc) = (
-                    g.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-                    hc.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-                );
-                gemm_at_b(acc, &g, &hc, rows, *v, *h);
+        let (g, hc) = (g.contiguous()?, hc.contiguous()?);
+        let (gs, gl) = g.storage_and_layout();
+        let (hs, hl) = hc.storage_and_layout();
+        let (Some((ga, gb)), Some((ha, hb))) = (gl.contiguous_offsets(), hl.contiguous_offsets())
+        else {
+            return Ok(false);
+        };
+        match (self, &*gs, &*hs) {
+            (
+                GradAcc::F32(acc, v, h),
+                Storage::Cpu(CpuStorage::F32(gv)),
+                Storage::Cpu(CpuStorage::F32(hv)),
+            ) => {
+                gemm_at_b(acc, &gv[ga..gb], &hv[ha..hb], rows, *v, *h);
                 Ok(true)
             }
-            GradAcc::F64(acc, v, h) => {
-                let (g, hc) = (
-                    g.contiguous()?.flatten_all()?.to_vec1::<f64>()?,
-                    hc.contiguous()?.flatten_all()?.to_vec1::<f64>()?,
-                );
-                gemm_at_b(acc, &g, &hc, rows, *v, *h);
+            (
+                GradAcc::F64(acc, v, h),
+                Storage::Cpu(CpuStorage::F64(gv)),
+                Storage::Cpu(CpuStorage::F64(hv)),
+            ) => {
+                gemm_at_b(acc, &gv[ga..gb], &hv[ha..hb], rows, *v, *h);
                 Ok(true)
             }
-            GradAcc::Off => Ok(false),
+            _ => Ok(false),
         }
     }
 

@@ -350,7 +350,11 @@ impl CrossEntropyLoss {
     }
 
     /// Validates everything device-independent and builds the op.
-    fn prepare(&self, input: &Tensor, target: &Tensor) -> Result<(CrossEntropyOp, Tensor, Tensor)> {
+    pub(crate) fn prepare(
+        &self,
+        input: &Tensor,
+        target: &Tensor,
+    ) -> Result<(CrossEntropyOp, Tensor, Tensor)> {
         let eps = self.label_smoothing;
         if !(0.0..=1.0).contains(&eps) {
             bail!(

@@ -102,6 +102,40 @@ fn chunked_equals_materialised_for_every_option() {
                 &format!("{what} d bias"),
             );
         }
+        // Without autograd: the same numbers.
+        let r = FusedLinearCrossEntropy::new(ce.clone())
+            .chunk(chunk)
+            .forward_with_grad(hid.as_tensor(), w.as_tensor(), bias, &y)
+            .unwrap();
+        assert_eq!(flat_f64(&r.loss), flat_f64(&fused), "{what}");
+        assert_eq!(
+            flat_f64(&r.grad_weight),
+            flat_f64(gf.get(w.as_tensor()).unwrap())
+        );
+        assert_eq!(
+            flat_f64(&r.grad_hidden),
+            flat_f64(gf.get(hid.as_tensor()).unwrap())
+        );
+        assert_eq!(r.grad_bias.is_some(), with_bias);
+        // An upstream gradient other than 1 scales every gradient.
+        let scaled = (FusedLinearCrossEntropy::new(ce.clone())
+            .chunk(chunk)
+            .forward(hid.as_tensor(), w.as_tensor(), bias, &y)
+            .unwrap()
+            * 3.0)
+            .unwrap();
+        let gs = scaled.backward().unwrap();
+        let want: Vec<f64> = flat_f64(gp.get(w.as_tensor()).unwrap())
+            .iter()
+            .map(|g| 3.0 * g)
+            .collect();
+        assert_close(
+            &flat_f64(gs.get(w.as_tensor()).unwrap()),
+            &want,
+            1e-10,
+            1e-12,
+            &format!("{what} 3 x d weight"),
+        );
     }
 }
 
