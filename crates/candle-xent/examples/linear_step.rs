@@ -1,8 +1,9 @@
 //! One step of a language-model head: loss of `hidden (N, H) x weight (V, H)^T` with label
 //! smoothing 0.1, forward + backward: fused and chunked through autograd (`fused`), fused without
 //! autograd (`fused-grad`: `forward_with_grad`), or materialised (`materialised`: matmul, fused
-//! loss, autograd). Prints the median time of 3 and the peak RSS beyond the inputs and the
-//! gradients themselves (`extra_peak_mib`), one process per mode.
+//! loss, autograd). Prints the median time of 3, the peak RSS, and the exact peak of live heap
+//! bytes beyond the inputs and the gradients themselves (`extra_heap_peak_mib`, counted by a
+//! wrapping global allocator), one process per mode.
 //!
 //! ```text
 //! cargo run --release -p candle-xent --example linear_step -- 2048 1024 32000 fused 256
@@ -10,7 +11,38 @@
 
 use candle_core::{Device, Tensor, Var};
 use candle_xent::{CrossEntropyLoss, FusedLinearCrossEntropy};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+/// Counts live heap bytes and their high-water mark: exact, unlike RSS, which also shows the
+/// allocator's retained and fragmented pages.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static HIGH: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator and only adds bookkeeping.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            HIGH.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -37,6 +69,8 @@ fn main() -> anyhow::Result<()> {
     let ce = CrossEntropyLoss::new().label_smoothing(0.1);
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let base = peak_rss_mib();
+    let live_base = LIVE.load(Ordering::Relaxed);
+    HIGH.store(live_base, Ordering::Relaxed);
     let mut times = Vec::new();
     let mut last = 0f32;
     for _ in 0..3 {
@@ -68,13 +102,13 @@ fn main() -> anyhow::Result<()> {
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let mib = |elems: usize| (elems * 4) as f64 / (1 << 20) as f64;
-    let (logits_mib, grads_mib) = (mib(n * v), mib(n * h + v * h));
+    let elems = |n: usize| mib(n * 4);
+    let (logits_mib, grads_mib) = (elems(n * v), elems(n * h + v * h));
     let peak = peak_rss_mib();
+    let heap_extra = mib(HIGH.load(Ordering::Relaxed) - live_base) - grads_mib;
     println!(
-        "{{\"mode\":\"{mode}\",\"n\":{n},\"h\":{h},\"v\":{v},\"chunk\":{chunk},\"median_s\":{:.3},\"peak_rss_mib\":{peak:.0},\"inputs_rss_mib\":{base:.0},\"grads_mib\":{grads_mib:.0},\"extra_peak_mib\":{:.0},\"logits_mib\":{logits_mib:.0},\"loss\":{last}}}",
+        "{{\"mode\":\"{mode}\",\"n\":{n},\"h\":{h},\"v\":{v},\"chunk\":{chunk},\"median_s\":{:.3},\"peak_rss_mib\":{peak:.0},\"inputs_rss_mib\":{base:.0},\"grads_mib\":{grads_mib:.0},\"extra_heap_peak_mib\":{heap_extra:.1},\"logits_mib\":{logits_mib:.0},\"loss\":{last}}}",
         times[1],
-        peak - base - grads_mib
     );
     Ok(())
 }
