@@ -139,6 +139,16 @@ fn fake_hub(script: Script) -> FakeHub {
     }
 }
 
+/// Commit requests the fake Hub received on `main`.
+fn commit_attempts(hub: &FakeHub) -> usize {
+    hub.log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path.ends_with("/commit/main"))
+        .count()
+}
+
 fn hub_opts(url: &str, token: &str) -> HubOptions {
     HubOptions {
         endpoint: Some(url.to_string()),
@@ -343,13 +353,7 @@ fn server_errors_are_retried_then_reported() {
     let dir = tempfile::tempdir().unwrap();
     model_folder(dir.path());
     publish_folder(&hub_opts(&hub.url, TOKEN), dir.path(), &publish_opts(None)).unwrap();
-    let commits = hub
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r.path.ends_with("/commit/main"))
-        .count();
+    let commits = commit_attempts(&hub);
     assert_eq!(commits, 3);
     drop(hub);
     // A 500 that does not go away: every retry made, then an error naming the status.
@@ -361,13 +365,7 @@ fn server_errors_are_retried_then_reported() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("500"), "{err}");
-    let commits = hub
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r.path.ends_with("/commit/main"))
-        .count();
+    let commits = commit_attempts(&hub);
     assert_eq!(commits, 6, "the first attempt and hf-hub's five retries");
 }
 

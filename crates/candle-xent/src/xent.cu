@@ -307,6 +307,34 @@ __device__ __forceinline__ A weight_total(const XentParams &p, const double *wsu
     return p.weighted ? (A)(*wsum) : (A)(double)p.classes;
 }
 
+// Writes row r's [loss, lse, target_weight] from its sums: soft targets, an ignored class, an
+// out-of-range class (recorded in `bad`, NaN stats) or a class whose logit is xr[cls * stride].
+template <typename T, typename Y, typename A>
+__device__ __forceinline__ void write_stats(const XentParams &p, const Sums<A> &s, A anchor, long long r,
+                                            const Y *y, const A *w, const double *wsum, const T *xr,
+                                            long long stride, const Cap<A> &cap, A *stats,
+                                            unsigned long long *bad) {
+    A wsm = weight_total<A>(p, wsum);
+    A *out = stats + r * 3;
+    if (p.soft) {
+        finish_row(p, s, anchor, -1, true, (A)1, (A)0, wsm, out);
+        return;
+    }
+    long long cls;
+    bool valid;
+    if (!read_target(y, r, p, bad, cls, valid)) {
+        if (valid) {
+            finish_row(p, s, anchor, -1, false, (A)0, (A)0, wsm, out);
+        } else {
+            out[0] = out[1] = (A)NAN;
+            out[2] = (A)0;
+        }
+        return;
+    }
+    A wy = p.weighted ? w[cls] : (A)1;
+    finish_row(p, s, anchor, cls, true, wy, cap(to_acc(xr[cls * stride])), wsm, out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernels, contiguous rows (inner == 1).
 
@@ -349,25 +377,7 @@ __device__ __forceinline__ void fwd_rows(const T *__restrict__ x, const Y *__res
         block_reduce(s);
     }
     if (lane != 0) return;
-    A wsm = weight_total<A>(p, wsum);
-    A *out = stats + r * 3;
-    if (is_soft) {
-        finish_row(p, s, anchor, -1, true, (A)1, (A)0, wsm, out);
-        return;
-    }
-    long long cls;
-    bool valid;
-    if (!read_target(y, r, p, bad, cls, valid)) {
-        if (valid) {
-            finish_row(p, s, anchor, -1, false, (A)0, (A)0, wsm, out);
-        } else {
-            out[0] = out[1] = (A)NAN;
-            out[2] = (A)0;
-        }
-        return;
-    }
-    A wy = weighted ? w[cls] : (A)1;
-    finish_row(p, s, anchor, cls, true, wy, cap(to_acc(xr[cls])), wsm, out);
+    write_stats(p, s, anchor, r, y, w, wsum, xr, 1, cap, stats, bad);
 }
 
 // `x` and `out` may be the same buffer (in-place gradient), so neither is __restrict__.
@@ -458,25 +468,7 @@ __device__ __forceinline__ void fwd_strided(const T *__restrict__ x, const Y *__
         A tc = is_soft ? to_acc(tr[c * inner]) : (A)0;
         add_elem(s, cap(to_acc(xr[c * inner])), wc, tc, anchor, is_soft);
     }
-    A wsm = weight_total<A>(p, wsum);
-    A *out = stats + r * 3;
-    if (is_soft) {
-        finish_row(p, s, anchor, -1, true, (A)1, (A)0, wsm, out);
-        return;
-    }
-    long long cls;
-    bool valid;
-    if (!read_target(y, r, p, bad, cls, valid)) {
-        if (valid) {
-            finish_row(p, s, anchor, -1, false, (A)0, (A)0, wsm, out);
-        } else {
-            out[0] = out[1] = (A)NAN;
-            out[2] = (A)0;
-        }
-        return;
-    }
-    A wy = weighted ? w[cls] : (A)1;
-    finish_row(p, s, anchor, cls, true, wy, cap(to_acc(xr[cls * inner])), wsm, out);
+    write_stats(p, s, anchor, r, y, w, wsum, xr, inner, cap, stats, bad);
 }
 
 template <typename T, typename Y>

@@ -229,6 +229,32 @@ inline bool read_target(device const Y *y, long r, constant XentParamsMetal &p,
     return valid;
 }
 
+// Writes row r's [loss, lse, target_weight] from its sums: soft targets, an ignored class, an
+// out-of-range class (recorded in `bad`, NaN stats) or a class whose logit is xr[cls * stride].
+template <typename T, typename Y>
+inline void write_stats(constant XentParamsMetal &p, Sums s, float anchor, long r, device const Y *y,
+                        device const float *w, device const T *xr, long stride, Cap cap,
+                        device float *stats, device atomic_uint *bad) {
+    device float *out = stats + r * 3;
+    if (p.soft != 0) {
+        finish_row(p, s, anchor, true, 1.0f, 0.0f, out);
+        return;
+    }
+    long cls;
+    bool valid;
+    if (!read_target(y, r, p, bad, cls, valid)) {
+        if (valid) {
+            finish_row(p, s, anchor, false, 0.0f, 0.0f, out);
+        } else {
+            out[0] = out[1] = NAN;
+            out[2] = 0.0f;
+        }
+        return;
+    }
+    float wy = p.weighted != 0 ? w[cls] : 1.0f;
+    finish_row(p, s, anchor, true, wy, capped(cap, float(xr[cls * stride])), out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rows kernels (inner == 1).
 
@@ -265,24 +291,7 @@ kernel void xent_fwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
         group_reduce(s, part, tid, tg_size);
     }
     if (lane != 0) return;
-    device float *out = stats + r * 3;
-    if (is_soft) {
-        finish_row(p, s, anchor, true, 1.0f, 0.0f, out);
-        return;
-    }
-    long cls;
-    bool valid;
-    if (!read_target(y, r, p, bad, cls, valid)) {
-        if (valid) {
-            finish_row(p, s, anchor, false, 0.0f, 0.0f, out);
-        } else {
-            out[0] = out[1] = NAN;
-            out[2] = 0.0f;
-        }
-        return;
-    }
-    float wy = weighted ? w[cls] : 1.0f;
-    finish_row(p, s, anchor, true, wy, capped(cap, float(xr[cls])), out);
+    write_stats(p, s, anchor, r, y, w, xr, 1, cap, stats, bad);
 }
 
 // `x` and `out` may be the same buffer (in-place gradient): each element is read and then
@@ -347,24 +356,7 @@ kernel void xent_fwd_strided(device const T *x [[buffer(0)]], device const Y *y 
         float tc = is_soft ? float(soft[base + c * inner]) : 0.0f;
         add_elem(s, capped(cap, float(x[base + c * inner])), wc, tc, anchor, is_soft);
     }
-    device float *out = stats + r * 3;
-    if (is_soft) {
-        finish_row(p, s, anchor, true, 1.0f, 0.0f, out);
-        return;
-    }
-    long cls;
-    bool valid;
-    if (!read_target(y, r, p, bad, cls, valid)) {
-        if (valid) {
-            finish_row(p, s, anchor, false, 0.0f, 0.0f, out);
-        } else {
-            out[0] = out[1] = NAN;
-            out[2] = 0.0f;
-        }
-        return;
-    }
-    float wy = weighted ? w[cls] : 1.0f;
-    finish_row(p, s, anchor, true, wy, capped(cap, float(x[base + cls * inner])), out);
+    write_stats(p, s, anchor, r, y, w, x + base, inner, cap, stats, bad);
 }
 
 template <typename T, typename Y>
