@@ -1,12 +1,14 @@
 //! One step of a language-model head: loss of `hidden (N, H) x weight (V, H)^T` with label
 //! smoothing 0.1, forward + backward: fused and chunked through autograd (`fused`), fused without
 //! autograd (`fused-grad`: `forward_with_grad`), or materialised (`materialised`: matmul, fused
-//! loss, autograd). Prints the median time of 3, the peak RSS, and the exact peak of live heap
-//! bytes beyond the inputs and the gradients themselves (`extra_heap_peak_mib`, counted by a
-//! wrapping global allocator), one process per mode.
+//! loss, autograd). Prints the median time of REPS (default 3), the peak RSS, and the exact peak
+//! of live heap bytes beyond the inputs and the gradients themselves (`extra_heap_peak_mib`,
+//! counted by a wrapping global allocator), one process per mode.
 //!
 //! ```text
-//! cargo run --release -p candle-xent --example linear_step -- 2048 1024 32000 fused 256
+//! cargo run --release -p candle-xent --example linear_step -- N H V MODE [CHUNK] [REPS]
+//! # CHUNK 0 or absent: FusedLinearCrossEntropy::chunk_rows
+//! cargo run --release -p candle-xent --example linear_step -- 8192 1024 32000 fused-grad
 //! ```
 
 use candle_core::{Device, Tensor, Var};
@@ -60,7 +62,9 @@ fn main() -> anyhow::Result<()> {
     let h: usize = a.get(2).map_or(Ok(1024), |s| s.parse())?;
     let v: usize = a.get(3).map_or(Ok(32000), |s| s.parse())?;
     let mode = a.get(4).cloned().unwrap_or_else(|| "fused".into());
-    let chunk: usize = a.get(5).map_or(Ok(256), |s| s.parse())?;
+    // 0: the default, FusedLinearCrossEntropy::chunk_rows.
+    let chunk: usize = a.get(5).map_or(Ok(0), |s| s.parse())?;
+    let reps: usize = a.get(6).map_or(Ok(3), |s| s.parse())?;
     let dev = Device::Cpu;
     let hid = Var::randn(0f32, 1., (n, h), &dev)?;
     let w = Var::randn(0f32, 0.02, (v, h), &dev)?;
@@ -73,21 +77,25 @@ fn main() -> anyhow::Result<()> {
     HIGH.store(live_base, Ordering::Relaxed);
     let mut times = Vec::new();
     let mut last = 0f32;
-    for _ in 0..3 {
+    let flce = |ce: &CrossEntropyLoss| match chunk {
+        0 => FusedLinearCrossEntropy::new(ce.clone()),
+        c => FusedLinearCrossEntropy::new(ce.clone()).chunk(c),
+    };
+    let chunk = match chunk {
+        0 => FusedLinearCrossEntropy::chunk_rows(n, h, v),
+        c => c,
+    };
+    for _ in 0..reps.max(1) {
         let t0 = Instant::now();
         let loss = match mode.as_str() {
             "fused-grad" => {
-                let r = FusedLinearCrossEntropy::new(ce.clone())
-                    .chunk(chunk)
-                    .forward_with_grad(hid.as_tensor(), w.as_tensor(), None, &y)?;
+                let r = flce(&ce).forward_with_grad(hid.as_tensor(), w.as_tensor(), None, &y)?;
                 anyhow::ensure!(r.grad_weight.dims() == [v, h] && r.grad_hidden.dims() == [n, h]);
                 r.loss
             }
             mode => {
                 let loss = match mode {
-                    "fused" => FusedLinearCrossEntropy::new(ce.clone())
-                        .chunk(chunk)
-                        .forward(hid.as_tensor(), w.as_tensor(), None, &y)?,
+                    "fused" => flce(&ce).forward(hid.as_tensor(), w.as_tensor(), None, &y)?,
                     "materialised" => {
                         ce.forward(&hid.as_tensor().matmul(&w.as_tensor().t()?)?, &y)?
                     }
@@ -108,7 +116,7 @@ fn main() -> anyhow::Result<()> {
     let heap_extra = mib(HIGH.load(Ordering::Relaxed) - live_base) - grads_mib;
     println!(
         "{{\"mode\":\"{mode}\",\"n\":{n},\"h\":{h},\"v\":{v},\"chunk\":{chunk},\"median_s\":{:.3},\"peak_rss_mib\":{peak:.0},\"inputs_rss_mib\":{base:.0},\"grads_mib\":{grads_mib:.0},\"extra_heap_peak_mib\":{heap_extra:.1},\"logits_mib\":{logits_mib:.0},\"loss\":{last}}}",
-        times[1],
+        times[times.len() / 2],
     );
     Ok(())
 }

@@ -11,8 +11,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, T
 /// `bias`, which the backward pass then hands out. Every [`CrossEntropyLoss`] option applies
 /// (smoothing, weights, ignore_index, z-loss, softcap); reductions `Mean` and `Sum`.
 ///
-/// Extra memory: one chunk of logits and its gradient (`2 * chunk * V` values) plus the
-/// gradients themselves, instead of the `N * V` logits and their gradient.
+/// Extra memory: one chunk of logits (`chunk * V` values), overwritten in place by its gradient,
+/// plus the gradients themselves, instead of the `N * V` logits and their gradient. By default
+/// ([`FusedLinearCrossEntropy::chunk_rows`]) a chunk's logits are about the size of the hidden
+/// states (Liger Kernel's rule), and at least 256 rows.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -33,19 +35,41 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, T
 #[derive(Debug, Clone)]
 pub struct FusedLinearCrossEntropy {
     loss: CrossEntropyLoss,
-    chunk: usize,
+    chunk: Option<usize>,
 }
 
 impl FusedLinearCrossEntropy {
-    /// Wraps a configured loss (reduction `Mean` or `Sum`); default chunk 1024 rows.
+    /// Wraps a configured loss (reduction `Mean` or `Sum`); chunks sized by
+    /// [`FusedLinearCrossEntropy::chunk_rows`] unless [`FusedLinearCrossEntropy::chunk`] is set.
     pub fn new(loss: CrossEntropyLoss) -> Self {
-        Self { loss, chunk: 1024 }
+        Self { loss, chunk: None }
     }
 
-    /// Rows per chunk.
+    /// Rows per chunk (at least 1), instead of the default [`FusedLinearCrossEntropy::chunk_rows`].
     pub fn chunk(mut self, rows: usize) -> Self {
-        self.chunk = rows.max(1);
+        self.chunk = Some(rows.max(1));
         self
+    }
+
+    /// The default rows per chunk for `n` rows of `h` features and `v` classes: the power of two
+    /// at or above `n * h / v`, so that a chunk of logits holds about as many values as the
+    /// hidden states, but at least 256 rows (below that the CPU GEMMs re-read the weight too
+    /// often and slow down) and at most `n`.
+    ///
+    /// ```
+    /// use candle_xent::FusedLinearCrossEntropy;
+    /// // Llama-3 head, 8192 tokens: 256 rows, 128 MiB of f32 logits per chunk instead of 4 GiB.
+    /// assert_eq!(FusedLinearCrossEntropy::chunk_rows(8192, 2048, 128_256), 256);
+    /// assert_eq!(FusedLinearCrossEntropy::chunk_rows(65_536, 4096, 32_000), 16_384);
+    /// assert_eq!(FusedLinearCrossEntropy::chunk_rows(100, 512, 1000), 100);
+    /// ```
+    pub fn chunk_rows(n: usize, h: usize, v: usize) -> usize {
+        let rows = (n.saturating_mul(h)).div_ceil(v.max(1)).max(1);
+        rows.checked_next_power_of_two()
+            .unwrap_or(rows)
+            .max(256)
+            .min(n)
+            .max(1)
     }
 
     /// The reduced loss of `hidden (N, H) x weight (V, H)^T + bias (V)` against class targets
@@ -83,7 +107,8 @@ impl FusedLinearCrossEntropy {
 
     /// The loss and its gradients without autograd: the memory-lean path. Beyond the inputs and
     /// the returned gradients it holds one chunk of logits (`chunk * V` values), overwritten in
-    /// place by its gradient, and (on CPU) accumulates the weight gradient in place.
+    /// place by its gradient; on CPU (f32, f64) the GEMMs write straight into the gradient
+    /// buffers, so nothing else grows with the chunk or the vocabulary.
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
@@ -148,12 +173,13 @@ impl FusedLinearCrossEntropy {
         let mut total = 0f64;
         let mut gh = Vec::new();
         let mut gw: Option<Tensor> = None;
-        // CPU f32/f64: accumulate the weight gradient in place with one GEMM per chunk.
-        let mut gw_acc = GradAcc::new(weight)?;
+        // CPU f32/f64: GEMMs straight into the two gradient buffers, no per-chunk temporaries.
+        let mut cpu = CpuGrads::new(&wt, n)?;
         let mut gb: Option<Tensor> = None;
+        let chunk = self.chunk.unwrap_or_else(|| Self::chunk_rows(n, h, v));
         let mut start = 0;
         while start < n {
-            let len = self.chunk.min(n - start);
+            let len = chunk.min(n - start);
             let hc = hd.narrow(0, start, len)?;
             let mut logits = hc.matmul(&wt.t()?)?;
             if let Some(b) = bias {
@@ -172,8 +198,8 @@ impl FusedLinearCrossEntropy {
             let bstats = Tensor::cat(&[&stats.narrow(1, 1, 2)?, &g_rows], 1)?.contiguous()?;
             logits.inplace_op3(&tc, &bstats, &CrossEntropyBackward { op })?;
             let g = logits;
-            gh.push(g.matmul(&wt)?);
-            if !gw_acc.add(&g, &hc)? {
+            if !cpu.add(&g, &hc, &wt, start)? {
+                gh.push(g.matmul(&wt)?);
                 let gwc = g.t()?.matmul(&hc)?;
                 gw = Some(match gw {
                     None => gwc,
@@ -189,17 +215,20 @@ impl FusedLinearCrossEntropy {
             }
             start += len;
         }
-        let grad_weight = match gw_acc.finish(weight)? {
-            Some(t) => t,
-            None => gw.unwrap_or(weight.zeros_like()?),
+        let (grad_hidden, grad_weight) = match cpu.finish(hidden.device())? {
+            Some(g) => g,
+            None => (
+                if gh.is_empty() {
+                    hidden.zeros_like()?
+                } else {
+                    Tensor::cat(&gh, 0)?
+                },
+                gw.unwrap_or(weight.zeros_like()?),
+            ),
         };
         Ok(LinearGrads {
             loss: Tensor::new(total / denom, hidden.device())?.to_dtype(hidden.dtype())?,
-            grad_hidden: if gh.is_empty() {
-                hidden.zeros_like()?
-            } else {
-                Tensor::cat(&gh, 0)?
-            },
+            grad_hidden,
             grad_weight,
             grad_bias: gb,
         })
@@ -274,68 +303,157 @@ impl CustomOp3 for Precomputed {
     }
 }
 
-/// In-place accumulation of `dW (V, H) += G^T (V, rows) x H (rows, H)` with the gemm crate, for
-/// contiguous CPU f32/f64 tensors (elsewhere [`GradAcc::add`] returns false and the caller uses
-/// tensor ops). Saves the `V x H` temporaries of an add per chunk.
-enum GradAcc {
-    F32(Vec<f32>, usize, usize),
-    F64(Vec<f64>, usize, usize),
+/// The gradients of `hidden` and `weight` computed by GEMMs straight into their final buffers,
+/// for contiguous CPU f32/f64 operands (elsewhere [`CpuGrads::add`] returns false and the caller
+/// uses tensor ops): `dH[chunk] = G W` and `dW += G^T H[chunk]`, with no `(rows, H)` pieces to
+/// concatenate and no `(V, H)` temporary per chunk.
+enum CpuGrads {
+    F32(GradBufs<f32>),
+    F64(GradBufs<f64>),
     Off,
 }
 
-impl GradAcc {
-    fn new(weight: &Tensor) -> Result<Self> {
+/// `gh (n x h)` and `gw (v x h)`, row-major.
+struct GradBufs<T> {
+    gh: Vec<T>,
+    gw: Vec<T>,
+    v: usize,
+    h: usize,
+}
+
+impl CpuGrads {
+    fn new(weight: &Tensor, n: usize) -> Result<Self> {
         let (v, h) = weight.dims2()?;
-        if !weight.device().is_cpu() {
-            return Ok(GradAcc::Off);
+        if !weight.device().is_cpu() || !weight.is_contiguous() {
+            return Ok(CpuGrads::Off);
         }
         Ok(match weight.dtype() {
-            candle_core::DType::F32 => GradAcc::F32(vec![0.0; v * h], v, h),
-            candle_core::DType::F64 => GradAcc::F64(vec![0.0; v * h], v, h),
-            _ => GradAcc::Off,
+            candle_core::DType::F32 => CpuGrads::F32(GradBufs::new(n, v, h)),
+            candle_core::DType::F64 => CpuGrads::F64(GradBufs::new(n, v, h)),
+            _ => CpuGrads::Off,
         })
     }
 
-    fn add(&mut self, g: &Tensor, hc: &Tensor) -> Result<bool> {
-        let rows = g.dim(0)?;
-        let (g, hc) = (g.contiguous()?, hc.contiguous()?);
-        let (gs, gl) = g.storage_and_layout();
-        let (hs, hl) = hc.storage_and_layout();
-        let (Some((ga, gb)), Some((ha, hb))) = (gl.contiguous_offsets(), hl.contiguous_offsets())
-        else {
-            return Ok(false);
-        };
-        match (self, &*gs, &*hs) {
-            (
-                GradAcc::F32(acc, v, h),
-                Storage::Cpu(CpuStorage::F32(gv)),
-                Storage::Cpu(CpuStorage::F32(hv)),
-            ) => {
-                gemm_at_b(acc, &gv[ga..gb], &hv[ha..hb], rows, *v, *h);
-                Ok(true)
-            }
-            (
-                GradAcc::F64(acc, v, h),
-                Storage::Cpu(CpuStorage::F64(gv)),
-                Storage::Cpu(CpuStorage::F64(hv)),
-            ) => {
-                gemm_at_b(acc, &gv[ga..gb], &hv[ha..hb], rows, *v, *h);
-                Ok(true)
-            }
-            _ => Ok(false),
+    /// Adds the chunk of rows starting at `start` with gradient `g (rows, V)` and hidden states
+    /// `hc (rows, H)`; false when the operands are not contiguous CPU tensors of this dtype.
+    fn add(&mut self, g: &Tensor, hc: &Tensor, w: &Tensor, start: usize) -> Result<bool> {
+        match self {
+            CpuGrads::F32(b) => b.add(g, hc, w, start),
+            CpuGrads::F64(b) => b.add(g, hc, w, start),
+            CpuGrads::Off => Ok(false),
         }
     }
 
-    fn finish(self, weight: &Tensor) -> Result<Option<Tensor>> {
+    fn finish(self, device: &candle_core::Device) -> Result<Option<(Tensor, Tensor)>> {
         Ok(match self {
-            GradAcc::F32(acc, v, h) => Some(Tensor::from_vec(acc, (v, h), weight.device())?),
-            GradAcc::F64(acc, v, h) => Some(Tensor::from_vec(acc, (v, h), weight.device())?),
-            GradAcc::Off => None,
+            CpuGrads::F32(b) => Some(b.finish(device)?),
+            CpuGrads::F64(b) => Some(b.finish(device)?),
+            CpuGrads::Off => None,
         })
+    }
+}
+
+impl<T: candle_core::WithDType + num_one::One> GradBufs<T> {
+    fn new(n: usize, v: usize, h: usize) -> Self {
+        Self {
+            gh: vec![T::zero(); n * h],
+            gw: vec![T::zero(); v * h],
+            v,
+            h,
+        }
+    }
+
+    fn add(&mut self, g: &Tensor, hc: &Tensor, w: &Tensor, start: usize) -> Result<bool> {
+        let rows = g.dim(0)?;
+        let (gs, gl) = g.storage_and_layout();
+        let (hs, hl) = hc.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (Some(gv), Some(hv), Some(wv)) = (
+            cpu_slice::<T>(&gs, gl),
+            cpu_slice::<T>(&hs, hl),
+            cpu_slice::<T>(&ws, wl),
+        ) else {
+            return Ok(false);
+        };
+        let (v, h) = (self.v, self.h);
+        if gv.len() != rows * v || hv.len() != rows * h || wv.len() != v * h {
+            return Ok(false);
+        }
+        gemm_ab(
+            &mut self.gh[start * h..(start + rows) * h],
+            gv,
+            wv,
+            rows,
+            v,
+            h,
+        );
+        gemm_at_b(&mut self.gw, gv, hv, rows, v, h);
+        Ok(true)
+    }
+
+    fn finish(self, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        let n = self.gh.len() / self.h.max(1);
+        Ok((
+            Tensor::from_vec(self.gh, (n, self.h), device)?,
+            Tensor::from_vec(self.gw, (self.v, self.h), device)?,
+        ))
+    }
+}
+
+/// The contiguous values of a CPU tensor of dtype `T`, if it is one.
+fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a Storage, l: &Layout) -> Option<&'a [T]> {
+    let (a, b) = l.contiguous_offsets()?;
+    match s {
+        Storage::Cpu(c) => c.as_slice::<T>().ok().map(|x| &x[a..b]),
+        _ => None,
+    }
+}
+
+/// `out (rows x h) = g (rows x v) x w (v x h)`, all row-major.
+fn gemm_ab<T: 'static + Copy + num_one::One>(
+    out: &mut [T],
+    g: &[T],
+    w: &[T],
+    rows: usize,
+    v: usize,
+    h: usize,
+) {
+    assert!(out.len() == rows * h && g.len() == rows * v && w.len() == v * h);
+    if rows == 0 || h == 0 {
+        return;
+    }
+    // SAFETY: the slices have exactly the sizes the strides address (checked above) and `out`
+    // does not alias the inputs. `read_dst` is false, so `out`'s previous values are not read.
+    unsafe {
+        gemm::gemm(
+            rows,
+            h,
+            v,
+            out.as_mut_ptr(),
+            1,
+            h as isize,
+            false,
+            g.as_ptr(),
+            1,
+            v as isize,
+            w.as_ptr(),
+            1,
+            h as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
     }
 }
 
 /// `acc (v x h) += g^T x hc` with `g (rows x v)` and `hc (rows x h)` row-major.
+///
+/// The gemm crate packs its whole right-hand operand when the output is wide: here that is all
+/// of `g`, a second chunk-sized buffer. The product is therefore taken in bands of
+/// [`GW_BAND_ELEMS`]` / rows` classes, so the packing buffer stays a few MiB whatever the chunk.
 fn gemm_at_b<T: 'static + Copy + num_one::One>(
     acc: &mut [T],
     g: &[T],
@@ -348,32 +466,42 @@ fn gemm_at_b<T: 'static + Copy + num_one::One>(
     if rows == 0 || v == 0 || h == 0 {
         return;
     }
-    // SAFETY: the three slices have exactly the sizes the strides address (checked above) and
-    // `acc` does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            v,
-            h,
-            rows,
-            acc.as_mut_ptr(),
-            1,
-            h as isize,
-            true,
-            g.as_ptr(),
-            v as isize,
-            1,
-            hc.as_ptr(),
-            1,
-            h as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        )
+    let band = (GW_BAND_ELEMS / rows).clamp(64, v.max(64));
+    let mut v0 = 0;
+    while v0 < v {
+        let vb = band.min(v - v0);
+        // SAFETY: `acc[v0 * h..]` holds `vb` rows of `h` values, `g[v0..]` addresses `rows` rows
+        // of stride `v` with `vb` columns each, `hc` is `rows x h`; all within the slices checked
+        // above, and `acc` does not alias the inputs.
+        unsafe {
+            gemm::gemm(
+                vb,
+                h,
+                rows,
+                acc.as_mut_ptr().add(v0 * h),
+                1,
+                h as isize,
+                true,
+                g.as_ptr().add(v0),
+                v as isize,
+                1,
+                hc.as_ptr(),
+                1,
+                h as isize,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            )
+        }
+        v0 += vb;
     }
 }
+
+/// Values of the gradient chunk that one weight-gradient GEMM call covers (256 Ki: 1 MiB in f32).
+const GW_BAND_ELEMS: usize = 1 << 18;
 
 mod num_one {
     pub trait One {

@@ -165,3 +165,100 @@ fn bad_shapes_and_reduction_none_are_errors() {
         .to_string()
         .contains("target class 9"));
 }
+
+/// Materialised reference in f64: loss and the gradients of hidden and weight through autograd.
+fn materialised_f64(
+    ce: &CrossEntropyLoss,
+    hid: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let hv = Var::from_tensor(&hid.to_dtype(candle_core::DType::F64).unwrap()).unwrap();
+    let wv = Var::from_tensor(&w.to_dtype(candle_core::DType::F64).unwrap()).unwrap();
+    let loss = ce
+        .forward(
+            &hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap(),
+            y,
+        )
+        .unwrap();
+    let g = loss.backward().unwrap();
+    (
+        flat_f64(&loss),
+        flat_f64(g.get(hv.as_tensor()).unwrap()),
+        flat_f64(g.get(wv.as_tensor()).unwrap()),
+    )
+}
+
+#[test]
+fn long_chunks_split_the_weight_gradient_into_bands_that_cover_every_class() {
+    // 4096 rows in one chunk: the weight-gradient GEMM runs over 64-class bands (200 = 3 x 64 + 8).
+    let dev = Device::Cpu;
+    let (n, h, v) = (4096, 3, 200);
+    let ce = CrossEntropyLoss::new().label_smoothing(0.1);
+    let ys: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
+    let y = Tensor::new(ys.as_slice(), &dev).unwrap();
+    for dtype in [candle_core::DType::F64, candle_core::DType::F32] {
+        let hid = Tensor::randn(0f64, 1., (n, h), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let w = Tensor::randn(0f64, 1., (v, h), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let (loss, gh, gw) = materialised_f64(&ce, &hid, &w, &y);
+        let tol = if dtype == candle_core::DType::F64 {
+            1e-10
+        } else {
+            2e-5
+        };
+        for chunk in [4096, 1000] {
+            let r = FusedLinearCrossEntropy::new(ce.clone())
+                .chunk(chunk)
+                .forward_with_grad(&hid, &w, None, &y)
+                .unwrap();
+            let what = format!("{dtype:?} chunk {chunk}");
+            assert_close(&flat_f64(&r.loss), &loss, tol, tol, &format!("{what} loss"));
+            assert_close(
+                &flat_f64(&r.grad_hidden),
+                &gh,
+                tol,
+                tol,
+                &format!("{what} d hidden"),
+            );
+            assert_close(
+                &flat_f64(&r.grad_weight),
+                &gw,
+                tol,
+                tol,
+                &format!("{what} d weight"),
+            );
+        }
+    }
+}
+
+#[test]
+fn strided_weight_and_default_chunks_give_the_same_gradients() {
+    // A transposed (non-contiguous) weight takes the tensor-op path; the default chunking
+    // (chunk_rows: 256 rows here, so 3 chunks) the fast one. Both equal the materialised loss.
+    let dev = Device::Cpu;
+    let (n, h, v) = (600, 5, 70);
+    let ce = CrossEntropyLoss::new().label_smoothing(0.05).z_loss(1e-3);
+    let ys: Vec<i64> = (0..n as i64).map(|i| (i * 11) % v as i64).collect();
+    let y = Tensor::new(ys.as_slice(), &dev).unwrap();
+    let hid = Tensor::randn(0f64, 1., (n, h), &dev).unwrap();
+    let w_t = Tensor::randn(0f64, 1., (h, v), &dev).unwrap();
+    let w = w_t.t().unwrap();
+    assert!(!w.is_contiguous());
+    assert_eq!(FusedLinearCrossEntropy::chunk_rows(n, h, v), 256);
+    let (loss, gh, gw) = materialised_f64(&ce, &hid, &w, &y);
+    for weight in [w.clone(), w.contiguous().unwrap()] {
+        let r = FusedLinearCrossEntropy::new(ce.clone())
+            .forward_with_grad(&hid, &weight, None, &y)
+            .unwrap();
+        let what = format!("contiguous weight: {}", weight.is_contiguous());
+        assert_close(&flat_f64(&r.loss), &loss, 1e-12, 1e-12, &what);
+        assert_close(&flat_f64(&r.grad_hidden), &gh, 1e-10, 1e-12, &what);
+        assert_close(&flat_f64(&r.grad_weight), &gw, 1e-10, 1e-12, &what);
+    }
+}
