@@ -107,7 +107,7 @@ impl BatchNorm2d {
     }
 
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
+        let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
         if count < 2 {
             bail!(
@@ -121,7 +121,12 @@ impl BatchNorm2d {
             self.update_running(&st.get(0)?, &st.get(1)?, count)?;
             return Ok(y);
         }
-        // Composed fallback (other devices, half precision).
+        self.forward_train_composed(x, count)
+    }
+
+    /// Train mode from candle tensor ops (autograd through them): CUDA, Metal, half precision.
+    fn forward_train_composed(&self, x: &Tensor, count: usize) -> Result<Tensor> {
+        let c = x.dim(1)?;
         let dtype = x.dtype();
         let xf = match dtype {
             DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
@@ -165,6 +170,68 @@ impl ModuleT for BatchNorm2d {
             self.forward_train(x)
         } else {
             self.forward_eval(x)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn flat(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    fn close(a: &[f64], b: &[f64], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-11 * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn composed_train_path_equals_the_fused_kernels() {
+        // What CUDA and Metal run (composed ops, candle autograd) against the CPU kernels, in f64:
+        // output, running statistics, and the gradients of x, gamma and beta.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(1f64, 2., (3, 4, 5, 6), &dev).unwrap();
+        let up = Tensor::randn(0f64, 1., (3, 4, 5, 6), &dev).unwrap();
+        let gamma = Tensor::randn(1f64, 0.3, 4, &dev).unwrap();
+        let beta = Tensor::randn(0f64, 0.3, 4, &dev).unwrap();
+        let run = |composed: bool| {
+            let vm = VarMap::new();
+            let bn = BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, DType::F64, &dev)).unwrap();
+            vm.data().lock().unwrap()["weight"].set(&gamma).unwrap();
+            vm.data().lock().unwrap()["bias"].set(&beta).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = if composed {
+                bn.forward_train_composed(xv.as_tensor(), 3 * 5 * 6)
+                    .unwrap()
+            } else {
+                bn.forward_t(xv.as_tensor(), true).unwrap()
+            };
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let data = vm.data().lock().unwrap();
+            vec![
+                flat(&y),
+                flat(g.get(xv.as_tensor()).unwrap()),
+                flat(g.get(data["weight"].as_tensor()).unwrap()),
+                flat(g.get(data["bias"].as_tensor()).unwrap()),
+                flat(bn.running_mean()),
+                flat(bn.running_var()),
+            ]
+        };
+        let (fused, composed) = (run(false), run(true));
+        for (i, what) in ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var"]
+            .iter()
+            .enumerate()
+        {
+            close(&composed[i], &fused[i], what);
         }
     }
 }

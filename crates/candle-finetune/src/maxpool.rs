@@ -6,6 +6,11 @@
 //! `dilation=1`: padding behaves as `-inf`, the output is `floor((H + 2p - k) / s) + 1`, a NaN in
 //! a window wins (propagates), and the backward routes each output's gradient to the first
 //! maximal element of its window in row-major order.
+//!
+//! On the CPU the pool is a fused kernel ([`MaxPool2d`] as a custom op); on CUDA and Metal the
+//! same semantics come from candle's tensor ops ([`MaxPool2d::forward_composed`]): `k * k`
+//! index selects find each window's winner and one differentiable `gather` picks it, so the
+//! backward is candle's `scatter_add`.
 
 use crate::storage::contiguous_slice;
 use candle_core::{
@@ -75,7 +80,86 @@ impl MaxPool2d {
                 x.dims()
             );
         }
-        x.contiguous()?.apply_op1(*self)
+        if x.device().is_cpu() {
+            x.contiguous()?.apply_op1(*self)
+        } else {
+            self.forward_composed(x)
+        }
+    }
+
+    /// The pool from candle tensor ops only, with the fused kernel's semantics (first maximal
+    /// element of each window in row-major order, the first NaN wins, padding never does):
+    /// what [`MaxPool2d::forward`] runs on CUDA and Metal, and runs anywhere. The winner's
+    /// position in the plane is found with `k * k` `index_select`s and compare/`where_cond`
+    /// steps (not differentiated), then `gather` takes the values, so the gradient is candle's
+    /// `scatter_add` of `dy` onto the winners.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_finetune::maxpool::MaxPool2d;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let x = Tensor::randn(0f32, 1., (2, 3, 9, 8), &Device::Cpu)?;
+    /// let pool = MaxPool2d::new(3, 2, 1);
+    /// let (a, b) = (pool.forward(&x)?, pool.forward_composed(&x)?);
+    /// assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        self.check()?;
+        if x.rank() != 4 {
+            bail!(
+                "max_pool2d: expected an (N, C, H, W) input, got shape {:?}",
+                x.dims()
+            );
+        }
+        let g = self.geo(x.shape())?;
+        let (n, c, _, _) = x.dims4()?;
+        let dev = x.device();
+        let flat = x.reshape((g.planes, g.h * g.w))?;
+        let plane = flat.detach();
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        // (value, position) of the best element so far, and whether it is a real element yet.
+        let mut best: Option<(Tensor, Tensor, Tensor)> = None;
+        for di in 0..k {
+            for dj in 0..k {
+                // This window offset's position in the plane for every output, or None (padding).
+                let pos: Vec<Option<u32>> = (0..g.oh * g.ow)
+                    .map(|o| {
+                        let y = (o / g.ow * s + di).checked_sub(p).filter(|&y| y < g.h)?;
+                        let x = (o % g.ow * s + dj).checked_sub(p).filter(|&x| x < g.w)?;
+                        Some((y * g.w + x) as u32)
+                    })
+                    .collect();
+                if pos.iter().all(Option::is_none) {
+                    continue;
+                }
+                let valid: Vec<u8> = pos.iter().map(|q| q.is_some() as u8).collect();
+                let pos: Vec<u32> = pos.iter().map(|q| q.unwrap_or(0)).collect();
+                let pos = Tensor::from_vec(pos, g.oh * g.ow, dev)?;
+                let valid = Tensor::from_vec(valid, (1, g.oh * g.ow), dev)?
+                    .broadcast_as((g.planes, g.oh * g.ow))?;
+                let v = plane.index_select(&pos, 1)?;
+                let pos = pos.unsqueeze(0)?.broadcast_as((g.planes, g.oh * g.ow))?;
+                best = Some(match best {
+                    None => (v, pos.contiguous()?, valid.contiguous()?),
+                    Some((bv, bp, have)) => {
+                        // take = valid & (!have | v > bv | (isnan(v) & !isnan(bv)))
+                        let nan_wins = v.ne(&v)?.mul(&bv.eq(&bv)?)?;
+                        let better = v.gt(&bv)?.maximum(&nan_wins)?.maximum(&have.eq(0u8)?)?;
+                        let take = valid.mul(&better)?;
+                        (
+                            take.where_cond(&v, &bv)?,
+                            take.where_cond(&pos, &bp)?,
+                            have.maximum(&valid)?,
+                        )
+                    }
+                });
+            }
+        }
+        let Some((_, pos, _)) = best else {
+            bail!("max_pool2d: empty window");
+        };
+        flat.gather(&pos, 1)?.reshape((n, c, g.oh, g.ow))
     }
 
     fn check(&self) -> Result<()> {

@@ -130,3 +130,77 @@ fn nan_propagates_and_bad_shapes_are_errors() {
         .forward(&Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap())
         .is_err());
 }
+
+/// Values and input gradient (for upstream `up`) of a pool through `f`, in f64.
+fn value_and_grad(
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    x: &Tensor,
+    up: &Tensor,
+) -> (Vec<f64>, Vec<f64>) {
+    let v = Var::from_tensor(x).unwrap();
+    let y = f(v.as_tensor()).unwrap();
+    let g = (&y * up.to_dtype(y.dtype()).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let flat = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    (flat(&y), flat(g.get(v.as_tensor()).unwrap()))
+}
+
+#[test]
+fn composed_path_equals_the_kernel_with_ties_nan_and_inf() {
+    // The tensor-op path CUDA and Metal run, checked here on the CPU against the fused kernel:
+    // small integers make ties everywhere (first maximal element must win), plus NaN and -inf.
+    let dev = Device::Cpu;
+    let cases = [
+        (3, 2, 1, 7, 9),
+        (3, 2, 1, 8, 8),
+        (3, 2, 1, 1, 1),
+        (2, 2, 0, 6, 4),
+        (3, 1, 1, 5, 5),
+        (5, 3, 2, 11, 7),
+        (2, 1, 0, 3, 3),
+    ];
+    for (case, &(k, s, p, h, w)) in cases.iter().enumerate() {
+        let pool = MaxPool2d::new(k, s, p);
+        let n = 2 * 3 * h * w;
+        let mut xs: Vec<f64> = (0..n).map(|i| ((i * 7919 + case) % 5) as f64).collect();
+        if n > 10 {
+            xs[3] = f64::NAN;
+            xs[n - 2] = f64::NAN;
+            xs[n / 2] = f64::NEG_INFINITY;
+        }
+        let x64 = Tensor::from_vec(xs, (2, 3, h, w), &dev).unwrap();
+        let y_dims = pool.forward(&x64).unwrap().dims().to_vec();
+        let ups: Vec<f64> = (0..y_dims.iter().product::<usize>())
+            .map(|i| ((i * 31) % 7) as f64 - 3.0)
+            .collect();
+        let up = Tensor::from_vec(ups, y_dims.as_slice(), &dev).unwrap();
+        for dtype in [DType::F64, DType::F32, DType::BF16] {
+            let x = x64.to_dtype(dtype).unwrap();
+            let (ya, ga) = value_and_grad(|t| pool.forward(t), &x, &up);
+            let (yb, gb) = value_and_grad(|t| pool.forward_composed(t), &x, &up);
+            let what = format!("case {case} k{k} s{s} p{p} {h}x{w} {dtype:?}");
+            let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            // NaN has one bit pattern after the f64 conversion, so bits compare NaN positions too.
+            assert_eq!(bits(&ya), bits(&yb), "{what}: values");
+            assert_eq!(ga, gb, "{what}: gradient (integer sums, exact)");
+        }
+    }
+    let pool = MaxPool2d::new(3, 2, 1);
+    assert!(pool
+        .forward_composed(&Tensor::zeros((3, 4, 4), DType::F32, &dev).unwrap())
+        .is_err());
+    assert!(MaxPool2d::new(3, 2, 2)
+        .forward_composed(&Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap())
+        .is_err());
+}
