@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 mod bench_data;
+mod bench_linear;
 mod bench_resnet;
 mod bench_xent;
 mod cars;
@@ -34,6 +35,9 @@ enum Cmd {
     /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
     /// peak RSS, one process per measurement.
     BenchXent(bench_xent::Args),
+    /// Fused linear cross-entropy (language-model head) vs materialised logits: time and exact
+    /// peak of extra heap memory, one process per measurement.
+    BenchLinear(bench_linear::Args),
     /// One ResNet training step (forward, label-smoothed loss, backward, SGD): images/s, candle
     /// vs PyTorch.
     BenchResnet(bench_resnet::Args),
@@ -76,6 +80,7 @@ fn main() -> Result<()> {
         Cmd::PublishCars(args) => cars::publish_cars(args),
         Cmd::DownloadCars(args) => cars::download_cars(args),
         Cmd::BenchXent(args) => bench_xent::run(args),
+        Cmd::BenchLinear(args) => bench_linear::run(args),
         Cmd::BenchResnet(args) => bench_resnet::run(args),
         Cmd::BenchData(args) => bench_data::run(args),
         Cmd::GpuCheck(args) => gpu_check::run(args),
