@@ -149,6 +149,18 @@ impl FusedLinearCrossEntropy {
                 target.dims()
             );
         }
+        if target.dtype().is_float() {
+            bail!(
+                "fused_linear_cross_entropy: target must hold class indices (integers), got {:?}",
+                target.dtype()
+            );
+        }
+        if let Some(d) = self.loss.get_class_dim().filter(|&d| d != 1) {
+            bail!(
+                "fused_linear_cross_entropy: the logits are (N, V), so the class dimension is 1; \
+                 the loss has class_dim({d})"
+            );
+        }
         let red = self.loss.get_reduction();
         if red == Reduction::None {
             bail!("fused_linear_cross_entropy: reduction None is not supported (use Mean or Sum)");
@@ -169,12 +181,16 @@ impl FusedLinearCrossEntropy {
         };
         let chunk_loss = self.loss.clone().reduction(Reduction::Sum);
         let wt = weight.detach();
-        let hd = hidden.detach();
         let mut total = 0f64;
         let mut gh = Vec::new();
         let mut gw: Option<Tensor> = None;
-        // CPU f32/f64: GEMMs straight into the two gradient buffers, no per-chunk temporaries.
-        let mut cpu = CpuGrads::new(&wt, n)?;
+        // CPU f32/f64: GEMMs straight into the two gradient buffers, no per-chunk temporaries;
+        // they read the operands' memory, so strided hidden states are made contiguous once.
+        let mut cpu = CpuGrads::new(&wt, hidden, n)?;
+        let hd = match cpu {
+            CpuGrads::Off => hidden.detach(),
+            _ => hidden.detach().contiguous()?,
+        };
         let mut gb: Option<Tensor> = None;
         let chunk = self.chunk.unwrap_or_else(|| Self::chunk_rows(n, h, v));
         let mut start = 0;
@@ -198,13 +214,15 @@ impl FusedLinearCrossEntropy {
             let bstats = Tensor::cat(&[&stats.narrow(1, 1, 2)?, &g_rows], 1)?.contiguous()?;
             logits.inplace_op3(&tc, &bstats, &CrossEntropyBackward { op })?;
             let g = logits;
-            if !cpu.add(&g, &hc, &wt, start)? {
+            if matches!(cpu, CpuGrads::Off) {
                 gh.push(g.matmul(&wt)?);
                 let gwc = g.t()?.matmul(&hc)?;
                 gw = Some(match gw {
                     None => gwc,
                     Some(a) => (a + gwc)?,
                 });
+            } else {
+                cpu.add(&g, &hc, &wt, start)?;
             }
             if bias.is_some() {
                 let gbc = g.sum(0)?;
@@ -322,9 +340,11 @@ struct GradBufs<T> {
 }
 
 impl CpuGrads {
-    fn new(weight: &Tensor, n: usize) -> Result<Self> {
+    /// On for contiguous CPU f32/f64 weights with hidden states of the same dtype.
+    fn new(weight: &Tensor, hidden: &Tensor, n: usize) -> Result<Self> {
         let (v, h) = weight.dims2()?;
-        if !weight.device().is_cpu() || !weight.is_contiguous() {
+        if !weight.device().is_cpu() || !weight.is_contiguous() || hidden.dtype() != weight.dtype()
+        {
             return Ok(CpuGrads::Off);
         }
         Ok(match weight.dtype() {
@@ -335,13 +355,17 @@ impl CpuGrads {
     }
 
     /// Adds the chunk of rows starting at `start` with gradient `g (rows, V)` and hidden states
-    /// `hc (rows, H)`; false when the operands are not contiguous CPU tensors of this dtype.
-    fn add(&mut self, g: &Tensor, hc: &Tensor, w: &Tensor, start: usize) -> Result<bool> {
-        match self {
-            CpuGrads::F32(b) => b.add(g, hc, w, start),
-            CpuGrads::F64(b) => b.add(g, hc, w, start),
-            CpuGrads::Off => Ok(false),
+    /// `hc (rows, H)`, which must be contiguous CPU tensors of this dtype.
+    fn add(&mut self, g: &Tensor, hc: &Tensor, w: &Tensor, start: usize) -> Result<()> {
+        let done = match self {
+            CpuGrads::F32(b) => b.add(g, hc, w, start)?,
+            CpuGrads::F64(b) => b.add(g, hc, w, start)?,
+            CpuGrads::Off => false,
+        };
+        if !done {
+            bail!("fused_linear_cross_entropy: internal error: the CPU gradient GEMMs need contiguous operands");
         }
+        Ok(())
     }
 
     fn finish(self, device: &candle_core::Device) -> Result<Option<(Tensor, Tensor)>> {

@@ -227,6 +227,17 @@ impl CrossEntropyLoss {
         self.reduction
     }
 
+    /// The class dimension set with [`CrossEntropyLoss::class_dim`], if any.
+    ///
+    /// ```
+    /// use candle_xent::CrossEntropyLoss;
+    /// assert_eq!(CrossEntropyLoss::new().get_class_dim(), None);
+    /// assert_eq!(CrossEntropyLoss::new().class_dim(2).get_class_dim(), Some(2));
+    /// ```
+    pub fn get_class_dim(&self) -> Option<usize> {
+        self.class_dim
+    }
+
     /// Computes the loss. See the type-level docs for the accepted shapes and dtypes.
     ///
     /// ```

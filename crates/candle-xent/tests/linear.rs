@@ -158,6 +158,23 @@ fn bad_shapes_and_reduction_none_are_errors() {
         .unwrap_err()
         .to_string()
         .contains("None"));
+    let soft = Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap();
+    assert!(f
+        .forward(&h, &w, None, &soft)
+        .unwrap_err()
+        .to_string()
+        .contains("class indices"));
+    let dim0 = FusedLinearCrossEntropy::new(CrossEntropyLoss::new().class_dim(0));
+    assert!(dim0
+        .forward(&h, &w, None, &y)
+        .unwrap_err()
+        .to_string()
+        .contains("class_dim(0)"));
+    assert!(
+        FusedLinearCrossEntropy::new(CrossEntropyLoss::new().class_dim(1))
+            .forward(&h, &w, None, &y)
+            .is_ok()
+    );
     let bad_y = Tensor::new(&[0u32, 9, 0, 0], &dev).unwrap();
     assert!(f
         .forward(&h, &w, None, &bad_y)
@@ -238,25 +255,40 @@ fn long_chunks_split_the_weight_gradient_into_bands_that_cover_every_class() {
 }
 
 #[test]
-fn strided_weight_and_default_chunks_give_the_same_gradients() {
-    // A transposed (non-contiguous) weight takes the tensor-op path; the default chunking
-    // (chunk_rows: 256 rows here, so 3 chunks) the fast one. Both equal the materialised loss.
+fn strided_inputs_and_default_chunks_give_the_same_gradients() {
+    // A transposed (non-contiguous) weight takes the tensor-op path, a transposed hidden is made
+    // contiguous for the GEMMs; the default chunking (chunk_rows: 256 rows here, so 3 chunks).
+    // Every combination equals the materialised loss and gradients.
     let dev = Device::Cpu;
     let (n, h, v) = (600, 5, 70);
     let ce = CrossEntropyLoss::new().label_smoothing(0.05).z_loss(1e-3);
     let ys: Vec<i64> = (0..n as i64).map(|i| (i * 11) % v as i64).collect();
     let y = Tensor::new(ys.as_slice(), &dev).unwrap();
-    let hid = Tensor::randn(0f64, 1., (n, h), &dev).unwrap();
+    let hid = Tensor::randn(0f64, 1., (h, n), &dev).unwrap().t().unwrap();
     let w_t = Tensor::randn(0f64, 1., (h, v), &dev).unwrap();
     let w = w_t.t().unwrap();
-    assert!(!w.is_contiguous());
+    assert!(!w.is_contiguous() && !hid.is_contiguous());
     assert_eq!(FusedLinearCrossEntropy::chunk_rows(n, h, v), 256);
     let (loss, gh, gw) = materialised_f64(&ce, &hid, &w, &y);
-    for weight in [w.clone(), w.contiguous().unwrap()] {
+    let strided = [false, true];
+    for (hs, ws) in strided
+        .iter()
+        .flat_map(|&a| strided.iter().map(move |&b| (a, b)))
+    {
+        let hidden = if hs {
+            hid.clone()
+        } else {
+            hid.contiguous().unwrap()
+        };
+        let weight = if ws {
+            w.clone()
+        } else {
+            w.contiguous().unwrap()
+        };
         let r = FusedLinearCrossEntropy::new(ce.clone())
-            .forward_with_grad(&hid, &weight, None, &y)
+            .forward_with_grad(&hidden, &weight, None, &y)
             .unwrap();
-        let what = format!("contiguous weight: {}", weight.is_contiguous());
+        let what = format!("strided hidden {hs}, strided weight {ws}");
         assert_close(&flat_f64(&r.loss), &loss, 1e-12, 1e-12, &what);
         assert_close(&flat_f64(&r.grad_hidden), &gh, 1e-10, 1e-12, &what);
         assert_close(&flat_f64(&r.grad_weight), &gw, 1e-10, 1e-12, &what);
