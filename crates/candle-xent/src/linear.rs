@@ -107,8 +107,10 @@ impl FusedLinearCrossEntropy {
 
     /// The loss and its gradients without autograd: the memory-lean path. Beyond the inputs and
     /// the returned gradients it holds one chunk of logits (`chunk * V` values), overwritten in
-    /// place by its gradient; on CPU (f32, f64) the GEMMs write straight into the gradient
-    /// buffers, so nothing else grows with the chunk or the vocabulary.
+    /// place by its gradient (two for a moment while a bias is added); on CPU (f32, f64) the
+    /// GEMMs write straight into the gradient buffers, so nothing else grows with the chunk or
+    /// the vocabulary. Elsewhere the gradients are summed with tensor ops, which allocate a
+    /// weight-sized temporary per chunk.
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
