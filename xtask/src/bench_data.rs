@@ -1,6 +1,6 @@
 //! `cargo xtask bench-data`: train-transform throughput on generated 600 x 400 JPEGs.
 
-use crate::{run_capture, workspace_root};
+use crate::{build_example, run_capture};
 use anyhow::Result;
 use std::process::Command;
 
@@ -12,15 +12,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    run_capture(Command::new(env!("CARGO")).args([
-        "build",
-        "--release",
-        "-p",
-        "candle-finetune",
-        "--example",
-        "data_bench",
-    ]))?;
-    let exe = workspace_root().join("target/release/examples/data_bench");
+    let exe = build_example("candle-finetune", "data_bench")?;
     let out = run_capture(Command::new(exe).arg(a.images.to_string()))?;
     let v: serde_json::Value = serde_json::from_str(out.trim())?;
     println!("| images | mean JPEG KiB | decode only, 1 thread | train transform, 1 thread | threads | train transform, all threads |");

@@ -1,7 +1,7 @@
 //! `cargo xtask bench-linear`: fused linear cross-entropy against the materialised logits
 //! (candle-xent's `linear_step` example, one process per measurement so that each peak is its own).
 
-use crate::{run_capture, workspace_root};
+use crate::{build_example, run_capture, workspace_root};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::process::Command;
@@ -24,15 +24,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    run_capture(Command::new(env!("CARGO")).args([
-        "build",
-        "--release",
-        "-p",
-        "candle-xent",
-        "--example",
-        "linear_step",
-    ]))?;
-    let exe = workspace_root().join("target/release/examples/linear_step");
+    let exe = build_example("candle-xent", "linear_step")?;
     let mut rows: Vec<Value> = Vec::new();
     for shape in a.shapes.split(',') {
         let dims: Vec<&str> = shape.split('x').collect();

@@ -1,6 +1,6 @@
 //! `cargo xtask bench-resnet`: images/s of one ResNet training step, candle vs PyTorch.
 
-use crate::{run_capture, workspace_root};
+use crate::{build_example, run_capture};
 use anyhow::Result;
 use serde_json::Value;
 use std::process::Command;
@@ -28,15 +28,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    run_capture(Command::new(env!("CARGO")).args([
-        "build",
-        "--release",
-        "-p",
-        "candle-finetune",
-        "--example",
-        "resnet_step",
-    ]))?;
-    let exe = workspace_root().join("target/release/examples/resnet_step");
+    let exe = build_example("candle-finetune", "resnet_step")?;
     let (b, s, n) = (a.batch.to_string(), a.size.to_string(), a.steps.to_string());
     let mut rows: Vec<Value> = Vec::new();
     eprintln!("candle {} batch {b} at {s} px ...", a.arch);

@@ -1,6 +1,6 @@
 //! `cargo xtask bench-xent`: the figures of candle-xent's CPU benchmark.
 
-use crate::{run_capture, workspace_root};
+use crate::{build_example, run_capture, workspace_root};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::process::Command;
@@ -25,15 +25,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    run_capture(Command::new(env!("CARGO")).args([
-        "build",
-        "--release",
-        "-p",
-        "candle-xent",
-        "--example",
-        "xent_step",
-    ]))?;
-    let exe = workspace_root().join("target/release/examples/xent_step");
+    let exe = build_example("candle-xent", "xent_step")?;
     let mut rows: Vec<Value> = Vec::new();
     for shape in a.shapes.split(',') {
         let (n, c) = shape

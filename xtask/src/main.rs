@@ -72,6 +72,21 @@ pub fn run_capture(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// Builds a release example of a workspace package and returns the path of its binary.
+pub fn build_example(package: &str, example: &str) -> Result<PathBuf> {
+    run_capture(Command::new(env!("CARGO")).args([
+        "build",
+        "--release",
+        "-p",
+        package,
+        "--example",
+        example,
+    ]))?;
+    Ok(workspace_root()
+        .join("target/release/examples")
+        .join(example))
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::TrainCars(args) => cars::train_cars(*args),
