@@ -73,18 +73,11 @@ impl MaxPool2d {
     /// # Ok(()) }
     /// ```
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.check()?;
-        if x.rank() != 4 {
-            bail!(
-                "max_pool2d: expected an (N, C, H, W) input, got shape {:?}",
-                x.dims()
-            );
+        if !x.device().is_cpu() {
+            return self.forward_composed(x);
         }
-        if x.device().is_cpu() {
-            x.contiguous()?.apply_op1(*self)
-        } else {
-            self.forward_composed(x)
-        }
+        self.check(x)?;
+        x.contiguous()?.apply_op1(*self)
     }
 
     /// The pool from candle tensor ops only, with the fused kernel's semantics (first maximal
@@ -105,13 +98,7 @@ impl MaxPool2d {
     /// # Ok(()) }
     /// ```
     pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
-        self.check()?;
-        if x.rank() != 4 {
-            bail!(
-                "max_pool2d: expected an (N, C, H, W) input, got shape {:?}",
-                x.dims()
-            );
-        }
+        self.check(x)?;
         let g = self.geo(x.shape())?;
         let (n, c, _, _) = x.dims4()?;
         let dev = x.device();
@@ -162,7 +149,14 @@ impl MaxPool2d {
         flat.gather(&pos, 1)?.reshape((n, c, g.oh, g.ow))
     }
 
-    fn check(&self) -> Result<()> {
+    /// The pool's parameters and the input's rank (shape against the kernel: [`MaxPool2d::geo`]).
+    fn check(&self, x: &Tensor) -> Result<()> {
+        if x.rank() != 4 {
+            bail!(
+                "max_pool2d: expected an (N, C, H, W) input, got shape {:?}",
+                x.dims()
+            );
+        }
         if self.kernel == 0 || self.stride == 0 {
             bail!("max_pool2d: kernel and stride must be positive");
         }
