@@ -3,6 +3,7 @@
 
 use crate::op::CrossEntropyBackward;
 use crate::{CrossEntropyLoss, Reduction};
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 /// Cross-entropy of a linear layer's output without materialising the logits (Liger Kernel's
@@ -276,6 +277,19 @@ struct Precomputed {
     gb: Option<Tensor>,
 }
 
+impl Precomputed {
+    /// The loss value as a one-element storage: f64 for f64 hidden states, f32 otherwise (the
+    /// caller casts to the hidden states' dtype).
+    fn value_storage(&self, dtype: candle_core::DType) -> CpuStorage {
+        match dtype {
+            candle_core::DType::F64 => CpuStorage::F64(vec![self.value]),
+            _ => CpuStorage::F32(vec![self.value as f32]),
+        }
+    }
+}
+
+/// The forward only places the precomputed value on the inputs' device (every backend: this op
+/// launches no kernel); the backward hands out the precomputed gradients.
 impl CustomOp3 for Precomputed {
     fn name(&self) -> &'static str {
         "candle-xent-fused-linear-cross-entropy"
@@ -289,11 +303,43 @@ impl CustomOp3 for Precomputed {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F64(_) => CpuStorage::F64(vec![self.value]),
-            _ => CpuStorage::F32(vec![self.value as f32]),
-        };
-        Ok((out, Shape::from(())))
+        Ok((self.value_storage(s1.dtype()), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        let value = self.value_storage(s1.dtype());
+        Ok((
+            s1.device().storage_from_cpu_storage_owned(value)?,
+            Shape::from(()),
+        ))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        let value = self.value_storage(s1.dtype());
+        Ok((
+            s1.device().storage_from_cpu_storage_owned(value)?,
+            Shape::from(()),
+        ))
     }
     fn bwd(
         &self,

@@ -1,6 +1,6 @@
 //! The CUDA kernels on a GPU (bodies in `common/gpu.rs`, shared with `tests/metal.rs`): every
 //! PyTorch fixture case against the fixture values and the CPU op, wide rows, K-dim, in-place
-//! gradients and error reporting.
+//! gradients, error reporting, fused linear and binary cross-entropy.
 //!
 //! Built only with `--features cuda`; it needs a CUDA device (it fails without one: a `cuda`
 //! build is a request to check the GPU path). `cargo xtask gpu-check` builds it here and runs it
@@ -35,4 +35,9 @@ fn kdim_soft_targets_and_u8_targets_on_cuda() {
 #[test]
 fn out_of_range_targets_are_errors_on_cuda() {
     gpu::out_of_range_targets_are_errors(&dev());
+}
+
+#[test]
+fn fused_linear_and_binary_match_the_cpu_on_cuda() {
+    gpu::fused_linear_and_binary_match_the_cpu(&dev(), true);
 }

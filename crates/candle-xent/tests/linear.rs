@@ -294,3 +294,71 @@ fn strided_inputs_and_default_chunks_give_the_same_gradients() {
         assert_close(&flat_f64(&r.grad_weight), &gw, 1e-10, 1e-12, &what);
     }
 }
+
+#[test]
+fn half_precision_matches_f64_within_its_rounding() {
+    // bf16 / f16 take the tensor-op gradient path (the one GPUs use): chunks of 16 rows, a bias,
+    // ignored rows, every option. Reference: the materialised loss in f64 on the same (rounded)
+    // values; the tolerance is a few roundings of the largest value.
+    let dev = Device::Cpu;
+    let (n, h, v) = (37, 24, 301);
+    let ce = CrossEntropyLoss::new()
+        .label_smoothing(0.1)
+        .z_loss(1e-3)
+        .softcap(20.0);
+    let mut ys: Vec<i64> = (0..n as i64).map(|i| (i * 53 + 7) % v as i64).collect();
+    ys[5] = -100;
+    let y = Tensor::new(ys.as_slice(), &dev).unwrap();
+    for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
+        let rand = |shape: &[usize], std: f64| {
+            Tensor::randn(0f64, std, shape, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (hid, w, b) = (rand(&[n, h], 1.0), rand(&[v, h], 0.3), rand(&[v], 1.0));
+        let vars = [&hid, &w, &b]
+            .map(|t| Var::from_tensor(&t.to_dtype(candle_core::DType::F64).unwrap()).unwrap());
+        let logits = vars[0]
+            .as_tensor()
+            .matmul(&vars[1].as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(vars[2].as_tensor())
+            .unwrap();
+        let want_loss = ce.forward(&logits, &y).unwrap();
+        let want = want_loss.backward().unwrap();
+        let r = FusedLinearCrossEntropy::new(ce.clone())
+            .chunk(16)
+            .forward_with_grad(&hid, &w, Some(&b), &y)
+            .unwrap();
+        assert_eq!(r.grad_weight.dtype(), dtype);
+        let eps = common::eps_for(dtype);
+        let close = |got: &Tensor, want: &Tensor, what: &str| {
+            let w = flat_f64(want);
+            let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+            assert_close(
+                &flat_f64(got),
+                &w,
+                4.0 * eps,
+                4.0 * eps * scale,
+                &format!("{dtype:?} {what}"),
+            );
+        };
+        close(&r.loss, &want_loss, "loss");
+        close(
+            &r.grad_hidden,
+            want.get(vars[0].as_tensor()).unwrap(),
+            "d hidden",
+        );
+        close(
+            &r.grad_weight,
+            want.get(vars[1].as_tensor()).unwrap(),
+            "d weight",
+        );
+        close(
+            r.grad_bias.as_ref().unwrap(),
+            want.get(vars[2].as_tensor()).unwrap(),
+            "d bias",
+        );
+    }
+}

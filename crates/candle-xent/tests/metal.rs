@@ -1,6 +1,7 @@
 //! The Metal kernels on an Apple GPU (bodies in `common/gpu.rs`, shared with `tests/cuda.rs`):
 //! every PyTorch fixture case but the f64 ones against the fixture values and the CPU op, wide
-//! rows, K-dim, in-place gradients and error reporting. Built only with `--features metal`.
+//! rows, K-dim, in-place gradients, error reporting, fused linear and binary cross-entropy.
+//! Built only with `--features metal`.
 
 mod common;
 #[path = "common/gpu.rs"]
@@ -30,4 +31,9 @@ fn kdim_soft_targets_and_u8_targets_on_metal() {
 #[test]
 fn out_of_range_targets_are_errors_on_metal() {
     gpu::out_of_range_targets_are_errors(&dev());
+}
+
+#[test]
+fn fused_linear_and_binary_match_the_cpu_on_metal() {
+    gpu::fused_linear_and_binary_match_the_cpu(&dev(), false);
 }

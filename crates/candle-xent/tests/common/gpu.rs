@@ -1,5 +1,6 @@
 //! The GPU tests shared by `tests/cuda.rs` and `tests/metal.rs`: every PyTorch fixture case
-//! against the fixture values and the CPU op, wide rows, K-dim, in-place gradients, errors.
+//! against the fixture values and the CPU op, wide rows, K-dim, in-place gradients, errors,
+//! fused linear cross-entropy and binary cross-entropy.
 
 use crate::common::fixtures::{fixtures, inputs, run, tolerances};
 use crate::common::{assert_close, flat_f64};
@@ -218,4 +219,108 @@ pub fn out_of_range_targets_are_errors(dev: &Device) {
         .unwrap();
     let row_sums = flat_f64(&g.get(&v).unwrap().sum(1).unwrap());
     assert!(row_sums.iter().all(|s| s.abs() < 1e-6), "{row_sums:?}");
+}
+
+/// `got` against `want` to `rtol` of each value plus `rtol` of the largest one (sums of many
+/// terms in another order differ by rounding relative to the terms, not to the result).
+fn close_scaled(got: &Tensor, want: &Tensor, rtol: f64, what: &str) {
+    let w = flat_f64(want);
+    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+    assert_close(&flat_f64(got), &w, rtol, rtol * scale, what);
+}
+
+/// Fused linear cross-entropy (through autograd and `forward_with_grad`, with a bias, several
+/// chunks and every option) and binary cross-entropy on `dev`, against the same calls on the CPU.
+pub fn fused_linear_and_binary_match_the_cpu(dev: &Device, f64_ok: bool) {
+    use candle_xent::{BinaryCrossEntropyWithLogits, FusedLinearCrossEntropy};
+    let dtypes: &[DType] = if f64_ok {
+        &[DType::F32, DType::F64]
+    } else {
+        &[DType::F32]
+    };
+    let (n, h, v) = (37, 24, 301);
+    let cpu = Device::Cpu;
+    let on = |t: &Tensor| t.to_device(dev).unwrap();
+    for &dtype in dtypes {
+        let rtol = crate::common::rtol_for(dtype) * 10.0;
+        let rand = |shape: &[usize], std: f64| {
+            Tensor::randn(0f64, std, shape, &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (hid, w, b) = (rand(&[n, h], 1.0), rand(&[v, h], 0.3), rand(&[v], 1.0));
+        let mut ys: Vec<i64> = (0..n as i64).map(|i| (i * 53 + 7) % v as i64).collect();
+        ys[5] = -100;
+        ys[20] = -100;
+        let y = Tensor::new(ys.as_slice(), &cpu).unwrap();
+        let ce = CrossEntropyLoss::new()
+            .label_smoothing(0.1)
+            .z_loss(1e-3)
+            .softcap(20.0);
+        let fused = FusedLinearCrossEntropy::new(ce).chunk(16);
+
+        // forward_with_grad on the device (tensor-op gradients) and on the CPU (GEMMs).
+        let want = fused.forward_with_grad(&hid, &w, Some(&b), &y).unwrap();
+        let got = fused
+            .forward_with_grad(&on(&hid), &on(&w), Some(&on(&b)), &on(&y))
+            .unwrap();
+        assert!(got.grad_weight.device().same_device(dev));
+        let want_gb = want.grad_bias.as_ref().unwrap();
+        close_scaled(&got.loss, &want.loss, rtol, "flce loss");
+        close_scaled(&got.grad_hidden, &want.grad_hidden, rtol, "flce d hidden");
+        close_scaled(&got.grad_weight, &want.grad_weight, rtol, "flce d weight");
+        close_scaled(
+            got.grad_bias.as_ref().unwrap(),
+            want_gb,
+            rtol,
+            "flce d bias",
+        );
+
+        // Through autograd: the loss and the gradients of all three parameters.
+        let vars = [&hid, &w, &b].map(|t| Var::from_tensor(&on(t)).unwrap());
+        let loss = fused
+            .forward(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                Some(vars[2].as_tensor()),
+                &on(&y),
+            )
+            .unwrap();
+        assert!(loss.device().same_device(dev));
+        close_scaled(&loss, &want.loss, rtol, "flce autograd loss");
+        let grads = loss.backward().unwrap();
+        let wants = [&want.grad_hidden, &want.grad_weight, want_gb];
+        for (var, w) in vars.iter().zip(wants) {
+            let g = grads
+                .get(var.as_tensor())
+                .expect("a gradient per parameter");
+            close_scaled(g, w, rtol, "flce autograd gradient");
+        }
+
+        // Binary cross-entropy with smoothing and pos_weight (tensor ops on the device).
+        let logits = rand(&[9, 5], 30.0);
+        let targets = Tensor::rand(0f64, 1.0, (9, 5), &cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let pw = Tensor::new(&[0.5f64, 1.0, 2.0, 3.0, 0.25], &cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let bce = |d: &Device| {
+            let x = Var::from_tensor(&logits.to_device(d).unwrap()).unwrap();
+            let l = BinaryCrossEntropyWithLogits::new()
+                .label_smoothing(0.05)
+                .pos_weight(pw.to_device(d).unwrap())
+                .forward(x.as_tensor(), &targets.to_device(d).unwrap())
+                .unwrap();
+            let g = l.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            (l, g)
+        };
+        let ((gl, gg), (wl, wg)) = (bce(dev), bce(&cpu));
+        assert!(gl.device().same_device(dev));
+        close_scaled(&gl, &wl, rtol, "bce loss");
+        close_scaled(&gg, &wg, rtol, "bce grad");
+    }
 }
