@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use candle_xent::{CrossEntropyLoss, FusedLinearCrossEntropy, Reduction};
-use common::{assert_close, flat_f64};
+use common::{assert_close, assert_close_scaled, flat_f64};
 
 #[test]
 fn chunked_equals_materialised_for_every_option() {
@@ -334,15 +334,7 @@ fn half_precision_matches_f64_within_its_rounding() {
         assert_eq!(r.grad_weight.dtype(), dtype);
         let eps = common::eps_for(dtype);
         let close = |got: &Tensor, want: &Tensor, what: &str| {
-            let w = flat_f64(want);
-            let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-            assert_close(
-                &flat_f64(got),
-                &w,
-                4.0 * eps,
-                4.0 * eps * scale,
-                &format!("{dtype:?} {what}"),
-            );
+            assert_close_scaled(got, want, 4.0 * eps, &format!("{dtype:?} {what}"))
         };
         close(&r.loss, &want_loss, "loss");
         close(

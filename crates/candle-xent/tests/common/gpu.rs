@@ -3,7 +3,7 @@
 //! fused linear cross-entropy and binary cross-entropy.
 
 use crate::common::fixtures::{fixtures, inputs, run, tolerances};
-use crate::common::{assert_close, flat_f64};
+use crate::common::{assert_close, assert_close_scaled, flat_f64};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_xent::{CrossEntropyLoss, Reduction};
 use std::collections::HashMap;
@@ -221,14 +221,6 @@ pub fn out_of_range_targets_are_errors(dev: &Device) {
     assert!(row_sums.iter().all(|s| s.abs() < 1e-6), "{row_sums:?}");
 }
 
-/// `got` against `want` to `rtol` of each value plus `rtol` of the largest one (sums of many
-/// terms in another order differ by rounding relative to the terms, not to the result).
-fn close_scaled(got: &Tensor, want: &Tensor, rtol: f64, what: &str) {
-    let w = flat_f64(want);
-    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-    assert_close(&flat_f64(got), &w, rtol, rtol * scale, what);
-}
-
 /// Fused linear cross-entropy (through autograd and `forward_with_grad`, with a bias, several
 /// chunks and every option) and binary cross-entropy on `dev`, against the same calls on the CPU.
 pub fn fused_linear_and_binary_match_the_cpu(dev: &Device, f64_ok: bool) {
@@ -267,10 +259,10 @@ pub fn fused_linear_and_binary_match_the_cpu(dev: &Device, f64_ok: bool) {
             .unwrap();
         assert!(got.grad_weight.device().same_device(dev));
         let want_gb = want.grad_bias.as_ref().unwrap();
-        close_scaled(&got.loss, &want.loss, rtol, "flce loss");
-        close_scaled(&got.grad_hidden, &want.grad_hidden, rtol, "flce d hidden");
-        close_scaled(&got.grad_weight, &want.grad_weight, rtol, "flce d weight");
-        close_scaled(
+        assert_close_scaled(&got.loss, &want.loss, rtol, "flce loss");
+        assert_close_scaled(&got.grad_hidden, &want.grad_hidden, rtol, "flce d hidden");
+        assert_close_scaled(&got.grad_weight, &want.grad_weight, rtol, "flce d weight");
+        assert_close_scaled(
             got.grad_bias.as_ref().unwrap(),
             want_gb,
             rtol,
@@ -288,14 +280,14 @@ pub fn fused_linear_and_binary_match_the_cpu(dev: &Device, f64_ok: bool) {
             )
             .unwrap();
         assert!(loss.device().same_device(dev));
-        close_scaled(&loss, &want.loss, rtol, "flce autograd loss");
+        assert_close_scaled(&loss, &want.loss, rtol, "flce autograd loss");
         let grads = loss.backward().unwrap();
         let wants = [&want.grad_hidden, &want.grad_weight, want_gb];
         for (var, w) in vars.iter().zip(wants) {
             let g = grads
                 .get(var.as_tensor())
                 .expect("a gradient per parameter");
-            close_scaled(g, w, rtol, "flce autograd gradient");
+            assert_close_scaled(g, w, rtol, "flce autograd gradient");
         }
 
         // Binary cross-entropy with smoothing and pos_weight (tensor ops on the device).
@@ -320,7 +312,7 @@ pub fn fused_linear_and_binary_match_the_cpu(dev: &Device, f64_ok: bool) {
         };
         let ((gl, gg), (wl, wg)) = (bce(dev), bce(&cpu));
         assert!(gl.device().same_device(dev));
-        close_scaled(&gl, &wl, rtol, "bce loss");
-        close_scaled(&gg, &wg, rtol, "bce grad");
+        assert_close_scaled(&gl, &wl, rtol, "bce loss");
+        assert_close_scaled(&gg, &wg, rtol, "bce grad");
     }
 }

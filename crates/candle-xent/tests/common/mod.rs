@@ -37,6 +37,14 @@ pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str)
     }
 }
 
+/// `got` against `want` to `rtol` of each value plus `rtol` of the largest one: sums of many
+/// terms taken in another order differ by rounding relative to the terms, not to the result.
+pub fn assert_close_scaled(got: &Tensor, want: &Tensor, rtol: f64, what: &str) {
+    let w = flat_f64(want);
+    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+    assert_close(&flat_f64(got), &w, rtol, rtol * scale, what);
+}
+
 /// A tensor of any float dtype flattened to f64.
 pub fn flat_f64(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
