@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, ModuleT, Tensor};
 use candle_finetune::card::{ModelConfig, Provenance};
 use candle_finetune::data::{
-    Dataset, Loader, LoaderConfig, Preprocess, Split, Transform, DEFAULT_DATASET_REPO,
+    Dataset, DatasetInfo, Loader, LoaderConfig, Preprocess, Split, Transform, DEFAULT_DATASET_REPO,
     DEFAULT_DATASET_REVISION,
 };
 use candle_finetune::hub::{
@@ -29,6 +29,14 @@ pub struct DataArgs {
     /// under `data/`), or with `train/` and `test/` image folders (one sub-folder per class).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Name of the dataset for the model card (default: Stanford Cars for its Hub mirror, the
+    /// `name` of DATA_DIR/dataset.json, else the folder's or repo's name).
+    #[arg(long)]
+    dataset_name: Option<String>,
+    /// Licence of the dataset for the model card (a Hub licence id such as cc-by-4.0; default:
+    /// Stanford Cars' terms for its mirror, the `license` of DATA_DIR/dataset.json, else unknown).
+    #[arg(long)]
+    dataset_license: Option<String>,
 }
 
 fn list_parquet(dir: &Path, split: &str) -> Vec<PathBuf> {
@@ -84,14 +92,20 @@ impl DataArgs {
         })
     }
 
-    fn describe(&self) -> (String, Option<String>) {
-        match &self.data_dir {
-            Some(d) => (d.display().to_string(), None),
-            None => (
-                format!("{}@{}", self.dataset_repo, self.dataset_revision),
-                Some(self.dataset_repo.clone()),
-            ),
-        }
+    /// What the model card says about the data.
+    fn info(&self) -> Result<DatasetInfo> {
+        let info = match &self.data_dir {
+            Some(d) => DatasetInfo::from_dir(d)?,
+            None if self.dataset_repo == DEFAULT_DATASET_REPO => DatasetInfo {
+                revision: Some(self.dataset_revision.clone()),
+                ..DatasetInfo::stanford_cars()
+            },
+            None => DatasetInfo::hub(&self.dataset_repo, &self.dataset_revision),
+        };
+        Ok(info.with_overrides(
+            self.dataset_name.as_deref(),
+            self.dataset_license.as_deref(),
+        ))
     }
 }
 
@@ -175,6 +189,9 @@ pub struct TrainArgs {
     /// Stop every epoch after this many batches.
     #[arg(long)]
     max_batches_per_epoch: Option<usize>,
+    /// Evaluate on the test split every N epochs (and after the last one).
+    #[arg(long, default_value_t = 1)]
+    eval_every: usize,
 }
 
 pub fn device(name: &str) -> Result<Device> {
@@ -216,7 +233,15 @@ pub fn train_cars(mut a: TrainArgs) -> Result<()> {
     let dev = device(&a.device)?;
     // Weights and their preprocessing config.
     let (weights, mut pre, base) = match &a.weights_file {
-        Some(f) => (f.clone(), Preprocess::default(), f.display().to_string()),
+        // Only the file name: the card goes to the Hub, local paths stay here.
+        Some(f) => (
+            f.clone(),
+            Preprocess::default(),
+            format!(
+                "local file {}",
+                f.file_name().unwrap_or_default().to_string_lossy()
+            ),
+        ),
         None => {
             let src = WeightsSource::Hub {
                 repo: a.weights_repo.clone(),
@@ -282,11 +307,22 @@ pub fn train_cars(mut a: TrainArgs) -> Result<()> {
         seed: a.seed,
         max_batches_per_epoch: a.max_batches_per_epoch,
         stop_after_epoch: None,
+        eval_every: a.eval_every,
     };
-    let (data_desc, data_hub) = a.data.describe();
+    let info = if a.smoke {
+        // Generated pictures stored under the mirror's name: not Stanford Cars.
+        DatasetInfo::local("generated smoke-test shapes")
+    } else {
+        a.data.info()?
+    };
     eprintln!("train-cars settings:");
     eprintln!(
-        "  data     {data_desc}: {} train / {} test images, {} classes",
+        "  data     {} ({}): {} train / {} test images, {} classes",
+        info.name,
+        match &a.data.data_dir {
+            Some(d) => d.display().to_string(),
+            None => format!("{}@{}", a.data.dataset_repo, a.data.dataset_revision),
+        },
         train_ds.len(),
         test_ds.len(),
         train_ds.num_classes()
@@ -335,9 +371,8 @@ pub fn train_cars(mut a: TrainArgs) -> Result<()> {
     let mcfg = ModelConfig::new(arch, &train_ds.class_names, &pre);
     let prov = Provenance {
         base_model: base,
-        dataset: data_desc,
-        dataset_hub_id: data_hub,
         base_model_hub_id: a.weights_file.is_none().then(|| a.weights_repo.clone()),
+        dataset: info,
     };
     let mut args = serde_json::to_value(&cfg)?;
     args["arch"] = serde_json::json!(arch.name());

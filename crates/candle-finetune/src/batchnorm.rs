@@ -96,8 +96,10 @@ impl BatchNorm2d {
     fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
         let m = self.momentum;
         let unbias = count as f64 / (count - 1) as f64;
-        let rm = self.running_mean.as_tensor();
-        let rv = self.running_var.as_tensor();
+        // Detached: the running statistics are state, not part of the step's graph.
+        let rm = self.running_mean.as_tensor().detach();
+        let rv = self.running_var.as_tensor().detach();
+        let (rm, rv) = (&rm, &rv);
         let mean = mean.detach().flatten_all()?.to_dtype(rm.dtype())?;
         let var = var.detach().flatten_all()?.to_dtype(rv.dtype())?;
         let new_rm = ((rm * (1.0 - m))? + (mean * m)?)?;

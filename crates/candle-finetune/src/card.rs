@@ -1,7 +1,7 @@
 //! The Hub-ready model folder: `config.json`, `README.md` (model card with YAML front matter and
 //! `model-index`), `training_args.json`, plots, next to `model.safetensors` and `eval.json`.
 
-use crate::data::{Interpolation, Preprocess};
+use crate::data::{DatasetInfo, Interpolation, Preprocess};
 use crate::eval::EvalResult;
 use crate::export::atomic_write_bytes;
 use crate::resnet::Arch;
@@ -92,14 +92,44 @@ impl ModelConfig {
 /// Provenance shown in the model card.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
-    /// Base weights (`owner/name@revision` or a file).
+    /// Base weights: `owner/name@revision`, or the file name of local weights (never a path).
     pub base_model: String,
-    /// Dataset (`owner/name@revision` or a path).
-    pub dataset: String,
-    /// Hub id of the dataset for the YAML `datasets:` field, if it is on the Hub.
-    pub dataset_hub_id: Option<String>,
     /// Hub id of the base model for `base_model:`, if on the Hub.
     pub base_model_hub_id: Option<String>,
+    /// The training data.
+    pub dataset: DatasetInfo,
+}
+
+/// `Stanford Cars` -> `stanford-cars`: the model-index name.
+fn slug(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let out = out.trim_matches('-').to_string();
+    if out.is_empty() {
+        "finetuned".into()
+    } else {
+        out
+    }
+}
+
+/// A YAML scalar: plain when safe, else double-quoted with escapes.
+fn yaml_str(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || " ._/-()".contains(c))
+        && !s.starts_with([' ', '-'])
+        && !s.ends_with(' ');
+    if plain {
+        s.to_string()
+    } else {
+        serde_json::to_string(s).expect("a string serialises")
+    }
 }
 
 fn pct(x: f64) -> String {
@@ -149,23 +179,28 @@ pub fn model_card(
     best: &EvalResult,
     best_epoch: usize,
 ) -> Result<String> {
-    let mut y = String::from(
-        "---\nlibrary_name: candle\nlicense: other\nlicense_name: stanford-cars-non-commercial\n",
-    );
+    let d = &prov.dataset;
+    let mut y = String::from("---\nlibrary_name: candle\n");
+    // The weights inherit the data's terms: its licence, or `unknown` when none was given.
+    match (d.license.as_deref(), d.license_name.as_deref()) {
+        (Some(l), Some(name)) => y += &format!("license: {l}\nlicense_name: {name}\n"),
+        (Some(l), None) => y += &format!("license: {l}\n"),
+        (None, _) => y += "license: unknown\n",
+    }
     y += "pipeline_tag: image-classification\ntags:\n- image-classification\n- candle\n- resnet\n- label-smoothing\n";
-    if let Some(d) = &prov.dataset_hub_id {
-        y += &format!("datasets:\n- {d}\n");
+    if let Some(h) = &d.hub_id {
+        y += &format!("datasets:\n- {h}\n");
     }
     if let Some(b) = &prov.base_model_hub_id {
         y += &format!("base_model: {b}\n");
     }
-    let dataset_name = prov
-        .dataset_hub_id
-        .clone()
-        .unwrap_or_else(|| prov.dataset.clone());
+    let dataset_type = d.hub_id.clone().unwrap_or_else(|| d.name.clone());
     y += &format!(
-        "model-index:\n- name: {arch}-finetuned\n  results:\n  - task:\n      type: image-classification\n      name: Image Classification\n    dataset:\n      name: {dataset_name}\n      type: {dataset_name}\n      split: test\n    metrics:\n    - type: accuracy\n      name: top-1 accuracy\n      value: {t1}\n    - type: top_5_accuracy\n      name: top-5 accuracy\n      value: {t5}\n---",
+        "model-index:\n- name: {arch}-{slug}\n  results:\n  - task:\n      type: image-classification\n      name: Image Classification\n    dataset:\n      name: {name}\n      type: {dataset_type}\n      split: test\n    metrics:\n    - type: accuracy\n      name: top-1 accuracy\n      value: {t1}\n    - type: top_5_accuracy\n      name: top-5 accuracy\n      value: {t5}\n---",
         arch = cfg.architecture,
+        slug = slug(&d.name),
+        name = yaml_str(&d.name),
+        dataset_type = yaml_str(&dataset_type),
         t1 = pct(best.top1),
         t5 = pct(best.top5),
     );
@@ -190,7 +225,46 @@ pub fn model_card(
     v.insert("arch", cfg.architecture.to_string());
     v.insert("num_classes", cfg.num_classes.to_string());
     v.insert("base_model", prov.base_model.clone());
-    v.insert("dataset", prov.dataset.clone());
+    v.insert("dataset_name", d.name.clone());
+    v.insert(
+        "dataset_source",
+        match (&d.hub_id, &d.revision) {
+            (Some(h), Some(r)) => format!("`{h}` (revision `{r}`)"),
+            (Some(h), None) => format!("`{h}`"),
+            _ => "local data".to_string(),
+        },
+    );
+    v.insert(
+        "classes",
+        d.classes.clone().unwrap_or_else(|| "classes".to_string()),
+    );
+    v.insert(
+        "limitations",
+        match &d.limitations {
+            Some(l) => format!("{l} "),
+            None => format!(
+                "The model knows only the {} classes of {}. ",
+                cfg.num_classes, d.name
+            ),
+        },
+    );
+    let base_terms = "The ImageNet base weights (torchvision) are BSD-3-Clause.";
+    v.insert(
+        "licence",
+        match (&d.license_terms, &d.license) {
+            (Some(t), _) => format!("{t} {base_terms}"),
+            (None, Some(l)) => format!(
+                "The training data, {}, is licensed `{l}`; use of these weights must respect its \
+                 terms. {base_terms}",
+                d.name
+            ),
+            (None, None) => format!(
+                "The licence of the training data, {}, was not given (`license: unknown`): check \
+                 it before using or sharing these weights. {base_terms}",
+                d.name
+            ),
+        },
+    );
     v.insert("best_epoch", best_epoch.to_string());
     v.insert("top1", pct(best.top1));
     v.insert("top5", pct(best.top5));
@@ -268,13 +342,17 @@ pub fn write_model_folder(
         model_card(cfg, prov, args, &fit.best, fit.best_epoch)?.as_bytes(),
     )?;
     let h = &fit.history;
-    let col = |f: fn(&crate::train::EpochMetrics) -> f64| h.iter().map(f).collect::<Vec<_>>();
+    let col = |f: fn(&crate::train::EpochMetrics) -> Option<f64>| {
+        h.iter()
+            .map(|m| f(m).unwrap_or(f64::NAN))
+            .collect::<Vec<_>>()
+    };
     crate::plot::curves(
         &out.join("curves.png"),
-        &col(|m| m.train_loss),
+        &col(|m| Some(m.train_loss)),
         &col(|m| m.nll),
-        &col(|m| 100.0 * m.top1),
-        &col(|m| 100.0 * m.top5),
+        &col(|m| m.top1.map(|v| 100.0 * v)),
+        &col(|m| m.top5.map(|v| 100.0 * v)),
     )?;
     crate::plot::reliability(
         &out.join("reliability.png"),

@@ -155,20 +155,28 @@ impl HubOptions {
         revision: &str,
         file: &str,
     ) -> Result<PathBuf> {
-        let offline = if self.offline {
-            " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
-        } else {
-            ""
-        };
+        let offline = self.offline;
         handle
             .download_file()
             .filename(file)
             .revision(revision)
-            .local_files_only(self.offline)
+            .local_files_only(offline)
             .send()
-            .map_err(hub_err(&format!(
-                "cannot get {file} from {kind} repo {repo} at {revision}{offline}"
-            )))
+            .map_err(|e| {
+                let hint = match (&e, offline) {
+                    (hf_hub::HFError::Request { .. }, _) => OFFLINE_HINT,
+                    (_, true) => FILL_CACHE_HINT,
+                    _ => "",
+                };
+                let mode = if offline {
+                    " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
+                } else {
+                    ""
+                };
+                candle_core::Error::Msg(format!(
+                    "cannot get {file} from {kind} repo {repo} at {revision}{mode}{hint}\n  cause: {e}"
+                ))
+            })
     }
 
     /// The local path of `file` in dataset repo `repo` at `revision` (see [`HubOptions::model_file`]).
@@ -212,6 +220,12 @@ impl HubOptions {
         }
     }
 }
+
+/// Appended to a download error when the Hub could not be reached: how to run offline.
+pub const OFFLINE_HINT: &str = "\n  the Hub cannot be reached; to run offline: HF_HUB_OFFLINE=1 with a filled Hub cache (HF_HUB_CACHE / HF_HOME), or local files (train-cars --data-dir DIR --weights-file FILE)";
+
+/// Appended to an offline cache miss: how to fill the cache or avoid it.
+pub const FILL_CACHE_HINT: &str = "\n  the file is not in the Hub cache: run once online (e.g. cargo xtask download-cars) to fill it, or use local files (train-cars --data-dir DIR --weights-file FILE)";
 
 /// `owner/name` split in two, or an error naming the bad id.
 pub(crate) fn split_repo(repo: &str) -> Result<(&str, &str)> {

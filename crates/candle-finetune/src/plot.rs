@@ -17,7 +17,8 @@ fn err<E: std::fmt::Display>(e: E) -> candle_core::Error {
     candle_core::Error::Msg(format!("plot: {e}"))
 }
 
-/// Per-epoch curves: train loss and test NLL (left), test top-1 and top-5 in % (right).
+/// Per-epoch curves: train loss and test NLL (left), test top-1 and top-5 in % (right). A NaN
+/// value (an epoch that was not evaluated) is left out of its curve.
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
@@ -58,6 +59,7 @@ pub fn curves(
             v.iter()
                 .enumerate()
                 .map(|(i, y)| (i as f64 + 1.0, *y))
+                .filter(|(_, y)| y.is_finite()) // NaN: an epoch without evaluation
                 .collect::<Vec<_>>()
         };
         c.draw_series(LineSeries::new(series(train_loss), &BLUE))

@@ -1,6 +1,10 @@
 //! The published model's template folder (models/resnet18-stanford-cars) and the card renderer.
 
-use candle_finetune::card::{render, ModelConfig, CARD_TEMPLATE, STANFORD_CARS_CLASSES_JSON};
+use candle_finetune::card::{
+    model_card, render, ModelConfig, Provenance, CARD_TEMPLATE, STANFORD_CARS_CLASSES_JSON,
+};
+use candle_finetune::data::DatasetInfo;
+use candle_finetune::eval::EvalResult;
 use candle_finetune::resnet::Arch;
 use std::collections::BTreeMap;
 
@@ -32,7 +36,7 @@ fn card_template_names_every_section_the_hub_needs() {
         "## Results",
         "## Recipe",
         "## Intended use",
-        "non-commercial",
+        "## Licence",
         "from_pretrained",
         "timm.create_model",
         "{{front_matter}}",
@@ -72,4 +76,93 @@ fn stanford_cars_names_only_replace_index_names() {
     };
     let err = wrong.with_stanford_cars_names().unwrap_err().to_string();
     assert!(err.contains("10 unnamed classes"), "{err}");
+}
+
+fn card_for(dataset: DatasetInfo, classes: &[String]) -> String {
+    let cfg = ModelConfig::new(Arch::ResNet18, classes, &Default::default());
+    let prov = Provenance {
+        base_model: "timm/resnet18.tv_in1k@abc".into(),
+        base_model_hub_id: Some("timm/resnet18.tv_in1k".into()),
+        dataset,
+    };
+    let args = serde_json::json!({"label_smoothing": 0.1, "epochs": 3, "smoke": false});
+    let best = EvalResult {
+        top1: 0.5,
+        top5: 0.9,
+        n: 10,
+        ..Default::default()
+    };
+    model_card(&cfg, &prov, &args, &best, 2).unwrap()
+}
+
+fn front_matter(card: &str) -> &str {
+    let rest = card.strip_prefix("---\n").expect("front matter");
+    &rest[..rest.find("\n---").expect("end of front matter")]
+}
+
+#[test]
+fn the_card_names_the_data_actually_used() {
+    let classes: Vec<String> = serde_json::from_str(STANFORD_CARS_CLASSES_JSON).unwrap();
+    let cars = card_for(DatasetInfo::stanford_cars(), &classes);
+    let fm = front_matter(&cars);
+    assert!(
+        fm.contains("license: other\nlicense_name: stanford-cars-non-commercial"),
+        "{fm}"
+    );
+    assert!(fm.contains("datasets:\n- tanganke/stanford_cars"), "{fm}");
+    assert!(fm.contains("name: resnet18-stanford-cars"), "{fm}");
+    assert!(cars.contains("# resnet18 fine-tuned on Stanford Cars"));
+    assert!(cars.contains("196 car models"));
+    assert!(cars.contains("non-commercial research purposes only"));
+
+    // A local folder with a dataset.json: its name and licence, nothing of Stanford Cars.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("flowers-102");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(
+        data.join("dataset.json"),
+        r#"{"name": "Oxford Flowers 102", "license": "cc-by-4.0"}"#,
+    )
+    .unwrap();
+    let names: Vec<String> = (0..3).map(|i| format!("flower {i}")).collect();
+    let info = DatasetInfo::from_dir(&data).unwrap();
+    let flowers = card_for(info, &names);
+    let fm = front_matter(&flowers);
+    assert!(fm.contains("license: cc-by-4.0\n"), "{fm}");
+    assert!(
+        !fm.contains("datasets:"),
+        "a local dataset has no Hub id: {fm}"
+    );
+    assert!(fm.contains("name: resnet18-oxford-flowers-102"), "{fm}");
+    assert!(fm.contains("      name: Oxford Flowers 102\n"), "{fm}");
+    assert!(flowers.contains("# resnet18 fine-tuned on Oxford Flowers 102"));
+    assert!(flowers.contains("licensed `cc-by-4.0`"));
+    for word in ["Stanford", "car model", "non-commercial", "Krause"] {
+        assert!(
+            !flowers.contains(word),
+            "{word:?} in a card for flowers:\n{flowers}"
+        );
+    }
+    let root = dir.path().to_string_lossy().into_owned();
+    assert!(!flowers.contains(&root), "absolute path in the card");
+
+    // A folder without metadata: its name, licence unknown; flags override both.
+    let plain = tempfile::tempdir().unwrap();
+    let birds = plain.path().join("birds");
+    std::fs::create_dir(&birds).unwrap();
+    let info = DatasetInfo::from_dir(&birds).unwrap();
+    assert_eq!(info.name, "birds");
+    let card = card_for(info.clone(), &names);
+    assert!(front_matter(&card).contains("license: unknown"));
+    assert!(card.contains("was not given"));
+    assert!(!card.contains(&plain.path().to_string_lossy().into_owned()));
+    let card = card_for(
+        info.with_overrides(Some("CUB-200: birds"), Some("mit")),
+        &names,
+    );
+    let fm = front_matter(&card);
+    assert!(
+        fm.contains("license: mit\n") && fm.contains("name: \"CUB-200: birds\""),
+        "{fm}"
+    );
 }

@@ -136,6 +136,50 @@ fn branch_revisions_resolve_through_refs_offline_and_misses_are_clear() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("OWNER/NAME"), "{err}");
+    // Offline cache miss: the hint says how to fill the cache or use local files.
+    let err = opts
+        .dataset_file("someone/data", "main", "data/train.parquet")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("run once online") && l.contains("--data-dir")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unreachable_hub_says_how_to_run_offline_in_one_line() {
+    // A port nothing listens on: the connection is refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cache = tempfile::tempdir().unwrap();
+    let opts = HubOptions {
+        cache_dir: Some(cache.path().into()),
+        offline: false,
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        token: None,
+    };
+    let err = opts
+        .model_file("timm/resnet18.tv_in1k", "main", "model.safetensors")
+        .unwrap_err()
+        .to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines[0].contains("model.safetensors") && lines[0].contains("timm/resnet18.tv_in1k"),
+        "{err}"
+    );
+    // The hint is the second line, whole, before the cause.
+    assert!(
+        lines[1].contains("HF_HUB_OFFLINE=1")
+            && lines[1].contains("--data-dir")
+            && lines[1].contains("--weights-file"),
+        "{err}"
+    );
+    assert!(lines[2].trim_start().starts_with("cause:"), "{err}");
 }
 
 #[test]

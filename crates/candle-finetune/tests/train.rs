@@ -133,7 +133,7 @@ fn learns_a_learnable_dataset_from_random_init() {
         false,
     )
     .unwrap();
-    let top1: Vec<f64> = s.history.iter().map(|h| h.top1).collect();
+    let top1: Vec<Option<f64>> = s.history.iter().map(|h| h.top1).collect();
     assert!(s.best.top1 >= 0.9, "test top-1 per epoch: {top1:?}");
     assert!(s.history.last().unwrap().train_loss < s.history[0].train_loss);
     // The run folder.
@@ -406,4 +406,94 @@ fn gradient_accumulation_takes_one_step_per_group_of_batches() {
     assert_eq!(s.step_losses.len(), 2);
     let ck = Checkpoint::load(&dir.path().join("acc/checkpoint-last.safetensors")).unwrap();
     assert_eq!(ck.meta.step, 2);
+}
+
+#[test]
+fn eval_every_skips_test_passes_but_always_evaluates_the_last_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let (vm, m) = model();
+    let cfg = TrainConfig {
+        eval_every: 2,
+        max_batches_per_epoch: Some(1),
+        ..config(3)
+    };
+    let out = dir.path().join("every2");
+    let s = fit(&m, &vm, &train, &test, &cfg, &Device::Cpu, &out, false).unwrap();
+    let evaluated: Vec<bool> = s.history.iter().map(|h| h.top1.is_some()).collect();
+    assert_eq!(evaluated, [false, true, true]);
+    assert!(s.best_epoch == 2 || s.best_epoch == 3, "{}", s.best_epoch);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines[0]["top1"].is_null() && lines[1]["top1"].is_number());
+    assert_eq!(lines[2]["skipped_images"], 0);
+    let zero = TrainConfig {
+        eval_every: 0,
+        ..config(1)
+    };
+    let e = fit(&m, &vm, &train, &test, &zero, &Device::Cpu, &out, false).unwrap_err();
+    assert!(e.to_string().contains("eval_every"), "{e}");
+}
+
+#[test]
+fn undecodable_images_are_skipped_and_counted_in_the_metrics() {
+    use candle_finetune::data::{ImageData, Sample};
+    let dir = tempfile::tempdir().unwrap();
+    let good = shapes_dataset(dir.path(), 2, 5); // 8 PNGs
+    let mut jpeg = Vec::new();
+    RgbImage::from_fn(40, 40, |x, y| Rgb([x as u8 * 6, y as u8 * 6, 90]))
+        .write_to(&mut std::io::Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+        .unwrap();
+    let mut ds = good.clone();
+    for cut in [jpeg.len() / 3, jpeg.len() - 2] {
+        ds.samples.push(Sample {
+            image: ImageData::Encoded(jpeg[..cut].to_vec().into()),
+            label: 0,
+        });
+    }
+    let ds = Arc::new(ds);
+    let pre = Preprocess {
+        size: 32,
+        crop_pct: 1.0,
+        ..Default::default()
+    };
+    let lcfg = LoaderConfig {
+        batch_size: 16,
+        ..Default::default()
+    };
+    let train = Loader::new(
+        ds.clone(),
+        Transform {
+            pre: pre.clone(),
+            train: true,
+        },
+        lcfg.clone(),
+    )
+    .unwrap();
+    let test = Loader::new(ds, Transform { pre, train: false }, lcfg).unwrap();
+    let (vm, m) = model();
+    let out = dir.path().join("skips");
+    let s = fit(
+        &m,
+        &vm,
+        &train,
+        &test,
+        &config(1),
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
+    let h = &s.history[0];
+    assert_eq!(
+        (h.skipped_train, h.skipped_test, h.skipped_images),
+        (2, 2, 4)
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap()).unwrap();
+    assert_eq!(line["skipped_images"], 4);
+    assert_eq!(s.best.n, 8, "only decodable test images are scored");
 }

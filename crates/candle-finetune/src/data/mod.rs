@@ -3,11 +3,13 @@
 //! prefetching [`Loader`].
 
 mod decode;
+mod info;
 mod loader;
 pub mod parquet;
 mod transform;
 
-pub use decode::decode_rgb;
+pub use decode::{check_jpeg_structure, check_png_structure, decode_rgb};
+pub use info::{DatasetInfo, DATASET_INFO_FILE};
 pub use loader::{Batch, EpochIter, EpochReport, Loader, LoaderConfig};
 pub use transform::{
     center_crop_box, random_resized_crop_box, sample_rng, CropBox, Interpolation, Preprocess,

@@ -41,11 +41,15 @@ impl Checkpoint {
         for (k, v) in varmap.data().lock().expect("VarMap lock poisoned").iter() {
             tensors.insert(
                 format!("model.{k}"),
-                v.as_tensor().to_device(&Device::Cpu)?.copy()?,
+                v.as_tensor()
+                    .detach()
+                    .to_device(&Device::Cpu)?
+                    .copy()?
+                    .detach(),
             );
         }
         for (k, v) in opt.state()? {
-            tensors.insert(format!("optim.{k}"), v.to_device(&Device::Cpu)?);
+            tensors.insert(format!("optim.{k}"), v.detach().to_device(&Device::Cpu)?);
         }
         Ok(Self { meta, tensors })
     }
@@ -88,7 +92,7 @@ impl Checkpoint {
             let Some(t) = self.tensors.get(&format!("model.{k}")) else {
                 bail!("checkpoint: model variable {k} is missing");
             };
-            v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
+            v.set(&t.detach().to_dtype(v.dtype())?.to_device(v.device())?)?;
         }
         let state: HashMap<String, Tensor> = self
             .tensors

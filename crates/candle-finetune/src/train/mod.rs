@@ -1,10 +1,12 @@
 //! Training: optimizers with saveable state, learning-rate schedules, checkpoints and the
 //! fine-tuning loop.
 
+mod accumulate;
 mod checkpoint;
 mod optim;
 mod schedule;
 
+pub use accumulate::GradAccumulator;
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use optim::{Group, Optimizer, Rule};
 pub use schedule::{Decay, Schedule};
@@ -18,7 +20,7 @@ use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -72,6 +74,14 @@ pub struct TrainConfig {
     /// whole run: for time-boxed jobs continued later with `--resume`.
     #[serde(default)]
     pub stop_after_epoch: Option<usize>,
+    /// Evaluate on the test split every this many epochs (and always after the last one); the
+    /// best model is chosen among evaluated epochs.
+    #[serde(default = "one")]
+    pub eval_every: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -94,6 +104,7 @@ impl Default for TrainConfig {
             seed: 0,
             max_batches_per_epoch: None,
             stop_after_epoch: None,
+            eval_every: 1,
         }
     }
 }
@@ -107,18 +118,45 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Learning rate at the end of the epoch.
     pub lr: f64,
-    /// Test top-1.
-    pub top1: f64,
+    /// Test top-1 (`None`: the epoch was not evaluated, see [`TrainConfig::eval_every`]).
+    #[serde(default)]
+    pub top1: Option<f64>,
     /// Test top-5.
-    pub top5: f64,
+    #[serde(default)]
+    pub top5: Option<f64>,
     /// Test NLL.
-    pub nll: f64,
+    #[serde(default)]
+    pub nll: Option<f64>,
     /// Test ECE.
-    pub ece: f64,
+    #[serde(default)]
+    pub ece: Option<f64>,
     /// Training images per second.
     pub images_per_s: f64,
     /// Undecodable images skipped this epoch (train + test).
     pub skipped_images: usize,
+    /// Of those, training images.
+    #[serde(default)]
+    pub skipped_train: usize,
+    /// Of those, test images.
+    #[serde(default)]
+    pub skipped_test: usize,
+}
+
+/// What a [`fit_with`] observer sees after every optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepEvent {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Optimizer steps taken so far in the run (this one included).
+    pub step: u64,
+    /// Optimizer steps of the whole run.
+    pub total_steps: u64,
+    /// Loss of this step (mean over its micro-batches).
+    pub loss: f64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Seconds since this invocation started training.
+    pub elapsed_s: f64,
 }
 
 /// What [`fit`] returns.
@@ -251,12 +289,12 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
 }
 
 /// Fine-tunes `model` (variables in `varmap`) for `cfg.epochs` epochs, evaluating on `test`
-/// after every epoch. Writes into `out`: `checkpoint-last.safetensors` every epoch (atomic),
-/// `checkpoint-best.safetensors`, `model.safetensors` (torchvision names) and `eval.json` for
-/// the best test top-1, and `metrics.jsonl`. With `resume`, continues from
-/// `checkpoint-last.safetensors` so that the remaining steps are exactly those of an
-/// uninterrupted run (on CPU). A non-finite loss stops the run with an error and leaves the last
-/// checkpoint as it was.
+/// every [`TrainConfig::eval_every`] epochs and after the last. Writes into `out`:
+/// `checkpoint-last.safetensors` every epoch (atomic), `checkpoint-best.safetensors`,
+/// `model.safetensors` (torchvision names) and `eval.json` for the best test top-1, and
+/// `metrics.jsonl`. With `resume`, continues from `checkpoint-last.safetensors` so that the
+/// remaining steps are exactly those of an uninterrupted run (on CPU). A non-finite loss stops the
+/// run with an error and leaves the last checkpoint as it was.
 #[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
 pub fn fit(
     model: &ResNet,
@@ -268,8 +306,36 @@ pub fn fit(
     out: &Path,
     resume: bool,
 ) -> Result<FitSummary> {
-    if cfg.accum_steps == 0 || cfg.epochs == 0 {
-        bail!("train: epochs and accum_steps must be positive");
+    fit_with(
+        model,
+        varmap,
+        train,
+        test,
+        cfg,
+        device,
+        out,
+        resume,
+        &mut |_| ControlFlow::Continue(()),
+    )
+}
+
+/// [`fit`] with an observer called after every optimizer step (memory sampling, custom logging,
+/// a time budget). `ControlFlow::Break` ends the run after that step: the summary is returned
+/// and the files of the last completed epoch are left as they are.
+#[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
+pub fn fit_with(
+    model: &ResNet,
+    varmap: &VarMap,
+    train: &Loader,
+    test: &Loader,
+    cfg: &TrainConfig,
+    device: &Device,
+    out: &Path,
+    resume: bool,
+    observer: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+) -> Result<FitSummary> {
+    if cfg.accum_steps == 0 || cfg.epochs == 0 || cfg.eval_every == 0 {
+        bail!("train: epochs, accum_steps and eval_every must be positive");
     }
     std::fs::create_dir_all(out)?;
     let paths = RunPaths {
@@ -309,27 +375,30 @@ pub fn fit(
     let end = cfg
         .stop_after_epoch
         .map_or(cfg.epochs, |e| e.min(cfg.epochs));
+    let names: Vec<(String, candle_core::Var)> = {
+        let d = varmap.data().lock().expect("VarMap lock poisoned");
+        d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let mut acc = GradAccumulator::new(names);
+    let run_start = Instant::now();
+    let first_step = step;
+    let total_steps = schedule.total;
     for epoch in start_epoch..end {
         let t0 = Instant::now();
         let bar = ProgressBar::new(batches as u64);
         bar.set_style(
             ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} (epoch {elapsed}<{eta})",
             )
             .map_err(candle_core::Error::wrap)?
             .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         let mut it = train.epoch(epoch as u64);
-        let mut acc_grads: HashMap<String, Tensor> = HashMap::new();
-        let mut micro = 0;
         let (mut loss_sum, mut loss_n, mut images) = (0.0, 0usize, 0usize);
         let mut step_loss = 0.0;
-        let names: Vec<(String, candle_core::Var)> = {
-            let d = varmap.data().lock().expect("VarMap lock poisoned");
-            d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
         let mut lr = schedule.lr(step);
+        let mut stop = false;
         for (bi, batch) in it.by_ref().enumerate() {
             if bi >= batches {
                 break;
@@ -349,98 +418,142 @@ pub fn fit(
                     epoch
                 );
             }
-            let grads = (loss / cfg.accum_steps as f64)?.backward()?;
-            for (n, var) in &names {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    let e = match acc_grads.remove(n) {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    };
-                    acc_grads.insert(n.clone(), e);
-                }
-            }
+            acc.add(&(loss / cfg.accum_steps as f64)?.backward()?)?;
             step_loss += v / cfg.accum_steps as f64;
-            micro += 1;
             images += batch.indices.len();
-            if micro == cfg.accum_steps || bi + 1 == batches {
+            if acc.micro_batches() == cfg.accum_steps || bi + 1 == batches {
+                let micro = acc.micro_batches();
                 lr = schedule.lr(step);
-                opt.step_with(&acc_grads, lr)?;
-                acc_grads.clear();
-                summary
-                    .step_losses
-                    .push(step_loss * cfg.accum_steps as f64 / micro as f64);
-                loss_sum += step_loss * cfg.accum_steps as f64 / micro as f64;
+                opt.step_with(&acc.take(), lr)?;
+                let mean = step_loss * cfg.accum_steps as f64 / micro as f64;
+                summary.step_losses.push(mean);
+                loss_sum += mean;
                 loss_n += 1;
                 step_loss = 0.0;
-                micro = 0;
                 step += 1;
+                let event = StepEvent {
+                    epoch: epoch + 1,
+                    step,
+                    total_steps,
+                    loss: mean,
+                    lr,
+                    elapsed_s: run_start.elapsed().as_secs_f64(),
+                };
+                if observer(&event).is_break() {
+                    stop = true;
+                }
             }
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            let run_eta = eta(
+                run_start.elapsed().as_secs_f64(),
+                step - first_step,
+                total_steps - step,
+            );
             bar.set_message(format!(
-                "loss {:.4} lr {:.2e} {:.1} img/s",
+                "loss {:.4} lr {:.2e} {:.1} img/s, run ETA {run_eta}",
                 loss_sum / loss_n.max(1) as f64,
                 lr,
                 images as f64 / secs
             ));
             bar.inc(1);
+            if stop {
+                break;
+            }
         }
         let train_report = it.stop();
         bar.finish_and_clear();
+        if stop {
+            return Ok(summary);
+        }
         let ips = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        let (res, test_skipped) = evaluate(model, test, device)?;
+        let evaluate_now = (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs;
+        let (res, test_skipped) = if evaluate_now {
+            let (r, s) = evaluate(model, test, device)?;
+            (Some(r), s)
+        } else {
+            (None, 0)
+        };
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / loss_n.max(1) as f64,
             lr,
-            top1: res.top1,
-            top5: res.top5,
-            nll: res.nll,
-            ece: res.ece,
+            top1: res.as_ref().map(|r| r.top1),
+            top5: res.as_ref().map(|r| r.top5),
+            nll: res.as_ref().map(|r| r.nll),
+            ece: res.as_ref().map(|r| r.ece),
             images_per_s: ips,
             skipped_images: train_report.skipped.len() + test_skipped,
+            skipped_train: train_report.skipped.len(),
+            skipped_test: test_skipped,
         };
-        eprintln!(
-            "epoch {}/{}: train loss {:.4}, test top-1 {:.2}% top-5 {:.2}% NLL {:.4} ECE {:.2}%, {:.1} img/s{}",
-            m.epoch,
-            cfg.epochs,
-            m.train_loss,
-            100.0 * m.top1,
-            100.0 * m.top5,
-            m.nll,
-            100.0 * m.ece,
-            ips,
-            if train_report.skipped.is_empty() { String::new() } else { format!("\n  train data: {train_report}") }
+        let run_eta = eta(
+            run_start.elapsed().as_secs_f64(),
+            step - first_step,
+            total_steps - step,
         );
+        eprintln!("{}", epoch_line(&m, cfg.epochs, &run_eta));
+        if !train_report.skipped.is_empty() {
+            eprintln!("  train data: {train_report}");
+        }
         append_line(
             &paths.metrics(),
             &serde_json::to_string(&m).map_err(candle_core::Error::wrap)?,
         )?;
         summary.history.push(m);
-        let improved = summary.best_epoch == 0 || res.top1 > summary.best.top1;
-        if improved {
-            summary.best = res.clone();
+        let improved = match &res {
+            Some(r) => summary.best_epoch == 0 || r.top1 > summary.best.top1,
+            None => false,
+        };
+        if let (true, Some(r)) = (improved, &res) {
+            summary.best = r.clone();
             summary.best_epoch = epoch + 1;
         }
         let meta = CheckpointMeta {
             epoch: epoch + 1,
             step,
             best_epoch: summary.best_epoch,
-            best: Some(summary.best.clone()),
+            best: (summary.best_epoch > 0).then(|| summary.best.clone()),
             history: summary.history.clone(),
             config: cfg.clone(),
         };
         let ck = Checkpoint::capture(varmap, &opt, meta)?;
         ck.save(&paths.last())?;
-        if improved {
+        if let (true, Some(r)) = (improved, &res) {
             ck.save(&paths.best())?;
             crate::export::export_safetensors(varmap, step as i64, &paths.model())?;
             crate::export::atomic_write_bytes(
                 &paths.eval(),
-                serde_json::to_string_pretty(&res)
+                serde_json::to_string_pretty(r)
                     .map_err(candle_core::Error::wrap)?
                     .as_bytes(),
             )?;
         }
     }
     Ok(summary)
+}
+
+/// `h:mm:ss` left for `remaining` steps at the rate of the `done` steps taken in `secs`.
+fn eta(secs: f64, done: u64, remaining: u64) -> String {
+    if done == 0 {
+        return "-".into();
+    }
+    let left = (secs / done as f64 * remaining as f64).round() as u64;
+    format!("{}:{:02}:{:02}", left / 3600, left / 60 % 60, left % 60)
+}
+
+/// The line printed after every epoch.
+fn epoch_line(m: &EpochMetrics, epochs: usize, run_eta: &str) -> String {
+    let test = match (m.top1, m.top5, m.nll, m.ece) {
+        (Some(t1), Some(t5), Some(nll), Some(ece)) => format!(
+            "test top-1 {:.2}% top-5 {:.2}% NLL {nll:.4} ECE {:.2}%",
+            100.0 * t1,
+            100.0 * t5,
+            100.0 * ece
+        ),
+        _ => "not evaluated".into(),
+    };
+    format!(
+        "epoch {}/{epochs}: train loss {:.4}, {test}, {:.1} img/s, skipped images {} (train {}, test {}), run ETA {run_eta}",
+        m.epoch, m.train_loss, m.images_per_s, m.skipped_images, m.skipped_train, m.skipped_test
+    )
 }

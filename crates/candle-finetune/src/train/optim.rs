@@ -111,8 +111,13 @@ impl Optimizer {
                 let Some(grad) = grads.get(name) else {
                     continue;
                 };
-                let p = var.as_tensor();
-                let grad = grad.to_dtype(p.dtype())?;
+                // Every tensor of the update is detached: `var.as_tensor()` and the gradients
+                // of `backward` carry candle's autograd graph (a weight gradient references the
+                // step's activations), and a buffer built from them would keep every earlier
+                // step's graph alive through the next one.
+                let p = var.as_tensor().detach();
+                let p = &p;
+                let grad = grad.detach().to_dtype(p.dtype())?;
                 match self.rule {
                     Rule::Sgd {
                         momentum,
@@ -134,7 +139,7 @@ impl Optimizer {
                             } else {
                                 buf.clone()
                             };
-                            self.state.insert(key, buf);
+                            self.state.insert(key, buf.detach());
                         }
                         let base = if wd != 0.0 && decoupled {
                             (p * (1.0 - lr * wd))?
@@ -159,8 +164,8 @@ impl Optimizer {
                         let upd = ((&m / bc1)? / denom)?;
                         let base = (p * (1.0 - lr * wd))?;
                         var.set(&(base - (upd * lr)?)?)?;
-                        self.state.insert(mk, m);
-                        self.state.insert(vk, v);
+                        self.state.insert(mk, m.detach());
+                        self.state.insert(vk, v.detach());
                     }
                 }
             }
@@ -173,7 +178,7 @@ impl Optimizer {
         let mut out: HashMap<String, Tensor> = self
             .state
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.detach()))
             .collect();
         out.insert(
             "steps".into(),
@@ -195,7 +200,7 @@ impl Optimizer {
         self.state = state
             .iter()
             .filter(|(k, _)| k.as_str() != "steps")
-            .map(|(k, v)| Ok((k.clone(), v.to_device(&device)?)))
+            .map(|(k, v)| Ok((k.clone(), v.detach().to_device(&device)?)))
             .collect::<Result<_>>()?;
         Ok(())
     }
