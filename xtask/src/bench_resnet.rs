@@ -28,7 +28,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let exe = build_example("candle-finetune", "resnet_step")?;
+    let exe = build_example("candle-resnet", "resnet_step")?;
     let (b, s, n) = (a.batch.to_string(), a.size.to_string(), a.steps.to_string());
     let mut rows: Vec<Value> = Vec::new();
     eprintln!("candle {} batch {b} at {s} px ...", a.arch);

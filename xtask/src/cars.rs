@@ -10,8 +10,8 @@ use candle_finetune::data::{
 use candle_finetune::hub::{
     self, HubOptions, WeightsSource, DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION,
 };
-use candle_finetune::resnet::Arch;
 use candle_finetune::train::{self, Decay, OptimizerKind, TrainConfig};
+use candle_resnet::resnet::Arch;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -396,7 +396,7 @@ fn load_model(
     spec: &str,
     revision: &str,
     dev: &Device,
-) -> Result<(candle_finetune::resnet::ResNet, ModelConfig)> {
+) -> Result<(candle_resnet::resnet::ResNet, ModelConfig)> {
     let p = hub::from_pretrained(&HubOptions::from_env(), spec, Some(revision), dev)?;
     Ok((p.model, p.config))
 }
@@ -450,7 +450,7 @@ pub fn eval_cars(a: EvalArgs) -> Result<()> {
     }
     if let Some(o) = a.out {
         std::fs::create_dir_all(&o)?;
-        candle_finetune::export::atomic_write_bytes(
+        candle_finetune::files::atomic_write_bytes(
             &o.join("eval.json"),
             serde_json::to_string_pretty(&r)?.as_bytes(),
         )?;

@@ -11,6 +11,7 @@ mod bench_resnet;
 mod bench_xent;
 mod cars;
 mod gpu_check;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Tasks of the candle-xent workspace")]
@@ -46,6 +47,9 @@ enum Cmd {
     /// Build (here, without a GPU) the bundle that checks candle-xent's CUDA kernels on a CUDA
     /// machine: parity vs the CPU op and PyTorch, then time and memory vs PyTorch and Liger.
     GpuCheck(gpu_check::Args),
+    /// Train for a given time on a generated dataset of realistic size and record resident
+    /// memory every few steps (soak.json, soak.png): a leak shows as growth.
+    Soak(soak::Args),
 }
 
 /// The workspace root (the parent of this crate).
@@ -99,5 +103,6 @@ fn main() -> Result<()> {
         Cmd::BenchResnet(args) => bench_resnet::run(args),
         Cmd::BenchData(args) => bench_data::run(args),
         Cmd::GpuCheck(args) => gpu_check::run(args),
+        Cmd::Soak(args) => soak::run(args),
     }
 }

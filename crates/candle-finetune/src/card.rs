@@ -3,10 +3,10 @@
 
 use crate::data::{DatasetInfo, Interpolation, Preprocess};
 use crate::eval::EvalResult;
-use crate::export::atomic_write_bytes;
-use crate::resnet::Arch;
+use crate::files::atomic_write_bytes;
 use crate::train::FitSummary;
 use candle_core::Result;
+use candle_resnet::resnet::Arch;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;

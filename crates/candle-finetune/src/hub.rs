@@ -7,9 +7,9 @@
 //! (`<cache>/models--OWNER--NAME/snapshots/<commit>/<file>`), so a second run, or a run with a
 //! pinned 40-hex revision already cached, makes no network request.
 
-use crate::resnet::{Arch, ResNet};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use candle_resnet::resnet::{Arch, ResNet};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -261,10 +261,10 @@ pub enum Head {
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("m.safetensors");
 /// let a = VarMap::new();
-/// candle_finetune::resnet::resnet18(7, VarBuilder::from_varmap(&a, DType::F32, &Device::Cpu)).unwrap();
+/// candle_resnet::resnet::resnet18(7, VarBuilder::from_varmap(&a, DType::F32, &Device::Cpu)).unwrap();
 /// export::export_safetensors(&a, 0, &path).unwrap();
 /// let b = VarMap::new();
-/// candle_finetune::resnet::resnet18(7, VarBuilder::from_varmap(&b, DType::F32, &Device::Cpu)).unwrap();
+/// candle_resnet::resnet::resnet18(7, VarBuilder::from_varmap(&b, DType::F32, &Device::Cpu)).unwrap();
 /// assert_eq!(hub::load_weights(&b, &path, hub::Head::FromFile).unwrap(), 102);
 /// ```
 pub fn load_weights(varmap: &VarMap, path: &Path, head: Head) -> Result<usize> {
@@ -272,7 +272,7 @@ pub fn load_weights(varmap: &VarMap, path: &Path, head: Head) -> Result<usize> {
         candle_core::Error::Msg(format!("cannot read weights {}: {e}", path.display()))
     })?;
     let data = varmap.data().lock().expect("VarMap lock poisoned");
-    let skip_head = |name: &str| head == Head::Fresh && crate::params::is_head(name);
+    let skip_head = |name: &str| head == Head::Fresh && candle_resnet::params::is_head(name);
     for name in tensors.keys() {
         if name.ends_with(".num_batches_tracked") || skip_head(name) {
             continue;
@@ -329,7 +329,7 @@ pub fn load_weights(varmap: &VarMap, path: &Path, head: Head) -> Result<usize> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("imagenet.safetensors");
 /// let vm = VarMap::new();
-/// candle_finetune::resnet::resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// candle_resnet::resnet::resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
 /// export::export_safetensors(&vm, 0, &path).unwrap();
 /// let (varmap, model) = hub::pretrained(Arch::ResNet18, 196, &path, &Device::Cpu).unwrap();
 /// assert_eq!(model.num_classes(), 196);
@@ -438,7 +438,7 @@ pub fn seed_cache(
     let blob = root.join("blobs").join(&sha);
     std::fs::create_dir_all(root.join("blobs"))?;
     if !blob.exists() {
-        crate::export::atomic_write(&blob, |tmp| {
+        crate::files::atomic_write(&blob, |tmp| {
             std::fs::copy(src, tmp)?;
             Ok(())
         })?;
@@ -461,7 +461,7 @@ pub fn seed_cache(
     #[cfg(not(unix))]
     std::fs::copy(&blob, &snap)?;
     std::fs::create_dir_all(root.join("refs"))?;
-    crate::export::atomic_write_bytes(&root.join("refs").join("main"), revision.as_bytes())?;
+    crate::files::atomic_write_bytes(&root.join("refs").join("main"), revision.as_bytes())?;
     Ok(snap)
 }
 

@@ -1,8 +1,9 @@
 //! # candle-finetune
 //!
-//! Fine-tune ImageNet ResNets from the Hugging Face Hub with Candle: a trainable ResNet with
-//! torchvision's names ([`resnet`]), weights from the Hub or a file ([`hub`]), parameter groups
-//! for optimizers ([`params`]) and a PyTorch-loadable export ([`export`]).
+//! Fine-tune ImageNet ResNets ([`candle_resnet`]) from the Hugging Face Hub on an
+//! image-classification dataset with Candle: data ([`data`]), the training loop and optimizers
+//! ([`train`]), evaluation ([`eval`]), Hub downloads and pretrained weights ([`hub`]), the model
+//! folder and its card ([`card`]), plots ([`plot`]) and publishing ([`publish`]).
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
@@ -10,7 +11,7 @@
 //! # fn main() -> candle_core::Result<()> {
 //! let varmap = VarMap::new();
 //! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-//! let model = candle_finetune::resnet::resnet18(196, vb)?;
+//! let model = candle_resnet::resnet::resnet18(196, vb)?;
 //! let images = Tensor::randn(0f32, 1., (2, 3, 64, 64), &Device::Cpu)?;
 //! let logits = model.forward_t(&images, true)?;
 //! let target = Tensor::new(&[3u32, 150], &Device::Cpu)?;
@@ -19,19 +20,15 @@
 //! # Ok(()) }
 //! ```
 
-pub mod batchnorm;
-mod batchnorm_op;
 pub mod card;
-pub mod conv;
 pub mod data;
 pub mod eval;
-pub mod export;
+pub mod files;
 pub mod hub;
-pub mod maxpool;
-pub mod params;
 pub mod plot;
 pub mod publish;
-pub mod resnet;
 pub mod smoke;
-mod storage;
 pub mod train;
+
+/// The trainable ResNet this crate fine-tunes (re-exported for convenience).
+pub use candle_resnet;

@@ -152,3 +152,50 @@ pub fn reliability(path: &Path, bins: &[Bin], ece: f64) -> candle_core::Result<(
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+/// One line plot of `points` `(x, y)`, e.g. memory over training steps.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("rss.png");
+/// candle_finetune::plot::line(&p, "RSS", "step", "MiB", &[(0.0, 300.0), (10.0, 310.0)]).unwrap();
+/// assert!(std::fs::metadata(&p).unwrap().len() > 1000);
+/// ```
+pub fn line(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    points: &[(f64, f64)],
+) -> candle_core::Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (900, 450)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let finite = || {
+            points
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+        };
+        let xmax = finite().map(|p| p.0).fold(1.0, f64::max);
+        let ymax = finite().map(|p| p.1).fold(1e-9, f64::max) * 1.1;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+            .map_err(err)?;
+        c.configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .draw()
+            .map_err(err)?;
+        c.draw_series(LineSeries::new(finite().cloned(), &BLUE))
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -20,8 +20,14 @@ pub const SMOKE_CLASSES: [&str; 6] = [
     "blue disc",
 ];
 
-/// One generated JPEG: a coloured square or disc at a random place on a noisy background.
+/// One generated JPEG: a coloured square or disc at a random place on a noisy background,
+/// about 96 x 64 pixels.
 fn picture(class: usize, seed: u64) -> Vec<u8> {
+    picture_scaled(class, seed, 1)
+}
+
+/// [`picture`] with every side multiplied by `scale`.
+fn picture_scaled(class: usize, seed: u64, scale: u32) -> Vec<u8> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
@@ -31,8 +37,11 @@ fn picture(class: usize, seed: u64) -> Vec<u8> {
         s ^= s << 17;
         s
     };
-    let (w, h) = (96 + (rnd() % 32) as u32, 64 + (rnd() % 32) as u32);
-    let r = 14 + (rnd() % 8) as i64;
+    let (w, h) = (
+        (96 + (rnd() % 32) as u32) * scale,
+        (64 + (rnd() % 32) as u32) * scale,
+    );
+    let r = (14 + (rnd() % 8) as i64) * scale as i64;
     let (cx, cy) = (
         r + (rnd() % (w as u64 - 2 * r as u64)) as i64,
         r + (rnd() % (h as u64 - 2 * r as u64)) as i64,
@@ -57,6 +66,38 @@ fn picture(class: usize, seed: u64) -> Vec<u8> {
     img.write_to(&mut std::io::Cursor::new(&mut out), ImageFormat::Jpeg)
         .expect("in-memory JPEG");
     out
+}
+
+/// An in-memory dataset of `n` generated JPEGs of the [`SMOKE_CLASSES`] (classes in turn), each
+/// about `96 * scale` x `64 * scale` pixels; `salt` changes every picture (e.g. train vs test).
+///
+/// ```
+/// let ds = candle_finetune::smoke::generated_dataset(12, 1, 0);
+/// assert_eq!((ds.len(), ds.num_classes()), (12, 6));
+/// assert_eq!(ds.class_counts(), [2; 6]);
+/// assert!(ds.load_image(5).is_ok());
+/// ```
+pub fn generated_dataset(n: usize, scale: u32, salt: u64) -> crate::data::Dataset {
+    use rayon::prelude::*;
+    let classes = SMOKE_CLASSES.len();
+    let samples = (0..n)
+        .into_par_iter()
+        .map(|i| crate::data::Sample {
+            image: crate::data::ImageData::Encoded(
+                picture_scaled(
+                    i % classes,
+                    salt.wrapping_mul(1 << 32) ^ i as u64,
+                    scale.max(1),
+                )
+                .into(),
+            ),
+            label: (i % classes) as u32,
+        })
+        .collect();
+    crate::data::Dataset {
+        samples,
+        class_names: SMOKE_CLASSES.iter().map(|s| s.to_string()).collect(),
+    }
 }
 
 /// Writes the generated dataset as the two shards per split of the Stanford Cars mirror into
@@ -112,9 +153,9 @@ pub fn seed_weights(cache: &Path, size: u32) -> Result<()> {
     let work = cache.join("smoke-src");
     std::fs::create_dir_all(&work)?;
     let vm = VarMap::new();
-    crate::resnet::resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    candle_resnet::resnet::resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
     let w = work.join("model.safetensors");
-    crate::export::export_safetensors(&vm, 0, &w)?;
+    candle_resnet::export::export_safetensors(&vm, 0, &w)?;
     seed_cache(
         cache,
         RepoKind::Model,

@@ -5,7 +5,7 @@ use candle_finetune::card::{
 };
 use candle_finetune::data::DatasetInfo;
 use candle_finetune::eval::EvalResult;
-use candle_finetune::resnet::Arch;
+use candle_resnet::resnet::Arch;
 use std::collections::BTreeMap;
 
 fn models_dir() -> std::path::PathBuf {

@@ -1,21 +1,19 @@
 //! Weights through the real hf-hub code path from a Hub cache the test writes (offline),
 //! parameter groups and freezing, and the torchvision-named export.
 
-mod common;
-
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_finetune::export::{export_safetensors, state_dict};
 use candle_finetune::hub::{self, seed_cache, Head, HubOptions, RepoKind, WeightsSource};
-use candle_finetune::params::ParamGroups;
-use candle_finetune::resnet::{resnet18, Arch};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use candle_resnet::export::{export_safetensors, state_dict};
+use candle_resnet::params::ParamGroups;
+use candle_resnet::resnet::{resnet18, Arch};
 use std::collections::BTreeMap;
 
 /// An ImageNet-shaped (1000-class) ResNet-18 with deterministic weights, exported to `path`.
 fn imagenet_like(path: &std::path::Path) -> VarMap {
     let vm = VarMap::new();
     resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    common::fill_deterministic(&vm).unwrap();
+    candle_resnet::init::fill_deterministic(&vm).unwrap();
     export_safetensors(&vm, 0, path).unwrap();
     vm
 }
@@ -276,7 +274,7 @@ fn parameter_groups_and_frozen_backbone() {
     let vm = VarMap::new();
     let m = resnet18(4, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     let g = ParamGroups::from_varmap(&vm);
-    let names = |grp: &candle_finetune::params::Group| {
+    let names = |grp: &candle_resnet::params::Group| {
         grp.vars.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
     };
     assert_eq!(names(&g.head_decay), ["fc.weight"]);

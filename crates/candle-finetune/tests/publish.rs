@@ -7,8 +7,8 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_finetune::card::ModelConfig;
 use candle_finetune::hub::{from_pretrained, seed_cache, HubOptions, RepoKind};
 use candle_finetune::publish::{publish_folder, PublishOptions, Published};
-use candle_finetune::resnet::{resnet18, Arch};
 use candle_nn::{VarBuilder, VarMap};
+use candle_resnet::resnet::{resnet18, Arch};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -167,15 +167,14 @@ fn publish_opts(revision: Option<&str>) -> PublishOptions {
 }
 
 /// A small but real model folder: ResNet-18 (3 classes, random init), its export and config.
-fn model_folder(dir: &Path) -> (VarMap, candle_finetune::resnet::ResNet) {
+fn model_folder(dir: &Path) -> (VarMap, candle_resnet::resnet::ResNet) {
     let varmap = VarMap::new();
     let model = resnet18(
         3,
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
     )
     .unwrap();
-    candle_finetune::export::export_safetensors(&varmap, 0, &dir.join("model.safetensors"))
-        .unwrap();
+    candle_resnet::export::export_safetensors(&varmap, 0, &dir.join("model.safetensors")).unwrap();
     let names: Vec<String> = ["sedan", "coupe", "van"]
         .iter()
         .map(|s| s.to_string())

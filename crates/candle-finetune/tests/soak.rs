@@ -11,16 +11,16 @@
 //! One `#[test]` only: a second test running in parallel would allocate into the same counter.
 
 use candle_core::{DType, Device, Module, ModuleT, Tensor};
-use candle_finetune::batchnorm::BatchNorm2d;
 use candle_finetune::data::{
     Dataset, ImageData, Loader, LoaderConfig, Preprocess, Sample, Transform,
 };
-use candle_finetune::params::ParamGroups;
-use candle_finetune::resnet::{resnet18, torch_linear};
 use candle_finetune::train::{
     fit_with, GradAccumulator, Group, Optimizer, OptimizerKind, Rule, TrainConfig,
 };
 use candle_nn::{Linear, VarBuilder, VarMap};
+use candle_resnet::batchnorm::BatchNorm2d;
+use candle_resnet::params::ParamGroups;
+use candle_resnet::resnet::{resnet18, torch_linear};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -89,9 +89,9 @@ impl SmallNet {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = candle_finetune::conv::conv2d(x, &self.w1, 1, 1)?;
+        let y = candle_resnet::ops::conv::conv2d(x, &self.w1, 1, 1)?;
         let y = self.bn1.forward_t(&y, true)?.relu()?;
-        let y = candle_finetune::conv::conv2d(&y, &self.w2, 2, 1)?;
+        let y = candle_resnet::ops::conv::conv2d(&y, &self.w2, 2, 1)?;
         let y = self.bn2.forward_t(&y, true)?.relu()?;
         self.fc.forward(&y.mean((2, 3))?)
     }

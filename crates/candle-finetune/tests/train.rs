@@ -1,16 +1,14 @@
 //! The training loop: learnability from random init, exact resumption, the non-finite-loss stop,
 //! and the metrics against hand-computed values.
 
-mod common;
-
 use candle_core::{DType, Device, Tensor};
 use candle_finetune::data::{
     parquet::write_shard, Dataset, Loader, LoaderConfig, Preprocess, Transform,
 };
 use candle_finetune::eval::Accumulator;
-use candle_finetune::resnet::resnet18;
 use candle_finetune::train::{fit, Checkpoint, Decay, TrainConfig};
 use candle_nn::{VarBuilder, VarMap};
+use candle_resnet::resnet::resnet18;
 use image::{ImageFormat, Rgb, RgbImage};
 use std::sync::Arc;
 
@@ -89,10 +87,10 @@ fn loaders(dir: &std::path::Path) -> (Loader, Loader) {
     )
 }
 
-fn model() -> (VarMap, candle_finetune::resnet::ResNet) {
+fn model() -> (VarMap, candle_resnet::resnet::ResNet) {
     let vm = VarMap::new();
     let m = resnet18(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    common::fill_deterministic(&vm).unwrap();
+    candle_resnet::init::fill_deterministic(&vm).unwrap();
     // Start from ImageNet-like statistics: neutral running stats.
     for (k, v) in vm.data().lock().unwrap().iter() {
         if k.ends_with("running_mean") {
@@ -210,7 +208,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     assert_eq!(rest.history[1].top1, full.history[1].top1);
 }
 
-fn resnet18_fresh() -> (VarMap, candle_finetune::resnet::ResNet) {
+fn resnet18_fresh() -> (VarMap, candle_resnet::resnet::ResNet) {
     let vm = VarMap::new();
     let m = resnet18(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     (vm, m)

@@ -5,7 +5,7 @@
 //! target is an `Err`, never a silent number; that read waits for the kernel, like any host read.
 
 use crate::launch::XentParams;
-use crate::op::CrossEntropyOp;
+use crate::spec::CrossEntropyOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,

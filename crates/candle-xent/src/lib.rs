@@ -42,7 +42,14 @@ mod bce;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+// The GPU kernels' launch geometry and parameter block: internal, public only for the host
+// emulator of the kernel sources (crates/xent-kernel-emu), which enables `kernel-abi`.
+#[cfg(feature = "kernel-abi")]
+#[doc(hidden)]
 pub mod launch;
+#[cfg(not(feature = "kernel-abi"))]
+#[allow(dead_code)] // the Metal parameter block is used by the metal feature and the emulator
+mod launch;
 mod linear;
 mod loss;
 mod math;
@@ -50,6 +57,7 @@ mod math;
 mod metal;
 mod op;
 mod reduction;
+mod spec;
 
 pub use bce::BinaryCrossEntropyWithLogits;
 pub use linear::{FusedLinearCrossEntropy, LinearGrads};

@@ -1,6 +1,6 @@
 //! The public loss API: [`CrossEntropyLoss`] and the [`cross_entropy`] shortcut.
 
-use crate::op::CrossEntropyOp;
+use crate::spec::CrossEntropyOp;
 use crate::Reduction;
 use candle_core::{bail, DType, Result, Tensor};
 

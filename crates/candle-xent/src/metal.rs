@@ -11,7 +11,7 @@
 //! out-of-range class) so that a bad target is an `Err`, as on the CPU and CUDA.
 
 use crate::launch::XentParamsMetal;
-use crate::op::CrossEntropyOp;
+use crate::spec::CrossEntropyOp;
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
 use candle_core::{bail, DType, Layout, MetalDevice, MetalStorage, Result, Storage};

@@ -192,7 +192,7 @@ pub fn write_shard(
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
         .build();
-    crate::export::atomic_write(path, |tmp| {
+    crate::files::atomic_write(path, |tmp| {
         let f = std::fs::File::create(tmp)?;
         let mut w = ArrowWriter::try_new(f, schema.clone(), Some(props.clone()))
             .map_err(candle_core::Error::wrap)?;

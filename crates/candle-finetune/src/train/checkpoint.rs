@@ -60,7 +60,7 @@ impl Checkpoint {
         let mut all = self.tensors.clone();
         let n = json.len();
         all.insert("meta".into(), Tensor::from_vec(json, n, &Device::Cpu)?);
-        crate::export::atomic_write(path, |tmp| candle_core::safetensors::save(&all, tmp))
+        crate::files::atomic_write(path, |tmp| candle_core::safetensors::save(&all, tmp))
     }
 
     /// Reads a checkpoint; a truncated or foreign file is an error naming it.

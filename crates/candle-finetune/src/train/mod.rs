@@ -13,10 +13,10 @@ pub use schedule::{Decay, Schedule};
 
 use crate::data::Loader;
 use crate::eval::{Accumulator, EvalResult};
-use crate::params::ParamGroups;
-use crate::resnet::ResNet;
 use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
 use candle_nn::VarMap;
+use candle_resnet::params::ParamGroups;
+use candle_resnet::resnet::ResNet;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -520,8 +520,8 @@ pub fn fit_with(
         ck.save(&paths.last())?;
         if let (true, Some(r)) = (improved, &res) {
             ck.save(&paths.best())?;
-            crate::export::export_safetensors(varmap, step as i64, &paths.model())?;
-            crate::export::atomic_write_bytes(
+            candle_resnet::export::export_safetensors(varmap, step as i64, &paths.model())?;
+            crate::files::atomic_write_bytes(
                 &paths.eval(),
                 serde_json::to_string_pretty(r)
                     .map_err(candle_core::Error::wrap)?

@@ -6,9 +6,10 @@
 mod common;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_finetune::resnet::resnet18;
 use candle_nn::{VarBuilder, VarMap};
-use common::{det_tensor, fill_deterministic, max_rel_err};
+use candle_resnet::init::{det_tensor, fill_deterministic, uniform};
+use candle_resnet::resnet::resnet18;
+use common::max_rel_err;
 use std::collections::HashMap;
 
 fn fixture() -> HashMap<String, Tensor> {
@@ -19,7 +20,7 @@ fn fixture() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
 }
 
-fn model(dtype: DType) -> (VarMap, candle_finetune::resnet::ResNet) {
+fn model(dtype: DType) -> (VarMap, candle_resnet::resnet::ResNet) {
     let vm = VarMap::new();
     let m = resnet18(10, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
     fill_deterministic(&vm).unwrap();
@@ -126,14 +127,14 @@ fn resnet34_and_resnet50_match_torchvision_in_f64() {
     );
     let fx = candle_core::safetensors::load(p, &Device::Cpu).unwrap();
     let x = Tensor::from_vec(
-        common::uniform("input-small", 2 * 3 * 64 * 64),
+        uniform("input-small", 2 * 3 * 64 * 64),
         (2, 3, 64, 64),
         &Device::Cpu,
     )
     .unwrap();
     for arch in [
-        candle_finetune::resnet::Arch::ResNet34,
-        candle_finetune::resnet::Arch::ResNet50,
+        candle_resnet::resnet::Arch::ResNet34,
+        candle_resnet::resnet::Arch::ResNet50,
     ] {
         let vm = VarMap::new();
         let m = arch

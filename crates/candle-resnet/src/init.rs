@@ -1,9 +1,23 @@
-//! Deterministic weights shared with tests/fixtures/gen_resnet_fixture.py.
-#![allow(dead_code)]
+//! Reproducible weights without a file: every tensor filled from a hash of its name, so that a
+//! ten-line Python function (`tests/fixtures/gen_resnet_fixture.py`) produces bit-identical
+//! values in PyTorch. The torchvision parity fixtures are built this way, and tests that need a
+//! fixed starting point use it.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use candle_nn::{VarBuilder, VarMap};
+//! let vm = VarMap::new();
+//! candle_resnet::resnet18(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+//! candle_resnet::init::fill_deterministic(&vm).unwrap();
+//! let w = vm.data().lock().unwrap()["fc.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+//! let v = candle_resnet::init::uniform("fc.weight", 3);
+//! assert_eq!(w[0], (v[0] / 512f64.sqrt()) as f32);
+//! ```
 
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarMap;
 
+/// FNV-1a, 64 bits, of the name's bytes: the seed of its values.
 pub fn fnv1a64(s: &str) -> u64 {
     let mut h: u64 = 0xCBF29CE484222325;
     for b in s.bytes() {
@@ -45,6 +59,7 @@ pub fn recipe(name: &str, shape: &[usize]) -> (f64, f64) {
     }
 }
 
+/// A tensor of `shape` with values `offset + scale * u_i` (f32) for the name's `u_i`.
 pub fn det_tensor(name: &str, shape: &[usize], offset: f64, scale: f64) -> Result<Tensor> {
     let n = shape.iter().product();
     let v: Vec<f32> = uniform(name, n)
@@ -62,27 +77,4 @@ pub fn fill_deterministic(varmap: &VarMap) -> Result<()> {
         var.set(&det_tensor(name, var.dims(), o, s)?.to_dtype(var.dtype())?)?;
     }
     Ok(())
-}
-
-pub fn max_rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let g = got
-        .flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let w = want
-        .flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    assert_eq!(g.len(), w.len());
-    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    g.iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs() / scale)
-        .fold(0f64, f64::max)
 }

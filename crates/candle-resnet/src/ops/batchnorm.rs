@@ -7,7 +7,7 @@
 //! `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, sums over `(N, H, W)`, `M = N * H * W`.
 //! Sums are accumulated in f64.
 
-use crate::storage::contiguous_slice;
+use super::storage::contiguous_slice;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
 /// let p = dir.path().join("a.txt");
-/// candle_finetune::export::atomic_write(&p, |tmp| Ok(std::fs::write(tmp, b"hi")?)).unwrap();
+/// candle_resnet::export::atomic_write(&p, |tmp| Ok(std::fs::write(tmp, b"hi")?)).unwrap();
 /// assert_eq!(std::fs::read(&p).unwrap(), b"hi");
 /// ```
 pub fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -51,7 +51,7 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
 /// let p = dir.path().join("config.json");
-/// candle_finetune::export::atomic_write_bytes(&p, b"{}").unwrap();
+/// candle_resnet::export::atomic_write_bytes(&p, b"{}").unwrap();
 /// assert_eq!(std::fs::read(&p).unwrap(), b"{}");
 /// ```
 pub fn atomic_write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -70,8 +70,8 @@ pub fn atomic_write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
 /// let vm = VarMap::new();
-/// candle_finetune::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-/// let sd = candle_finetune::export::state_dict(&vm, 0).unwrap();
+/// candle_resnet::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// let sd = candle_resnet::export::state_dict(&vm, 0).unwrap();
 /// assert_eq!(sd["fc.weight"].dims(), &[196, 512]);
 /// assert_eq!(sd["bn1.num_batches_tracked"].dtype(), DType::I64);
 /// assert_eq!(sd.len(), 102 + 20);
@@ -96,15 +96,15 @@ pub fn state_dict(varmap: &VarMap, num_batches_tracked: i64) -> Result<HashMap<S
 
 /// Exports the model to `path` as safetensors with torchvision names (atomically), loadable by
 /// `timm.create_model("resnet18", num_classes=N)` + `load_state_dict` and by
-/// [`crate::hub::load_weights`].
+/// `candle_finetune::pretrained::load_weights`.
 ///
 /// ```
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
 /// let vm = VarMap::new();
-/// candle_finetune::resnet::resnet18(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// candle_resnet::resnet::resnet18(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
 /// let dir = tempfile::tempdir().unwrap();
-/// candle_finetune::export::export_safetensors(&vm, 0, &dir.path().join("model.safetensors")).unwrap();
+/// candle_resnet::export::export_safetensors(&vm, 0, &dir.path().join("model.safetensors")).unwrap();
 /// ```
 pub fn export_safetensors(varmap: &VarMap, num_batches_tracked: i64, path: &Path) -> Result<()> {
     let sd = state_dict(varmap, num_batches_tracked)?;

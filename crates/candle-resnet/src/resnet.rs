@@ -2,13 +2,13 @@
 //!
 //! Unlike `candle_transformers::models::resnet` (inference only), batch norms train
 //! ([`crate::batchnorm::BatchNorm2d`]) and every layer has a backward pass, the 3x3/stride-2 stem
-//! max-pool included ([`crate::maxpool::MaxPool2d`]). Variable names are torchvision's
+//! max-pool included ([`crate::ops::maxpool::MaxPool2d`]). Variable names are torchvision's
 //! (`conv1`, `bn1.*`, `layer{1-4}.{i}.{conv1,bn1,conv2,bn2[,conv3,bn3]}`,
 //! `layer{2-4}.0.downsample.{0,1}`, `fc`), so a torchvision or timm state dict fills every
 //! variable.
 
 use crate::batchnorm::BatchNorm2d;
-use crate::maxpool::MaxPool2d;
+use crate::ops::maxpool::MaxPool2d;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 /// The supported architectures.
 ///
 /// ```
-/// use candle_finetune::resnet::Arch;
+/// use candle_resnet::resnet::Arch;
 /// assert_eq!("resnet18".parse::<Arch>().unwrap(), Arch::ResNet18);
 /// assert_eq!(Arch::ResNet50.feature_dim(), 2048);
 /// ```
@@ -46,7 +46,7 @@ impl Arch {
     /// Width of the pooled features that feed `fc`.
     ///
     /// ```
-    /// assert_eq!(candle_finetune::resnet::Arch::ResNet18.feature_dim(), 512);
+    /// assert_eq!(candle_resnet::resnet::Arch::ResNet18.feature_dim(), 512);
     /// ```
     pub fn feature_dim(self) -> usize {
         if self.bottleneck() {
@@ -59,7 +59,7 @@ impl Arch {
     /// The name torchvision and timm use (`resnet18`, ...).
     ///
     /// ```
-    /// assert_eq!(candle_finetune::resnet::Arch::ResNet34.name(), "resnet34");
+    /// assert_eq!(candle_resnet::resnet::Arch::ResNet34.name(), "resnet34");
     /// ```
     pub fn name(self) -> &'static str {
         match self {
@@ -76,7 +76,7 @@ impl Arch {
     /// use candle_nn::{VarBuilder, VarMap};
     /// let vm = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    /// let model = candle_finetune::resnet::Arch::ResNet18.build(10, vb).unwrap();
+    /// let model = candle_resnet::resnet::Arch::ResNet18.build(10, vb).unwrap();
     /// assert_eq!(model.num_classes(), 10);
     /// ```
     pub fn build(self, num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
@@ -105,7 +105,7 @@ impl std::fmt::Display for Arch {
 }
 
 /// A bias-free convolution (variable `weight`), initialised like torchvision
-/// (`kaiming_normal_`, fan-out, ReLU gain), computed by [`crate::conv::conv2d`].
+/// (`kaiming_normal_`, fan-out, ReLU gain), computed by [`crate::ops::conv::conv2d`].
 #[derive(Debug, Clone)]
 struct Conv2d {
     weight: Tensor,
@@ -115,7 +115,7 @@ struct Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::conv::conv2d(x, &self.weight, self.stride, self.padding)
+        crate::ops::conv::conv2d(x, &self.weight, self.stride, self.padding)
     }
 }
 
@@ -147,7 +147,7 @@ fn conv(
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
 /// let vm = VarMap::new();
-/// let fc = candle_finetune::resnet::torch_linear(512, 196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// let fc = candle_resnet::resnet::torch_linear(512, 196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
 /// let w = vm.data().lock().unwrap()["weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
 /// assert!(w.iter().all(|v| v.abs() <= 1.0 / 512f32.sqrt()));
 /// ```
@@ -250,7 +250,7 @@ impl Block {
 /// # fn main() -> candle_core::Result<()> {
 /// let vm = VarMap::new();
 /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-/// let model = candle_finetune::resnet::resnet18(196, vb)?;
+/// let model = candle_resnet::resnet::resnet18(196, vb)?;
 /// let images = Tensor::randn(0f32, 1., (2, 3, 64, 64), &Device::Cpu)?;
 /// let logits = model.forward_t(&images, true)?;
 /// assert_eq!(logits.dims(), &[2, 196]);
@@ -275,7 +275,7 @@ impl ResNet {
     /// use candle_nn::{VarBuilder, VarMap};
     /// let vm = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    /// candle_finetune::resnet::ResNet::new(candle_finetune::resnet::Arch::ResNet18, 3, vb).unwrap();
+    /// candle_resnet::resnet::ResNet::new(candle_resnet::resnet::Arch::ResNet18, 3, vb).unwrap();
     /// assert_eq!(vm.all_vars().len(), 62 + 40); // 62 trainable tensors, 40 running stats
     /// ```
     pub fn new(arch: Arch, num_classes: usize, vb: VarBuilder) -> Result<Self> {
@@ -322,8 +322,8 @@ impl ResNet {
     /// # use candle_core::{DType, Device};
     /// # use candle_nn::{VarBuilder, VarMap};
     /// # let vm = VarMap::new();
-    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    /// assert_eq!(m.arch(), candle_finetune::resnet::Arch::ResNet18);
+    /// let m = candle_resnet::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// assert_eq!(m.arch(), candle_resnet::resnet::Arch::ResNet18);
     /// ```
     pub fn arch(&self) -> Arch {
         self.arch
@@ -335,7 +335,7 @@ impl ResNet {
     /// # use candle_core::{DType, Device};
     /// # use candle_nn::{VarBuilder, VarMap};
     /// # let vm = VarMap::new();
-    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// let m = candle_resnet::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     /// assert_eq!(m.num_classes(), 5);
     /// ```
     pub fn num_classes(&self) -> usize {
@@ -348,7 +348,7 @@ impl ResNet {
     /// # use candle_core::{DType, Device, Tensor};
     /// # use candle_nn::{VarBuilder, VarMap};
     /// # let vm = VarMap::new();
-    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// let m = candle_resnet::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     /// let f = m.features_t(&Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap(), false).unwrap();
     /// assert_eq!(f.dims(), &[1, 512]);
     /// ```
@@ -372,7 +372,7 @@ impl ResNet {
     /// # use candle_core::{DType, Device, Module, Tensor};
     /// # use candle_nn::{VarBuilder, VarMap};
     /// # let vm = VarMap::new();
-    /// let m = candle_finetune::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// let m = candle_resnet::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     /// let z = m.head().forward(&Tensor::zeros((1, 512), DType::F32, &Device::Cpu).unwrap()).unwrap();
     /// assert_eq!(z.dims(), &[1, 5]);
     /// ```
@@ -393,7 +393,7 @@ impl ModuleT for ResNet {
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
 /// let vm = VarMap::new();
-/// let model = candle_finetune::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// let model = candle_resnet::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
 /// ```
 pub fn resnet18(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
     ResNet::new(Arch::ResNet18, num_classes, vb)
@@ -405,7 +405,7 @@ pub fn resnet18(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
 /// let vm = VarMap::new();
-/// let model = candle_finetune::resnet::resnet34(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// let model = candle_resnet::resnet::resnet34(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
 /// ```
 pub fn resnet34(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
     ResNet::new(Arch::ResNet34, num_classes, vb)
@@ -417,7 +417,7 @@ pub fn resnet34(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
 /// let vm = VarMap::new();
-/// let model = candle_finetune::resnet::resnet50(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// let model = candle_resnet::resnet::resnet50(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
 /// ```
 pub fn resnet50(num_classes: usize, vb: VarBuilder) -> Result<ResNet> {
     ResNet::new(Arch::ResNet50, num_classes, vb)

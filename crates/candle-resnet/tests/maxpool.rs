@@ -1,7 +1,7 @@
 //! The fused max-pool against a composition of strided slices and against finite differences.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
-use candle_finetune::maxpool::MaxPool2d;
+use candle_resnet::ops::maxpool::MaxPool2d;
 
 /// 3x3 / stride 2 / padding 1 from 9 strided views of a -inf padded input and `maximum`.
 fn composed(x: &Tensor) -> Tensor {

@@ -13,7 +13,7 @@
 //! Images are processed in parallel (rayon), each GEMM single-threaded. f32 and f64 only; other
 //! dtypes and other devices use candle's own `conv2d` (see [`conv2d`]).
 
-use crate::storage::contiguous_slice;
+use super::storage::contiguous_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -405,7 +405,7 @@ impl CustomOp2 for GradWeight {
 /// # fn main() -> candle_core::Result<()> {
 /// let x = Tensor::randn(0f32, 1., (2, 3, 8, 8), &Device::Cpu)?;
 /// let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &Device::Cpu)?;
-/// let ours = candle_finetune::conv::conv2d(&x, &w, 2, 1)?;
+/// let ours = candle_resnet::ops::conv::conv2d(&x, &w, 2, 1)?;
 /// let candle = x.conv2d(&w, 1, 2, 1, 1)?;
 /// let diff = (ours - candle)?.abs()?.max_all()?.to_scalar::<f32>()?;
 /// assert!(diff < 1e-4);

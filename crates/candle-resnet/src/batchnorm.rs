@@ -16,7 +16,7 @@ use candle_nn::{Init, VarBuilder};
 /// use candle_nn::{VarBuilder, VarMap};
 /// # fn main() -> candle_core::Result<()> {
 /// let vm = VarMap::new();
-/// let bn = candle_finetune::batchnorm::BatchNorm2d::new(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let bn = candle_resnet::batchnorm::BatchNorm2d::new(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
 /// let x = Tensor::randn(2f32, 3., (4, 3, 5, 5), &Device::Cpu)?;
 /// let y = bn.forward_t(&x, true)?;
 /// let mean = y.mean_keepdim((0, 2, 3))?.flatten_all()?.to_vec1::<f32>()?;
@@ -44,7 +44,7 @@ impl BatchNorm2d {
     /// # use candle_nn::{VarBuilder, VarMap};
     /// let vm = VarMap::new();
     /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    /// let bn = candle_finetune::batchnorm::BatchNorm2d::new(64, vb.pp("bn1")).unwrap();
+    /// let bn = candle_resnet::batchnorm::BatchNorm2d::new(64, vb.pp("bn1")).unwrap();
     /// assert!(vm.data().lock().unwrap().contains_key("bn1.running_var"));
     /// ```
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
@@ -68,7 +68,7 @@ impl BatchNorm2d {
     /// # use candle_core::{DType, Device};
     /// # use candle_nn::{VarBuilder, VarMap};
     /// # let vm = VarMap::new();
-    /// # let bn = candle_finetune::batchnorm::BatchNorm2d::new(2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// # let bn = candle_resnet::batchnorm::BatchNorm2d::new(2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     /// assert_eq!(bn.running_mean().dims(), &[2]);
     /// ```
     pub fn running_mean(&self) -> &Tensor {
@@ -81,7 +81,7 @@ impl BatchNorm2d {
     /// # use candle_core::{DType, Device};
     /// # use candle_nn::{VarBuilder, VarMap};
     /// # let vm = VarMap::new();
-    /// # let bn = candle_finetune::batchnorm::BatchNorm2d::new(2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// # let bn = candle_resnet::batchnorm::BatchNorm2d::new(2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     /// assert_eq!(bn.running_var().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1., 1.]);
     /// ```
     pub fn running_var(&self) -> &Tensor {
@@ -117,9 +117,9 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        if crate::batchnorm_op::fused_applies(x) {
+        if crate::ops::batchnorm::fused_applies(x) {
             let (y, st) =
-                crate::batchnorm_op::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+                crate::ops::batchnorm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
             self.update_running(&st.get(0)?, &st.get(1)?, count)?;
             return Ok(y);
         }

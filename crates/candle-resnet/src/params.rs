@@ -6,7 +6,7 @@ use candle_nn::VarMap;
 /// Whether a variable is a batch-norm running statistic (a buffer, never trained).
 ///
 /// ```
-/// use candle_finetune::params::is_buffer;
+/// use candle_resnet::params::is_buffer;
 /// assert!(is_buffer("layer1.0.bn1.running_var"));
 /// assert!(!is_buffer("layer1.0.bn1.weight"));
 /// ```
@@ -19,8 +19,8 @@ pub fn is_buffer(name: &str) -> bool {
 /// Whether a variable belongs to the classification head (`fc.*`).
 ///
 /// ```
-/// assert!(candle_finetune::params::is_head("fc.bias"));
-/// assert!(!candle_finetune::params::is_head("layer4.1.conv2.weight"));
+/// assert!(candle_resnet::params::is_head("fc.bias"));
+/// assert!(!candle_resnet::params::is_head("layer4.1.conv2.weight"));
 /// ```
 pub fn is_head(name: &str) -> bool {
     name.starts_with("fc.")
@@ -37,7 +37,7 @@ impl Group {
     /// The variables alone.
     ///
     /// ```
-    /// assert!(candle_finetune::params::Group::default().vars().is_empty());
+    /// assert!(candle_resnet::params::Group::default().vars().is_empty());
     /// ```
     pub fn vars(&self) -> Vec<Var> {
         self.vars.iter().map(|(_, v)| v.clone()).collect()
@@ -46,7 +46,7 @@ impl Group {
     /// Number of scalar parameters in the group.
     ///
     /// ```
-    /// assert_eq!(candle_finetune::params::Group::default().numel(), 0);
+    /// assert_eq!(candle_resnet::params::Group::default().numel(), 0);
     /// ```
     pub fn numel(&self) -> usize {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
@@ -59,9 +59,9 @@ impl Group {
 /// ```
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use candle_finetune::params::ParamGroups;
+/// use candle_resnet::params::ParamGroups;
 /// let vm = VarMap::new();
-/// candle_finetune::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+/// candle_resnet::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
 /// let g = ParamGroups::from_varmap(&vm);
 /// assert_eq!(g.head_decay.vars.len(), 1);     // fc.weight
 /// assert_eq!(g.head_no_decay.vars.len(), 1);  // fc.bias
@@ -84,7 +84,7 @@ impl ParamGroups {
     /// Splits the trainable variables of `varmap` (running statistics are left out).
     ///
     /// ```
-    /// let g = candle_finetune::params::ParamGroups::from_varmap(&candle_nn::VarMap::new());
+    /// let g = candle_resnet::params::ParamGroups::from_varmap(&candle_nn::VarMap::new());
     /// assert!(g.trainable(false).is_empty());
     /// ```
     pub fn from_varmap(varmap: &VarMap) -> Self {
@@ -109,7 +109,7 @@ impl ParamGroups {
     /// Every variable to hand to an optimizer; only the head's when `freeze_backbone`.
     ///
     /// ```
-    /// let g = candle_finetune::params::ParamGroups::default();
+    /// let g = candle_resnet::params::ParamGroups::default();
     /// assert!(g.trainable(true).is_empty());
     /// ```
     pub fn trainable(&self, freeze_backbone: bool) -> Vec<Var> {

@@ -6,9 +6,9 @@
 //! ```
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_finetune::params::ParamGroups;
-use candle_finetune::resnet::Arch;
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use candle_resnet::params::ParamGroups;
+use candle_resnet::resnet::Arch;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

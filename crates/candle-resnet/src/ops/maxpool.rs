@@ -12,7 +12,7 @@
 //! index selects find each window's winner and one differentiable `gather` picks it, so the
 //! backward is candle's `scatter_add`.
 
-use crate::storage::contiguous_slice;
+use super::storage::contiguous_slice;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -23,7 +23,7 @@ use rayon::prelude::*;
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use candle_finetune::maxpool::MaxPool2d;
+/// use candle_resnet::ops::maxpool::MaxPool2d;
 /// # fn main() -> candle_core::Result<()> {
 /// let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((1, 1, 4, 4))?;
 /// let y = MaxPool2d::new(3, 2, 1).forward(&x)?;
@@ -51,7 +51,7 @@ impl MaxPool2d {
     /// A max-pool with a square `kernel`, `stride` and zero-cost `-inf` `padding`.
     ///
     /// ```
-    /// let stem_pool = candle_finetune::maxpool::MaxPool2d::new(3, 2, 1);
+    /// let stem_pool = candle_resnet::ops::maxpool::MaxPool2d::new(3, 2, 1);
     /// ```
     pub fn new(kernel: usize, stride: usize, padding: usize) -> Self {
         Self {
@@ -67,7 +67,7 @@ impl MaxPool2d {
     /// use candle_core::{Device, Tensor, Var};
     /// # fn main() -> candle_core::Result<()> {
     /// let x = Var::new(&[[[[1f32, 3.], [2., 0.]]]], &Device::Cpu)?;
-    /// let y = candle_finetune::maxpool::MaxPool2d::new(2, 2, 0).forward(x.as_tensor())?;
+    /// let y = candle_resnet::ops::maxpool::MaxPool2d::new(2, 2, 0).forward(x.as_tensor())?;
     /// let g = y.sum_all()?.backward()?.get(x.as_tensor()).unwrap().flatten_all()?;
     /// assert_eq!(g.to_vec1::<f32>()?, vec![0., 1., 0., 0.]);
     /// # Ok(()) }
@@ -89,7 +89,7 @@ impl MaxPool2d {
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
-    /// use candle_finetune::maxpool::MaxPool2d;
+    /// use candle_resnet::ops::maxpool::MaxPool2d;
     /// # fn main() -> candle_core::Result<()> {
     /// let x = Tensor::randn(0f32, 1., (2, 3, 9, 8), &Device::Cpu)?;
     /// let pool = MaxPool2d::new(3, 2, 1);

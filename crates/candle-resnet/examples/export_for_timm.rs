@@ -17,11 +17,11 @@ fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let model =
-        candle_finetune::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        candle_resnet::resnet::resnet18(196, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     let x = Tensor::randn(0f32, 1., (2, 3, 64, 64), &dev)?;
     model.forward_t(&x, true)?; // move the batch-norm statistics off their defaults
     let logits = model.forward_t(&x, false)?;
-    candle_finetune::export::export_safetensors(&vm, 1, &dir.join("model.safetensors"))?;
+    candle_resnet::export::export_safetensors(&vm, 1, &dir.join("model.safetensors"))?;
     candle_core::safetensors::save(
         &HashMap::from([("input".to_string(), x)]),
         dir.join("input.safetensors"),

@@ -1,0 +1,247 @@
+//! `cargo xtask soak`: train for a given time on a generated dataset of realistic size and
+//! record the process's resident memory every few steps (JSON and PNG). Memory that grows with
+//! the number of steps is a leak; this is how a leak shows before a real run dies of it.
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use candle_finetune::data::{Loader, LoaderConfig, Preprocess, Transform};
+use candle_finetune::train::{fit_with, OptimizerKind, TrainConfig};
+use candle_nn::{VarBuilder, VarMap};
+use candle_resnet::resnet::Arch;
+use serde::Serialize;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Seconds of training (the run stops after the step that crosses it).
+    #[arg(long, default_value_t = 300)]
+    seconds: u64,
+    /// Training images (generated JPEGs, six classes).
+    #[arg(long, default_value_t = 10_000)]
+    images: usize,
+    /// Test images, evaluated after every epoch.
+    #[arg(long, default_value_t = 1_000)]
+    test_images: usize,
+    /// Input side in pixels: 32 (a quick soak) or 224 (the Stanford Cars size).
+    #[arg(long, default_value_t = 32)]
+    image_size: u32,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    accum_steps: usize,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: Opt,
+    /// Sample the resident memory every this many optimizer steps.
+    #[arg(long, default_value_t = 5)]
+    every: u64,
+    /// Output folder: soak.json, soak.png and the run's files.
+    #[arg(long, default_value = "out/soak")]
+    out: PathBuf,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Opt {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Serialize)]
+struct Sample {
+    step: u64,
+    epoch: usize,
+    elapsed_s: f64,
+    rss_mib: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    command: String,
+    images: usize,
+    image_size: u32,
+    batch_size: usize,
+    accum_steps: usize,
+    optimizer: String,
+    steps: u64,
+    epochs_started: usize,
+    seconds: f64,
+    rss_start_mib: f64,
+    rss_peak_mib: f64,
+    rss_end_mib: f64,
+    /// Growth from the sample a quarter into the run to the last one (after the warm-up).
+    rss_growth_after_warmup_mib: f64,
+    /// VmHWM of the process: the highest resident set it ever had.
+    vm_hwm_mib: f64,
+    samples: Vec<Sample>,
+}
+
+/// `VmRSS` and `VmHWM` of this process in MiB (Linux); 0 elsewhere.
+fn rss_mib() -> (f64, f64) {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return (0.0, 0.0);
+    };
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    std::fs::create_dir_all(&a.out)?;
+    let t_gen = Instant::now();
+    // Pictures about 1.5x the input side (96 x 64 at scale 1), as a dataset's photos would be.
+    let scale = (a.image_size as f64 * 1.5 / 64.0).ceil().max(1.0) as u32;
+    let train_ds = Arc::new(candle_finetune::smoke::generated_dataset(
+        a.images, scale, 1,
+    ));
+    let test_ds = Arc::new(candle_finetune::smoke::generated_dataset(
+        a.test_images,
+        scale,
+        2,
+    ));
+    eprintln!(
+        "soak: {} train / {} test generated JPEGs (~{} x {} px) in {:.1} s",
+        a.images,
+        a.test_images,
+        96 * scale,
+        64 * scale,
+        t_gen.elapsed().as_secs_f64()
+    );
+    let pre = Preprocess {
+        size: a.image_size,
+        ..Default::default()
+    };
+    let lcfg = LoaderConfig {
+        batch_size: a.batch_size,
+        prefetch: 3,
+        ..Default::default()
+    };
+    let train = Loader::new(
+        train_ds.clone(),
+        Transform {
+            pre: pre.clone(),
+            train: true,
+        },
+        lcfg.clone(),
+    )?;
+    let test = Loader::new(
+        test_ds,
+        Transform { pre, train: false },
+        LoaderConfig {
+            shuffle: false,
+            ..lcfg
+        },
+    )?;
+    let vm = VarMap::new();
+    let model = Arch::ResNet18.build(
+        train_ds.num_classes(),
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )?;
+    let cfg = TrainConfig {
+        epochs: 1000, // the time budget ends the run
+        batch_size: a.batch_size,
+        accum_steps: a.accum_steps,
+        lr: 0.02,
+        optimizer: match a.optimizer {
+            Opt::Sgd => OptimizerKind::Sgd,
+            Opt::Adamw => OptimizerKind::AdamW,
+        },
+        ..Default::default()
+    };
+    let (rss0, _) = rss_mib();
+    let mut samples = vec![Sample {
+        step: 0,
+        epoch: 0,
+        elapsed_s: 0.0,
+        rss_mib: rss0,
+    }];
+    let mut last = (0u64, 0usize);
+    let budget = a.seconds as f64;
+    fit_with(
+        &model,
+        &vm,
+        &train,
+        &test,
+        &cfg,
+        &Device::Cpu,
+        &a.out,
+        false,
+        &mut |e| {
+            last = (e.step, e.epoch);
+            let done = e.elapsed_s >= budget;
+            if e.step % a.every == 0 || done {
+                samples.push(Sample {
+                    step: e.step,
+                    epoch: e.epoch,
+                    elapsed_s: e.elapsed_s,
+                    rss_mib: rss_mib().0,
+                });
+            }
+            if done {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )?;
+    let (rss_end, hwm) = rss_mib();
+    let peak = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+    let warm = &samples[samples.len() / 4];
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        images: a.images,
+        image_size: a.image_size,
+        batch_size: a.batch_size,
+        accum_steps: a.accum_steps,
+        optimizer: format!("{:?}", a.optimizer).to_lowercase(),
+        steps: last.0,
+        epochs_started: last.1,
+        seconds: samples.last().map_or(0.0, |s| s.elapsed_s),
+        rss_start_mib: rss0,
+        rss_peak_mib: peak,
+        rss_end_mib: rss_end,
+        rss_growth_after_warmup_mib: samples.last().map_or(0.0, |s| s.rss_mib) - warm.rss_mib,
+        vm_hwm_mib: hwm,
+        samples,
+    };
+    std::fs::write(
+        a.out.join("soak.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let pts: Vec<(f64, f64)> = report
+        .samples
+        .iter()
+        .map(|s| (s.step as f64, s.rss_mib))
+        .collect();
+    candle_finetune::plot::line(
+        &a.out.join("soak.png"),
+        &format!(
+            "resident memory, ResNet-18 {} px batch {} ({} steps, {} epochs started)",
+            a.image_size, a.batch_size, report.steps, report.epochs_started
+        ),
+        "optimizer step",
+        "RSS (MiB)",
+        &pts,
+    )?;
+    println!(
+        "soak: {} steps in {:.0} s ({} epochs started); RSS start {:.0} MiB, peak {:.0} MiB, end {:.0} MiB, growth after warm-up {:+.1} MiB; {}",
+        report.steps,
+        report.seconds,
+        report.epochs_started,
+        report.rss_start_mib,
+        report.rss_peak_mib,
+        report.rss_end_mib,
+        report.rss_growth_after_warmup_mib,
+        a.out.join("soak.json").display()
+    );
+    Ok(())
+}
