@@ -1,22 +1,24 @@
-//! `cargo xtask train-cars | eval-cars | predict | download-cars`: the Stanford Cars jobs.
+//! `cargo xtask train-cars | eval-cars | predict | download-cars | publish-cars`: thin command
+//! lines over `candle_finetune::recipe` and the library.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, ModuleT, Tensor};
-use candle_finetune::card::{ModelConfig, Provenance};
+use candle_finetune::config::ModelConfig;
 use candle_finetune::data::{
-    Dataset, DatasetInfo, Loader, LoaderConfig, Preprocess, Split, Transform, DEFAULT_DATASET_REPO,
-    DEFAULT_DATASET_REVISION,
+    Dataset, Loader, LoaderConfig, Split, Transform, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION,
 };
-use candle_finetune::hub::{
-    self, HubOptions, WeightsSource, DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION,
+use candle_finetune::hub::HubOptions;
+use candle_finetune::pretrained::{
+    self, WeightsSource, DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION,
 };
-use candle_finetune::train::{self, Decay, OptimizerKind, TrainConfig};
+use candle_finetune::recipe::{DataSource, DeviceKind, ScheduleKind, TrainCars};
+use candle_finetune::train::{self, OptimizerKind};
 use candle_resnet::resnet::Arch;
 use rayon::prelude::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Where the images come from.
+/// Where the images come from (shared by train-cars, eval-cars and download-cars).
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// Hub dataset repo (parquet shards in the `datasets` layout).
@@ -39,80 +41,26 @@ pub struct DataArgs {
     dataset_license: Option<String>,
 }
 
-fn list_parquet(dir: &Path, split: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = [dir.to_path_buf(), dir.join("data")]
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "parquet")
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{split}-")))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 impl DataArgs {
-    fn load(&self, opts: &HubOptions, split: Split) -> Result<Dataset> {
-        Ok(match &self.data_dir {
-            Some(dir) => {
-                let shards = list_parquet(dir, split.name());
-                if !shards.is_empty() {
-                    Dataset::from_parquet(&shards)?
-                } else if dir.join(split.name()).is_dir() {
-                    Dataset::from_image_folder(&dir.join(split.name()))?
-                } else {
-                    bail!(
-                        "{}: no {}-*.parquet files and no {}/ image folder",
-                        dir.display(),
-                        split.name(),
-                        split.name()
-                    )
-                }
-            }
-            None if self.dataset_repo == DEFAULT_DATASET_REPO => Dataset::from_hub(
-                opts,
-                &self.dataset_repo,
-                &self.dataset_revision,
-                &split.stanford_cars_shards(),
-            )?,
-            None => {
-                // Other repos: the same two-shard layout is assumed; pass --data-dir otherwise.
-                Dataset::from_hub(
-                    opts,
-                    &self.dataset_repo,
-                    &self.dataset_revision,
-                    &split.stanford_cars_shards(),
-                )?
-            }
-        })
+    fn source(&self) -> DataSource {
+        match &self.data_dir {
+            Some(d) => DataSource::Dir(d.clone()),
+            None => DataSource::Hub {
+                repo: self.dataset_repo.clone(),
+                revision: self.dataset_revision.clone(),
+            },
+        }
     }
 
-    /// What the model card says about the data.
-    fn info(&self) -> Result<DatasetInfo> {
-        let info = match &self.data_dir {
-            Some(d) => DatasetInfo::from_dir(d)?,
-            None if self.dataset_repo == DEFAULT_DATASET_REPO => DatasetInfo {
-                revision: Some(self.dataset_revision.clone()),
-                ..DatasetInfo::stanford_cars()
-            },
-            None => DatasetInfo::hub(&self.dataset_repo, &self.dataset_revision),
-        };
-        Ok(info.with_overrides(
-            self.dataset_name.as_deref(),
-            self.dataset_license.as_deref(),
-        ))
+    fn load(&self, opts: &HubOptions, split: Split) -> Result<Dataset> {
+        Ok(self.source().load(opts, split)?)
     }
 }
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Run the whole pipeline offline in a couple of minutes: a generated dataset and random
-    /// weights are written into a temporary Hub cache and read back with HF_HUB_OFFLINE=1.
+    /// weights are written into a temporary Hub cache and read back offline.
     #[arg(long)]
     smoke: bool,
     #[command(flatten)]
@@ -126,9 +74,9 @@ pub struct TrainArgs {
     /// A local safetensors file instead of the Hub weights.
     #[arg(long)]
     weights_file: Option<PathBuf>,
-    /// resnet18, resnet34 or resnet50 (must match the weights).
-    #[arg(long, default_value = "resnet18")]
-    arch: String,
+    /// Architecture (must match the weights).
+    #[arg(long, default_value = "resnet18", value_parser = parse_arch)]
+    arch: Arch,
     /// Epochs (anchor recipe: 90).
     #[arg(long, default_value_t = 90)]
     epochs: usize,
@@ -141,9 +89,9 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 0.1)]
     lr: f64,
-    /// sgd or adamw.
-    #[arg(long, default_value = "sgd")]
-    optimizer: String,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimizerKind,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,
@@ -156,9 +104,9 @@ pub struct TrainArgs {
     /// Label smoothing of the cross-entropy.
     #[arg(long, default_value_t = 0.1)]
     label_smoothing: f64,
-    /// step (divide by 10 every --step-epochs, the anchor recipe) or cosine.
-    #[arg(long, default_value = "step")]
-    schedule: String,
+    /// Learning-rate decay: step (divide by 10 every --step-epochs, the anchor recipe) or cosine.
+    #[arg(long, value_enum, default_value = "step")]
+    schedule: ScheduleKind,
     /// Epochs between learning-rate divisions of the step schedule.
     #[arg(long, default_value_t = 30)]
     step_epochs: usize,
@@ -177,9 +125,9 @@ pub struct TrainArgs {
     /// Seed of the data order, augmentations and head.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// cpu, cuda or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
     /// Output folder (the Hub-ready model folder).
     #[arg(long, default_value = "out/resnet18-stanford-cars")]
     out: PathBuf,
@@ -194,210 +142,73 @@ pub struct TrainArgs {
     eval_every: usize,
 }
 
-pub fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("CUDA device (build xtask with --features cuda)")?,
-        "metal" => {
-            Device::new_metal(0).context("Metal device (build xtask with --features metal)")?
-        }
-        other => bail!("unknown device {other:?} (cpu, cuda, metal)"),
-    })
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    s.parse()
 }
 
-pub fn train_cars(mut a: TrainArgs) -> Result<()> {
-    let _smoke_cache; // keeps the temporary cache alive for the whole run
+impl TrainArgs {
+    /// The recipe these flags describe.
+    fn recipe(&self) -> TrainCars {
+        TrainCars {
+            hub: HubOptions::from_env(),
+            data: self.data.source(),
+            dataset_name: self.data.dataset_name.clone(),
+            dataset_license: self.data.dataset_license.clone(),
+            dataset_info: None,
+            weights: match &self.weights_file {
+                Some(f) => WeightsSource::File(f.clone()),
+                None => WeightsSource::Hub {
+                    repo: self.weights_repo.clone(),
+                    revision: self.weights_revision.clone(),
+                    file: DEFAULT_FILE.into(),
+                },
+            },
+            arch: self.arch,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            accum_steps: self.accum_steps,
+            lr: self.lr,
+            optimizer: self.optimizer,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            label_smoothing: self.label_smoothing,
+            schedule: self.schedule,
+            step_epochs: self.step_epochs,
+            warmup_epochs: self.warmup_epochs,
+            backbone_lr_mult: self.backbone_lr_mult,
+            freeze_backbone: self.freeze_backbone,
+            image_size: self.image_size,
+            seed: self.seed,
+            device: self.device,
+            out: self.out.clone(),
+            resume: self.resume,
+            max_batches_per_epoch: self.max_batches_per_epoch,
+            eval_every: self.eval_every,
+            smoke: false,
+        }
+    }
+}
+
+pub fn train_cars(a: TrainArgs) -> Result<()> {
+    let recipe = a.recipe();
     if a.smoke {
-        let dir = tempfile::tempdir()?;
-        let size = a.image_size.unwrap_or(64);
-        let (ntrain, ntest) = candle_finetune::smoke::seed_dataset(dir.path(), 16, 6)?;
-        candle_finetune::smoke::seed_weights(dir.path(), size)?;
-        eprintln!("smoke: {ntrain} train / {ntest} test generated images and random weights in the Hub cache {}", dir.path().display());
-        // The normal code path, offline, against that cache.
-        std::env::set_var("HF_HUB_CACHE", dir.path());
-        std::env::set_var("HF_HUB_OFFLINE", "1");
-        a.epochs = 2;
-        a.batch_size = a.batch_size.min(16);
-        a.lr = 0.01;
-        a.schedule = "cosine".into();
-        a.image_size = Some(size);
-        if a.out == Path::new("out/resnet18-stanford-cars") {
-            a.out = "out/smoke".into();
-        }
-        _smoke_cache = Some(dir);
+        let (recipe, _cache) = recipe.smoke()?; // the cache lives until the run ends
+        recipe.run()?;
     } else {
-        _smoke_cache = None;
+        recipe.run()?;
     }
-    let opts = HubOptions::from_env();
-    let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
-    let dev = device(&a.device)?;
-    // Weights and their preprocessing config.
-    let (weights, mut pre, base) = match &a.weights_file {
-        // Only the file name: the card goes to the Hub, local paths stay here.
-        Some(f) => (
-            f.clone(),
-            Preprocess::default(),
-            format!(
-                "local file {}",
-                f.file_name().unwrap_or_default().to_string_lossy()
-            ),
-        ),
-        None => {
-            let src = WeightsSource::Hub {
-                repo: a.weights_repo.clone(),
-                revision: a.weights_revision.clone(),
-                file: DEFAULT_FILE.into(),
-            };
-            let w = opts.resolve(&src)?;
-            let pre = match opts.model_file(&a.weights_repo, &a.weights_revision, "config.json") {
-                Ok(c) => Preprocess::from_timm_config(&std::fs::read_to_string(c)?)
-                    .map_err(anyhow::Error::msg)?,
-                Err(e) => {
-                    eprintln!(
-                        "note: no config.json in {} ({e}); using ImageNet defaults",
-                        a.weights_repo
-                    );
-                    Preprocess::default()
-                }
-            };
-            (w, pre, format!("{}@{}", a.weights_repo, a.weights_revision))
-        }
-    };
-    if let Some(s) = a.image_size {
-        pre.size = s;
-    }
-    let train_ds = Arc::new(a.data.load(&opts, Split::Train)?);
-    let test_ds = Arc::new(a.data.load(&opts, Split::Test)?);
-    if train_ds.class_names != test_ds.class_names {
-        bail!("train and test splits have different class names");
-    }
-    let cfg = TrainConfig {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        accum_steps: a.accum_steps,
-        lr: a.lr,
-        optimizer: match a.optimizer.as_str() {
-            "sgd" => OptimizerKind::Sgd,
-            "adamw" => OptimizerKind::AdamW,
-            o => bail!("unknown optimizer {o:?} (sgd, adamw)"),
-        },
-        momentum: a.momentum,
-        nesterov: a.nesterov,
-        weight_decay: a.weight_decay,
-        decoupled_wd: false,
-        label_smoothing: a.label_smoothing,
-        warmup_epochs: a.warmup_epochs,
-        decay: match a.schedule.as_str() {
-            "cosine" => Decay::Cosine { min_lr: 0.0 },
-            "step" => {
-                let per_epoch = train_ds
-                    .len()
-                    .div_ceil(a.batch_size)
-                    .div_ceil(a.accum_steps)
-                    .max(1);
-                Decay::Step {
-                    every: (a.step_epochs * per_epoch) as u64,
-                    gamma: 0.1,
-                }
-            }
-            s => bail!("unknown schedule {s:?} (step, cosine)"),
-        },
-        backbone_lr_mult: a.backbone_lr_mult,
-        freeze_backbone: a.freeze_backbone,
-        seed: a.seed,
-        max_batches_per_epoch: a.max_batches_per_epoch,
-        stop_after_epoch: None,
-        eval_every: a.eval_every,
-    };
-    let info = if a.smoke {
-        // Generated pictures stored under the mirror's name: not Stanford Cars.
-        DatasetInfo::local("generated smoke-test shapes")
-    } else {
-        a.data.info()?
-    };
-    eprintln!("train-cars settings:");
-    eprintln!(
-        "  data     {} ({}): {} train / {} test images, {} classes",
-        info.name,
-        match &a.data.data_dir {
-            Some(d) => d.display().to_string(),
-            None => format!("{}@{}", a.data.dataset_repo, a.data.dataset_revision),
-        },
-        train_ds.len(),
-        test_ds.len(),
-        train_ds.num_classes()
-    );
-    eprintln!("  weights  {base} ({arch}), preprocessing {pre:?}");
-    eprintln!("  device   {}, output {}", a.device, a.out.display());
-    eprintln!("  recipe   {}", serde_json::to_string(&cfg)?);
-    let (varmap, model) = hub::pretrained(arch, train_ds.num_classes(), &weights, &dev)?;
-    train::reinit_head(&varmap, a.seed)?;
-    let lcfg = LoaderConfig {
-        batch_size: a.batch_size,
-        shuffle: true,
-        drop_last: false,
-        seed: a.seed,
-        prefetch: 3,
-    };
-    let train_loader = Loader::new(
-        train_ds.clone(),
-        Transform {
-            pre: pre.clone(),
-            train: true,
-        },
-        lcfg.clone(),
-    )?;
-    let test_loader = Loader::new(
-        test_ds,
-        Transform {
-            pre: pre.clone(),
-            train: false,
-        },
-        LoaderConfig {
-            shuffle: false,
-            ..lcfg
-        },
-    )?;
-    let summary = train::fit(
-        &model,
-        &varmap,
-        &train_loader,
-        &test_loader,
-        &cfg,
-        &dev,
-        &a.out,
-        a.resume,
-    )?;
-    let mcfg = ModelConfig::new(arch, &train_ds.class_names, &pre);
-    let prov = Provenance {
-        base_model: base,
-        base_model_hub_id: a.weights_file.is_none().then(|| a.weights_repo.clone()),
-        dataset: info,
-    };
-    let mut args = serde_json::to_value(&cfg)?;
-    args["arch"] = serde_json::json!(arch.name());
-    args["image_size"] = serde_json::json!(pre.size);
-    args["smoke"] = serde_json::json!(a.smoke);
-    candle_finetune::card::write_model_folder(&a.out, &mcfg, &prov, &args, &summary)?;
-    eprintln!(
-        "best epoch {}: test top-1 {:.2}%, top-5 {:.2}%, ECE {:.2}%; model folder {}",
-        summary.best_epoch,
-        100.0 * summary.best.top1,
-        100.0 * summary.best.top5,
-        100.0 * summary.best.ece,
-        a.out.display()
-    );
     Ok(())
 }
 
 /// A model folder, or a Hub repo holding one (`OWNER/NAME`).
-/// A model folder or a Hub repo `OWNER/NAME`, through `hub::from_pretrained`.
+/// A model folder or a Hub repo `OWNER/NAME`, through `pretrained::from_pretrained`.
 fn load_model(
     spec: &str,
     revision: &str,
     dev: &Device,
 ) -> Result<(candle_resnet::resnet::ResNet, ModelConfig)> {
-    let p = hub::from_pretrained(&HubOptions::from_env(), spec, Some(revision), dev)?;
+    let p = pretrained::from_pretrained(&HubOptions::from_env(), spec, Some(revision), dev)?;
     Ok((p.model, p.config))
 }
 
@@ -414,16 +225,16 @@ pub struct EvalArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// cpu, cuda or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
     /// Where to write eval.json (default: print only).
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
 pub fn eval_cars(a: EvalArgs) -> Result<()> {
-    let dev = device(&a.device)?;
+    let dev = a.device.device()?;
     let (model, cfg) = load_model(&a.model, &a.revision, &dev)?;
     let test = Arc::new(
         a.data
@@ -565,7 +376,7 @@ pub fn publish_cars(a: PublishArgs) -> Result<()> {
     eprintln!("{} files: {}", p.files.len(), p.files.join(", "));
     println!("{}", p.commit_url.unwrap_or(p.repo_url));
     eprintln!(
-        "load it back: candle_finetune::hub::from_pretrained(&opts, \"{}\", None, &device) or \
+        "load it back: candle_finetune::pretrained::from_pretrained(&opts, \"{}\", None, &device) or \
          cargo xtask predict --model {} IMAGE",
         a.repo, a.repo
     );

@@ -1,93 +1,15 @@
 //! The Hub-ready model folder: `config.json`, `README.md` (model card with YAML front matter and
 //! `model-index`), `training_args.json`, plots, next to `model.safetensors` and `eval.json`.
 
-use crate::data::{DatasetInfo, Interpolation, Preprocess};
+use crate::config::ModelConfig;
+use crate::data::DatasetInfo;
 use crate::eval::EvalResult;
 use crate::files::atomic_write_bytes;
 use crate::train::FitSummary;
 use candle_core::Result;
-use candle_resnet::resnet::Arch;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// `config.json` of an exported classifier (also what [`crate::hub::load_model_folder`] reads).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelConfig {
-    /// `resnet18`, `resnet34` or `resnet50`.
-    pub architecture: Arch,
-    /// Number of classes.
-    pub num_classes: usize,
-    /// Class index (as a string key) to name.
-    pub id2label: BTreeMap<String, String>,
-    /// Name to class index.
-    pub label2id: BTreeMap<String, usize>,
-    /// Input side in pixels.
-    pub image_size: u32,
-    /// Normalisation mean.
-    pub mean: [f32; 3],
-    /// Normalisation std.
-    pub std: [f32; 3],
-    /// Eval crop fraction.
-    pub crop_pct: f64,
-    /// Resize filter.
-    pub interpolation: Interpolation,
-}
-
-impl ModelConfig {
-    /// The config of a model trained on `class_names` with preprocessing `pre`.
-    ///
-    /// ```
-    /// use candle_finetune::{card::ModelConfig, resnet::Arch};
-    /// let c = ModelConfig::new(Arch::ResNet18, &["a".into(), "b".into()], &Default::default());
-    /// assert_eq!(c.label2id["b"], 1);
-    /// assert_eq!(c.preprocess().size, 224);
-    /// ```
-    pub fn new(arch: Arch, class_names: &[String], pre: &Preprocess) -> Self {
-        Self {
-            architecture: arch,
-            num_classes: class_names.len(),
-            id2label: class_names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (i.to_string(), n.clone()))
-                .collect(),
-            label2id: class_names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n.clone(), i))
-                .collect(),
-            image_size: pre.size,
-            mean: pre.mean,
-            std: pre.std,
-            crop_pct: pre.crop_pct,
-            interpolation: pre.interpolation,
-        }
-    }
-
-    /// The preprocessing to use at inference.
-    pub fn preprocess(&self) -> Preprocess {
-        Preprocess {
-            size: self.image_size,
-            crop_pct: self.crop_pct,
-            interpolation: self.interpolation,
-            mean: self.mean,
-            std: self.std,
-        }
-    }
-
-    /// Class names in index order.
-    pub fn class_names(&self) -> Vec<String> {
-        (0..self.num_classes)
-            .map(|i| {
-                self.id2label
-                    .get(&i.to_string())
-                    .cloned()
-                    .unwrap_or_else(|| i.to_string())
-            })
-            .collect()
-    }
-}
 
 /// Provenance shown in the model card.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,13 +58,9 @@ fn pct(x: f64) -> String {
     format!("{:.2}", 100.0 * x)
 }
 
-/// The model card template of the published model (`models/resnet18-stanford-cars/card.md`):
-/// `{{name}}` placeholders filled by [`model_card`].
-pub const CARD_TEMPLATE: &str = include_str!("../../../models/resnet18-stanford-cars/card.md");
-
-/// The 196 Stanford Cars class names in label order (`models/resnet18-stanford-cars/classes.json`).
-pub const STANFORD_CARS_CLASSES_JSON: &str =
-    include_str!("../../../models/resnet18-stanford-cars/classes.json");
+/// The model card template (`assets/card.md`, also kept as the published model's
+/// `models/resnet18-stanford-cars/card.md`): `{{name}}` placeholders filled by [`model_card`].
+pub const CARD_TEMPLATE: &str = include_str!("../assets/card.md");
 
 /// Fills `{{key}}` placeholders of `template`; fails on a placeholder without a value, so a
 /// card never ships with a hole.

@@ -2,8 +2,9 @@
 //!
 //! Fine-tune ImageNet ResNets ([`candle_resnet`]) from the Hugging Face Hub on an
 //! image-classification dataset with Candle: data ([`data`]), the training loop and optimizers
-//! ([`train`]), evaluation ([`eval`]), Hub downloads and pretrained weights ([`hub`]), the model
-//! folder and its card ([`card`]), plots ([`plot`]) and publishing ([`publish`]).
+//! ([`train`]), evaluation ([`eval`]), Hub transport ([`hub`]), pretrained weights and fine-tuned
+//! models loaded back ([`pretrained`]), the model folder's `config.json` ([`config`]) and card
+//! ([`card`]), plots ([`plot`]) and publishing ([`publish`]).
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
@@ -21,12 +22,15 @@
 //! ```
 
 pub mod card;
+pub mod config;
 pub mod data;
 pub mod eval;
 pub mod files;
 pub mod hub;
 pub mod plot;
+pub mod pretrained;
 pub mod publish;
+pub mod recipe;
 pub mod smoke;
 pub mod train;
 

@@ -6,7 +6,7 @@
 //! single commit, so a failure leaves the repository as it was (at most created and empty).
 //! The token is handed to hf-hub and never printed, logged or written.
 
-use crate::card::ModelConfig;
+use crate::config::ModelConfig;
 use crate::hub::{hub_err, HubOptions};
 use candle_core::{bail, Result};
 use hf_hub::{HFError, RepoTypeModel};

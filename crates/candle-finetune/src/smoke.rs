@@ -4,7 +4,8 @@
 //! with `HF_HUB_OFFLINE=1`.
 
 use crate::data::{parquet::write_shard, Split, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION};
-use crate::hub::{seed_cache, RepoKind, DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION};
+use crate::hub::{seed_cache, RepoKind};
+use crate::pretrained::{DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION};
 use candle_core::{DType, Device, Result};
 use candle_nn::{VarBuilder, VarMap};
 use image::{ImageFormat, Rgb, RgbImage};

@@ -1,15 +1,29 @@
 //! The published model's template folder (models/resnet18-stanford-cars) and the card renderer.
 
-use candle_finetune::card::{
-    model_card, render, ModelConfig, Provenance, CARD_TEMPLATE, STANFORD_CARS_CLASSES_JSON,
-};
-use candle_finetune::data::DatasetInfo;
+use candle_finetune::card::{model_card, render, Provenance, CARD_TEMPLATE};
+use candle_finetune::config::ModelConfig;
+use candle_finetune::data::{DatasetInfo, STANFORD_CARS_CLASSES_JSON};
 use candle_finetune::eval::EvalResult;
 use candle_resnet::resnet::Arch;
 use std::collections::BTreeMap;
 
 fn models_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/resnet18-stanford-cars")
+}
+
+#[test]
+fn the_crate_assets_are_the_published_model_files() {
+    // The crate carries its own copies (so that `cargo package` works); models/ is what is
+    // published. They must not drift apart.
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    for (asset, published) in [
+        ("card.md", "card.md"),
+        ("stanford_cars_classes.json", "classes.json"),
+    ] {
+        let a = std::fs::read(assets.join(asset)).unwrap();
+        let b = std::fs::read(models_dir().join(published)).unwrap();
+        assert!(a == b, "assets/{asset} differs from models/resnet18-stanford-cars/{published}: copy one over the other");
+    }
 }
 
 #[test]

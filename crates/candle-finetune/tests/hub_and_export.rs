@@ -2,7 +2,8 @@
 //! parameter groups and freezing, and the torchvision-named export.
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_finetune::hub::{self, seed_cache, Head, HubOptions, RepoKind, WeightsSource};
+use candle_finetune::hub::{seed_cache, HubOptions, RepoKind};
+use candle_finetune::pretrained::{self, Head, WeightsSource};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use candle_resnet::export::{export_safetensors, state_dict};
 use candle_resnet::params::ParamGroups;
@@ -35,9 +36,9 @@ fn default_weights_load_offline_from_a_hub_cache() {
     seed_cache(
         cache.path(),
         RepoKind::Model,
-        hub::DEFAULT_REPO,
-        hub::DEFAULT_REVISION,
-        hub::DEFAULT_FILE,
+        pretrained::DEFAULT_REPO,
+        pretrained::DEFAULT_REVISION,
+        pretrained::DEFAULT_FILE,
         &src,
     )
     .unwrap();
@@ -63,7 +64,7 @@ fn default_weights_load_offline_from_a_hub_cache() {
                 .path()
                 .join("models--timm--resnet18.tv_in1k/snapshots")
         ));
-        let (vm, model) = hub::pretrained(Arch::ResNet18, 196, &path, &Device::Cpu).unwrap();
+        let (vm, model) = pretrained::pretrained(Arch::ResNet18, 196, &path, &Device::Cpu).unwrap();
         assert_eq!(model.num_classes(), 196);
         for name in [
             "conv1.weight",
@@ -190,14 +191,14 @@ fn wrong_files_are_errors() {
     Arch::ResNet34
         .build(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
         .unwrap();
-    let e = hub::load_weights(&vm, &path, Head::Fresh)
+    let e = pretrained::load_weights(&vm, &path, Head::Fresh)
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing from the file"), "{e}");
     // A 1000-class fc into a 10-class model, keeping the file's head: shape error.
     let vm = VarMap::new();
     resnet18(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    let e = hub::load_weights(&vm, &path, Head::FromFile)
+    let e = pretrained::load_weights(&vm, &path, Head::FromFile)
         .unwrap_err()
         .to_string();
     assert!(e.contains("fc.") && e.contains("shape"), "{e}");
@@ -205,7 +206,7 @@ fn wrong_files_are_errors() {
     let bytes = std::fs::read(&path).unwrap();
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let e = hub::load_weights(&vm, &cut, Head::Fresh)
+    let e = pretrained::load_weights(&vm, &cut, Head::Fresh)
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot read weights"), "{e}");
@@ -244,7 +245,10 @@ fn export_has_torchvision_keys_and_round_trips() {
     export_safetensors(&vm, 1, &path).unwrap();
     let vm2 = VarMap::new();
     let m2 = resnet18(5, VarBuilder::from_varmap(&vm2, DType::F32, &dev)).unwrap();
-    assert_eq!(hub::load_weights(&vm2, &path, Head::FromFile).unwrap(), 102);
+    assert_eq!(
+        pretrained::load_weights(&vm2, &path, Head::FromFile).unwrap(),
+        102
+    );
     let a = m
         .forward_t(&x, false)
         .unwrap()

@@ -1,7 +1,8 @@
 //! `HF_HUB_OFFLINE` and `HF_HUB_CACHE` from the environment. One test in its own binary: it sets
 //! process-wide variables.
 
-use candle_finetune::hub::{seed_cache, HubOptions, RepoKind, WeightsSource};
+use candle_finetune::hub::{seed_cache, HubOptions, RepoKind};
+use candle_finetune::pretrained::WeightsSource;
 
 #[test]
 fn environment_selects_cache_and_offline_mode() {

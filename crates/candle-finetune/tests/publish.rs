@@ -4,8 +4,9 @@
 
 use base64::Engine;
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_finetune::card::ModelConfig;
-use candle_finetune::hub::{from_pretrained, seed_cache, HubOptions, RepoKind};
+use candle_finetune::config::ModelConfig;
+use candle_finetune::hub::{seed_cache, HubOptions, RepoKind};
+use candle_finetune::pretrained::from_pretrained;
 use candle_finetune::publish::{publish_folder, PublishOptions, Published};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::resnet::{resnet18, Arch};

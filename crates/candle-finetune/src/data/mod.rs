@@ -27,6 +27,11 @@ pub const DEFAULT_DATASET_REPO: &str = "tanganke/stanford_cars";
 /// The pinned commit of [`DEFAULT_DATASET_REPO`].
 pub const DEFAULT_DATASET_REVISION: &str = "9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40";
 
+/// The 196 Stanford Cars class names in label order (`assets/stanford_cars_classes.json`, also
+/// the published model's `models/resnet18-stanford-cars/classes.json`).
+pub const STANFORD_CARS_CLASSES_JSON: &str =
+    include_str!("../../assets/stanford_cars_classes.json");
+
 /// A dataset split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Split {
@@ -232,7 +237,7 @@ impl Dataset {
     }
 
     /// Names the classes with the 196 Stanford Cars names of
-    /// `models/resnet18-stanford-cars/classes.json` when the shards carried no names (classes
+    /// [`STANFORD_CARS_CLASSES_JSON`] when the shards carried no names (classes
     /// named by index); a dataset with real names is returned as is, one whose class count is
     /// not 196 is an error.
     ///
@@ -251,8 +256,8 @@ impl Dataset {
         if !by_index {
             return Ok(self);
         }
-        let names: Vec<String> = serde_json::from_str(crate::card::STANFORD_CARS_CLASSES_JSON)
-            .map_err(candle_core::Error::wrap)?;
+        let names: Vec<String> =
+            serde_json::from_str(STANFORD_CARS_CLASSES_JSON).map_err(candle_core::Error::wrap)?;
         if self.class_names.len() != names.len() {
             bail!(
                 "dataset: {} unnamed classes, but Stanford Cars has {}",

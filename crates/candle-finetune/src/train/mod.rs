@@ -27,10 +27,12 @@ use std::time::Instant;
 /// Optimizer choice of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum OptimizerKind {
     /// SGD with momentum (the torchvision recipe).
     Sgd,
     /// AdamW.
+    #[cfg_attr(feature = "clap", value(name = "adamw"))]
     AdamW,
 }
 

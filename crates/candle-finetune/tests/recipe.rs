@@ -1,0 +1,106 @@
+//! The train-cars recipe end to end, as `cargo xtask train-cars` runs it: the offline smoke run,
+//! and a local image folder with local weights whose model folder must describe that data.
+
+use candle_finetune::pretrained::WeightsSource;
+use candle_finetune::recipe::{DataSource, ScheduleKind, TrainCars};
+use candle_nn::{VarBuilder, VarMap};
+use image::{Rgb, RgbImage};
+
+const FILES: [&str; 8] = [
+    "model.safetensors",
+    "config.json",
+    "README.md",
+    "eval.json",
+    "metrics.jsonl",
+    "curves.png",
+    "reliability.png",
+    "training_args.json",
+];
+
+#[test]
+fn smoke_run_writes_the_whole_model_folder_offline() {
+    let out = tempfile::tempdir().unwrap();
+    let (recipe, cache) = TrainCars {
+        out: out.path().join("smoke"),
+        ..Default::default()
+    }
+    .smoke()
+    .unwrap();
+    assert!(recipe.hub.offline && recipe.hub.cache_dir.as_deref() == Some(cache.path()));
+    let report = recipe.run().unwrap();
+    assert_eq!(report.fit.history.len(), 2);
+    assert_eq!(report.config.num_classes, 6);
+    for f in FILES {
+        let len = std::fs::metadata(report.out.join(f))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 0, "{f} missing or empty");
+    }
+    let card = std::fs::read_to_string(report.out.join("README.md")).unwrap();
+    assert!(card.contains("Smoke run") && card.contains("generated smoke-test shapes"));
+    assert!(
+        !card.contains("Stanford"),
+        "the smoke data is not Stanford Cars"
+    );
+}
+
+#[test]
+fn a_local_dataset_and_weights_file_give_a_card_about_that_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("my-flowers");
+    for split in ["train", "test"] {
+        for (c, colour) in [("daisy", [230u8, 230, 40]), ("rose", [200, 20, 40])] {
+            let d = data.join(split).join(c);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..4u32 {
+                RgbImage::from_fn(40, 36, |x, y| {
+                    Rgb(colour.map(|v| v.wrapping_add(((x + y + i) % 7) as u8)))
+                })
+                .save(d.join(format!("{i}.png")))
+                .unwrap();
+            }
+        }
+    }
+    std::fs::write(
+        data.join("dataset.json"),
+        r#"{"name": "My Flowers", "license": "cc-by-4.0", "classes": "flower species"}"#,
+    )
+    .unwrap();
+    let weights = dir.path().join("init.safetensors");
+    let vm = VarMap::new();
+    candle_resnet::resnet18(
+        1000,
+        VarBuilder::from_varmap(&vm, candle_core::DType::F32, &candle_core::Device::Cpu),
+    )
+    .unwrap();
+    candle_resnet::export::export_safetensors(&vm, 0, &weights).unwrap();
+    let out = dir.path().join("run");
+    let report = TrainCars {
+        data: DataSource::Dir(data.clone()),
+        weights: WeightsSource::File(weights),
+        epochs: 1,
+        batch_size: 4,
+        lr: 0.01,
+        schedule: ScheduleKind::Cosine,
+        image_size: Some(32),
+        out: out.clone(),
+        ..Default::default()
+    }
+    .run()
+    .unwrap();
+    assert_eq!(report.config.class_names(), ["daisy", "rose"]);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("fine-tuned on My Flowers") && card.contains("2 flower species"));
+    assert!(card.contains("license: cc-by-4.0") && card.contains("local file init.safetensors"));
+    let root = dir.path().to_string_lossy().into_owned();
+    for f in [
+        "README.md",
+        "config.json",
+        "training_args.json",
+        "eval.json",
+    ] {
+        let text = std::fs::read_to_string(out.join(f)).unwrap();
+        assert!(!text.contains(&root), "{f} holds the local path {root}");
+        assert!(!text.contains("Stanford"), "{f} mentions Stanford Cars");
+    }
+}
