@@ -93,7 +93,8 @@ pub enum Head {
 /// ```
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use candle_finetune::{export, hub};
+/// use candle_finetune::pretrained;
+/// use candle_resnet::export;
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("m.safetensors");
 /// let a = VarMap::new();
@@ -161,7 +162,8 @@ pub fn load_weights(varmap: &VarMap, path: &Path, head: Head) -> Result<usize> {
 /// ```
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};
-/// use candle_finetune::{export, hub, resnet::Arch};
+/// use candle_finetune::pretrained;
+/// use candle_resnet::{export, resnet::Arch};
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("imagenet.safetensors");
 /// let vm = VarMap::new();
