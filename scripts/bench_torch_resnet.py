@@ -6,6 +6,7 @@ cross_entropy(label_smoothing=0.1), backward, SGD update) on random images, CPU,
 """
 import argparse
 import json
+import resource
 import time
 
 import torch
@@ -37,4 +38,6 @@ times.sort()
 med = times[len(times) // 2]
 print(json.dumps({"impl": "torch", "arch": a.arch, "batch": a.batch, "size": a.size,
                   "threads": torch.get_num_threads(), "median_step_s": round(med, 3),
-                  "images_per_s": round(a.batch / med, 2), "torch": torch.__version__}))
+                  "images_per_s": round(a.batch / med, 2),
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                  "torch": torch.__version__}))

@@ -92,6 +92,9 @@ pub fn build_example(package: &str, example: &str) -> Result<PathBuf> {
 }
 
 fn main() -> Result<()> {
+    // Training steps free and re-allocate the same large buffers: keep them (see
+    // candle_resnet::alloc; 1.4-1.5x faster ResNet steps on CPU).
+    candle_resnet::alloc::reuse_freed_memory();
     match Cli::parse().command {
         Cmd::TrainCars(args) => cars::train_cars(*args),
         Cmd::EvalCars(args) => cars::eval_cars(args),

@@ -2,7 +2,7 @@
 //! on random images. Prints one JSON line. Used by `cargo xtask bench-resnet`.
 //!
 //! ```text
-//! cargo run --release -p candle-finetune --example resnet_step -- [BATCH] [SIZE] [STEPS] [ARCH]
+//! cargo run --release -p candle-resnet --example resnet_step -- [BATCH] [SIZE] [STEPS] [ARCH]
 //! ```
 
 use candle_core::{DType, Device, ModuleT, Tensor};
@@ -12,6 +12,10 @@ use candle_resnet::resnet::Arch;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
+    // As the xtask commands do; CANDLE_RESNET_SYSTEM_MALLOC=1 measures without it.
+    if std::env::var_os("CANDLE_RESNET_SYSTEM_MALLOC").is_none() {
+        candle_resnet::alloc::reuse_freed_memory();
+    }
     let a: Vec<String> = std::env::args().collect();
     let batch: usize = a.get(1).map_or(Ok(32), |s| s.parse())?;
     let size: usize = a.get(2).map_or(Ok(224), |s| s.parse())?;
@@ -40,8 +44,18 @@ fn main() -> anyhow::Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
+    // The process's highest resident set (VmHWM), comparable with PyTorch's ru_maxrss.
+    let peak_mib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0);
     println!(
-        "{{\"impl\":\"candle\",\"arch\":\"{arch}\",\"batch\":{batch},\"size\":{size},\"threads\":{},\"median_step_s\":{med:.3},\"images_per_s\":{:.2}}}",
+        "{{\"impl\":\"candle\",\"arch\":\"{arch}\",\"batch\":{batch},\"size\":{size},\"threads\":{},\"median_step_s\":{med:.3},\"images_per_s\":{:.2},\"peak_rss_mib\":{peak_mib:.0}}}",
         candle_core::utils::get_num_threads(),
         batch as f64 / med
     );

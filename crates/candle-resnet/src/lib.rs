@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod alloc;
 pub mod batchnorm;
 pub mod export;
 pub mod init;
