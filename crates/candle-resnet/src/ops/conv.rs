@@ -80,25 +80,150 @@ impl Geo {
     }
 }
 
-/// Fills `col` (K x P, row-major) from one image `x` (Ci x H x W).
-fn im2col<T: WithDType>(g: &Geo, x: &[T], col: &mut [T]) {
+/// Output pixels x images that one GEMM should cover at least. A convolution over small images
+/// (a 32 px ResNet's last stage has one output pixel) done one image at a time is a chain of
+/// matrix-vector products that re-read the whole weight per image; grouping images gives the
+/// GEMM full micro-kernel tiles and packs the weight once per group.
+const MIN_GEMM_COLS: usize = 1024;
+
+/// Weight-gradient partial sums: at most this many, over fixed image ranges.
+const WGRAD_PARTIALS: usize = 8;
+
+impl Geo {
+    /// Images per GEMM: a function of the geometry alone, so results never depend on the thread
+    /// count.
+    fn images_per_gemm(&self) -> usize {
+        MIN_GEMM_COLS.div_ceil(self.p()).clamp(1, self.n.max(1))
+    }
+}
+
+/// How groups of work are spread over the threads: across groups when there are enough of them
+/// for every thread, otherwise one group at a time with the GEMM itself split across threads
+/// (gemm splits rows and columns, never the reduction, so the sums stay bit-identical).
+fn spread(groups: usize) -> (bool, Parallelism) {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && groups < 2 * threads {
+        (false, Parallelism::Rayon(threads))
+    } else {
+        (true, Parallelism::None)
+    }
+}
+
+/// Runs `f(group index, output chunk, parallelism, scratch)` over `out.chunks_mut(chunk)`.
+fn for_each_group<T: WithDType>(
+    out: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T], Parallelism, &mut Scratch<T>) + Sync + Send,
+) {
+    let groups = out.len().div_ceil(chunk.max(1));
+    match spread(groups) {
+        (true, par) => out
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_init(Scratch::default, |s, (gi, o)| f(gi, o, par, s)),
+        (false, par) => {
+            let mut s = Scratch::default();
+            for (gi, o) in out.chunks_mut(chunk).enumerate() {
+                f(gi, o, par, &mut s);
+            }
+        }
+    }
+}
+
+/// Reusable per-thread buffers: an im2col matrix and a GEMM output in (rows, images x pixels)
+/// order.
+struct Scratch<T> {
+    col: Vec<T>,
+    tmp: Vec<T>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Self {
+            col: Vec::new(),
+            tmp: Vec::new(),
+        }
+    }
+}
+
+/// `buf` resized to `len` (contents unspecified: every caller overwrites all of it).
+fn sized<T: WithDType>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buf.len() < len {
+        buf.resize(len, T::zero());
+    }
+    &mut buf[..len]
+}
+
+/// The output positions `o` in `0..out_len` whose source `o * stride + off` lies in `0..len`.
+#[inline]
+fn valid_range(out_len: usize, len: usize, stride: usize, off: isize) -> (usize, usize) {
+    let s = stride as isize;
+    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+    let hi = if off >= len as isize {
+        0
+    } else {
+        (len as isize - off + s - 1) / s
+    };
+    let hi = (hi.max(0) as usize).min(out_len);
+    ((lo as usize).min(hi), hi)
+}
+
+/// `dst[o] = src[o * stride + off]`, zero where that falls outside `src`.
+#[inline]
+fn gather_row<T: WithDType>(dst: &mut [T], src: &[T], stride: usize, off: isize) {
+    let (lo, hi) = valid_range(dst.len(), src.len(), stride, off);
+    dst[..lo].fill(T::zero());
+    dst[hi..].fill(T::zero());
+    let start = (lo as isize * stride as isize + off) as usize;
+    if stride == 1 {
+        dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+    } else {
+        for (d, s) in dst[lo..hi]
+            .iter_mut()
+            .zip(src[start..].iter().step_by(stride))
+        {
+            *d = *s;
+        }
+    }
+}
+
+/// `dst[o * stride + off] += src[o]` where that lies inside `dst`.
+#[inline]
+fn scatter_add_row<T: WithDType>(dst: &mut [T], src: &[T], stride: usize, off: isize) {
+    let (lo, hi) = valid_range(src.len(), dst.len(), stride, off);
+    if lo == hi {
+        return;
+    }
+    let start = (lo as isize * stride as isize + off) as usize;
+    if stride == 1 {
+        for (d, s) in dst[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+            *d += *s;
+        }
+    } else {
+        for (d, s) in dst[start..].iter_mut().step_by(stride).zip(&src[lo..hi]) {
+            *d += *s;
+        }
+    }
+}
+
+/// Fills columns `off..off + P` of `col` (K rows, row stride `ld`) from one image `x`
+/// (Ci x H x W).
+fn im2col<T: WithDType>(g: &Geo, x: &[T], col: &mut [T], ld: usize, off: usize) {
     let p = g.p();
+    let pad = g.padding as isize;
     for c in 0..g.ci {
         for ky in 0..g.kh {
             for kx in 0..g.kw {
-                let row = &mut col[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let r = (c * g.kh + ky) * g.kw + kx;
+                let row = &mut col[r * ld + off..][..p];
                 for oy in 0..g.oh {
                     let dst = &mut row[oy * g.ow..(oy + 1) * g.ow];
-                    let Some(iy) = g.src(oy, ky, g.h) else {
-                        dst.fill(T::zero());
-                        continue;
-                    };
-                    let src = &x[(c * g.h + iy) * g.w..(c * g.h + iy + 1) * g.w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        *d = match g.src(ox, kx, g.w) {
-                            Some(ix) => src[ix],
-                            None => T::zero(),
-                        };
+                    match g.src(oy, ky, g.h) {
+                        None => dst.fill(T::zero()),
+                        Some(iy) => {
+                            let src = &x[(c * g.h + iy) * g.w..][..g.w];
+                            gather_row(dst, src, g.stride, kx as isize - pad);
+                        }
                     }
                 }
             }
@@ -106,24 +231,52 @@ fn im2col<T: WithDType>(g: &Geo, x: &[T], col: &mut [T]) {
     }
 }
 
-/// Adds `col` (K x P) back into one image gradient `dx` (Ci x H x W), which must start at zero.
-fn col2im<T: WithDType>(g: &Geo, col: &[T], dx: &mut [T]) {
+/// Adds columns `off..off + P` of `col` (K rows, row stride `ld`) back into one image gradient
+/// `dx` (Ci x H x W).
+fn col2im<T: WithDType>(g: &Geo, col: &[T], ld: usize, off: usize, dx: &mut [T]) {
     let p = g.p();
+    let pad = g.padding as isize;
     for c in 0..g.ci {
         for ky in 0..g.kh {
             for kx in 0..g.kw {
-                let row = &col[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let r = (c * g.kh + ky) * g.kw + kx;
+                let row = &col[r * ld + off..][..p];
                 for oy in 0..g.oh {
                     let Some(iy) = g.src(oy, ky, g.h) else {
                         continue;
                     };
-                    let dst = &mut dx[(c * g.h + iy) * g.w..(c * g.h + iy + 1) * g.w];
-                    for (ox, &v) in row[oy * g.ow..(oy + 1) * g.ow].iter().enumerate() {
-                        if let Some(ix) = g.src(ox, kx, g.w) {
-                            dst[ix] += v;
-                        }
-                    }
+                    let dst = &mut dx[(c * g.h + iy) * g.w..][..g.w];
+                    scatter_add_row(
+                        dst,
+                        &row[oy * g.ow..(oy + 1) * g.ow],
+                        g.stride,
+                        kx as isize - pad,
+                    );
                 }
+            }
+        }
+    }
+}
+
+/// Copies `cnt` images of `rows x p` each (image-major, `src`) into one `rows x (cnt * p)`
+/// matrix (`dst`), or back with `to_images`.
+fn regroup<T: WithDType>(
+    src: &[T],
+    dst: &mut [T],
+    rows: usize,
+    p: usize,
+    cnt: usize,
+    to_images: bool,
+) {
+    let ld = cnt * p;
+    for i in 0..cnt {
+        for r in 0..rows {
+            let img = (i * rows + r) * p;
+            let mat = r * ld + i * p;
+            if to_images {
+                dst[img..img + p].copy_from_slice(&src[mat..mat + p]);
+            } else {
+                dst[mat..mat + p].copy_from_slice(&src[img..img + p]);
             }
         }
     }
@@ -136,31 +289,43 @@ struct View {
     cs: usize,
 }
 
-/// `c (m x n, row-major) (+)= a (m x k) * b (k x n)`, single-threaded.
+impl View {
+    fn rows(ld: usize) -> Self {
+        Self { rs: ld, cs: 1 }
+    }
+    fn transposed(ld: usize) -> Self {
+        Self { rs: 1, cs: ld }
+    }
+}
+
+/// `c (m x n, row stride ldc) (+)= a (m x k) * b (k x n)`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into<T: WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: &[T],
     av: View,
     b: &[T],
     bv: View,
     c: &mut [T],
+    ldc: usize,
     accumulate: bool,
+    par: Parallelism,
 ) {
     // The slices cover every index the views address: checked here, once, before the raw call.
     let span = |rows: usize, cols: usize, v: View| (rows - 1) * v.rs + (cols - 1) * v.cs + 1;
     if m == 0 || n == 0 {
         return;
     }
+    assert!(c.len() >= span(m, n, View::rows(ldc)));
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(T::zero());
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(T::zero());
+            }
         }
         return;
     }
-    assert!(a.len() >= span(m, k, av) && b.len() >= span(k, n, bv) && c.len() >= m * n);
+    assert!(a.len() >= span(m, k, av) && b.len() >= span(k, n, bv));
     // SAFETY: bounds checked above; `c` does not alias `a` or `b` (distinct borrows).
     unsafe {
         gemm::gemm(
@@ -169,7 +334,7 @@ fn gemm_into<T: WithDType>(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.as_ptr(),
             av.cs as isize,
@@ -182,99 +347,156 @@ fn gemm_into<T: WithDType>(
             false,
             false,
             false,
-            Parallelism::None,
+            par,
         )
     }
 }
 
-fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T]) -> Vec<T> {
+/// The GEMM's right-hand side for images `first..first + cnt`: their im2col matrices side by
+/// side (`K x cnt*P`), or the images themselves for a pointwise convolution (one image: no
+/// copy).
+fn columns<'a, T: WithDType>(
+    g: &Geo,
+    x: &'a [T],
+    first: usize,
+    cnt: usize,
+    col: &'a mut Vec<T>,
+) -> &'a [T] {
     let (k, p) = (g.k(), g.p());
-    let mut y = vec![T::zero(); g.n * g.co * p];
-    y.par_chunks_mut(g.co * p).enumerate().for_each_init(
-        || vec![T::zero(); if g.pointwise() { 0 } else { k * p }],
-        |col, (i, yi)| {
-            let xi = &x[i * g.in_len()..(i + 1) * g.in_len()];
-            let cols: &[T] = if g.pointwise() {
-                xi
-            } else {
-                im2col(g, xi, col);
-                col
-            };
-            gemm_into(
-                g.co,
-                p,
-                k,
-                w,
-                View { rs: k, cs: 1 },
-                cols,
-                View { rs: p, cs: 1 },
-                yi,
-                false,
+    let imgs = &x[first * g.in_len()..(first + cnt) * g.in_len()];
+    if g.pointwise() && cnt == 1 {
+        return imgs;
+    }
+    let col = sized(col, k * cnt * p);
+    if g.pointwise() {
+        regroup(imgs, col, g.ci, p, cnt, false);
+    } else {
+        for i in 0..cnt {
+            im2col(
+                g,
+                &imgs[i * g.in_len()..(i + 1) * g.in_len()],
+                col,
+                cnt * p,
+                i * p,
             );
-        },
-    );
+        }
+    }
+    col
+}
+
+/// `dY` of images `first..first + cnt` as one `Co x cnt*P` matrix (one image: no copy).
+fn grads<'a, T: WithDType>(
+    g: &Geo,
+    dy: &'a [T],
+    first: usize,
+    cnt: usize,
+    tmp: &'a mut Vec<T>,
+) -> &'a [T] {
+    let p = g.p();
+    let imgs = &dy[first * g.co * p..(first + cnt) * g.co * p];
+    if cnt == 1 {
+        return imgs;
+    }
+    let tmp = sized(tmp, g.co * cnt * p);
+    regroup(imgs, tmp, g.co, p, cnt, false);
+    tmp
+}
+
+fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T]) -> Vec<T> {
+    let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
+    let mut y = vec![T::zero(); g.n * g.co * p];
+    for_each_group(&mut y, ng * g.co * p, |gi, yg, par, s| {
+        let cnt = yg.len() / (g.co * p);
+        let Scratch { col, tmp } = s;
+        let b = columns(g, x, gi * ng, cnt, col);
+        let dims = (g.co, cnt * p, k);
+        if cnt == 1 {
+            gemm_into(dims, w, View::rows(k), b, View::rows(p), yg, p, false, par);
+        } else {
+            let t = sized(tmp, g.co * cnt * p);
+            gemm_into(
+                dims,
+                w,
+                View::rows(k),
+                b,
+                View::rows(cnt * p),
+                t,
+                cnt * p,
+                false,
+                par,
+            );
+            regroup(t, yg, g.co, p, cnt, true);
+        }
+    });
     y
 }
 
 fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T]) -> Vec<T> {
-    let (k, p) = (g.k(), g.p());
+    let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
     let mut dx = vec![T::zero(); g.n * g.in_len()];
-    dx.par_chunks_mut(g.in_len()).enumerate().for_each_init(
-        || vec![T::zero(); if g.pointwise() { 0 } else { k * p }],
-        |col, (i, dxi)| {
-            let dyi = &dy[i * g.co * p..(i + 1) * g.co * p];
-            let wt = View { rs: 1, cs: k }; // W^T: (K, Co)
-            if g.pointwise() {
-                gemm_into(k, p, g.co, w, wt, dyi, View { rs: p, cs: 1 }, dxi, false);
-            } else {
-                gemm_into(k, p, g.co, w, wt, dyi, View { rs: p, cs: 1 }, col, false);
-                col2im(g, col, dxi);
+    for_each_group(&mut dx, ng * g.in_len(), |gi, dxg, par, s| {
+        let cnt = dxg.len() / g.in_len();
+        let Scratch { col, tmp } = s;
+        let d = grads(g, dy, gi * ng, cnt, tmp);
+        let dims = (k, cnt * p, g.co);
+        let wt = View::transposed(k); // W^T: (K, Co)
+        if g.pointwise() && cnt == 1 {
+            gemm_into(dims, w, wt, d, View::rows(p), dxg, p, false, par);
+            return;
+        }
+        let c = sized(col, k * cnt * p);
+        gemm_into(dims, w, wt, d, View::rows(cnt * p), c, cnt * p, false, par);
+        if g.pointwise() {
+            regroup(c, dxg, g.ci, p, cnt, true);
+        } else {
+            for (i, dxi) in dxg.chunks_mut(g.in_len()).enumerate() {
+                col2im(g, c, cnt * p, i * p, dxi);
             }
-        },
-    );
+        }
+    });
     dx
 }
 
-/// Images per partial sum of the weight gradient: fixed by the batch size alone.
-const WGRAD_GROUPS: usize = 8;
-
 fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
-    let (k, p) = (g.k(), g.p());
-    let per = g.n.div_ceil(WGRAD_GROUPS).max(1);
-    let groups: Vec<usize> = (0..g.n.div_ceil(per)).collect();
-    let partials: Vec<Vec<T>> = groups
-        .par_iter()
-        .map(|&gi| {
-            let mut acc = vec![T::zero(); g.co * k];
-            let mut col = vec![T::zero(); if g.pointwise() { 0 } else { k * p }];
-            for (j, i) in (gi * per..((gi + 1) * per).min(g.n)).enumerate() {
-                let xi = &x[i * g.in_len()..(i + 1) * g.in_len()];
-                let cols: &[T] = if g.pointwise() {
-                    xi
-                } else {
-                    im2col(g, xi, &mut col);
-                    &col
-                };
-                let dyi = &dy[i * g.co * p..(i + 1) * g.co * p];
-                // dW (Co, K) += dY_i (Co, P) x col^T (P, K)
-                gemm_into(
-                    g.co,
-                    k,
-                    p,
-                    dyi,
-                    View { rs: p, cs: 1 },
-                    cols,
-                    View { rs: 1, cs: p },
-                    &mut acc,
-                    j > 0,
-                );
-            }
-            acc
-        })
+    let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
+    // Fixed image ranges (a multiple of the GEMM group), each summed in order, then the
+    // partials in order: the same bits for any thread count.
+    let per = g.n.div_ceil(WGRAD_PARTIALS).max(1).next_multiple_of(ng);
+    let ranges: Vec<(usize, usize)> = (0..g.n)
+        .step_by(per)
+        .map(|a| (a, (a + per).min(g.n)))
         .collect();
-    let mut out = vec![T::zero(); g.co * k];
-    for part in partials {
-        for (o, v) in out.iter_mut().zip(part) {
+    let mut partials = vec![T::zero(); ranges.len() * g.co * k];
+    for_each_group(&mut partials, g.co * k, |ri, acc, par, s| {
+        let (a, b) = ranges[ri];
+        for (j, first) in (a..b).step_by(ng).enumerate() {
+            let cnt = ng.min(b - first);
+            let Scratch { col, tmp } = s;
+            let cols = columns(g, x, first, cnt, col);
+            let d = grads(g, dy, first, cnt, tmp);
+            // dW (Co, K) += dY (Co, cnt*P) x cols^T (cnt*P, K)
+            let dims = (g.co, k, cnt * p);
+            let ld = cnt * p;
+            gemm_into(
+                dims,
+                d,
+                View::rows(ld),
+                cols,
+                View::transposed(ld),
+                acc,
+                k,
+                j > 0,
+                par,
+            );
+        }
+    });
+    let mut parts = partials.chunks(g.co * k);
+    let mut out = parts
+        .next()
+        .map(<[T]>::to_vec)
+        .unwrap_or_else(|| vec![T::zero(); g.co * k]);
+    for part in parts {
+        for (o, &v) in out.iter_mut().zip(part) {
             *o += v;
         }
     }
