@@ -231,14 +231,14 @@ impl Block {
         for (i, (c, bn)) in self.convs.iter().enumerate() {
             y = bn.forward_t(&c.forward(&y)?, train)?;
             if i != last {
-                y = y.relu()?;
+                y = crate::ops::relu::relu(&y)?;
             }
         }
         let shortcut = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        crate::ops::relu::add_relu(&y, &shortcut)
     }
 }
 
@@ -356,7 +356,7 @@ impl ResNet {
         if x.rank() != 4 || x.dim(1)? != 3 {
             bail!("resnet: expected (N, 3, H, W) images, got {:?}", x.dims());
         }
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = crate::ops::relu::relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
         y = self.pool.forward(&y)?;
         for layer in &self.layers {
             for b in layer {

@@ -1,0 +1,84 @@
+//! The fused ReLU ops against candle's composed ops, with PyTorch's gradient convention
+//! (zero where the output is zero) and NaN propagation.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_resnet::ops::relu::{add_relu, relu};
+
+/// Random values in [-2, 2) with exact zeros (and a NaN planted if `nan`), shape (3, 4, 5, 6).
+fn input(dtype: DType, seed: u64, nan: bool) -> Result<Tensor> {
+    let n = 3 * 4 * 5 * 6;
+    let v: Vec<f64> = (0..n as u64)
+        .map(|i| {
+            let h = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+            if i % 7 == 0 {
+                0.0
+            } else if nan && i == 11 {
+                f64::NAN
+            } else {
+                ((h >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (3, 4, 5, 6), &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Equal values (NaN where the other is NaN; -0 equals 0, PyTorch's threshold_backward writes +0).
+fn same(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+    let a = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            x == y || (x.is_nan() && y.is_nan()),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn relu_and_its_gradient_follow_pytorch() -> Result<()> {
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(&input(dtype, 1, true)?)?;
+        let dy = input(dtype, 2, false)?;
+        let y = relu(&x)?;
+        // Forward: max(x, 0) with NaN kept.
+        let nan = x.as_tensor().ne(x.as_tensor())?;
+        let want = nan.where_cond(x.as_tensor(), &x.as_tensor().maximum(0.0)?)?;
+        same(&y, &want, "relu")?;
+        // Backward: dy where y > 0 or y is NaN (PyTorch's threshold_backward), else 0.
+        let g = (&y * &dy)?.sum_all()?.backward()?;
+        let pass = (y.gt(0.0)?.to_dtype(dtype)? + nan.to_dtype(dtype)?)?;
+        let want = (dy.clone() * pass)?;
+        let dx = g.get(&x).expect("dx");
+        same(dx, &want, "relu grad")?;
+        let at_zero = x.as_tensor().eq(0.0)?.to_dtype(dtype)?;
+        assert!(
+            (dx * at_zero)?
+                .abs()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                == 0.0,
+            "gradient at 0 must be 0"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn add_relu_equals_the_composed_residual_and_splits_the_gradient() -> Result<()> {
+    for dtype in [DType::F32, DType::F64] {
+        let a = Var::from_tensor(&input(dtype, 3, false)?)?;
+        let b = Var::from_tensor(&input(dtype, 4, false)?)?;
+        let dy = input(dtype, 5, false)?;
+        let y = add_relu(&a, &b)?;
+        let s = (a.as_tensor() + b.as_tensor())?;
+        same(&y, &s.maximum(0.0)?, "add_relu")?;
+        let g = (&y * &dy)?.sum_all()?.backward()?;
+        let want = (&dy * s.gt(0.0)?.to_dtype(dtype)?)?;
+        same(g.get(&a).expect("da"), &want, "da")?;
+        same(g.get(&b).expect("db"), &want, "db")?;
+    }
+    Ok(())
+}
