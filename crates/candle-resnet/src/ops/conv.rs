@@ -68,6 +68,10 @@ impl Geo {
     fn in_len(&self) -> usize {
         self.ci * self.h * self.w
     }
+    /// Stride 1 and an output the size of the input (3x3 with padding 1, 5x5 with 2, ...).
+    fn same(&self) -> bool {
+        self.stride == 1 && self.oh == self.h && self.ow == self.w
+    }
     /// A 1x1, stride-1, unpadded convolution: the image is its own im2col matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
@@ -93,7 +97,10 @@ impl Geo {
     /// Images per GEMM: a function of the geometry alone, so results never depend on the thread
     /// count.
     fn images_per_gemm(&self) -> usize {
-        MIN_GEMM_COLS.div_ceil(self.p()).clamp(1, self.n.max(1))
+        let n = self.n.max(1);
+        let ng = MIN_GEMM_COLS.div_ceil(self.p()).clamp(1, n);
+        // Groups of equal size (32 images of 49 pixels: 16 + 16, not 21 + 11).
+        n.div_ceil(n.div_ceil(ng))
     }
 }
 
@@ -206,48 +213,107 @@ fn scatter_add_row<T: WithDType>(dst: &mut [T], src: &[T], stride: usize, off: i
     }
 }
 
-/// Fills columns `off..off + P` of `col` (K rows, row stride `ld`) from one image `x`
-/// (Ci x H x W).
-fn im2col<T: WithDType>(g: &Geo, x: &[T], col: &mut [T], ld: usize, off: usize) {
-    let p = g.p();
+/// Runs `f(index, chunk)` over `out.chunks_mut(chunk)`, in parallel when `parallel`.
+fn chunks<T: WithDType>(
+    out: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        for (i, c) in out.chunks_mut(chunk).enumerate() {
+            f(i, c);
+        }
+    }
+}
+
+/// One im2col row segment: kernel tap `(ky, kx)` of one input plane (H x W), `P` values.
+fn im2col_tap<T: WithDType>(g: &Geo, plane: &[T], ky: usize, kx: usize, dst: &mut [T]) {
     let pad = g.padding as isize;
-    for c in 0..g.ci {
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let r = (c * g.kh + ky) * g.kw + kx;
-                let row = &mut col[r * ld + off..][..p];
-                for oy in 0..g.oh {
-                    let dst = &mut row[oy * g.ow..(oy + 1) * g.ow];
-                    match g.src(oy, ky, g.h) {
-                        None => dst.fill(T::zero()),
-                        Some(iy) => {
-                            let src = &x[(c * g.h + iy) * g.w..][..g.w];
-                            gather_row(dst, src, g.stride, kx as isize - pad);
-                        }
-                    }
-                }
+    if g.same() {
+        return same_tap(g, plane, ky as isize - pad, kx as isize - pad, dst);
+    }
+    for oy in 0..g.oh {
+        let d = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+        match g.src(oy, ky, g.h) {
+            None => d.fill(T::zero()),
+            Some(iy) => gather_row(d, &plane[iy * g.w..][..g.w], g.stride, kx as isize - pad),
+        }
+    }
+}
+
+/// [`im2col_tap`] for a stride-1 convolution whose output has the input's size (a ResNet's
+/// 3x3, padding 1): the tap is the plane shifted by `dy * W + dx`, copied as one block, then
+/// the columns that wrapped around from the neighbouring row are zeroed. Row by row, the copies
+/// of a 7-to-56-pixel-wide image cost more in calls than in bytes.
+fn same_tap<T: WithDType>(g: &Geo, plane: &[T], dy: isize, dx: isize, dst: &mut [T]) {
+    let (h, w) = (g.h, g.w);
+    let hw = (h * w) as isize;
+    // Output rows whose source row `oy + dy` is inside the image.
+    let b = (h as isize - dy).clamp(0, h as isize) as usize;
+    let a = ((-dy).max(0) as usize).min(b);
+    dst[..a * w].fill(T::zero());
+    dst[b * w..].fill(T::zero());
+    if a == b {
+        return;
+    }
+    // dst[j] = plane[j + shift] for j in a*W..b*W, clamped to the plane.
+    let shift = dy * w as isize + dx;
+    let s_lo = (a as isize * w as isize + shift).max(0);
+    let s_hi = (b as isize * w as isize + shift).min(hw);
+    let (d_lo, d_hi) = ((s_lo - shift) as usize, (s_hi - shift) as usize);
+    dst[a * w..d_lo].fill(T::zero());
+    dst[d_hi..b * w].fill(T::zero());
+    dst[d_lo..d_hi].copy_from_slice(&plane[s_lo as usize..s_hi as usize]);
+    // Columns whose source `ox + dx` left the row: zero.
+    let edge = dx.unsigned_abs().min(w);
+    if dx != 0 {
+        for oy in a..b {
+            let seg = &mut dst[oy * w..(oy + 1) * w];
+            if dx < 0 {
+                seg[..edge].fill(T::zero());
+            } else {
+                seg[w - edge..].fill(T::zero());
             }
         }
     }
 }
 
-/// Adds columns `off..off + P` of `col` (K rows, row stride `ld`) back into one image gradient
-/// `dx` (Ci x H x W).
-fn col2im<T: WithDType>(g: &Geo, col: &[T], ld: usize, off: usize, dx: &mut [T]) {
-    let p = g.p();
+/// The im2col matrix of `cnt` images (`imgs`, image-major) side by side: `K x cnt*P`,
+/// row `(c, ky, kx)` holding that tap of every image. Rows are independent, so they are filled
+/// in parallel when `parallel`.
+fn im2col<T: WithDType>(g: &Geo, imgs: &[T], cnt: usize, col: &mut [T], parallel: bool) {
+    let (p, hw, taps) = (g.p(), g.h * g.w, g.kh * g.kw);
+    chunks(col, cnt * p, parallel, |r, row| {
+        let (c, t) = (r / taps, r % taps);
+        for (i, dst) in row.chunks_mut(p).enumerate() {
+            let plane = &imgs[i * g.in_len() + c * hw..][..hw];
+            im2col_tap(g, plane, t / g.kw, t % g.kw, dst);
+        }
+    });
+}
+
+/// Adds an im2col-shaped gradient (`K x cnt*P`) back into `cnt` image gradients (`dx`, zero on
+/// entry), one input plane at a time (in parallel when `parallel`).
+fn col2im<T: WithDType>(g: &Geo, col: &[T], cnt: usize, dx: &mut [T], parallel: bool) {
+    let (p, ld, hw) = (g.p(), cnt * g.p(), g.h * g.w);
     let pad = g.padding as isize;
-    for c in 0..g.ci {
+    chunks(dx, hw, parallel, |q, plane| {
+        let (i, c) = (q / g.ci, q % g.ci);
         for ky in 0..g.kh {
             for kx in 0..g.kw {
                 let r = (c * g.kh + ky) * g.kw + kx;
-                let row = &col[r * ld + off..][..p];
+                let row = &col[r * ld + i * p..][..p];
                 for oy in 0..g.oh {
                     let Some(iy) = g.src(oy, ky, g.h) else {
                         continue;
                     };
-                    let dst = &mut dx[(c * g.h + iy) * g.w..][..g.w];
                     scatter_add_row(
-                        dst,
+                        &mut plane[iy * g.w..][..g.w],
                         &row[oy * g.ow..(oy + 1) * g.ow],
                         g.stride,
                         kx as isize - pad,
@@ -255,31 +321,27 @@ fn col2im<T: WithDType>(g: &Geo, col: &[T], ld: usize, off: usize, dx: &mut [T])
                 }
             }
         }
-    }
+    });
 }
 
-/// Copies `cnt` images of `rows x p` each (image-major, `src`) into one `rows x (cnt * p)`
-/// matrix (`dst`), or back with `to_images`.
-fn regroup<T: WithDType>(
-    src: &[T],
-    dst: &mut [T],
-    rows: usize,
-    p: usize,
-    cnt: usize,
-    to_images: bool,
-) {
-    let ld = cnt * p;
-    for i in 0..cnt {
-        for r in 0..rows {
-            let img = (i * rows + r) * p;
-            let mat = r * ld + i * p;
-            if to_images {
-                dst[img..img + p].copy_from_slice(&src[mat..mat + p]);
-            } else {
-                dst[mat..mat + p].copy_from_slice(&src[img..img + p]);
-            }
+/// `cnt` images of `rows x p` each (image-major, `src`) as one `rows x cnt*p` matrix (`dst`).
+fn to_matrix<T: WithDType>(src: &[T], dst: &mut [T], rows: usize, p: usize, parallel: bool) {
+    let cnt = src.len() / (rows * p);
+    chunks(dst, cnt * p, parallel, |r, row| {
+        for (i, d) in row.chunks_mut(p).enumerate() {
+            d.copy_from_slice(&src[(i * rows + r) * p..][..p]);
         }
-    }
+    });
+}
+
+/// The inverse of [`to_matrix`]: a `rows x cnt*p` matrix back to `cnt` images.
+fn to_images<T: WithDType>(src: &[T], dst: &mut [T], rows: usize, p: usize, parallel: bool) {
+    let cnt = dst.len() / (rows * p);
+    chunks(dst, rows * p, parallel, |i, img| {
+        for (r, d) in img.chunks_mut(p).enumerate() {
+            d.copy_from_slice(&src[r * cnt * p + i * p..][..p]);
+        }
+    });
 }
 
 /// Row-major strides of a matrix view: element `(i, j)` at `i * rs + j * cs`.
@@ -358,9 +420,9 @@ fn gemm_into<T: WithDType>(
 fn columns<'a, T: WithDType>(
     g: &Geo,
     x: &'a [T],
-    first: usize,
-    cnt: usize,
+    (first, cnt): (usize, usize),
     col: &'a mut Vec<T>,
+    parallel: bool,
 ) -> &'a [T] {
     let (k, p) = (g.k(), g.p());
     let imgs = &x[first * g.in_len()..(first + cnt) * g.in_len()];
@@ -369,17 +431,9 @@ fn columns<'a, T: WithDType>(
     }
     let col = sized(col, k * cnt * p);
     if g.pointwise() {
-        regroup(imgs, col, g.ci, p, cnt, false);
+        to_matrix(imgs, col, g.ci, p, parallel);
     } else {
-        for i in 0..cnt {
-            im2col(
-                g,
-                &imgs[i * g.in_len()..(i + 1) * g.in_len()],
-                col,
-                cnt * p,
-                i * p,
-            );
-        }
+        im2col(g, imgs, cnt, col, parallel);
     }
     col
 }
@@ -388,9 +442,9 @@ fn columns<'a, T: WithDType>(
 fn grads<'a, T: WithDType>(
     g: &Geo,
     dy: &'a [T],
-    first: usize,
-    cnt: usize,
+    (first, cnt): (usize, usize),
     tmp: &'a mut Vec<T>,
+    parallel: bool,
 ) -> &'a [T] {
     let p = g.p();
     let imgs = &dy[first * g.co * p..(first + cnt) * g.co * p];
@@ -398,8 +452,14 @@ fn grads<'a, T: WithDType>(
         return imgs;
     }
     let tmp = sized(tmp, g.co * cnt * p);
-    regroup(imgs, tmp, g.co, p, cnt, false);
+    to_matrix(imgs, tmp, g.co, p, parallel);
     tmp
+}
+
+/// Whether a group's own passes (im2col, copies) should split across threads: when groups run
+/// one at a time.
+fn split(par: Parallelism) -> bool {
+    !matches!(par, Parallelism::None)
 }
 
 fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T]) -> Vec<T> {
@@ -408,24 +468,14 @@ fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T]) -> Vec<T> {
     for_each_group(&mut y, ng * g.co * p, |gi, yg, par, s| {
         let cnt = yg.len() / (g.co * p);
         let Scratch { col, tmp } = s;
-        let b = columns(g, x, gi * ng, cnt, col);
-        let dims = (g.co, cnt * p, k);
+        let b = columns(g, x, (gi * ng, cnt), col, split(par));
+        let (dims, ld) = ((g.co, cnt * p, k), cnt * p);
         if cnt == 1 {
             gemm_into(dims, w, View::rows(k), b, View::rows(p), yg, p, false, par);
         } else {
-            let t = sized(tmp, g.co * cnt * p);
-            gemm_into(
-                dims,
-                w,
-                View::rows(k),
-                b,
-                View::rows(cnt * p),
-                t,
-                cnt * p,
-                false,
-                par,
-            );
-            regroup(t, yg, g.co, p, cnt, true);
+            let t = sized(tmp, g.co * ld);
+            gemm_into(dims, w, View::rows(k), b, View::rows(ld), t, ld, false, par);
+            to_images(t, yg, g.co, p, split(par));
         }
     });
     y
@@ -437,21 +487,19 @@ fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T]) -> Vec<T> {
     for_each_group(&mut dx, ng * g.in_len(), |gi, dxg, par, s| {
         let cnt = dxg.len() / g.in_len();
         let Scratch { col, tmp } = s;
-        let d = grads(g, dy, gi * ng, cnt, tmp);
-        let dims = (k, cnt * p, g.co);
+        let d = grads(g, dy, (gi * ng, cnt), tmp, split(par));
+        let (dims, ld) = ((k, cnt * p, g.co), cnt * p);
         let wt = View::transposed(k); // W^T: (K, Co)
         if g.pointwise() && cnt == 1 {
             gemm_into(dims, w, wt, d, View::rows(p), dxg, p, false, par);
             return;
         }
-        let c = sized(col, k * cnt * p);
-        gemm_into(dims, w, wt, d, View::rows(cnt * p), c, cnt * p, false, par);
+        let c = sized(col, k * ld);
+        gemm_into(dims, w, wt, d, View::rows(ld), c, ld, false, par);
         if g.pointwise() {
-            regroup(c, dxg, g.ci, p, cnt, true);
+            to_images(c, dxg, g.ci, p, split(par));
         } else {
-            for (i, dxi) in dxg.chunks_mut(g.in_len()).enumerate() {
-                col2im(g, c, cnt * p, i * p, dxi);
-            }
+            col2im(g, c, cnt, dxg, split(par));
         }
     });
     dx
@@ -472,34 +520,25 @@ fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
         for (j, first) in (a..b).step_by(ng).enumerate() {
             let cnt = ng.min(b - first);
             let Scratch { col, tmp } = s;
-            let cols = columns(g, x, first, cnt, col);
-            let d = grads(g, dy, first, cnt, tmp);
+            let cols = columns(g, x, (first, cnt), col, split(par));
+            let d = grads(g, dy, (first, cnt), tmp, split(par));
             // dW (Co, K) += dY (Co, cnt*P) x cols^T (cnt*P, K)
-            let dims = (g.co, k, cnt * p);
-            let ld = cnt * p;
-            gemm_into(
-                dims,
-                d,
-                View::rows(ld),
-                cols,
-                View::transposed(ld),
-                acc,
-                k,
-                j > 0,
-                par,
-            );
+            let (dims, ld) = ((g.co, k, cnt * p), cnt * p);
+            let ct = View::transposed(ld);
+            gemm_into(dims, d, View::rows(ld), cols, ct, acc, k, j > 0, par);
         }
     });
-    let mut parts = partials.chunks(g.co * k);
-    let mut out = parts
-        .next()
-        .map(<[T]>::to_vec)
-        .unwrap_or_else(|| vec![T::zero(); g.co * k]);
-    for part in parts {
-        for (o, &v) in out.iter_mut().zip(part) {
-            *o += v;
+    // The partials in order; element-wise, so split across threads.
+    let mut out = vec![T::zero(); g.co * k];
+    let n_parts = ranges.len();
+    out.par_chunks_mut(4096).enumerate().for_each(|(ci, o)| {
+        for part in 0..n_parts {
+            let src = &partials[part * g.co * k + ci * 4096..][..o.len()];
+            for (o, &v) in o.iter_mut().zip(src) {
+                *o += v;
+            }
         }
-    }
+    });
     out
 }
 
@@ -548,9 +587,18 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let g = Geo::new(x.dims(), w.dims(), self.stride, self.padding)?;
-        let dx = w.apply_op2_no_bwd(&dy, &GradInput(g))?;
-        let dw = x.apply_op2_no_bwd(&dy, &GradWeight(g))?;
-        Ok((Some(dx), Some(dw)))
+        // An input outside the graph (the images fed to the stem) needs no gradient.
+        let dx = if x.track_op() {
+            Some(w.apply_op2_no_bwd(&dy, &GradInput(g))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&dy, &GradWeight(g))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
