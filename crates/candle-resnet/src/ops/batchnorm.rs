@@ -35,6 +35,27 @@ impl Geo {
     }
 }
 
+/// Independent f64 partial sums: a single running sum is one long chain of dependent adds
+/// (latency-bound); eight chains in parallel keep the adder busy. The order is fixed, so the
+/// result does not depend on the thread count.
+const LANES: usize = 8;
+
+#[derive(Default)]
+struct Lanes([f64; LANES]);
+
+impl Lanes {
+    #[inline]
+    fn add(&mut self, v: [f64; LANES]) {
+        for (a, b) in self.0.iter_mut().zip(v) {
+            *a += b;
+        }
+    }
+    fn total(&self) -> f64 {
+        let [a, b, c, d, e, f, g, h] = self.0;
+        ((a + b) + (c + d)) + ((e + f) + (g + h))
+    }
+}
+
 /// Per-channel `[mean..., biased var...]` as `(2, C)`.
 fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
     let per: Vec<(f64, f64)> = (0..g.c)
@@ -42,14 +63,22 @@ fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
         .map(|c| {
             // Shifted sums (shift = the channel's first value) keep the variance accurate.
             let shift = g.plane(x, 0, c).first().map_or(0.0, |v| v.to_f64());
-            let (mut s, mut s2) = (0f64, 0f64);
+            let (mut s, mut s2) = (Lanes::default(), Lanes::default());
             for n in 0..g.n {
-                for v in g.plane(x, n, c) {
+                let plane = g.plane(x, n, c);
+                let mut it = plane.chunks_exact(LANES);
+                for ch in &mut it {
+                    let d: [f64; LANES] = std::array::from_fn(|l| ch[l].to_f64() - shift);
+                    s.add(d);
+                    s2.add(d.map(|v| v * v));
+                }
+                for v in it.remainder() {
                     let d = v.to_f64() - shift;
-                    s += d;
-                    s2 += d * d;
+                    s.0[0] += d;
+                    s2.0[0] += d * d;
                 }
             }
+            let (s, s2) = (s.total(), s2.total());
             let m = g.m() as f64;
             let mean = s / m;
             (shift + mean, (s2 / m - mean * mean).max(0.0))
@@ -186,15 +215,22 @@ fn sums<T: WithDType>(g: &Geo, eps: f64, x: &[T], dy: &[T], pk: &[T]) -> Vec<T> 
         .map(|c| {
             let mean = pk[c].to_f64();
             let invstd = 1.0 / (pk[g.c + c].to_f64() + eps).sqrt();
-            let (mut sg, mut sb) = (0f64, 0f64);
+            let (mut sg, mut sb) = (Lanes::default(), Lanes::default());
             for n in 0..g.n {
-                for (&v, &d) in g.plane(x, n, c).iter().zip(g.plane(dy, n, c)) {
-                    let d = d.to_f64();
-                    sg += d * (v.to_f64() - mean) * invstd;
-                    sb += d;
+                let (xp, dp) = (g.plane(x, n, c), g.plane(dy, n, c));
+                let mut xi = xp.chunks_exact(LANES);
+                let mut di = dp.chunks_exact(LANES);
+                for (xc, dc) in (&mut xi).zip(&mut di) {
+                    let d: [f64; LANES] = std::array::from_fn(|l| dc[l].to_f64());
+                    sg.add(std::array::from_fn(|l| d[l] * (xc[l].to_f64() - mean)));
+                    sb.add(d);
+                }
+                for (&v, &d) in xi.remainder().iter().zip(di.remainder()) {
+                    sg.0[0] += d.to_f64() * (v.to_f64() - mean);
+                    sb.0[0] += d.to_f64();
                 }
             }
-            (sg, sb)
+            (sg.total() * invstd, sb.total())
         })
         .collect();
     per.iter()

@@ -202,11 +202,14 @@ impl MaxPool2d {
         let (ylo, yhi) = (y0.max(0) as usize, ((y0 + k) as usize).min(g.h));
         let (xlo, xhi) = (x0.max(0) as usize, ((x0 + k) as usize).min(g.w));
         let mut best = ylo * g.w + xlo;
-        let mut bv = plane[best].to_f64();
+        let mut bv = plane[best];
+        // Compared in the tensor's own type (order and NaN-ness are those of its f64 value);
+        // `v != v` is NaN: the first NaN wins, as in PyTorch.
+        #[allow(clippy::eq_op)]
         for y in ylo..yhi {
-            for x in xlo..xhi {
-                let v = plane[y * g.w + x].to_f64();
-                if v > bv || (v.is_nan() && !bv.is_nan()) {
+            let row = &plane[y * g.w..][..g.w];
+            for (x, &v) in row.iter().enumerate().take(xhi).skip(xlo) {
+                if v > bv || (v != v && bv == bv) {
                     bv = v;
                     best = y * g.w + x;
                 }
