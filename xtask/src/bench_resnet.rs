@@ -1,4 +1,6 @@
-//! `cargo xtask bench-resnet`: images/s of one ResNet training step, candle vs PyTorch.
+//! `cargo xtask bench-resnet`: images/s of one ResNet training step, candle vs PyTorch; with
+//! `--epoch`, whole training epochs end to end (JPEG decoding, augmentation, the prefetching
+//! loader, steps) on a generated image folder that both read.
 
 use crate::{build_example, run_capture};
 use anyhow::Result;
@@ -23,6 +25,20 @@ pub struct Args {
     /// Threads for both (RAYON_NUM_THREADS, torch.set_num_threads).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Time whole epochs with data loading instead of single steps: `train-cars`'s training loop
+    /// on a generated image folder (JPEGs the size of Stanford Cars photos), against a
+    /// torchvision `ImageFolder` + `DataLoader` over the same files.
+    #[arg(long)]
+    epoch: bool,
+    /// `--epoch`: training images generated.
+    #[arg(long, default_value_t = 2048)]
+    images: usize,
+    /// `--epoch`: epochs run; the last one is reported (the first warms up).
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// `--epoch`: PyTorch DataLoader worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize)> {
@@ -33,6 +49,9 @@ fn parse_shape(s: &str) -> Result<(usize, usize)> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.epoch {
+        return run_epochs(a);
+    }
     let exe = build_example("candle-resnet", "resnet_step")?;
     let n = a.steps.to_string();
     let mut rows: Vec<Value> = Vec::new();
@@ -92,6 +111,114 @@ pub fn run(a: Args) -> Result<()> {
             r["median_step_s"],
             r["images_per_s"],
             r["peak_rss_mib"],
+            r["vs_torch"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Writes `n` generated JPEGs (about 480-640 x 320-480 pixels, six classes) as an image folder
+/// `dir/{train,test}/<class>/<i>.jpg`, the layout both `train-cars --data-dir` and torchvision's
+/// `ImageFolder` read.
+fn write_image_folder(dir: &std::path::Path, n: usize, test: usize) -> Result<()> {
+    use candle_finetune::data::ImageData;
+    for (split, count, salt) in [("train", n, 1u64), ("test", test, 2)] {
+        let ds = candle_finetune::smoke::generated_dataset(count, 5, salt);
+        for (i, s) in ds.samples.iter().enumerate() {
+            let class = &ds.class_names[s.label as usize];
+            let folder = dir.join(split).join(class);
+            std::fs::create_dir_all(&folder)?;
+            let ImageData::Encoded(bytes) = &s.image else {
+                anyhow::bail!("generated images are encoded in memory");
+            };
+            std::fs::write(folder.join(format!("{i:05}.jpg")), bytes)?;
+        }
+    }
+    Ok(())
+}
+
+fn run_epochs(a: Args) -> Result<()> {
+    use candle_finetune::recipe::{DataSource, TrainCars};
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("images");
+    eprintln!(
+        "writing {} generated JPEGs to {} ...",
+        a.images,
+        data.display()
+    );
+    write_image_folder(&data, a.images, 64)?;
+    let mut rows = Vec::new();
+    for shape in &a.shapes {
+        let (size, batch) = parse_shape(shape)?;
+        eprintln!("candle {} epochs at {size} px, batch {batch} ...", a.arch);
+        let (mut run, _cache) = TrainCars {
+            image_size: Some(size as u32),
+            out: tmp.path().join(format!("out-{size}")),
+            ..TrainCars::default()
+        }
+        .smoke()?;
+        run.data = DataSource::Dir(data.clone());
+        run.dataset_info = Some(candle_finetune::data::DatasetInfo::local(
+            "generated images",
+        ));
+        run.arch = a.arch.parse().map_err(anyhow::Error::msg)?;
+        run.batch_size = batch;
+        run.epochs = a.epochs;
+        run.eval_every = a.epochs;
+        let report = run.run()?;
+        let last = report
+            .fit
+            .history
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("the run recorded no epoch"))?;
+        let mut c = serde_json::json!({
+            "impl": "candle", "arch": a.arch, "batch": batch, "size": size,
+            "threads": a.threads, "images_per_s": (last.images_per_s * 10.0).round() / 10.0,
+            "data_wait_s": (last.data_wait_s * 100.0).round() / 100.0,
+            "loader_ms_per_image": (last.loader_ms_per_image * 100.0).round() / 100.0,
+        });
+        if let Some(py) = &a.torch {
+            eprintln!("torch {} epochs at {size} px, batch {batch} ...", a.arch);
+            let out = run_capture(Command::new(py).args([
+                "scripts/bench_torch_epoch.py",
+                "--data",
+                &data.to_string_lossy(),
+                "--size",
+                &size.to_string(),
+                "--batch",
+                &batch.to_string(),
+                "--epochs",
+                &a.epochs.to_string(),
+                "--arch",
+                &a.arch,
+                "--threads",
+                &a.threads.to_string(),
+                "--workers",
+                &a.workers.to_string(),
+            ]))?;
+            let t: Value = serde_json::from_str(out.lines().last().unwrap_or_default())?;
+            let ratio = c["images_per_s"].as_f64().unwrap_or(0.0)
+                / t["images_per_s"].as_f64().unwrap_or(f64::NAN);
+            c["vs_torch"] = serde_json::json!(format!("{ratio:.2}x"));
+            rows.push(c);
+            rows.push(t);
+        } else {
+            rows.push(c);
+        }
+    }
+    println!("| impl | arch | batch | px | threads | epoch images/s | waited for data s | loader ms/image (CPU) | vs PyTorch |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r["impl"].as_str().unwrap_or("?"),
+            r["arch"].as_str().unwrap_or("?"),
+            r["batch"],
+            r["size"],
+            r["threads"],
+            r["images_per_s"],
+            r["data_wait_s"],
+            r["loader_ms_per_image"],
             r["vs_torch"].as_str().unwrap_or("")
         );
     }

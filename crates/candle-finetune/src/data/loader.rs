@@ -48,10 +48,13 @@ pub struct Batch {
 }
 
 /// What an epoch skipped: `(dataset index, reason)` for every image that could not be decoded.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EpochReport {
     /// Images delivered.
     pub images: usize,
+    /// Seconds spent reading, decoding and transforming images, summed over the threads that
+    /// did it (CPU time of the data pipeline; divide by `images` for the cost per image).
+    pub busy_s: f64,
     /// Undecodable images.
     pub skipped: Vec<(usize, String)>,
 }
@@ -151,16 +154,21 @@ impl Loader {
                         break;
                     }
                     let mut buf = vec![0f32; chunk.len() * per];
-                    let results: Vec<std::result::Result<(), String>> = buf
+                    let timed: Vec<(std::result::Result<(), String>, f64)> = buf
                         .par_chunks_mut(per)
                         .zip(chunk.par_iter())
                         .map(|(out, &i)| {
-                            let img = ds.load_image(i)?;
-                            t.apply(&img, cfg.seed, epoch, i as u64, out)
+                            let t0 = std::time::Instant::now();
+                            let r = ds
+                                .load_image(i)
+                                .and_then(|img| t.apply(&img, cfg.seed, epoch, i as u64, out));
+                            (r, t0.elapsed().as_secs_f64())
                         })
                         .collect();
+                    report.busy_s += timed.iter().map(|(_, s)| s).sum::<f64>();
+                    let results = timed.into_iter().map(|(r, _)| r);
                     let mut kept = Vec::with_capacity(chunk.len());
-                    for (slot, (r, &i)) in results.into_iter().zip(chunk).enumerate() {
+                    for (slot, (r, &i)) in results.zip(chunk).enumerate() {
                         match r {
                             Ok(()) => {
                                 if kept.len() != slot {

@@ -134,6 +134,13 @@ pub struct EpochMetrics {
     pub ece: Option<f64>,
     /// Training images per second.
     pub images_per_s: f64,
+    /// Seconds the training loop waited for the loader's next batch this epoch (0 when loading
+    /// fully overlaps the steps).
+    #[serde(default)]
+    pub data_wait_s: f64,
+    /// CPU milliseconds the loader spent per training image (read, decode, transform).
+    #[serde(default)]
+    pub loader_ms_per_image: f64,
     /// Undecodable images skipped this epoch (train + test).
     pub skipped_images: usize,
     /// Of those, training images.
@@ -401,10 +408,14 @@ pub fn fit_with(
         let mut step_loss = 0.0;
         let mut lr = schedule.lr(step);
         let mut stop = false;
-        for (bi, batch) in it.by_ref().enumerate() {
+        let mut data_wait_s = 0.0;
+        for bi in 0.. {
             if bi >= batches {
                 break;
             }
+            let waited = Instant::now();
+            let Some(batch) = it.next() else { break };
+            data_wait_s += waited.elapsed().as_secs_f64();
             let batch = batch?;
             let x = batch.images.to_device(device)?;
             let y = batch.labels.to_device(device)?;
@@ -484,6 +495,8 @@ pub fn fit_with(
             nll: res.as_ref().map(|r| r.nll),
             ece: res.as_ref().map(|r| r.ece),
             images_per_s: ips,
+            data_wait_s,
+            loader_ms_per_image: 1e3 * train_report.busy_s / train_report.images.max(1) as f64,
             skipped_images: train_report.skipped.len() + test_skipped,
             skipped_train: train_report.skipped.len(),
             skipped_test: test_skipped,
@@ -555,7 +568,7 @@ fn epoch_line(m: &EpochMetrics, epochs: usize, run_eta: &str) -> String {
         _ => "not evaluated".into(),
     };
     format!(
-        "epoch {}/{epochs}: train loss {:.4}, {test}, {:.1} img/s, skipped images {} (train {}, test {}), run ETA {run_eta}",
-        m.epoch, m.train_loss, m.images_per_s, m.skipped_images, m.skipped_train, m.skipped_test
+        "epoch {}/{epochs}: train loss {:.4}, {test}, {:.1} img/s (waited {:.1} s for data, loader {:.2} ms/image), skipped images {} (train {}, test {}), run ETA {run_eta}",
+        m.epoch, m.train_loss, m.images_per_s, m.data_wait_s, m.loader_ms_per_image, m.skipped_images, m.skipped_train, m.skipped_test
     )
 }
