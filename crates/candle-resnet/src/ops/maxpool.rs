@@ -207,11 +207,11 @@ impl MaxPool2d {
         // `v != v` is NaN: the first NaN wins, as in PyTorch.
         #[allow(clippy::eq_op)]
         for y in ylo..yhi {
-            let row = &plane[y * g.w..][..g.w];
-            for (x, &v) in row.iter().enumerate().take(xhi).skip(xlo) {
+            let row = &plane[y * g.w + xlo..y * g.w + xhi];
+            for (x, &v) in row.iter().enumerate() {
                 if v > bv || (v != v && bv == bv) {
                     bv = v;
-                    best = y * g.w + x;
+                    best = y * g.w + xlo + x;
                 }
             }
         }
