@@ -10,8 +10,13 @@
 //! - weight gradient: `dW = sum_n dY_n (Co, P) x col(X_n)^T (P, K)`, summed over a fixed
 //!   partition of the batch so the result does not depend on the thread count.
 //!
-//! Images are processed in parallel (rayon), each GEMM single-threaded. f32 and f64 only; other
-//! dtypes and other devices use candle's own `conv2d` (see [`conv2d`]).
+//! Small images are grouped so that one GEMM covers at least 1,024 output pixels
+//! (`col` is then `K x images*P`); groups run in parallel (rayon, each GEMM single-threaded), or,
+//! when there are too few of them, one at a time with the GEMM and the copies split across
+//! threads. The grouping is a function of the geometry alone and gemm never splits a reduction,
+//! so the result is bit-identical for any thread count. Kernel taps that never read inside the
+//! image are cropped away first (a 3x3 convolution on a 1x1 map is a 1x1 convolution). f32 and
+//! f64 only; other dtypes and other devices use candle's own `conv2d` (see [`conv2d`]).
 
 use super::storage::contiguous_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
