@@ -108,7 +108,7 @@ impl BatchNorm2d {
         self.running_var.set(&new_rv)
     }
 
-    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
         if count < 2 {
@@ -118,12 +118,22 @@ impl BatchNorm2d {
             );
         }
         if crate::ops::batchnorm::fused_applies(x) {
-            let (y, st) =
-                crate::ops::batchnorm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            let (y, st) = crate::ops::batchnorm::batch_norm_train(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+                relu,
+            )?;
             self.update_running(&st.get(0)?, &st.get(1)?, count)?;
             return Ok(y);
         }
-        self.forward_train_composed(x, count)
+        let y = self.forward_train_composed(x, count)?;
+        if relu {
+            crate::ops::relu::relu(&y)
+        } else {
+            Ok(y)
+        }
     }
 
     /// Train mode from candle tensor ops (autograd through them): CUDA, Metal, half precision.
@@ -159,8 +169,33 @@ impl BatchNorm2d {
     }
 }
 
-impl ModuleT for BatchNorm2d {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BatchNorm2d {
+    /// `relu(bn(x))`, the pair that follows most convolutions of a ResNet: in train mode on CPU
+    /// f32/f64 one fused pass (the same values and gradients as [`ModuleT::forward_t`] followed
+    /// by [`crate::ops::relu::relu`], with one full-size pass and buffer less each way).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vm = VarMap::new();
+    /// let bn = candle_resnet::BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let x = Tensor::randn(0f32, 1., (2, 4, 3, 3), &Device::Cpu)?;
+    /// let fused = bn.forward_t_relu(&x, true)?;
+    /// let two = candle_resnet::ops::relu::relu(&bn.forward_t(&x, true)?)?;
+    /// assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, two.flatten_all()?.to_vec1::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_t_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check(x)?;
+        if train {
+            self.forward_train(x, true)
+        } else {
+            crate::ops::relu::relu(&self.forward_eval(x)?)
+        }
+    }
+
+    fn check(&self, x: &Tensor) -> Result<()> {
         if x.rank() != 4 || x.dim(1)? != self.weight.dim(0)? {
             bail!(
                 "batch_norm: expected (N, {}, H, W) input, got {:?}",
@@ -168,8 +203,15 @@ impl ModuleT for BatchNorm2d {
                 x.dims()
             );
         }
+        Ok(())
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check(x)?;
         if train {
-            self.forward_train(x)
+            self.forward_train(x, false)
         } else {
             self.forward_eval(x)
         }

@@ -229,10 +229,12 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, (c, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward_t(&c.forward(&y)?, train)?;
-            if i != last {
-                y = crate::ops::relu::relu(&y)?;
-            }
+            let z = c.forward(&y)?;
+            y = if i != last {
+                bn.forward_t_relu(&z, train)?
+            } else {
+                bn.forward_t(&z, train)?
+            };
         }
         let shortcut = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
@@ -356,7 +358,7 @@ impl ResNet {
         if x.rank() != 4 || x.dim(1)? != 3 {
             bail!("resnet: expected (N, 3, H, W) images, got {:?}", x.dims());
         }
-        let mut y = crate::ops::relu::relu(&self.bn1.forward_t(&self.conv1.forward(x)?, train)?)?;
+        let mut y = self.bn1.forward_t_relu(&self.conv1.forward(x)?, train)?;
         y = self.pool.forward(&y)?;
         for layer in &self.layers {
             for b in layer {

@@ -82,3 +82,65 @@ fn add_relu_equals_the_composed_residual_and_splits_the_gradient() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn fused_batch_norm_relu_equals_batch_norm_then_relu_bit_for_bit() -> Result<()> {
+    use candle_core::ModuleT;
+    use candle_nn::{VarBuilder, VarMap};
+    for dtype in [DType::F32, DType::F64] {
+        let vm = VarMap::new();
+        let bn =
+            candle_resnet::BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu))?;
+        // Non-trivial affine parameters.
+        for (name, v) in vm.data().lock().unwrap().iter() {
+            if name == "weight" || name == "bias" {
+                v.set(
+                    &input(dtype, 7 + name.len() as u64, false)?
+                        .flatten_all()?
+                        .narrow(0, 0, 4)?,
+                )?;
+            }
+        }
+        let x = Var::from_tensor(&input(dtype, 6, false)?)?;
+        let dy = input(dtype, 8, false)?;
+        let vars = vm.all_vars();
+        let mut results = Vec::new();
+        for fused in [true, false] {
+            let y = if fused {
+                bn.forward_t_relu(&x, true)?
+            } else {
+                relu(&bn.forward_t(&x, true)?)?
+            };
+            let g = (&y * &dy)?.sum_all()?.backward()?;
+            let mut out = vec![y.clone(), g.get(&x).expect("dx").clone()];
+            for v in &vars {
+                if let Some(gv) = g.get(v) {
+                    out.push(gv.clone());
+                }
+            }
+            results.push(out);
+        }
+        assert_eq!(results[0].len(), 4, "y, dx, dgamma, dbeta");
+        assert_eq!(results[0].len(), results[1].len());
+        for (a, b) in results[0].iter().zip(&results[1]) {
+            let (a, b) = (
+                a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+                b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+            );
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{dtype:?}: fused differs"
+            );
+        }
+        // The mask really applies: some outputs are zero, their gradient is zero.
+        assert!(
+            results[0][0]
+                .eq(0.0)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?
+                > 10.0
+        );
+    }
+    Ok(())
+}

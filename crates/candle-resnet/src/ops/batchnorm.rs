@@ -1,7 +1,7 @@
 //! The fused CPU kernels of train-mode batch norm: per-channel statistics, normalisation, and the
 //! backward, each one parallel pass (over channels for reductions, over planes otherwise).
 //!
-//! `batch_norm_train(x, gamma, beta, eps)` returns `y` and the batch `(mean, biased var)`; its
+//! `batch_norm_train(x, gamma, beta, eps, relu)` returns `y` and the batch `(mean, biased var)`; its
 //! backward is the analytic one (gradient through the batch statistics included):
 //! `dx = gamma * invstd / M * (M * dy - sum(dy) - xhat * sum(dy * xhat))`,
 //! `dgamma = sum(dy * xhat)`, `dbeta = sum(dy)`, sums over `(N, H, W)`, `M = N * H * W`.
@@ -118,9 +118,18 @@ impl CustomOp1 for Stats {
 #[derive(Debug, Clone, Copy)]
 struct Normalize {
     eps: f64,
+    /// Followed by ReLU, fused: `max(y, 0)` written directly, its gradient mask applied first
+    /// in the backward (bit-identical to the two ops).
+    relu: bool,
 }
 
-fn normalize<T: WithDType>(g: &Geo, eps: f64, x: &[T], st: &[T], af: &[T]) -> Vec<T> {
+fn normalize<T: WithDType>(
+    g: &Geo,
+    (eps, relu): (f64, bool),
+    x: &[T],
+    st: &[T],
+    af: &[T],
+) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(g.hw).enumerate().for_each(|(p, out)| {
         let (n, c) = (p / g.c, p % g.c);
@@ -128,8 +137,14 @@ fn normalize<T: WithDType>(g: &Geo, eps: f64, x: &[T], st: &[T], af: &[T]) -> Ve
         let scale = af[c].to_f64() / (st[g.c + c].to_f64() + eps).sqrt();
         let shift = af[g.c + c].to_f64() - mean * scale;
         let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
-        for (o, &v) in out.iter_mut().zip(g.plane(x, n, c)) {
-            *o = v * scale + shift;
+        if relu {
+            for (o, &v) in out.iter_mut().zip(g.plane(x, n, c)) {
+                *o = super::relu::relu1(v * scale + shift);
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(g.plane(x, n, c)) {
+                *o = v * scale + shift;
+            }
         }
     });
     y
@@ -152,14 +167,14 @@ impl CustomOp3 for Normalize {
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(normalize(
                 &g,
-                self.eps,
+                (self.eps, self.relu),
                 contiguous_slice(s1, l1, "batch_norm: tensors")?,
                 contiguous_slice(s2, l2, "batch_norm: tensors")?,
                 contiguous_slice(s3, l3, "batch_norm: tensors")?,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(normalize(
                 &g,
-                self.eps,
+                (self.eps, self.relu),
                 contiguous_slice(s1, l1, "batch_norm: tensors")?,
                 contiguous_slice(s2, l2, "batch_norm: tensors")?,
                 contiguous_slice(s3, l3, "batch_norm: tensors")?,
@@ -174,10 +189,14 @@ impl CustomOp3 for Normalize {
         x: &Tensor,
         st: &Tensor,
         af: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
+        let dy = if self.relu {
+            super::relu::relu_grad(y, dy)?
+        } else {
+            dy.contiguous()?
+        };
         let packed = Tensor::cat(&[st, af], 0)?; // (4, C): mean, var, gamma, beta
         let sums = x.apply_op3_no_bwd(
             &dy,
@@ -311,16 +330,18 @@ pub(crate) fn fused_applies(x: &Tensor) -> bool {
 
 /// Train-mode batch norm of `x (N, C, H, W)`: returns `y` and the detached batch statistics
 /// `(2, C) = [mean; biased variance]`. Differentiable in `x`, `gamma` and `beta`.
+/// With `relu`, `max(y, 0)` in the same pass (and its mask in the backward).
 pub(crate) fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<(Tensor, Tensor)> {
     let x = x.contiguous()?;
     let st = x.apply_op1_no_bwd(&Stats)?;
     let affine = Tensor::stack(&[gamma, beta], 0)?.to_dtype(x.dtype())?;
-    let y = x.apply_op3(&st, &affine, Normalize { eps })?;
+    let y = x.apply_op3(&st, &affine, Normalize { eps, relu })?;
     Ok((y, st))
 }
 
@@ -372,9 +393,14 @@ mod tests {
             let gamma = Var::from_tensor(&Tensor::randn(1f64, 0.3, c, &dev).unwrap()).unwrap();
             let beta = Var::from_tensor(&Tensor::randn(0f64, 0.3, c, &dev).unwrap()).unwrap();
             let xv = Var::from_tensor(&x).unwrap();
-            let (y, _) =
-                batch_norm_train(xv.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5)
-                    .unwrap();
+            let (y, _) = batch_norm_train(
+                xv.as_tensor(),
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                1e-5,
+                false,
+            )
+            .unwrap();
             let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
             let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let (ry, rdx, rdg, rdb) = reference(

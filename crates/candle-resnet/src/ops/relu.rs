@@ -18,7 +18,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 14;
 
 #[inline]
-fn relu1<T: WithDType>(v: T) -> T {
+pub(crate) fn relu1<T: WithDType>(v: T) -> T {
     // `NaN <= 0` is false: NaN passes through, as in PyTorch.
     if v <= T::zero() {
         T::zero()
@@ -148,6 +148,12 @@ impl CustomOp2 for ReluGrad {
         }
         binary("relu backward", (s1, l1), (s2, l2), k::<f32>, k::<f64>)
     }
+}
+
+/// The ReLU backward `dy where y > 0` on CPU f32/f64 tensors of one shape.
+pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)
 }
 
 fn fused(x: &Tensor) -> bool {
