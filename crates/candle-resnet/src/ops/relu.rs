@@ -156,10 +156,6 @@ pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
         .apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)
 }
 
-fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-}
-
 /// `max(x, 0)` with PyTorch's gradient (0 where the output is 0); a fused op on CPU f32/f64,
 /// candle's `relu` otherwise.
 ///
@@ -174,7 +170,7 @@ fn fused(x: &Tensor) -> bool {
 /// # Ok(()) }
 /// ```
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if fused(x) {
+    if super::batchnorm::fused_applies(x) {
         x.contiguous()?.apply_op1(Relu)
     } else {
         x.relu()
@@ -194,7 +190,7 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 /// # Ok(()) }
 /// ```
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if fused(a)
+    if super::batchnorm::fused_applies(a)
         && a.dtype() == b.dtype()
         && a.device().same_device(b.device())
         && a.shape() == b.shape()
