@@ -7,12 +7,15 @@
 //! same row kernels serve both layouts and nothing of size `N * C` is ever allocated.
 //!
 //! Forward, per row, in one read of the row: an online max / sum-of-exp (the max is updated once
-//! per [`BLOCK`] of elements, the exp sums live in [`LANES`] independent lanes so LLVM vectorises
-//! them), the sum of (weighted) logits, and, for soft targets, the target-weighted sums. All sums
-//! are taken relative to an anchor (the row's first logit, or 0 when that is not finite) so that
-//! rows of huge logits (1e4) do not lose their low bits to cancellation. Backward recomputes
-//! `p = exp(x - lse)` from the saved log-sum-exp and writes the gradient in the same pass; the
-//! true-class term is subtracted in the accumulator type before rounding to the input's dtype.
+//! per [`BLOCK`] of elements, the sums live in [`LANES`] independent lanes so LLVM vectorises
+//! them), the sum of (weighted) logits, and, for soft targets, the target-weighted sums. Every
+//! sum is taken relative to the running max `m` (`sum w (x - m)`, shifted by `(m_old - m_new) *
+//! sum w` when the max moves), so all its terms have one sign and nothing cancels, at any logit
+//! scale. The log-sum-exp is saved as the pair `(m, ln sum exp(x - m))` (see
+//! [`crate::launch::STATS`]); the backward forms `p = exp((x - m) - log_sum)`, exact to a few ulps
+//! where `exp(x - lse)` with a rounded `lse` is not, and writes the gradient in the same pass;
+//! the true-class term is subtracted in the accumulator type before rounding to the input's
+//! dtype.
 
 use crate::math::{Acc, Elem};
 use rayon::prelude::*;
@@ -66,17 +69,16 @@ pub(crate) enum Targets<'a, T> {
     Soft(&'a [T]),
 }
 
-/// Row sums of one forward pass.
+/// Row sums of one forward pass, relative to the shift `m` (the row's max, 0 while every logit
+/// is -inf).
 #[derive(Clone, Copy)]
 struct RowSums<A> {
-    /// Anchor `a` (first logit) the sums are taken relative to.
-    anchor: A,
-    /// Running max and `sum exp(x - max)`.
-    max: A,
+    shift: A,
+    /// `sum exp(x - m)`.
     sum_exp: A,
-    /// `sum_c w_c (x_c - a)`.
+    /// `sum_c w_c (x_c - m)` (<= 0).
     wx: A,
-    /// Soft targets only: `sum_c w_c t_c (x_c - a)` and `sum_c w_c t_c`.
+    /// Soft targets only: `sum_c w_c t_c (x_c - m)` (<= 0) and `sum_c w_c t_c`.
     wtx: A,
     wt: A,
 }
@@ -121,53 +123,80 @@ fn lanes<A: Copy>(s: &[A], i: usize) -> [A; LANES] {
     s[i..i + LANES].try_into().unwrap()
 }
 
-/// Adds the contribution of one element to the lane accumulators.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn accumulate<A: Acc, const W: bool, const S: bool>(
-    xv: A,
-    wc: A,
-    tv: A,
-    anchor: A,
-    m: A,
-    se: &mut A,
-    wx: &mut A,
-    wtx: &mut A,
-    wt: &mut A,
-) {
-    let d = xv - anchor;
-    *se += (xv - m).exp();
-    let wd = if W { wc * d } else { d };
-    *wx += wd;
-    if S {
-        *wtx += wd * tv;
-        *wt += if W { wc * tv } else { tv };
+/// Lane accumulators of [`row_sums`], all relative to the current shift.
+struct Lanes<A> {
+    se: [A; LANES],
+    wx: [A; LANES],
+    wtx: [A; LANES],
+    wt: [A; LANES],
+    /// Weighted rows: `sum w` seen per lane (unweighted: the count, known from the position).
+    wn: [A; LANES],
+}
+
+impl<A: Acc> Lanes<A> {
+    /// Adds the contribution of element `(x, w, t)` to lane `j`, relative to the shift `m`.
+    #[inline(always)]
+    fn add<const W: bool, const S: bool>(&mut self, j: usize, xv: A, wc: A, tv: A, m: A) {
+        let d = xv - m;
+        self.se[j] += d.exp();
+        let wd = if W { wc * d } else { d };
+        self.wx[j] += wd;
+        if W {
+            self.wn[j] += wc;
+        }
+        if S {
+            self.wtx[j] += wd * tv;
+            self.wt[j] += if W { wc * tv } else { tv };
+        }
+    }
+
+    /// Moves the sums from shift `from` to shift `to` (> `from`): `sum exp` scales, the linear
+    /// sums gain `(from - to) * sum w` (terms of one sign: no cancellation). `count` is the
+    /// number of elements each lane has seen (used when unweighted).
+    #[inline(always)]
+    fn reshift<const W: bool, const S: bool>(&mut self, from: A, to: A, scale: A, count: A) {
+        let delta = from - to;
+        for j in 0..LANES {
+            self.se[j] *= scale;
+            let n = if W { self.wn[j] } else { count };
+            // An empty lane (n == 0) stays 0 even for an infinite delta.
+            if n != A::ZERO {
+                self.wx[j] += n * delta;
+            }
+            if S && self.wt[j] != A::ZERO {
+                self.wtx[j] += self.wt[j] * delta;
+            }
+        }
     }
 }
 
 /// One pass over a row. `W`: weighted; `S`: soft targets (`t` is then the target row).
 #[inline(always)]
 fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
-    // A non-finite first logit (a masked -inf) would poison every relative sum: anchor at 0.
-    let anchor = if x[0].is_finite() { x[0] } else { A::ZERO };
     let mut max = A::NEG_INF;
-    let mut se = [A::ZERO; LANES];
-    let mut wx = [A::ZERO; LANES];
-    let mut wtx = [A::ZERO; LANES];
-    let mut wt = [A::ZERO; LANES];
+    // The shift the lanes are relative to: the running max, or 0 while every logit so far is
+    // -inf (masked), where exp(x - 0) adds the exact 0 and NaN stays NaN.
+    let mut shift = A::ZERO;
+    let mut l = Lanes {
+        se: [A::ZERO; LANES],
+        wx: [A::ZERO; LANES],
+        wtx: [A::ZERO; LANES],
+        wt: [A::ZERO; LANES],
+        wn: [A::ZERO; LANES],
+    };
     let ones = [A::ONE; LANES];
     for (bi, xb) in x.chunks(BLOCK).enumerate() {
         let base = bi * BLOCK;
         let bm = block_max(xb);
         if bm > max {
-            let scale = (max - bm).exp();
-            for v in se.iter_mut() {
-                *v *= scale;
-            }
+            // Every block before this one is full (BLOCK is a multiple of LANES): each lane has
+            // seen base / LANES elements.
+            let count = A::from_f64((base / LANES) as f64);
+            l.reshift::<W, S>(shift, bm, (max - bm).exp(), count);
             max = bm;
+            shift = bm;
         }
-        // While every logit so far is -inf (masked), exp(x - 0) adds the exact 0 (NaN stays NaN).
-        let m = if max == A::NEG_INF { A::ZERO } else { max };
+        let m = shift;
         let len = xb.len();
         let wb = if W { &w[base..base + len] } else { &[][..] };
         let tb = if S { &t[base..base + len] } else { &[][..] };
@@ -178,52 +207,34 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> 
             let wv = if W { lanes(wb, i) } else { ones };
             let tv = if S { lanes(tb, i) } else { ones };
             for j in 0..LANES {
-                accumulate::<A, W, S>(
-                    xv[j],
-                    wv[j],
-                    tv[j],
-                    anchor,
-                    m,
-                    &mut se[j],
-                    &mut wx[j],
-                    &mut wtx[j],
-                    &mut wt[j],
-                );
+                l.add::<W, S>(j, xv[j], wv[j], tv[j], m);
             }
             i += LANES;
         }
+        // Only the last block has a remainder, so no reshift follows it.
         for j in 0..len - n_full {
             let c = n_full + j;
             let wc = if W { wb[c] } else { A::ONE };
             let tv = if S { tb[c] } else { A::ONE };
-            accumulate::<A, W, S>(
-                xb[c],
-                wc,
-                tv,
-                anchor,
-                m,
-                &mut se[j],
-                &mut wx[j],
-                &mut wtx[j],
-                &mut wt[j],
-            );
+            l.add::<W, S>(j, xb[c], wc, tv, m);
         }
     }
     RowSums {
-        anchor,
-        max,
-        sum_exp: lane_sum(&se),
-        wx: lane_sum(&wx),
-        wtx: if S { lane_sum(&wtx) } else { A::ZERO },
-        wt: if S { lane_sum(&wt) } else { A::ZERO },
+        shift,
+        sum_exp: lane_sum(&l.se),
+        wx: lane_sum(&l.wx),
+        wtx: if S { lane_sum(&l.wtx) } else { A::ZERO },
+        wt: if S { lane_sum(&l.wt) } else { A::ZERO },
     }
 }
 
 /// Coefficients of one row's gradient:
-/// `out_c = alpha * exp(x_c - lse) - beta * w_c - gamma * w_c * t_c`, then `out_y -= fix.1`.
+/// `out_c = alpha * exp((x_c - shift) - log_sum) - beta * w_c - gamma * w_c * t_c`, then
+/// `out_y -= fix.1`.
 #[derive(Clone, Copy)]
 struct GradRow<A> {
-    lse: A,
+    shift: A,
+    log_sum: A,
     alpha: A,
     beta: A,
     gamma: A,
@@ -240,7 +251,7 @@ fn row_grad<A: Acc, const W: bool, const S: bool>(
     out: &mut [A],
 ) {
     for (c, (o, &xv)) in out.iter_mut().zip(x).enumerate() {
-        let p = (xv - k.lse).exp();
+        let p = ((xv - k.shift) - k.log_sum).exp();
         let wc = if W { w[c] } else { A::ONE };
         let mut g = k.alpha * p - k.beta * wc;
         if S {
@@ -333,41 +344,46 @@ impl<A: Acc> Kernels<A> {
     }
 }
 
-/// Per-row results of the forward pass: `[loss, lse, target_weight]`.
-///
-/// `target_weight` is `w_{y}` (0 for ignored rows) for class targets, `sum_c w_c q_c` for soft
-/// targets: the mean denominator's term for the former, the backward's `p` coefficient for both.
-pub(crate) const STATS: usize = 3;
+pub(crate) use crate::launch::STATS;
 
+/// The row's `[loss, shift, log_sum, target_weight]` (see [`crate::launch::STATS`]). Every term
+/// is a sum of non-negative parts: `lse - x_y = (m - x_y) + log_sum`, and the smoothing term
+/// `sum_c w_c (lse - x_c) = W log_sum - sum_c w_c (x_c - m)` with the last sum <= 0.
 fn finish_row<A: Acc>(
     p: &Problem<'_, A>,
     s: &RowSums<A>,
     x_at: impl Fn(usize) -> A,
     target: RowTarget,
-) -> [A; 3] {
-    let lse_rel = (s.max - s.anchor) + s.sum_exp.ln();
-    let lse = s.anchor + lse_rel;
+) -> [A; STATS] {
+    let (m, ls) = (s.shift, s.sum_exp.ln());
     let eps = p.eps();
     let eoc = p.eps_over_c();
+    let z = || {
+        let lse = m + ls;
+        A::from_f64(p.z_loss) * lse * lse
+    };
     match target {
-        RowTarget::Ignored => [A::ZERO, lse, A::ZERO],
+        RowTarget::Ignored => [A::ZERO, m, ls, A::ZERO],
         RowTarget::Class(y) => {
             let wy = if p.weighted() { p.weight[y] } else { A::ONE };
-            let nll = wy * (lse_rel - (x_at(y) - s.anchor));
+            let nll = wy * ((m - x_at(y)) + ls);
             let mut loss = (A::ONE - eps) * nll;
             if p.smoothing != 0.0 {
-                loss += eoc * (lse_rel * p.weight_sum - s.wx);
+                loss += eoc * (ls * p.weight_sum - s.wx);
             }
             if p.z_loss != 0.0 {
-                loss += A::from_f64(p.z_loss) * lse * lse;
+                loss += z();
             }
-            [loss, lse, wy]
+            [loss, m, ls, wy]
         }
         RowTarget::Soft => {
             let wq = (A::ONE - eps) * s.wt + eoc * p.weight_sum;
             let wqx = (A::ONE - eps) * s.wtx + eoc * s.wx;
-            let z = A::from_f64(p.z_loss) * lse * lse;
-            [lse_rel * wq - wqx + z, lse, wq]
+            let mut loss = ls * wq - wqx;
+            if p.z_loss != 0.0 {
+                loss += z();
+            }
+            [loss, m, ls, wq]
         }
     }
 }
@@ -399,18 +415,45 @@ type Task = (usize, usize, usize);
 
 /// `row <- cap * tanh(row / cap)`.
 fn cap_row<A: Acc>(row: &mut [A], cap: f64) {
-    let (c, inv) = (A::from_f64(cap), A::from_f64(1.0 / cap));
+    let c = A::from_f64(cap);
     for v in row.iter_mut() {
-        *v = c * (*v * inv).tanh();
+        *v = c * (*v / c).tanh();
     }
 }
 
-/// Chain rule of the soft-cap: `grad <- grad * (1 - (capped / cap)^2)`.
-fn cap_grad<A: Acc>(grad: &mut [A], capped: &[A], cap: f64) {
-    let inv = A::from_f64(1.0 / cap);
-    for (g, &y) in grad.iter_mut().zip(capped) {
-        let t = y * inv;
-        *g *= A::ONE - t * t;
+/// `row <- cap * tanh(row / cap)`, and `dcap <- d/dx` of it, `sech^2(x / cap)`, computed as
+/// `4e / (1 + e)^2` with `e = exp(-2 |x / cap|)`: `1 - tanh^2` from the rounded tanh would lose
+/// every digit where tanh saturates (|x| >> cap), the very logits soft-capping is for. The
+/// derivative's relative error grows with `2 |u|` times that of `u = x / cap`, so `u` is carried
+/// as the rounded quotient `q` plus its exact remainder `(x - q cap) / cap` (one fused
+/// multiply-add), which enters `e` to first order.
+fn cap_row_with_grad<A: Acc>(row: &mut [A], dcap: &mut [A], cap: f64) {
+    let c = A::from_f64(cap);
+    let (two, four) = (A::from_f64(2.0), A::from_f64(4.0));
+    for (v, d) in row.iter_mut().zip(dcap.iter_mut()) {
+        let x = *v;
+        let q = x / c;
+        let lo = (A::ZERO - q).mul_add(c, x) / c;
+        // |x| = inf: no remainder (inf - inf would be NaN); a NaN x stays NaN through `q`.
+        #[allow(clippy::eq_op)]
+        let lo = if lo == lo { lo } else { A::ZERO };
+        // -2|u| = -2|q| - 2 sign(q) lo.
+        let (aq, slo) = if q < A::ZERO {
+            (A::ZERO - q, A::ZERO - lo)
+        } else {
+            (q, lo)
+        };
+        let e = (A::ZERO - two * aq).exp() * (A::ONE - two * slo);
+        let s = A::ONE + e;
+        *d = four * e / (s * s);
+        *v = c * q.tanh();
+    }
+}
+
+/// Chain rule of the soft-cap: `grad <- grad * dcap`.
+fn cap_grad<A: Acc>(grad: &mut [A], dcap: &[A]) {
+    for (g, &d) in grad.iter_mut().zip(dcap) {
+        *g *= d;
     }
 }
 
@@ -479,7 +522,7 @@ fn scatter<T: Elem>(
     }
 }
 
-/// Forward: returns `rows * STATS` accumulators `[loss, lse, target_weight]` per row.
+/// Forward: returns `rows * STATS` accumulators `[loss, shift, log_sum, target_weight]` per row.
 pub(crate) fn forward<T: Elem>(
     x: &[T],
     targets: &Targets<'_, T>,
@@ -569,9 +612,11 @@ pub(crate) fn forward<T: Elem>(
 }
 
 /// Coefficients of `row_grad` for row `r`, or `None` when the row's gradient is zero.
-/// `st = [lse, target_weight, g]` where `g` is the upstream gradient of the row's loss.
+/// `st = [shift, log_sum, target_weight, g]` where `g` is the upstream gradient of the row's
+/// loss.
 fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Option<GradRow<A>> {
-    let (lse, tw, g) = (st[0], st[1], st[2]);
+    let (shift, log_sum, tw, g) = (st[0], st[1], st[2], st[3]);
+    let lse = shift + log_sum;
     let eps = p.eps();
     let eoc = p.eps_over_c();
     match target {
@@ -582,7 +627,8 @@ fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Optio
                 g * ((A::ONE - eps) * tw + eoc * p.weight_sum + A::from_f64(2.0 * p.z_loss) * lse);
             let beta = g * eoc;
             Some(GradRow {
-                lse,
+                shift,
+                log_sum,
                 alpha,
                 beta,
                 gamma: A::ZERO,
@@ -592,7 +638,8 @@ fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Optio
         RowTarget::Soft => {
             // d/dx_c = g [ p_c sum_k w_k q_k - w_c q_c ],  q_c = (1-eps) t_c + eps/C
             Some(GradRow {
-                lse,
+                shift,
+                log_sum,
                 alpha: g * (tw + A::from_f64(2.0 * p.z_loss) * lse),
                 beta: g * eoc,
                 gamma: g * (A::ONE - eps),
@@ -603,7 +650,7 @@ fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Optio
 }
 
 /// Backward: writes `d loss / d x` into `grad` (same layout as `x`). `stats` holds
-/// `[lse, target_weight, g]` per row.
+/// `[shift, log_sum, target_weight, g]` per row.
 pub(crate) fn backward<T: Elem>(
     x: &[T],
     targets: &Targets<'_, T>,
@@ -629,6 +676,7 @@ pub(crate) fn backward<T: Elem>(
         }
         pieces.into_par_iter().for_each(|(a, len, dst)| {
             let mut xbuf = Vec::new();
+            let mut dbuf = Vec::new();
             let mut tbuf = Vec::new();
             let mut gbuf = Vec::new();
             for j in 0..len {
@@ -646,7 +694,8 @@ pub(crate) fn backward<T: Elem>(
                         xbuf.resize(c_n, T::A::ZERO);
                         T::load(xr, &mut xbuf);
                         if let Some(cap) = cap {
-                            cap_row(&mut xbuf, cap);
+                            dbuf.resize(c_n, T::A::ZERO);
+                            cap_row_with_grad(&mut xbuf, &mut dbuf, cap);
                         }
                         &xbuf
                     }
@@ -668,15 +717,15 @@ pub(crate) fn backward<T: Elem>(
                 match T::as_acc_mut(out) {
                     Some(o) => {
                         k.grad(xa, p.weight, ta, coef, o);
-                        if let Some(cap) = p.softcap {
-                            cap_grad(o, xa, cap);
+                        if p.softcap.is_some() {
+                            cap_grad(o, &dbuf);
                         }
                     }
                     None => {
                         gbuf.resize(c_n, T::A::ZERO);
                         k.grad(xa, p.weight, ta, coef, &mut gbuf);
-                        if let Some(cap) = p.softcap {
-                            cap_grad(&mut gbuf, xa, cap);
+                        if p.softcap.is_some() {
+                            cap_grad(&mut gbuf, &dbuf);
                         }
                         T::store(&gbuf, out);
                     }
@@ -689,6 +738,7 @@ pub(crate) fn backward<T: Elem>(
             .enumerate()
             .for_each(|(n, slab)| {
                 let mut xbuf = vec![T::A::ZERO; TILE * c_n];
+                let mut dbuf = vec![T::A::ZERO; if p.softcap.is_some() { TILE * c_n } else { 0 }];
                 let mut tbuf = Vec::new();
                 let mut gbuf = vec![T::A::ZERO; TILE * c_n];
                 let local = Problem {
@@ -700,14 +750,16 @@ pub(crate) fn backward<T: Elem>(
                     let len = TILE.min(p.inner - d0);
                     gather(x, p, n, d0, len, &mut xbuf);
                     if let Some(cap) = p.softcap {
-                        cap_row(&mut xbuf[..len * c_n], cap);
+                        let n_el = len * c_n;
+                        cap_row_with_grad(&mut xbuf[..n_el], &mut dbuf[..n_el], cap);
                     }
                     if let Targets::Soft(t) = targets {
                         tbuf.resize(TILE * c_n, T::A::ZERO);
                         gather(t, p, n, d0, len, &mut tbuf);
                     }
                     let first = n * p.inner + d0;
-                    tile_grads(&k, p, targets, stats, first, len, &xbuf, &tbuf, &mut gbuf);
+                    let bufs = (&xbuf[..], &dbuf[..], &tbuf[..]);
+                    tile_grads(&k, p, targets, stats, first, len, bufs, &mut gbuf);
                     scatter(&gbuf, &local, 0, d0, len, slab);
                     d0 += len;
                 }
@@ -715,8 +767,12 @@ pub(crate) fn backward<T: Elem>(
     }
 }
 
+/// A tile's logits, soft-cap derivatives and soft targets (see [`tile_grads`]).
+type TileBufs<'a, A> = (&'a [A], &'a [A], &'a [A]);
+
 /// Gradients of the `len` consecutive rows starting at row `first`, whose logits (already
-/// soft-capped) and soft targets are rows of `C` in `xbuf` / `tbuf`, into `gbuf`.
+/// soft-capped), soft-cap derivatives (empty without a cap) and soft targets are rows of `C` in
+/// `xbuf` / `dbuf` / `tbuf`, into `gbuf`.
 #[allow(clippy::too_many_arguments)]
 fn tile_grads<T: Elem>(
     k: &Kernels<T::A>,
@@ -725,8 +781,7 @@ fn tile_grads<T: Elem>(
     stats: &[T::A],
     first: usize,
     len: usize,
-    xbuf: &[T::A],
-    tbuf: &[T::A],
+    (xbuf, dbuf, tbuf): TileBufs<'_, T::A>,
     gbuf: &mut [T::A],
 ) {
     let c_n = p.classes;
@@ -744,8 +799,8 @@ fn tile_grads<T: Elem>(
                     &tbuf[j * c_n..(j + 1) * c_n]
                 };
                 k.grad(xa, p.weight, ta, coef, o);
-                if let Some(cap) = p.softcap {
-                    cap_grad(o, xa, cap);
+                if p.softcap.is_some() {
+                    cap_grad(o, &dbuf[j * c_n..(j + 1) * c_n]);
                 }
             }
         }
@@ -775,6 +830,7 @@ pub(crate) fn backward_inplace<T: Elem>(
         .for_each(|(n, slab)| {
             let tile = if p.inner == 1 { 1 } else { TILE };
             let mut xbuf = vec![T::A::ZERO; tile * c_n];
+            let mut dbuf = vec![T::A::ZERO; if p.softcap.is_some() { tile * c_n } else { 0 }];
             let mut gbuf = vec![T::A::ZERO; tile * c_n];
             let mut tbuf = Vec::new();
             let mut d0 = 0;
@@ -786,7 +842,8 @@ pub(crate) fn backward_inplace<T: Elem>(
                     gather(slab, &local, 0, d0, len, &mut xbuf);
                 }
                 if let Some(cap) = p.softcap {
-                    cap_row(&mut xbuf[..len * c_n], cap);
+                    let n_el = len * c_n;
+                    cap_row_with_grad(&mut xbuf[..n_el], &mut dbuf[..n_el], cap);
                 }
                 if let Targets::Soft(t) = targets {
                     tbuf.resize(tile * c_n, T::A::ZERO);
@@ -801,7 +858,8 @@ pub(crate) fn backward_inplace<T: Elem>(
                     );
                 }
                 let first = n * p.inner + d0;
-                tile_grads(&k, p, targets, stats, first, len, &xbuf, &tbuf, &mut gbuf);
+                let bufs = (&xbuf[..], &dbuf[..], &tbuf[..]);
+                tile_grads(&k, p, targets, stats, first, len, bufs, &mut gbuf);
                 if p.inner == 1 {
                     T::store(&gbuf, slab);
                 } else {

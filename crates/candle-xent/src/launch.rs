@@ -14,6 +14,21 @@
 //! assert_eq!((l.grid, l.block, l.group), (13, 256, 32));
 //! ```
 
+/// Values per row of the forward's output, in the accumulator type, every backend alike:
+/// `[loss, shift, log_sum, target_weight]`. The log-sum-exp is kept as the pair
+/// `shift + log_sum`, `shift` the row's largest logit (0 when every logit is -inf) and `log_sum`
+/// `ln sum exp(x - shift)` (in `[0, ln C]`), never as one rounded sum: at |x| ~ 1e4 an f32 sum
+/// would carry ~1e-3 of rounding into every probability `exp(x - lse)`. The backward reads
+/// `[shift, log_sum, target_weight, upstream]` (the last three columns plus the upstream
+/// gradient of the row's loss) and forms `p = exp((x - shift) - log_sum)`, where `x - shift` is
+/// exact for every probability that matters.
+pub const STATS: usize = 4;
+/// Column of the row's loss.
+pub const COL_LOSS: usize = 0;
+/// Column of the target weight: `w_y` (0 for an ignored row), or `sum_c w_c q_c` for soft
+/// targets (the mean's denominator term and the backward's probability coefficient).
+pub const COL_TARGET_WEIGHT: usize = 3;
+
 /// Threads of a warp.
 pub const WARP: u32 = 32;
 /// Threads of a block in warp-per-row mode and of the strided kernels.

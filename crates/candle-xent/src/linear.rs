@@ -208,13 +208,13 @@ impl FusedLinearCrossEntropy {
             let (op, logits, tc) = chunk_loss.prepare(&logits, &target.narrow(0, start, len)?)?;
             let stats = logits.apply_op2_no_bwd(&tc, &op)?;
             total += stats
-                .narrow(1, 0, 1)?
+                .narrow(1, crate::launch::COL_LOSS, 1)?
                 .to_dtype(candle_core::DType::F64)?
                 .sum_all()?
                 .to_scalar::<f64>()?;
             let g_rows =
                 Tensor::full(1.0 / denom, (len, 1), stats.device())?.to_dtype(stats.dtype())?;
-            let bstats = Tensor::cat(&[&stats.narrow(1, 1, 2)?, &g_rows], 1)?.contiguous()?;
+            let bstats = crate::op::backward_stats(&stats, &g_rows)?;
             logits.inplace_op3(&tc, &bstats, &CrossEntropyBackward { op })?;
             let g = logits;
             if matches!(cpu, CpuGrads::Off) {

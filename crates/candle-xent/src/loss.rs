@@ -289,7 +289,7 @@ impl CrossEntropyLoss {
                 Tensor::ones((rows, 1), acc, input.device())?.broadcast_div(&denom)?
             }
         };
-        let stats = Tensor::cat(&[&stats.narrow(1, 1, 2)?, &g], 1)?;
+        let stats = crate::op::backward_stats(&stats, &g)?;
         let grad = op.backward_with_stats(&input, &target, &stats)?;
         Ok((loss, grad))
     }
@@ -315,7 +315,10 @@ impl CrossEntropyLoss {
         if op.soft {
             Tensor::new(op.rows() as f64, stats.device())?.to_dtype(stats.dtype())
         } else {
-            stats.narrow(1, 2, 1)?.detach().sum_all()
+            stats
+                .narrow(1, crate::launch::COL_TARGET_WEIGHT, 1)?
+                .detach()
+                .sum_all()
         }
     }
 
@@ -343,7 +346,7 @@ impl CrossEntropyLoss {
             };
             return zero.affine(1.0, value)?.to_dtype(input.dtype());
         }
-        let per_row = stats.narrow(1, 0, 1)?.squeeze(1)?;
+        let per_row = stats.narrow(1, crate::launch::COL_LOSS, 1)?.squeeze(1)?;
         let out = match self.reduction {
             Reduction::None => per_row.reshape(target_shape(self, op, input, target))?,
             Reduction::Sum => per_row.sum_all()?,

@@ -27,9 +27,10 @@ pub(crate) trait Acc:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn tanh(self) -> Self;
+    /// `self * a + b` with one rounding.
+    fn mul_add(self, a: Self, b: Self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
-    fn is_finite(self) -> bool;
 }
 
 impl Acc for f32 {
@@ -49,16 +50,16 @@ impl Acc for f32 {
         f32::tanh(self)
     }
     #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
+    #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
     }
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
     }
 }
 
@@ -79,16 +80,16 @@ impl Acc for f64 {
         f64::tanh(self)
     }
     #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+    #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
     }
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
     }
 }
 

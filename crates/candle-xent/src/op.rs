@@ -1,13 +1,14 @@
 //! The fused cross-entropy custom op: one struct, its forward (per device) and its backward.
 //!
-//! Forward `(logits, target) -> stats` where `stats` is `(rows, 3)` in the accumulator dtype
-//! (f32, or f64 for f64 logits), one `[loss, lse, target_weight]` triple per row. The reduction
-//! is done by [`crate::CrossEntropyLoss`] with ordinary tensor ops on the `loss` column, so
-//! autograd hands the backward one upstream gradient per row. Backward is itself a custom op
-//! ([`CrossEntropyBackward`]) that recomputes the softmax from the saved `lse` and writes only the
-//! gradient of the logits.
+//! Forward `(logits, target) -> stats` where `stats` is `(rows, 4)` in the accumulator dtype
+//! (f32, or f64 for f64 logits), one `[loss, shift, log_sum, target_weight]` row each (see
+//! [`crate::launch::STATS`]). The reduction is done by [`crate::CrossEntropyLoss`] with ordinary
+//! tensor ops on the `loss` column, so autograd hands the backward one upstream gradient per row.
+//! Backward is itself a custom op ([`CrossEntropyBackward`]) that recomputes the softmax from the
+//! saved log-sum-exp pair and writes only the gradient of the logits.
 
 use crate::cpu::{self, Problem, Targets, STATS};
+use crate::launch::COL_LOSS;
 use crate::math::Elem;
 pub(crate) use crate::spec::CrossEntropyOp;
 use candle_core::backend::BackendStorage;
@@ -231,8 +232,8 @@ impl CustomOp2 for CrossEntropyOp {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Only the loss column carries a gradient: lse and the target weight are internal.
-        let g = grad_res.narrow(1, 0, 1)?;
-        let stats = Tensor::cat(&[&res.narrow(1, 1, 2)?.detach(), &g], 1)?.contiguous()?;
+        let g = grad_res.narrow(1, COL_LOSS, 1)?;
+        let stats = backward_stats(res, &g)?;
         if self.inplace_grad {
             logits.inplace_op3(target, &stats, &CrossEntropyBackward { op: self.clone() })?;
             return Ok((Some(logits.clone()), None));
@@ -243,8 +244,16 @@ impl CustomOp2 for CrossEntropyOp {
     }
 }
 
+/// The backward's per-row input `[shift, log_sum, target_weight, g]`: the forward's `stats`
+/// without the loss column, then the rows' upstream gradients `g` (`(rows, 1)`).
+pub(crate) fn backward_stats(stats: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let kept = stats.narrow(1, COL_LOSS + 1, STATS - 1)?.detach();
+    Tensor::cat(&[&kept, g], 1)?.contiguous()
+}
+
 impl CrossEntropyOp {
-    /// Gradient of `sum_i g_i loss_i` w.r.t. the logits, from `stats = [lse, target_weight, g]`.
+    /// Gradient of `sum_i g_i loss_i` w.r.t. the logits, from
+    /// `stats = [shift, log_sum, target_weight, g]` (see [`backward_stats`]).
     pub fn backward_with_stats(
         &self,
         logits: &Tensor,

@@ -21,11 +21,25 @@ pub struct Case {
     pub z_loss: f64,
     #[serde(default)]
     pub softcap: Option<f64>,
+    /// A case of the precision set (issue 17): checked to a few ulps by tests/precision.rs.
+    #[serde(default)]
+    pub precision: bool,
+}
+
+/// A fused linear cross-entropy case: exact logits of magnitude ~2^pow2.
+#[derive(Deserialize)]
+pub struct LinearCase {
+    pub name: String,
+    pub dtype: String,
+    pub eps: f64,
+    pub pow2: i32,
 }
 
 #[derive(Deserialize)]
 pub struct Meta {
     pub cases: Vec<Case>,
+    #[serde(default)]
+    pub linear_cases: Vec<LinearCase>,
 }
 
 pub fn fixtures() -> (Meta, HashMap<String, Tensor>) {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod precision;
 
 use candle_core::{DType, Tensor};
 
