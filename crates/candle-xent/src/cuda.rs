@@ -4,7 +4,7 @@
 //! forward reads back one `u64` (the first row with an out-of-range class, if any) so that a bad
 //! target is an `Err`, never a silent number; that read waits for the kernel, like any host read.
 
-use crate::launch::XentParams;
+use crate::launch::{XentParams, STATS};
 use crate::spec::CrossEntropyOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -168,7 +168,7 @@ fn run<T: Logit>(
         b.arg(&params);
         b.arg(&bad_ptr);
         // SAFETY: the pointers cover the lengths checked above (logits, targets: rows [* C];
-        // weights: C; stats: rows * 3; out: rows * C) and the kernel stays inside them.
+        // weights: C; stats: rows * STATS; out: rows * C) and the kernel stays inside them.
         unsafe { b.launch(cfg) }.w()?;
     }
     drop(syncs);
@@ -198,8 +198,8 @@ fn forward_typed<T: Logit>(
     let (a, _) = op.check_logits(xl)?;
     let (x_ptr, x_sync) = T::as_cuda_slice(x)?.device_ptr(&stream);
     // One spare element keeps the allocation non-empty when there are no rows.
-    // SAFETY: the kernel writes all `rows * 3` values before anything reads them.
-    let mut stats = unsafe { dev.alloc::<T::A>(op.rows() * 3 + 1)? };
+    // SAFETY: the kernel writes all `rows * STATS` values before anything reads them.
+    let mut stats = unsafe { dev.alloc::<T::A>(op.rows() * STATS + 1)? };
     let (s_ptr, s_sync) = stats.device_ptr_mut(&stream);
     let x_ptr = x_ptr + (a * std::mem::size_of::<T>()) as u64;
     let bad = run::<T>(op, &dev, false, x_ptr, 0, target, tl, s_ptr)?;
@@ -210,7 +210,7 @@ fn forward_typed<T: Logit>(
     Ok(<T::A as CudaDType>::wrap_cuda_slice(stats, dev))
 }
 
-/// Forward on CUDA: `(rows, 3)` stats in the accumulator dtype.
+/// Forward on CUDA: `(rows, STATS)` stats in the accumulator dtype.
 pub(crate) fn forward(
     op: &CrossEntropyOp,
     x: &CudaStorage,
@@ -229,7 +229,7 @@ pub(crate) fn forward(
 
 fn stats_range<T: Logit>(op: &CrossEntropyOp, l: &Layout) -> Result<u64> {
     let (a, b) = range(l, "backward stats")?;
-    if b - a != op.rows() * 3 {
+    if b - a != op.rows() * STATS {
         bail!("cross_entropy backward: stats have {} elements", b - a);
     }
     Ok((a * std::mem::size_of::<T::A>()) as u64)
@@ -262,7 +262,7 @@ fn backward_typed<T: Logit>(
     Ok(T::wrap_cuda_slice(grad, dev))
 }
 
-/// Backward on CUDA: the gradient of the logits from `[lse, target_weight, g]` per row.
+/// Backward on CUDA: the gradient of the logits from `[shift, log_sum, target_weight, g]` per row.
 pub(crate) fn backward(
     op: &CrossEntropyOp,
     x: &CudaStorage,

@@ -66,7 +66,7 @@ pub struct XentParams {
 }
 
 /// Kernel parameters of the Metal kernels, laid out like `struct XentParamsMetal` in
-/// `xent.metal`: seven 8-byte integers, then six `f32` (Metal GPUs have no f64). The derived
+/// `xent.metal`: seven 8-byte integers, then five `f32` (Metal GPUs have no f64). The derived
 /// values are computed here in f64 and rounded once, exactly as the CPU op rounds them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,8 +93,6 @@ pub struct XentParamsMetal {
     pub z_loss: f32,
     /// Soft-cap (0: off).
     pub softcap: f32,
-    /// `1 / softcap` (0 when off).
-    pub softcap_inv: f32,
     /// Sum of the class weights (`C` when unweighted).
     pub weight_sum: f32,
 }
@@ -123,11 +121,6 @@ impl XentParamsMetal {
             eps_over_c: (p.smoothing / p.classes as f64) as f32,
             z_loss: p.z_loss as f32,
             softcap: p.softcap as f32,
-            softcap_inv: if p.softcap > 0.0 {
-                (1.0 / p.softcap) as f32
-            } else {
-                0.0
-            },
             weight_sum: weight_sum.unwrap_or(p.classes as f64) as f32,
         }
     }

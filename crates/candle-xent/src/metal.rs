@@ -10,7 +10,7 @@
 //! Every forward waits for its command buffer and reads back one `u32` (the first row with an
 //! out-of-range class) so that a bad target is an `Err`, as on the CPU and CUDA.
 
-use crate::launch::XentParamsMetal;
+use crate::launch::{XentParamsMetal, STATS};
 use crate::spec::CrossEntropyOp;
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
@@ -200,7 +200,7 @@ fn target_at(t: &MetalStorage, tl: &Layout, row: usize) -> Result<i64> {
     })
 }
 
-/// Forward on Metal: `(rows, 3)` f32 stats.
+/// Forward on Metal: `(rows, STATS)` f32 stats.
 pub(crate) fn forward(
     op: &CrossEntropyOp,
     x: &MetalStorage,
@@ -213,7 +213,7 @@ pub(crate) fn forward(
     let dev = x.device().clone();
     let (b, l) = bindings(op, x, t, tl, elem)?;
     let rows = op.rows();
-    let stats = dev.new_buffer(rows * 3 + 1, DType::F32, "candle-xent-stats")?;
+    let stats = dev.new_buffer(rows * STATS + 1, DType::F32, "candle-xent-stats")?;
     let name = op.kernel_name(false, tname, b.target_name);
     let bad = dispatch(
         &dev,
@@ -228,10 +228,10 @@ pub(crate) fn forward(
     if let Some(row) = bad {
         return Err(op.bad_target(row, target_at(t, tl, row)?));
     }
-    Ok(MetalStorage::new(stats, dev, rows * 3, DType::F32))
+    Ok(MetalStorage::new(stats, dev, rows * STATS, DType::F32))
 }
 
-/// Backward on Metal from `[lse, target_weight, g]` per row: a new gradient, or (`in_place`)
+/// Backward on Metal from `[shift, log_sum, target_weight, g]` per row: a new gradient, or (`in_place`)
 /// the gradient written over the logits (then `None` is returned).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
@@ -247,10 +247,10 @@ pub(crate) fn backward(
     let (tname, elem) = logit(x.dtype())?;
     let (xa, xb) = op.check_logits(xl)?;
     let (sa, sb) = start(sl, "backward stats")?;
-    if sb - sa != op.rows() * 3 || stats.dtype() != DType::F32 {
+    if sb - sa != op.rows() * STATS || stats.dtype() != DType::F32 {
         bail!(
             "cross_entropy backward: stats must be {} f32 values",
-            op.rows() * 3
+            op.rows() * STATS
         );
     }
     let dev = x.device().clone();

@@ -231,7 +231,7 @@ impl CustomOp2 for CrossEntropyOp {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // Only the loss column carries a gradient: lse and the target weight are internal.
+        // Only the loss column carries a gradient: the log-sum-exp pair and the target weight are internal.
         let g = grad_res.narrow(1, COL_LOSS, 1)?;
         let stats = backward_stats(res, &g)?;
         if self.inplace_grad {

@@ -166,7 +166,7 @@ mod tests {
         // Metal parameters: derived values rounded once from f64.
         let m = crate::launch::XentParamsMetal::from_params(&p, Some(7.5));
         assert_eq!(m.eps_over_c, (0.1f64 / 10.0) as f32);
-        assert_eq!(m.softcap_inv, (1.0f64 / 5.0) as f32);
+        assert_eq!(m.softcap, 5.0);
         assert_eq!(m.weight_sum, 7.5);
     }
 

@@ -16,18 +16,21 @@
 //   * `xent_fwd_strided_*` / `xent_bwd_strided_*` (inner > 1, PyTorch's K-dim inputs): one thread
 //     per row; consecutive threads take consecutive d, so the loads of a warp are coalesced.
 //
-// Forward writes per row [loss, lse, target_weight] in the accumulator type A (f32, f64 for f64
-// logits), exactly the CPU op's formulas: an online max / sum-of-exp (one exp per element), the
-// weighted logit sums taken relative to an anchor (the row's first logit, 0 if not finite), and
-// the label-smoothing, class-weight, soft-target, z-loss and soft-cap terms. Out-of-range class
-// targets are never read: the row's index goes into `bad` with atomicMin and its loss is NaN; the
-// host reads `bad` back and returns an error.
+// Forward writes per row [loss, shift, log_sum, target_weight] in the accumulator type A (f32,
+// f64 for f64 logits; `candle_xent::launch::STATS`), exactly the CPU op's formulas: an online
+// max / sum-of-exp, the weighted logit sums taken relative to the running max (shifted by
+// (m_old - m_new) * sum w when it moves, so every term has one sign and nothing cancels at any
+// scale), and the label-smoothing, class-weight, soft-target, z-loss and soft-cap terms. The
+// log-sum-exp is the pair shift + log_sum, never one rounded sum. Out-of-range class targets are
+// never read: the row's index goes into `bad` with atomicMin and its loss is NaN; the host reads
+// `bad` back and returns an error.
 //
-// Backward reads per row [lse, target_weight, g] and writes
-//   g * (alpha p_c - beta w_c - gamma w_c t_c) - [c == y] fix,  p_c = exp(x_c - lse)
+// Backward reads per row [shift, log_sum, target_weight, g] and writes
+//   g * (alpha p_c - beta w_c - gamma w_c t_c) - [c == y] fix,  p_c = exp((x_c - shift) - log_sum)
 // with the true-class term subtracted in A before rounding to the logits' type; soft-capped
-// logits get the tanh chain rule. It may run in place (out == x): each element is read and then
-// written by the same thread, and nothing else reads it.
+// logits get the tanh chain rule, sech^2 computed from exp (not 1 - tanh^2). It may run in place
+// (out == x): each element is read and then written by the same thread, and nothing else reads
+// it.
 
 #ifndef XENT_HOST_EMULATION
 #include <cuda_bf16.h>
@@ -37,6 +40,8 @@
 
 #define XENT_WARP 32
 #define XENT_MAX_WARPS 32
+// Values per row of the stats (`candle_xent::launch::STATS`).
+#define XENT_STATS 4
 
 // Mirrors `candle_xent::launch::XentParams` (all fields 8 bytes: no padding to disagree on).
 struct XentParams {
@@ -77,32 +82,46 @@ __device__ __forceinline__ float acc_log(float v) { return logf(v); }
 __device__ __forceinline__ double acc_log(double v) { return log(v); }
 __device__ __forceinline__ float acc_tanh(float v) { return tanhf(v); }
 __device__ __forceinline__ double acc_tanh(double v) { return tanh(v); }
-__device__ __forceinline__ bool acc_finite(float v) { return isfinite(v); }
-__device__ __forceinline__ bool acc_finite(double v) { return isfinite(v); }
+__device__ __forceinline__ float acc_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double acc_fma(double a, double b, double c) { return fma(a, b, c); }
 template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
 
-// Soft-cap: cap * tanh(x / cap), computed as the CPU op does (multiply by the reciprocal).
+// Soft-cap: cap * tanh(x / cap), computed as the CPU op does.
 template <typename A> struct Cap {
-    A cap, inv;
+    A cap;
     bool on;
-    __device__ __forceinline__ A operator()(A v) const { return on ? cap * acc_tanh(v * inv) : v; }
+    __device__ __forceinline__ A operator()(A v) const { return on ? cap * acc_tanh(v / cap) : v; }
+    // d/dx of the cap, sech^2(x / cap) = 4e / (1 + e)^2 with e = exp(-2 |x / cap|) (1 - tanh^2
+    // would lose every digit where tanh saturates); x / cap carried as the quotient plus its
+    // exact remainder, which enters e to first order (the CPU op's formula).
+    __device__ __forceinline__ A deriv(A v) const {
+        A q = v / cap;
+        A lo = acc_fma(-q, cap, v) / cap;
+        if (lo != lo) lo = (A)0;  // |x| = inf: no remainder; a NaN x stays NaN through q
+        A aq = q < (A)0 ? -q : q;
+        A slo = q < (A)0 ? -lo : lo;
+        A e = acc_exp(-(A)2 * aq) * ((A)1 - (A)2 * slo);
+        A s = (A)1 + e;
+        return (A)4 * e / (s * s);
+    }
 };
 
 template <typename A> __device__ __forceinline__ Cap<A> make_cap(const XentParams &p) {
     Cap<A> c;
     c.on = p.softcap > 0.0;
-    c.cap = (A)p.softcap;
-    c.inv = c.on ? (A)(1.0 / p.softcap) : (A)0;
+    c.cap = c.on ? (A)p.softcap : (A)1;
     return c;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Row sums: online max / sum-exp plus the weighted sums of the smoothing and soft-target terms.
 
+// Every sum is relative to the shift: the running max, or 0 while every logit is -inf.
 template <typename A> struct Sums {
-    A max, sum_exp;  // running max and sum exp(x - max)
-    A wx;            // sum_c w_c (x_c - anchor)
-    A wtx, wt;       // soft targets: sum_c w_c t_c (x_c - anchor), sum_c w_c t_c
+    A max, sum_exp;  // running max and sum exp(x - shift)
+    A wx;            // sum_c w_c (x_c - shift) (<= 0)
+    A wtx, wt;       // soft targets: sum_c w_c t_c (x_c - shift) (<= 0), sum_c w_c t_c
+    A wn;            // sum_c w_c over the elements seen (their count when unweighted)
 };
 
 template <typename A> __device__ __forceinline__ Sums<A> sums_zero() {
@@ -112,36 +131,50 @@ template <typename A> __device__ __forceinline__ Sums<A> sums_zero() {
     s.wx = (A)0;
     s.wtx = (A)0;
     s.wt = (A)0;
+    s.wn = (A)0;
     return s;
 }
 
-// Merges (m2, s2) into (m1, s1); -inf maxima (no element yet, or all -inf) contribute nothing.
-template <typename A> __device__ __forceinline__ void merge_exp(A &m1, A &s1, A m2, A s2) {
-    bool up = m2 > m1;
-    A lo = up ? m1 : m2;
-    A hi = up ? m2 : m1;
-    A e = (lo == neg_inf<A>()) ? (A)0 : acc_exp(lo - hi);
-    s1 = up ? s1 * e + s2 : s1 + s2 * e;
-    m1 = hi;
+template <typename A> __device__ __forceinline__ A shift_of(A max) {
+    return max == neg_inf<A>() ? (A)0 : max;
+}
+
+// Moves `s` to a larger max `hi`: sum_exp scales by exp(max - hi), the linear sums gain
+// (shift_old - shift_new) * (their weight sums), terms of the same sign as the sums.
+template <typename A> __device__ __forceinline__ void reshift(Sums<A> &s, A hi) {
+    if (!(hi > s.max)) return;
+    A e = (s.max == neg_inf<A>()) ? (A)0 : acc_exp(s.max - hi);
+    A delta = shift_of(s.max) - shift_of(hi);
+    s.sum_exp *= e;
+    if (s.wn != (A)0) s.wx += s.wn * delta;
+    if (s.wt != (A)0) s.wtx += s.wt * delta;
+    s.max = hi;
 }
 
 // Adds one (already soft-capped) logit. A NaN logit never becomes the max and turns sum_exp NaN.
 template <typename A>
-__device__ __forceinline__ void add_elem(Sums<A> &s, A v, A wc, A tc, A anchor, bool soft) {
-    merge_exp(s.max, s.sum_exp, v, (A)1);
-    A d = wc * (v - anchor);
-    s.wx += d;
+__device__ __forceinline__ void add_elem(Sums<A> &s, A v, A wc, A tc, bool soft) {
+    reshift(s, v);
+    A d = v - shift_of(s.max);
+    s.sum_exp += acc_exp(d);
+    A wd = wc * d;
+    s.wx += wd;
+    s.wn += wc;
     if (soft) {
-        s.wtx += d * tc;
+        s.wtx += wd * tc;
         s.wt += wc * tc;
     }
 }
 
-template <typename A> __device__ __forceinline__ void merge_sums(Sums<A> &a, const Sums<A> &b) {
-    merge_exp(a.max, a.sum_exp, b.max, b.sum_exp);
+template <typename A> __device__ __forceinline__ void merge_sums(Sums<A> &a, Sums<A> b) {
+    A hi = b.max > a.max ? b.max : a.max;
+    reshift(a, hi);
+    reshift(b, hi);
+    a.sum_exp += b.sum_exp;
     a.wx += b.wx;
     a.wtx += b.wtx;
     a.wt += b.wt;
+    a.wn += b.wn;
 }
 
 template <typename A> __device__ __forceinline__ Sums<A> shfl_sums(const Sums<A> &s, int off) {
@@ -151,6 +184,7 @@ template <typename A> __device__ __forceinline__ Sums<A> shfl_sums(const Sums<A>
     o.wx = __shfl_xor_sync(0xffffffffu, s.wx, off);
     o.wtx = __shfl_xor_sync(0xffffffffu, s.wtx, off);
     o.wt = __shfl_xor_sync(0xffffffffu, s.wt, off);
+    o.wn = __shfl_xor_sync(0xffffffffu, s.wn, off);
     return o;
 }
 
@@ -201,43 +235,45 @@ __device__ __forceinline__ void for_row(const T *row, long long C, int lane, int
 // ---------------------------------------------------------------------------------------------
 // Per-row finish (forward) and gradient coefficients (backward), shared by both layouts.
 
-// Writes [loss, lse, target_weight] for one row. `xy` is the (capped) target logit, read only for
-// valid class targets. Returns false for an out-of-range class.
+// Writes [loss, shift, log_sum, target_weight] for one row. `xy` is the (capped) target logit,
+// read only for valid class targets. Every term is a sum of non-negative parts: lse - x_y =
+// (shift - x_y) + log_sum, and the smoothing term W log_sum - sum_c w_c (x_c - shift).
 template <typename A>
-__device__ __forceinline__ void finish_row(const XentParams &p, const Sums<A> &s, A anchor, long long y,
-                                           bool has_y, A wy, A xy, A weight_sum, A *out) {
-    A lse_rel = (s.max - anchor) + acc_log(s.sum_exp);
-    A lse = anchor + lse_rel;
+__device__ __forceinline__ void finish_row(const XentParams &p, const Sums<A> &s, bool has_y, A wy, A xy,
+                                           A weight_sum, A *out) {
+    A m = shift_of(s.max);
+    A ls = acc_log(s.sum_exp);
     A eps = (A)p.smoothing;
     A eoc = (A)(p.smoothing / (double)p.classes);
     A one = (A)1;
+    A lse = m + ls;
     A z = (A)p.z_loss * lse * lse;
+    out[1] = m;
+    out[2] = ls;
     if (!p.soft) {
         if (!has_y) {
             out[0] = (A)0;
-            out[1] = lse;
-            out[2] = (A)0;
+            out[3] = (A)0;
             return;
         }
-        A nll = wy * (lse_rel - (xy - anchor));
+        A nll = wy * ((m - xy) + ls);
         A loss = (one - eps) * nll;
-        if (p.smoothing != 0.0) loss += eoc * (lse_rel * weight_sum - s.wx);
+        if (p.smoothing != 0.0) loss += eoc * (ls * weight_sum - s.wx);
         if (p.z_loss != 0.0) loss += z;
         out[0] = loss;
-        out[1] = lse;
-        out[2] = wy;
-        (void)y;
+        out[3] = wy;
     } else {
         A wq = (one - eps) * s.wt + eoc * weight_sum;
         A wqx = (one - eps) * s.wtx + eoc * s.wx;
-        out[0] = lse_rel * wq - wqx + z;
-        out[1] = lse;
-        out[2] = wq;
+        A loss = ls * wq - wqx;
+        if (p.z_loss != 0.0) loss += z;
+        out[0] = loss;
+        out[3] = wq;
     }
 }
 
 template <typename A> struct GradCoef {
-    A lse, alpha, beta, gamma, fix;
+    A shift, log_sum, alpha, beta, gamma, fix;
     long long y;  // -1: no one-hot term
     bool zero;    // ignored row
 };
@@ -246,12 +282,14 @@ template <typename A>
 __device__ __forceinline__ GradCoef<A> grad_coef(const XentParams &p, const A *st, long long y, bool has_y,
                                                  A weight_sum) {
     GradCoef<A> k;
-    A lse = st[0], tw = st[1], g = st[2];
+    A tw = st[2], g = st[3];
+    A lse = st[0] + st[1];
     A eps = (A)p.smoothing;
     A eoc = (A)(p.smoothing / (double)p.classes);
     A one = (A)1;
     A two_z = (A)(2.0 * p.z_loss);
-    k.lse = lse;
+    k.shift = st[0];
+    k.log_sum = st[1];
     k.zero = false;
     k.y = -1;
     k.fix = (A)0;
@@ -274,17 +312,16 @@ __device__ __forceinline__ GradCoef<A> grad_coef(const XentParams &p, const A *s
     return k;
 }
 
+// The gradient of element c from its raw logit `xv` (capped here when the cap is on).
 template <typename A>
-__device__ __forceinline__ A grad_elem(const GradCoef<A> &k, const Cap<A> &cap, long long c, A xc, A wc,
+__device__ __forceinline__ A grad_elem(const GradCoef<A> &k, const Cap<A> &cap, long long c, A xv, A wc,
                                        A tc) {
-    A pr = acc_exp(xc - k.lse);
+    A xc = cap(xv);
+    A pr = acc_exp((xc - k.shift) - k.log_sum);
     A g = k.alpha * pr - k.beta * wc;
     g = g - k.gamma * wc * tc;
     if (c == k.y) g = g - k.fix;
-    if (cap.on) {
-        A t = xc * cap.inv;
-        g *= (A)1 - t * t;
-    }
+    if (cap.on) g *= cap.deriv(xv);
     return g;
 }
 
@@ -307,32 +344,33 @@ __device__ __forceinline__ A weight_total(const XentParams &p, const double *wsu
     return p.weighted ? (A)(*wsum) : (A)(double)p.classes;
 }
 
-// Writes row r's [loss, lse, target_weight] from its sums: soft targets, an ignored class, an
-// out-of-range class (recorded in `bad`, NaN stats) or a class whose logit is xr[cls * stride].
+// Writes row r's [loss, shift, log_sum, target_weight] from its sums: soft targets, an ignored
+// class, an out-of-range class (recorded in `bad`, NaN stats) or a class whose logit is
+// xr[cls * stride].
 template <typename T, typename Y, typename A>
-__device__ __forceinline__ void write_stats(const XentParams &p, const Sums<A> &s, A anchor, long long r,
-                                            const Y *y, const A *w, const double *wsum, const T *xr,
+__device__ __forceinline__ void write_stats(const XentParams &p, const Sums<A> &s, long long r, const Y *y,
+                                            const A *w, const double *wsum, const T *xr,
                                             long long stride, const Cap<A> &cap, A *stats,
                                             unsigned long long *bad) {
     A wsm = weight_total<A>(p, wsum);
-    A *out = stats + r * 3;
+    A *out = stats + r * XENT_STATS;
     if (p.soft) {
-        finish_row(p, s, anchor, -1, true, (A)1, (A)0, wsm, out);
+        finish_row(p, s, true, (A)1, (A)0, wsm, out);
         return;
     }
     long long cls;
     bool valid;
     if (!read_target(y, r, p, bad, cls, valid)) {
         if (valid) {
-            finish_row(p, s, anchor, -1, false, (A)0, (A)0, wsm, out);
+            finish_row(p, s, false, (A)0, (A)0, wsm, out);
         } else {
-            out[0] = out[1] = (A)NAN;
-            out[2] = (A)0;
+            out[0] = out[1] = out[2] = (A)NAN;
+            out[3] = (A)0;
         }
         return;
     }
     A wy = p.weighted ? w[cls] : (A)1;
-    finish_row(p, s, anchor, cls, true, wy, cap(to_acc(xr[cls * stride])), wsm, out);
+    finish_row(p, s, true, wy, cap(to_acc(xr[cls * stride])), wsm, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -355,20 +393,18 @@ __device__ __forceinline__ void fwd_rows(const T *__restrict__ x, const Y *__res
     const long long C = p.classes;
     const T *xr = x + r * C;
     const Cap<A> cap = make_cap<A>(p);
-    A anchor = cap(to_acc(xr[0]));
-    if (!acc_finite(anchor)) anchor = (A)0;
     Sums<A> s = sums_zero<A>();
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
     if (!is_soft) {
         for_row(xr, C, lane, group, [&](long long c, T v) {
             A wc = weighted ? w[c] : (A)1;
-            add_elem(s, cap(to_acc(v)), wc, (A)0, anchor, false);
+            add_elem(s, cap(to_acc(v)), wc, (A)0, false);
         });
     } else {
         const T *tr = soft + r * C;
         for_row(xr, C, lane, group, [&](long long c, T v) {
             A wc = weighted ? w[c] : (A)1;
-            add_elem(s, cap(to_acc(v)), wc, to_acc(tr[c]), anchor, true);
+            add_elem(s, cap(to_acc(v)), wc, to_acc(tr[c]), true);
         });
     }
     if (group == XENT_WARP) {
@@ -377,7 +413,7 @@ __device__ __forceinline__ void fwd_rows(const T *__restrict__ x, const Y *__res
         block_reduce(s);
     }
     if (lane != 0) return;
-    write_stats(p, s, anchor, r, y, w, wsum, xr, 1, cap, stats, bad);
+    write_stats(p, s, r, y, w, wsum, xr, 1, cap, stats, bad);
 }
 
 // `x` and `out` may be the same buffer (in-place gradient), so neither is __restrict__.
@@ -398,7 +434,7 @@ __device__ __forceinline__ void bwd_rows(const T *x, const Y *__restrict__ y, co
     long long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
-    const GradCoef<A> k = grad_coef(p, stats + r * 3, cls, has_y, weight_total<A>(p, wsum));
+    const GradCoef<A> k = grad_coef(p, stats + r * XENT_STATS, cls, has_y, weight_total<A>(p, wsum));
     const Cap<A> cap = make_cap<A>(p);
     const T *xr = x + r * C;
     T *orow = out + r * C;
@@ -412,7 +448,7 @@ __device__ __forceinline__ void bwd_rows(const T *x, const Y *__restrict__ y, co
         if (k.zero) return from_acc<T>(valid ? (A)0 : (A)NAN);
         A wc = weighted ? w[c] : (A)1;
         A tc = is_soft ? to_acc(tr[c]) : (A)0;
-        return from_acc<T>(grad_elem(k, cap, c, cap(to_acc(v)), wc, tc));
+        return from_acc<T>(grad_elem(k, cap, c, to_acc(v), wc, tc));
     };
     for (long long c = lane; c < head; c += group) orow[c] = one(c, xr[c]);
     long long nvec = (C - head) / VEC;
@@ -460,15 +496,13 @@ __device__ __forceinline__ void fwd_strided(const T *__restrict__ x, const Y *__
     const T *tr = p.soft ? soft + n * C * inner + d : nullptr;
     const Cap<A> cap = make_cap<A>(p);
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
-    A anchor = cap(to_acc(xr[0]));
-    if (!acc_finite(anchor)) anchor = (A)0;
     Sums<A> s = sums_zero<A>();
     for (long long c = 0; c < C; ++c) {
         A wc = weighted ? w[c] : (A)1;
         A tc = is_soft ? to_acc(tr[c * inner]) : (A)0;
-        add_elem(s, cap(to_acc(xr[c * inner])), wc, tc, anchor, is_soft);
+        add_elem(s, cap(to_acc(xr[c * inner])), wc, tc, is_soft);
     }
-    write_stats(p, s, anchor, r, y, w, wsum, xr, inner, cap, stats, bad);
+    write_stats(p, s, r, y, w, wsum, xr, inner, cap, stats, bad);
 }
 
 template <typename T, typename Y>
@@ -488,7 +522,7 @@ __device__ __forceinline__ void bwd_strided(const T *x, const Y *__restrict__ y,
     long long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
-    const GradCoef<A> k = grad_coef(p, stats + r * 3, cls, has_y, weight_total<A>(p, wsum));
+    const GradCoef<A> k = grad_coef(p, stats + r * XENT_STATS, cls, has_y, weight_total<A>(p, wsum));
     const Cap<A> cap = make_cap<A>(p);
     for (long long c = 0; c < C; ++c) {
         long long i = base + c * inner;
@@ -498,7 +532,7 @@ __device__ __forceinline__ void bwd_strided(const T *x, const Y *__restrict__ y,
         } else {
             A wc = weighted ? w[c] : (A)1;
             A tc = is_soft ? to_acc(soft[i]) : (A)0;
-            g = grad_elem(k, cap, c, cap(to_acc(x[i])), wc, tc);
+            g = grad_elem(k, cap, c, to_acc(x[i]), wc, tc);
         }
         out[i] = from_acc<T>(g);
     }

@@ -26,16 +26,22 @@ using namespace metal;
 #define XENT_EXP precise::exp
 #define XENT_LOG precise::log
 #define XENT_TANH precise::tanh
+#define XENT_FMA fma
+#define XENT_DIV precise::divide
 #else
 #define XENT_EXP exp
 #define XENT_LOG log
 #define XENT_TANH tanh
+#define XENT_FMA fmaf
+#define XENT_DIV(a, b) ((a) / (b))
 #endif
 
 #define XENT_SIMD 32
 #define XENT_MAX_SIMDGROUPS 32
+// Values per row of the stats (`candle_xent::launch::STATS`).
+#define XENT_STATS 4
 
-// Mirrors `candle_xent::launch::XentParamsMetal`: seven 8-byte integers, then six floats (the
+// Mirrors `candle_xent::launch::XentParamsMetal`: seven 8-byte integers, then five floats (the
 // derived ones computed on the host in f64 and rounded once, as the CPU op does).
 struct XentParamsMetal {
     long outer;
@@ -48,15 +54,17 @@ struct XentParamsMetal {
     float smoothing;
     float eps_over_c;  // smoothing / classes
     float z_loss;
-    float softcap;      // 0: off
-    float softcap_inv;  // 1 / softcap
-    float weight_sum;   // sum of the class weights (classes when unweighted)
+    float softcap;     // 0: off
+    float weight_sum;  // sum of the class weights (classes when unweighted)
 };
 
+// Every sum is relative to the shift: the running max, or 0 while every logit is -inf (the
+// CUDA kernels' scheme: terms of one sign, nothing cancels at any logit scale).
 struct Sums {
-    float max, sum_exp;  // running max and sum exp(x - max)
-    float wx;            // sum_c w_c (x_c - anchor)
-    float wtx, wt;       // soft targets: sum_c w_c t_c (x_c - anchor), sum_c w_c t_c
+    float max, sum_exp;  // running max and sum exp(x - shift)
+    float wx;            // sum_c w_c (x_c - shift) (<= 0)
+    float wtx, wt;       // soft targets: sum_c w_c t_c (x_c - shift) (<= 0), sum_c w_c t_c
+    float wn;            // sum_c w_c over the elements seen (their count when unweighted)
 };
 
 inline Sums sums_zero() {
@@ -66,34 +74,46 @@ inline Sums sums_zero() {
     s.wx = 0.0f;
     s.wtx = 0.0f;
     s.wt = 0.0f;
+    s.wn = 0.0f;
     return s;
 }
 
-// Merges (m2, s2) into (m1, s1); -inf maxima contribute nothing.
-inline void merge_exp(thread float &m1, thread float &s1, float m2, float s2) {
-    bool up = m2 > m1;
-    float lo = up ? m1 : m2;
-    float hi = up ? m2 : m1;
-    float e = (lo == -INFINITY) ? 0.0f : XENT_EXP(lo - hi);
-    s1 = up ? s1 * e + s2 : s1 + s2 * e;
-    m1 = hi;
+inline float shift_of(float max) { return max == -INFINITY ? 0.0f : max; }
+
+// Moves `s` to a larger max `hi`: sum_exp scales by exp(max - hi), the linear sums gain
+// (shift_old - shift_new) * (their weight sums).
+inline void reshift(thread Sums &s, float hi) {
+    if (!(hi > s.max)) return;
+    float e = (s.max == -INFINITY) ? 0.0f : XENT_EXP(s.max - hi);
+    float delta = shift_of(s.max) - shift_of(hi);
+    s.sum_exp *= e;
+    if (s.wn != 0.0f) s.wx += s.wn * delta;
+    if (s.wt != 0.0f) s.wtx += s.wt * delta;
+    s.max = hi;
 }
 
-inline void add_elem(thread Sums &s, float v, float wc, float tc, float anchor, bool soft) {
-    merge_exp(s.max, s.sum_exp, v, 1.0f);
-    float d = wc * (v - anchor);
-    s.wx += d;
+inline void add_elem(thread Sums &s, float v, float wc, float tc, bool soft) {
+    reshift(s, v);
+    float d = v - shift_of(s.max);
+    s.sum_exp += XENT_EXP(d);
+    float wd = wc * d;
+    s.wx += wd;
+    s.wn += wc;
     if (soft) {
-        s.wtx += d * tc;
+        s.wtx += wd * tc;
         s.wt += wc * tc;
     }
 }
 
 inline void merge_sums(thread Sums &a, Sums b) {
-    merge_exp(a.max, a.sum_exp, b.max, b.sum_exp);
+    float hi = b.max > a.max ? b.max : a.max;
+    reshift(a, hi);
+    reshift(b, hi);
+    a.sum_exp += b.sum_exp;
     a.wx += b.wx;
     a.wtx += b.wtx;
     a.wt += b.wt;
+    a.wn += b.wn;
 }
 
 // Butterfly over the SIMD-group: every lane ends with the total.
@@ -105,6 +125,7 @@ inline void simd_reduce(thread Sums &s) {
         o.wx = simd_shuffle_xor(s.wx, off);
         o.wtx = simd_shuffle_xor(s.wtx, off);
         o.wt = simd_shuffle_xor(s.wt, off);
+        o.wn = simd_shuffle_xor(s.wn, off);
         merge_sums(s, o);
     }
 }
@@ -125,62 +146,79 @@ inline void group_reduce(thread Sums &s, threadgroup Sums *part, uint tid, uint 
 }
 
 struct Cap {
-    float cap, inv;
+    float cap;
     bool on;
 };
 
 inline Cap make_cap(constant XentParamsMetal &p) {
     Cap c;
     c.on = p.softcap > 0.0f;
-    c.cap = p.softcap;
-    c.inv = p.softcap_inv;
+    c.cap = c.on ? p.softcap : 1.0f;
     return c;
 }
 
-inline float capped(Cap c, float v) { return c.on ? c.cap * XENT_TANH(v * c.inv) : v; }
+inline float capped(Cap c, float v) { return c.on ? c.cap * XENT_TANH(XENT_DIV(v, c.cap)) : v; }
 
-inline void finish_row(constant XentParamsMetal &p, Sums s, float anchor, bool has_y, float wy,
-                       float xy, device float *out) {
-    float lse_rel = (s.max - anchor) + XENT_LOG(s.sum_exp);
-    float lse = anchor + lse_rel;
+// d/dx of the cap, sech^2(x / cap) = 4e / (1 + e)^2 with e = exp(-2 |x / cap|), x / cap carried
+// as the quotient plus its exact remainder (the CPU and CUDA formula).
+inline float cap_deriv(Cap c, float v) {
+    float q = XENT_DIV(v, c.cap);
+    float lo = XENT_DIV(XENT_FMA(-q, c.cap, v), c.cap);
+    if (lo != lo) lo = 0.0f;  // |x| = inf: no remainder; a NaN x stays NaN through q
+    float aq = q < 0.0f ? -q : q;
+    float slo = q < 0.0f ? -lo : lo;
+    float e = XENT_EXP(-2.0f * aq) * (1.0f - 2.0f * slo);
+    float s = 1.0f + e;
+    return 4.0f * e / (s * s);
+}
+
+// Writes [loss, shift, log_sum, target_weight]; every term a sum of non-negative parts.
+inline void finish_row(constant XentParamsMetal &p, Sums s, bool has_y, float wy, float xy,
+                       device float *out) {
+    float m = shift_of(s.max);
+    float ls = XENT_LOG(s.sum_exp);
     float eps = p.smoothing;
     float eoc = p.eps_over_c;
+    float lse = m + ls;
     float z = p.z_loss * lse * lse;
+    out[1] = m;
+    out[2] = ls;
     if (p.soft == 0) {
         if (!has_y) {
             out[0] = 0.0f;
-            out[1] = lse;
-            out[2] = 0.0f;
+            out[3] = 0.0f;
             return;
         }
-        float loss = (1.0f - eps) * (wy * (lse_rel - (xy - anchor)));
-        if (p.smoothing != 0.0f) loss += eoc * (lse_rel * p.weight_sum - s.wx);
+        float loss = (1.0f - eps) * (wy * ((m - xy) + ls));
+        if (p.smoothing != 0.0f) loss += eoc * (ls * p.weight_sum - s.wx);
         if (p.z_loss != 0.0f) loss += z;
         out[0] = loss;
-        out[1] = lse;
-        out[2] = wy;
+        out[3] = wy;
     } else {
         float wq = (1.0f - eps) * s.wt + eoc * p.weight_sum;
         float wqx = (1.0f - eps) * s.wtx + eoc * s.wx;
-        out[0] = lse_rel * wq - wqx + z;
-        out[1] = lse;
-        out[2] = wq;
+        float loss = ls * wq - wqx;
+        if (p.z_loss != 0.0f) loss += z;
+        out[0] = loss;
+        out[3] = wq;
     }
 }
 
 struct GradCoef {
-    float lse, alpha, beta, gamma, fix;
+    float shift, log_sum, alpha, beta, gamma, fix;
     long y;
     bool zero;
 };
 
 inline GradCoef grad_coef(constant XentParamsMetal &p, device const float *st, long y, bool has_y) {
     GradCoef k;
-    float lse = st[0], tw = st[1], g = st[2];
+    float tw = st[2], g = st[3];
+    float lse = st[0] + st[1];
     float eps = p.smoothing;
     float eoc = p.eps_over_c;
     float two_z = 2.0f * p.z_loss;
-    k.lse = lse;
+    k.shift = st[0];
+    k.log_sum = st[1];
     k.zero = false;
     k.y = -1;
     k.fix = 0.0f;
@@ -203,14 +241,13 @@ inline GradCoef grad_coef(constant XentParamsMetal &p, device const float *st, l
     return k;
 }
 
-inline float grad_elem(GradCoef k, Cap cap, long c, float xc, float wc, float tc) {
-    float g = k.alpha * XENT_EXP(xc - k.lse) - k.beta * wc;
+// The gradient of element c from its raw logit `xv` (capped here when the cap is on).
+inline float grad_elem(GradCoef k, Cap cap, long c, float xv, float wc, float tc) {
+    float xc = capped(cap, xv);
+    float g = k.alpha * XENT_EXP((xc - k.shift) - k.log_sum) - k.beta * wc;
     g = g - k.gamma * wc * tc;
     if (c == k.y) g = g - k.fix;
-    if (cap.on) {
-        float t = xc * cap.inv;
-        g *= 1.0f - t * t;
-    }
+    if (cap.on) g *= cap_deriv(cap, xv);
     return g;
 }
 
@@ -229,30 +266,31 @@ inline bool read_target(device const Y *y, long r, constant XentParamsMetal &p,
     return valid;
 }
 
-// Writes row r's [loss, lse, target_weight] from its sums: soft targets, an ignored class, an
-// out-of-range class (recorded in `bad`, NaN stats) or a class whose logit is xr[cls * stride].
+// Writes row r's [loss, shift, log_sum, target_weight] from its sums: soft targets, an ignored
+// class, an out-of-range class (recorded in `bad`, NaN stats) or a class whose logit is
+// xr[cls * stride].
 template <typename T, typename Y>
-inline void write_stats(constant XentParamsMetal &p, Sums s, float anchor, long r, device const Y *y,
+inline void write_stats(constant XentParamsMetal &p, Sums s, long r, device const Y *y,
                         device const float *w, device const T *xr, long stride, Cap cap,
                         device float *stats, device atomic_uint *bad) {
-    device float *out = stats + r * 3;
+    device float *out = stats + r * XENT_STATS;
     if (p.soft != 0) {
-        finish_row(p, s, anchor, true, 1.0f, 0.0f, out);
+        finish_row(p, s, true, 1.0f, 0.0f, out);
         return;
     }
     long cls;
     bool valid;
     if (!read_target(y, r, p, bad, cls, valid)) {
         if (valid) {
-            finish_row(p, s, anchor, false, 0.0f, 0.0f, out);
+            finish_row(p, s, false, 0.0f, 0.0f, out);
         } else {
-            out[0] = out[1] = NAN;
-            out[2] = 0.0f;
+            out[0] = out[1] = out[2] = NAN;
+            out[3] = 0.0f;
         }
         return;
     }
     float wy = p.weighted != 0 ? w[cls] : 1.0f;
-    finish_row(p, s, anchor, true, wy, capped(cap, float(xr[cls * stride])), out);
+    finish_row(p, s, true, wy, capped(cap, float(xr[cls * stride])), out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,14 +314,12 @@ kernel void xent_fwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
     const long C = p.classes;
     device const T *xr = x + r * C;
     const Cap cap = make_cap(p);
-    float anchor = capped(cap, float(xr[0]));
-    if (!isfinite(anchor)) anchor = 0.0f;
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
     Sums s = sums_zero();
     for (long c = lane; c < C; c += group) {
         float wc = weighted ? w[c] : 1.0f;
         float tc = is_soft ? float(soft[r * C + c]) : 0.0f;
-        add_elem(s, capped(cap, float(xr[c])), wc, tc, anchor, is_soft);
+        add_elem(s, capped(cap, float(xr[c])), wc, tc, is_soft);
     }
     if (group == XENT_SIMD) {
         simd_reduce(s);
@@ -291,7 +327,7 @@ kernel void xent_fwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
         group_reduce(s, part, tid, tg_size);
     }
     if (lane != 0) return;
-    write_stats(p, s, anchor, r, y, w, xr, 1, cap, stats, bad);
+    write_stats(p, s, r, y, w, xr, 1, cap, stats, bad);
 }
 
 // `x` and `out` may be the same buffer (in-place gradient): each element is read and then
@@ -314,7 +350,7 @@ kernel void xent_bwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
     long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
-    const GradCoef k = grad_coef(p, stats + r * 3, cls, has_y);
+    const GradCoef k = grad_coef(p, stats + r * XENT_STATS, cls, has_y);
     const Cap cap = make_cap(p);
     for (long c = lane; c < C; c += group) {
         long i = r * C + c;
@@ -324,7 +360,7 @@ kernel void xent_bwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
         } else {
             float wc = weighted ? w[c] : 1.0f;
             float tc = is_soft ? float(soft[i]) : 0.0f;
-            g = grad_elem(k, cap, c, capped(cap, float(x[i])), wc, tc);
+            g = grad_elem(k, cap, c, float(x[i]), wc, tc);
         }
         out[i] = T(g);
     }
@@ -348,15 +384,13 @@ kernel void xent_fwd_strided(device const T *x [[buffer(0)]], device const Y *y 
     const long base = (r / inner) * C * inner + r % inner;
     const Cap cap = make_cap(p);
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
-    float anchor = capped(cap, float(x[base]));
-    if (!isfinite(anchor)) anchor = 0.0f;
     Sums s = sums_zero();
     for (long c = 0; c < C; ++c) {
         float wc = weighted ? w[c] : 1.0f;
         float tc = is_soft ? float(soft[base + c * inner]) : 0.0f;
-        add_elem(s, capped(cap, float(x[base + c * inner])), wc, tc, anchor, is_soft);
+        add_elem(s, capped(cap, float(x[base + c * inner])), wc, tc, is_soft);
     }
-    write_stats(p, s, anchor, r, y, w, x + base, inner, cap, stats, bad);
+    write_stats(p, s, r, y, w, x + base, inner, cap, stats, bad);
 }
 
 template <typename T, typename Y>
@@ -377,7 +411,7 @@ kernel void xent_bwd_strided(device const T *x [[buffer(0)]], device const Y *y 
     long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
-    const GradCoef k = grad_coef(p, stats + r * 3, cls, has_y);
+    const GradCoef k = grad_coef(p, stats + r * XENT_STATS, cls, has_y);
     const Cap cap = make_cap(p);
     for (long c = 0; c < C; ++c) {
         long i = base + c * inner;
@@ -387,7 +421,7 @@ kernel void xent_bwd_strided(device const T *x [[buffer(0)]], device const Y *y 
         } else {
             float wc = weighted ? w[c] : 1.0f;
             float tc = is_soft ? float(soft[i]) : 0.0f;
-            g = grad_elem(k, cap, c, capped(cap, float(x[i])), wc, tc);
+            g = grad_elem(k, cap, c, float(x[i]), wc, tc);
         }
         out[i] = T(g);
     }

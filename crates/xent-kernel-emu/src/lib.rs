@@ -16,14 +16,16 @@
 //! use xent_kernel_emu::{Problem, Targets};
 //! let p = Problem::new(1, 3, 1);
 //! let stats = p.forward(&[0f32, 0.2, 0.7], Targets::I64(&[2])).unwrap();
-//! // [loss, lse, target weight] for the single row.
+//! // [loss, shift, log_sum, target weight] for the single row: lse = shift + log_sum.
 //! let lse = (1f32 + 0.2f32.exp() + 0.7f32.exp()).ln();
 //! assert!((stats[0] - (lse - 0.7)).abs() < 1e-6);
-//! assert!((stats[1] - lse).abs() < 1e-6);
-//! assert_eq!(stats[2], 1.0);
+//! assert_eq!(stats[1], 0.7);
+//! assert!((stats[1] + stats[2] - lse).abs() < 1e-6);
+//! assert_eq!(stats[3], 1.0);
 //! ```
 
 use candle_xent::launch::{self, Launch, XentParams, XentParamsMetal};
+pub use candle_xent::launch::{COL_LOSS, COL_TARGET_WEIGHT, STATS};
 use half::{bf16, f16};
 use std::os::raw::{c_int, c_uint, c_void};
 
@@ -302,9 +304,9 @@ impl Problem {
         }
     }
 
-    /// Forward kernel: `[loss, lse, target_weight]` per row.
+    /// Forward kernel: `[loss, shift, log_sum, target_weight]` per row ([`STATS`] values).
     pub fn forward<T: Elem>(&self, x: &[T], t: Targets<'_, T>) -> Result<Vec<T::Acc>, BadTarget> {
-        let mut stats = vec![T::Acc::default(); self.rows() * 3];
+        let mut stats = vec![T::Acc::default(); self.rows() * STATS];
         self.run(
             false,
             x.as_ptr(),
@@ -316,14 +318,30 @@ impl Problem {
         Ok(stats)
     }
 
-    /// Backward kernel from `[lse, target_weight, g]` per row: the gradient of the logits.
+    /// The backward's input from the forward's stats: `[shift, log_sum, target_weight, g(r)]`
+    /// per row `r`.
+    pub fn backward_stats<A: Copy>(&self, stats: &[A], g: impl Fn(usize) -> A) -> Vec<A> {
+        assert_eq!(stats.len(), self.rows() * STATS, "stats length");
+        stats
+            .chunks(STATS)
+            .enumerate()
+            .flat_map(|(r, s)| {
+                let mut b = s[COL_LOSS + 1..].to_vec();
+                b.push(g(r));
+                b
+            })
+            .collect()
+    }
+
+    /// Backward kernel from `[shift, log_sum, target_weight, g]` per row: the gradient of the
+    /// logits.
     pub fn backward<T: Elem>(
         &self,
         x: &[T],
         t: Targets<'_, T>,
         stats: &[T::Acc],
     ) -> Result<Vec<T>, BadTarget> {
-        assert_eq!(stats.len(), self.rows() * 3, "stats length");
+        assert_eq!(stats.len(), self.rows() * STATS, "stats length");
         let mut out = vec![T::round_from(0.0); x.len()];
         self.run(
             true,
@@ -343,7 +361,7 @@ impl Problem {
         t: Targets<'_, T>,
         stats: &[T::Acc],
     ) -> Result<(), BadTarget> {
-        assert_eq!(stats.len(), self.rows() * 3, "stats length");
+        assert_eq!(stats.len(), self.rows() * STATS, "stats length");
         let ptr = xg.as_mut_ptr();
         self.run(
             true,

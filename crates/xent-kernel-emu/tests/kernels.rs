@@ -10,7 +10,7 @@ use common::{assert_close, flat_f64};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use xent_kernel_emu::{BadTarget, Elem, Problem, Source, Targets};
+use xent_kernel_emu::{BadTarget, Elem, Problem, Source, Targets, COL_LOSS, STATS};
 
 fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
     (0..n)
@@ -66,12 +66,9 @@ where
     let stats = p.forward(x, t).unwrap();
     let rows = p.rows();
     let loss = (0..rows)
-        .map(|r| T::round_from(stats[r * 3].into()).as_f64())
+        .map(|r| T::round_from(stats[r * STATS + COL_LOSS].into()).as_f64())
         .collect();
-    let mut b = Vec::with_capacity(rows * 3);
-    for r in 0..rows {
-        b.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], T::acc(1.0)]);
-    }
+    let b = p.backward_stats(&stats, |_| T::acc(1.0));
     let grad = p.backward(x, t, &b).unwrap();
     Run {
         loss,
@@ -199,7 +196,7 @@ fn strided_rows_with_soft_targets_and_weights() {
     for source in [Source::Cuda, Source::Metal] {
         p.source = source;
         let stats = p.forward(&x32, Targets::Soft(&t32)).unwrap();
-        let loss: Vec<f64> = (0..p.rows()).map(|r| stats[r * 3] as f64).collect();
+        let loss: Vec<f64> = (0..p.rows()).map(|r| stats[r * STATS] as f64).collect();
         assert_close(
             &loss,
             &want_loss,
@@ -207,10 +204,7 @@ fn strided_rows_with_soft_targets_and_weights() {
             2e-6,
             &format!("{source:?} strided soft loss"),
         );
-        let mut b = Vec::new();
-        for r in 0..p.rows() {
-            b.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], 1.0]);
-        }
+        let b = p.backward_stats(&stats, |_| 1.0);
         let grad: Vec<f64> = p
             .backward(&x32, Targets::Soft(&t32), &b)
             .unwrap()
@@ -257,7 +251,7 @@ fn leading_masked_logits_in_every_layout() {
     let x2: Vec<f32> = row.iter().flat_map(|&v| [v as f32, v as f32]).collect();
     let stats = p.forward(&x2, Targets::I64(&[y[0], y[0]])).unwrap();
     assert!((stats[0] as f64 - (lse - 2.0)).abs() < 1e-6);
-    assert_eq!(stats[0], stats[3]);
+    assert_eq!(stats[0], stats[STATS]);
     // A NaN logit makes the row's loss NaN; it must not be skipped.
     let mut nan_row = row.clone();
     nan_row[masked + 1] = f64::NAN;
@@ -294,7 +288,7 @@ fn out_of_range_targets_report_the_first_bad_row() {
             Err(BadTarget { row: 17 }),
             "{group:?}"
         );
-        let b = vec![0f32; rows * 3];
+        let b = vec![0f32; rows * STATS];
         assert_eq!(
             p.backward(&x, Targets::I64(&y), &b).unwrap_err(),
             BadTarget { row: 17 }

@@ -6,11 +6,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var, WithDType};
 use candle_xent::{CrossEntropyLoss, Reduction};
+use common::precision::{assert_all_within, check, worse, Worst};
 use common::{assert_close, eps_for, flat_f64, rtol_for};
 use half::{bf16, f16};
 use serde::Deserialize;
 use std::collections::HashMap;
-use xent_kernel_emu::{Elem, Problem, Source, Targets};
+use xent_kernel_emu::{Elem, Problem, Source, Targets, COL_LOSS, COL_TARGET_WEIGHT, STATS};
 
 #[derive(Deserialize)]
 struct Case {
@@ -25,6 +26,9 @@ struct Case {
     z_loss: f64,
     #[serde(default)]
     softcap: Option<f64>,
+    /// A case of the precision set: checked to the bound of `common::precision`.
+    #[serde(default)]
+    precision: bool,
 }
 
 #[derive(Deserialize)]
@@ -100,11 +104,15 @@ where
     };
     let stats = p.forward(&x, targets).expect("valid targets");
     let rows = p.rows();
-    let loss_rows: Vec<f64> = (0..rows).map(|r| acc_f64::<T>(stats[r * 3])).collect();
+    let loss_rows: Vec<f64> = (0..rows)
+        .map(|r| acc_f64::<T>(stats[r * STATS + COL_LOSS]))
+        .collect();
     let denom = if case.soft {
         rows as f64
     } else {
-        (0..rows).map(|r| acc_f64::<T>(stats[r * 3 + 2])).sum()
+        (0..rows)
+            .map(|r| acc_f64::<T>(stats[r * STATS + COL_TARGET_WEIGHT]))
+            .sum()
     };
     let up = flat_f64(&get("upstream"));
     let (loss, g): (Vec<f64>, Vec<f64>) = match case.reduction.as_str() {
@@ -116,17 +124,18 @@ where
                 .collect(),
             up.clone(),
         ),
-        "sum" => (vec![loss_rows.iter().sum()], vec![up[0]; rows]),
+        // Reduced losses too come back in the input's dtype.
+        "sum" => (
+            vec![T::round_from(loss_rows.iter().sum()).as_f64()],
+            vec![up[0]; rows],
+        ),
         "mean" => (
-            vec![loss_rows.iter().sum::<f64>() / denom],
+            vec![T::round_from(loss_rows.iter().sum::<f64>() / denom).as_f64()],
             vec![up[0] / denom; rows],
         ),
         other => panic!("reduction {other}"),
     };
-    let mut bstats = Vec::with_capacity(rows * 3);
-    for r in 0..rows {
-        bstats.extend_from_slice(&[stats[r * 3 + 1], stats[r * 3 + 2], T::acc(g[r])]);
-    }
+    let bstats = p.backward_stats(&stats, |r| T::acc(g[r]));
     let grad = p.backward(&x, targets, &bstats).expect("valid targets");
     let mut xg = x.clone();
     p.backward_inplace(&mut xg, targets, &bstats).unwrap();
@@ -254,11 +263,103 @@ where
     }
 }
 
+/// A precision case (logits up to 1e30, ties, one huge logit, masked rows) through both kernel
+/// sources and both reduction paths, to the bound the CPU op meets (tests/precision.rs).
+fn check_precision_case<T: Elem + WithDType>(
+    case: &Case,
+    t: &HashMap<String, Tensor>,
+    dtype: DType,
+) -> Worst
+where
+    T::Acc: Into<f64>,
+{
+    let get = |k: &str| t[&format!("{}.{k}", case.name)].clone();
+    let (want_loss, want_grad) = (flat_f64(&get("loss")), flat_f64(&get("grad")));
+    let rows = if case.reduction == "sum" {
+        emulate_rows(&get("input"))
+    } else {
+        1.0
+    };
+    let gmax = want_grad
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, v| m.max(v.abs()));
+    let sources: &[Source] = if dtype == DType::F64 {
+        &[Source::Cuda]
+    } else {
+        &[Source::Cuda, Source::Metal]
+    };
+    let mut worst: Worst = (0.0, String::new());
+    for (&source, forced) in sources
+        .iter()
+        .flat_map(|s| [None, Some(32), Some(256)].map(move |g| (s, g)))
+    {
+        let (p, e) = emulate::<T>(case, t, forced, source);
+        let what = format!(
+            "{} ({source:?}, inner {}, group {:?})",
+            case.name, p.inner, p.group
+        );
+        let wl = check(
+            dtype,
+            &e.loss,
+            &want_loss,
+            |i| want_loss[i].abs() + rows,
+            &format!("{what} loss"),
+        );
+        let wg = check(
+            dtype,
+            &e.grad,
+            &want_grad,
+            |_| gmax,
+            &format!("{what} grad"),
+        );
+        worst = worse(worse(worst, wl), wg);
+        assert_eq!(
+            e.grad.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            e.grad_inplace
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            "{what}: in-place gradient differs from the out-of-place one"
+        );
+    }
+    worst
+}
+
+/// Rows of a fixture input (class dim 1, or a single unbatched row).
+fn emulate_rows(input: &Tensor) -> f64 {
+    let d = input.dims();
+    if d.len() == 1 {
+        1.0
+    } else {
+        (d.iter().product::<usize>() / d[1]) as f64
+    }
+}
+
+#[test]
+fn kernels_exact_at_every_scale() {
+    let (meta, t) = fixtures();
+    let mut report = Vec::new();
+    for case in meta.cases.iter().filter(|c| c.precision) {
+        let w = match case.dtype.as_str() {
+            "f32" => check_precision_case::<f32>(case, &t, DType::F32),
+            "f64" => check_precision_case::<f64>(case, &t, DType::F64),
+            "f16" => check_precision_case::<f16>(case, &t, DType::F16),
+            "bf16" => check_precision_case::<bf16>(case, &t, DType::BF16),
+            other => panic!("dtype {other}"),
+        };
+        report.push((w, case.name.clone()));
+    }
+    assert!(report.len() >= 100, "{} precision cases", report.len());
+    assert_all_within(&mut report, "CUDA and Metal kernel sources");
+}
+
 #[test]
 fn kernels_match_pytorch_fixtures_and_the_cpu_op() {
     let (meta, t) = fixtures();
     assert!(meta.cases.len() >= 80);
-    for case in &meta.cases {
+    // The precision set: kernels_exact_at_every_scale.
+    for case in meta.cases.iter().filter(|c| !c.precision) {
         match case.dtype.as_str() {
             "f32" => check_case::<f32>(case, &t, DType::F32),
             "f64" => check_case::<f64>(case, &t, DType::F64),

@@ -2,7 +2,8 @@
 //! against the fixture values and the CPU op, wide rows, K-dim, in-place gradients, errors,
 //! fused linear cross-entropy and binary cross-entropy.
 
-use crate::common::fixtures::{fixtures, inputs, run, tolerances};
+use crate::common::fixtures::{dtype_of, fixtures, inputs, run, tolerances};
+use crate::common::precision::{assert_all_within, check_grad, check_loss, rows_of, worse};
 use crate::common::{assert_close, assert_close_scaled, flat_f64};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_xent::{CrossEntropyLoss, Reduction};
@@ -14,6 +15,7 @@ pub fn fixtures_match_pytorch_and_the_cpu_op(dev: &Device, f64_ok: bool) {
     let dev = dev.clone();
     let (meta, t) = fixtures();
     let mut dump = HashMap::new();
+    let mut precision = Vec::new();
     for case in &meta.cases {
         if !f64_ok && case.dtype == "f64" {
             continue;
@@ -36,34 +38,43 @@ pub fn fixtures_match_pytorch_and_the_cpu_op(dev: &Device, f64_ok: bool) {
         let (rtol, atol) = tolerances(case, &inp.input);
         let name = &case.name;
         let (l, g) = (flat_f64(&loss), flat_f64(&grad));
-        assert_close(
-            &l,
-            &inp.want_loss,
-            rtol,
-            atol,
-            &format!("{name} loss vs PyTorch"),
-        );
-        assert_close(
-            &g,
-            &inp.want_grad,
-            rtol,
-            atol,
-            &format!("{name} grad vs PyTorch"),
-        );
-        assert_close(
-            &l,
-            &flat_f64(&cpu_loss),
-            rtol,
-            atol,
-            &format!("{name} loss vs CPU"),
-        );
-        assert_close(
-            &g,
-            &flat_f64(&cpu_grad),
-            rtol,
-            atol,
-            &format!("{name} grad vs CPU"),
-        );
+        if case.precision {
+            // The precision set: the bound of tests/precision.rs, on the device.
+            let dt = dtype_of(&case.dtype);
+            let rows = rows_of(case, &inp.input);
+            let wl = check_loss(case, dt, &loss, &inp.want_loss, rows, "device");
+            let wg = check_grad(case, dt, &grad, &inp.want_grad, "device");
+            precision.push((worse(wl, wg), name.clone()));
+        } else {
+            assert_close(
+                &l,
+                &inp.want_loss,
+                rtol,
+                atol,
+                &format!("{name} loss vs PyTorch"),
+            );
+            assert_close(
+                &g,
+                &inp.want_grad,
+                rtol,
+                atol,
+                &format!("{name} grad vs PyTorch"),
+            );
+            assert_close(
+                &l,
+                &flat_f64(&cpu_loss),
+                rtol,
+                atol,
+                &format!("{name} loss vs CPU"),
+            );
+            assert_close(
+                &g,
+                &flat_f64(&cpu_grad),
+                rtol,
+                atol,
+                &format!("{name} grad vs CPU"),
+            );
+        }
         // In place: the same numbers, written over the logits.
         let (il, ig) = run(
             &loss_fn.clone().inplace_grad(true),
@@ -71,11 +82,14 @@ pub fn fixtures_match_pytorch_and_the_cpu_op(dev: &Device, f64_ok: bool) {
             &on(&inp.target),
             &on(&inp.upstream),
         );
-        assert_eq!(flat_f64(&il), l, "{name} in-place loss");
-        assert_eq!(flat_f64(&ig), g, "{name} in-place grad");
+        // Bit for bit (NaN losses of the precision set included).
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&flat_f64(&il)), bits(&l), "{name} in-place loss");
+        assert_eq!(bits(&flat_f64(&ig)), bits(&g), "{name} in-place grad");
         dump.insert(format!("{name}.loss"), loss.to_dtype(DType::F64).unwrap());
         dump.insert(format!("{name}.grad"), grad.to_dtype(DType::F64).unwrap());
     }
+    assert_all_within(&mut precision, "precision set on the device");
     if let Some(path) = std::env::var_os("XENT_CUDA_DUMP") {
         let cpu: HashMap<_, _> = dump
             .into_iter()
