@@ -360,20 +360,49 @@ pub struct PublishArgs {
     /// Commit message.
     #[arg(long)]
     message: Option<String>,
+    /// Files kept local, as glob patterns (repeatable; a pattern without `/` matches any path
+    /// component). Default: the training checkpoints, temporary and hidden files. `--exclude ''`
+    /// uploads everything.
+    #[arg(long, default_values_t = candle_finetune::publish::DEFAULT_EXCLUDE.map(String::from))]
+    exclude: Vec<String>,
+    /// Seconds to wait for the Hub to connect or between two reads of an answer (default
+    /// HF_HUB_DOWNLOAD_TIMEOUT, else 60).
+    #[arg(long)]
+    timeout: Option<f64>,
 }
 
 /// Uploads the model folder to the Hub in one commit; the token comes from HF_TOKEN,
-/// HF_TOKEN_PATH or `huggingface-cli login`, and is never printed.
+/// HF_TOKEN_PATH or `hf auth login`, and is never printed.
 pub fn publish_cars(a: PublishArgs) -> Result<()> {
     let opts = candle_finetune::publish::PublishOptions {
         repo: a.repo.clone(),
         private: a.private,
         revision: a.revision.clone(),
         message: a.message.clone(),
+        exclude: a
+            .exclude
+            .iter()
+            .filter(|p| !p.is_empty())
+            .cloned()
+            .collect(),
     };
+    let mut hub = HubOptions::from_env();
+    if let Some(t) = a.timeout {
+        anyhow::ensure!(
+            t.is_finite() && t > 0.0,
+            "--timeout must be a positive number of seconds"
+        );
+        hub.timeout = Some(std::time::Duration::from_secs_f64(t));
+    }
     eprintln!("publishing {} to {} ...", a.dir.display(), a.repo);
-    let p = candle_finetune::publish::publish_folder(&HubOptions::from_env(), &a.dir, &opts)?;
+    let p = candle_finetune::publish::publish_folder(&hub, &a.dir, &opts)?;
     eprintln!("{} files: {}", p.files.len(), p.files.join(", "));
+    if let Some(t) = &p.transfer {
+        eprintln!("large files ({t} transfer): {}", p.lfs_files.join(", "));
+    }
+    if !p.kept_local.is_empty() {
+        eprintln!("kept local (--exclude): {}", p.kept_local.join(", "));
+    }
     println!("{}", p.commit_url.unwrap_or(p.repo_url));
     eprintln!(
         "load it back: candle_finetune::pretrained::from_pretrained(&opts, \"{}\", None, &device) or \

@@ -11,6 +11,11 @@
 
 use candle_core::{bail, Result};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a request may wait for the Hub, to connect or for any read, unless
+/// [`HubOptions::timeout`] (or `HF_HUB_DOWNLOAD_TIMEOUT`, in seconds) says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to reach the Hub. [`HubOptions::from_env`] is what the command-line tools use; tests set
 /// the fields explicitly instead of touching process-wide environment variables.
@@ -28,8 +33,12 @@ pub struct HubOptions {
     /// Endpoint; `None`: `HF_ENDPOINT`, else `https://huggingface.co`.
     pub endpoint: Option<String>,
     /// Access token; `None`: `HF_TOKEN`, else the file at `HF_TOKEN_PATH`, else
-    /// `HF_HOME/token` (what `huggingface-cli login` writes). Never printed: `Debug` redacts it.
+    /// `HF_HOME/token` (what `hf auth login` writes). Never printed: `Debug` redacts it.
     pub token: Option<String>,
+    /// The longest wait for the server, to connect or between two reads of an answer; `None`:
+    /// [`DEFAULT_TIMEOUT`]. A server that accepts the connection and never answers ends the call
+    /// with an error after this long instead of hanging it.
+    pub timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for HubOptions {
@@ -39,6 +48,7 @@ impl std::fmt::Debug for HubOptions {
             .field("offline", &self.offline)
             .field("endpoint", &self.endpoint)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -52,8 +62,9 @@ fn truthy(v: &str) -> bool {
 }
 
 impl HubOptions {
-    /// Options from the environment: `HF_HUB_OFFLINE` sets [`HubOptions::offline`]; the cache
-    /// and endpoint variables are read by hf-hub.
+    /// Options from the environment: `HF_HUB_OFFLINE` sets [`HubOptions::offline`],
+    /// `HF_HUB_DOWNLOAD_TIMEOUT` (seconds) [`HubOptions::timeout`]; the cache and endpoint
+    /// variables are read by hf-hub.
     ///
     /// ```
     /// let opts = candle_finetune::hub::HubOptions::from_env();
@@ -64,16 +75,83 @@ impl HubOptions {
             offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| truthy(&v)),
             endpoint: None,
             token: None,
+            timeout: std::env::var("HF_HUB_DOWNLOAD_TIMEOUT")
+                .ok()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64),
         }
     }
 
-    /// A blocking hf-hub client honouring these options.
+    /// The endpoint in effect, as hf-hub resolves it: [`HubOptions::endpoint`], else
+    /// `HF_ENDPOINT`, else `https://huggingface.co`; no trailing `/`.
+    ///
+    /// ```
+    /// let o = candle_finetune::hub::HubOptions { endpoint: Some("http://127.0.0.1:9/".into()), ..Default::default() };
+    /// assert_eq!(o.endpoint(), "http://127.0.0.1:9");
+    /// ```
+    pub fn endpoint(&self) -> String {
+        self.endpoint
+            .clone()
+            .or_else(|| std::env::var("HF_ENDPOINT").ok())
+            .unwrap_or_else(|| "https://huggingface.co".to_string())
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// The wait limit in effect: [`HubOptions::timeout`] or [`DEFAULT_TIMEOUT`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let o = candle_finetune::hub::HubOptions { timeout: Some(Duration::from_secs(5)), ..Default::default() };
+    /// assert_eq!(o.wait_limit(), Duration::from_secs(5));
+    /// ```
+    pub fn wait_limit(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_TIMEOUT)
+    }
+
+    /// The HTTP client every Hub request goes through: connect and read timeouts of
+    /// [`HubOptions::wait_limit`] (no total limit, so a large download is not cut off while it
+    /// progresses), and candle-finetune's user agent. Each call builds a new client: one client
+    /// per async runtime.
+    ///
+    /// ```
+    /// let http = candle_finetune::hub::HubOptions::default().http_client().unwrap();
+    /// ```
+    pub fn http_client(&self) -> Result<reqwest::Client> {
+        let wait = self.wait_limit();
+        reqwest::Client::builder()
+            .connect_timeout(wait)
+            .read_timeout(wait)
+            .user_agent(concat!(
+                "candle-finetune/",
+                env!("CARGO_PKG_VERSION"),
+                "; hf-hub/1.0"
+            ))
+            .build()
+            .map_err(|e| candle_core::Error::Msg(format!("cannot create the HTTP client: {e}")))
+    }
+
+    /// A blocking hf-hub client honouring these options (its requests time out as
+    /// [`HubOptions::http_client`]'s do).
     ///
     /// ```
     /// let client = candle_finetune::hub::HubOptions::default().client().unwrap();
     /// ```
     pub fn client(&self) -> Result<hf_hub::HFClientSync> {
-        let mut b = hf_hub::HFClient::builder();
+        self.client_with_retries(None)
+    }
+
+    /// [`HubOptions::client`] with hf-hub's retries of transient failures set to `retries`
+    /// (`None`: hf-hub's default, five).
+    pub(crate) fn client_with_retries(
+        &self,
+        retries: Option<usize>,
+    ) -> Result<hf_hub::HFClientSync> {
+        let mut b = hf_hub::HFClient::builder().client(self.http_client()?);
+        if let Some(n) = retries {
+            b = b.retry_max_attempts(n);
+        }
         if let Some(dir) = &self.cache_dir {
             b = b.cache_dir(dir);
         }
@@ -172,7 +250,20 @@ pub(crate) fn split_repo(repo: &str) -> Result<(&str, &str)> {
 }
 
 pub(crate) fn hub_err(context: &str) -> impl FnOnce(hf_hub::HFError) -> candle_core::Error + '_ {
-    move |e| candle_core::Error::Msg(format!("{context}: {e}"))
+    move |e| {
+        // A transport failure: say which kind (reqwest's own text does not).
+        let kind = match &e {
+            hf_hub::HFError::Request { source, .. } if source.is_timeout() => {
+                ": no answer within the time limit (HubOptions::timeout or \
+                 HF_HUB_DOWNLOAD_TIMEOUT, default 60 s)"
+            }
+            hf_hub::HFError::Request { source, .. } if source.is_connect() => {
+                ": cannot connect to the Hub"
+            }
+            _ => "",
+        };
+        candle_core::Error::Msg(format!("{context}{kind}: {e}"))
+    }
 }
 
 /// Kind of Hub repository, as named in the cache (`models--...`, `datasets--...`).

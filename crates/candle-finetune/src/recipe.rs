@@ -310,8 +310,7 @@ impl TrainCars {
         self.hub = HubOptions {
             cache_dir: Some(dir.path().to_path_buf()),
             offline: true,
-            endpoint: None,
-            token: None,
+            ..Default::default()
         };
         self.data = DataSource::default();
         self.weights = WeightsSource::default();

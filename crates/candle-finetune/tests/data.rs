@@ -69,6 +69,7 @@ fn stanford_cars_layout_reads_back_offline_through_the_hub_cache() {
         offline: true,
         endpoint: None,
         token: None,
+        timeout: None,
     };
     let ds = Dataset::stanford_cars(&opts, Split::Train).unwrap();
     assert_eq!(ds.class_names, names);

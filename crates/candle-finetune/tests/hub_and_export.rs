@@ -49,12 +49,14 @@ fn default_weights_load_offline_from_a_hub_cache() {
             offline: true,
             endpoint: None,
             token: None,
+            timeout: None,
         },
         HubOptions {
             cache_dir: Some(cache.path().into()),
             offline: false,
             endpoint: Some("http://127.0.0.1:9".into()),
             token: None,
+            timeout: None,
         },
     ] {
         let path = opts.resolve(&WeightsSource::default()).unwrap();
@@ -103,6 +105,7 @@ fn branch_revisions_resolve_through_refs_offline_and_misses_are_clear() {
         offline: true,
         endpoint: None,
         token: None,
+        timeout: None,
     };
     let p = opts
         .resolve(&WeightsSource::Hub {
@@ -160,6 +163,7 @@ fn an_unreachable_hub_says_how_to_run_offline_in_one_line() {
         offline: false,
         endpoint: Some(format!("http://127.0.0.1:{port}")),
         token: None,
+        timeout: None,
     };
     let err = opts
         .model_file("timm/resnet18.tv_in1k", "main", "model.safetensors")
