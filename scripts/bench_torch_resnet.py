@@ -3,6 +3,10 @@
 cross_entropy(label_smoothing=0.1), backward, SGD update) on random images, CPU, fixed threads.
 
     python3 scripts/bench_torch_resnet.py --batch 32 --size 224 --steps 3 --threads 2
+    python3 scripts/bench_torch_resnet.py --device cuda --dtype bf16 --batch 128   # cuDNN
+
+On CUDA: cudnn.benchmark on, each step synchronised before it is timed, bf16 / f16 as the
+parameters' dtype (like the candle side), peak allocated device memory reported.
 """
 import argparse
 import json
@@ -19,12 +23,19 @@ p.add_argument("--size", type=int, default=224)
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--arch", default="resnet18")
+p.add_argument("--device", default="cpu")
+p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
 a = p.parse_args()
 torch.set_num_threads(a.threads)
-model = getattr(torchvision.models, a.arch)(num_classes=196).train()
+dev = torch.device(a.device)
+cuda = dev.type == "cuda"
+if cuda:
+    torch.backends.cudnn.benchmark = True
+dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+model = getattr(torchvision.models, a.arch)(num_classes=196).train().to(dev, dt)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
-x = torch.randn(a.batch, 3, a.size, a.size)
-y = torch.arange(a.batch)
+x = torch.randn(a.batch, 3, a.size, a.size, device=dev, dtype=dt)
+y = torch.arange(a.batch, device=dev) % 196
 times = []
 for step in range(a.steps + 1):
     t0 = time.perf_counter()
@@ -32,12 +43,18 @@ for step in range(a.steps + 1):
     loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
     loss.backward()
     opt.step()
+    if cuda:
+        torch.cuda.synchronize()
     if step > 0:
         times.append(time.perf_counter() - t0)
 times.sort()
 med = times[len(times) // 2]
-print(json.dumps({"impl": "torch", "arch": a.arch, "batch": a.batch, "size": a.size,
-                  "threads": torch.get_num_threads(), "median_step_s": round(med, 3),
-                  "images_per_s": round(a.batch / med, 2),
-                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                  "torch": torch.__version__}))
+out = {"impl": "torch", "arch": a.arch, "device": a.device, "dtype": a.dtype, "batch": a.batch,
+       "size": a.size, "threads": torch.get_num_threads(), "median_step_s": round(med, 4),
+       "images_per_s": round(a.batch / med, 2),
+       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+       "last_loss": float(loss.detach()), "torch": torch.__version__}
+if cuda:
+    out["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    out["cudnn"] = torch.backends.cudnn.version()
+print(json.dumps(out))

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# GPU check of candle-xent's CUDA kernels: the `run.sh` of the bundle `cargo xtask gpu-check`
-# builds. Runs on a CUDA 13 machine with PyTorch (no Rust needed):
+# GPU check of candle-xent's CUDA kernels and of the CUDA training path: the `run.sh` of the
+# bundle `cargo xtask gpu-check` builds. Runs on a CUDA 13 machine with PyTorch and torchvision
+# (no Rust needed):
 #     bash target/gpu-check/run.sh OUT_DIR
 # Writes into OUT_DIR: nvidia-smi.txt, cuda-tests.log, cuda_dump.safetensors, gpu_check.log,
-# results.json, results.md. Exit status: non-zero if the Rust CUDA tests or the parity fail.
+# gpu_train_check.log, train-check.log, results.json, results.md. Exit status: non-zero if the
+# Rust CUDA tests, the parity, the smoke-loss comparison or the memory check fail.
+# GPU_CHECK_ARGS / GPU_TRAIN_ARGS pass extra flags to gpu_check.py / gpu_train_check.py.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-${OUT:-$here/out}}"
@@ -38,7 +41,7 @@ if [ -d "$here/wheels" ] && ls "$here"/wheels/*.whl >/dev/null 2>&1; then
 fi
 
 # The binaries travel stripped and gzipped.
-for b in cuda-tests xent_cuda_bench; do
+for b in cuda-tests xent_cuda_bench xtask; do
   if [ -f "$here/$b.gz" ]; then
     gzip -dc "$here/$b.gz" > "$here/$b" && chmod +x "$here/$b"
   fi
@@ -53,4 +56,9 @@ echo "== PyTorch CUDA parity and benchmark"
 PYTHONUNBUFFERED=1 "$py" "$here/gpu_check.py" --fixtures "$here/fixtures" \
   --dump "$out/cuda_dump.safetensors" --bench-bin "$here/xent_cuda_bench" --out "$out" \
   ${GPU_CHECK_ARGS:-} 2>&1 | tee "$out/gpu_check.log" || status=1
+
+echo "== CUDA training: train-cars --smoke vs the CPU, a ResNet-18 step vs cuDNN, memory"
+PYTHONUNBUFFERED=1 "$py" "$here/gpu_train_check.py" --xtask "$here/xtask" \
+  --torch-bench "$here/bench_torch_resnet.py" --out "$out" \
+  ${GPU_TRAIN_ARGS:-} 2>&1 | tee "$out/gpu_train_check.log" || status=1
 exit $status

@@ -63,6 +63,10 @@ pub struct TrainArgs {
     /// weights are written into a temporary Hub cache and read back offline.
     #[arg(long)]
     smoke: bool,
+    /// Also write the loss of every optimizer step to this JSON file (a list of numbers), e.g.
+    /// to compare runs of the same seed on two devices.
+    #[arg(long)]
+    step_losses: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
     /// Hub repo of the pretrained weights.
@@ -192,11 +196,19 @@ impl TrainArgs {
 
 pub fn train_cars(a: TrainArgs) -> Result<()> {
     let recipe = a.recipe();
-    if a.smoke {
+    let report = if a.smoke {
         let (recipe, _cache) = recipe.smoke()?; // the cache lives until the run ends
-        recipe.run()?;
+        recipe.run()?
     } else {
-        recipe.run()?;
+        recipe.run()?
+    };
+    if let Some(p) = &a.step_losses {
+        std::fs::write(p, serde_json::to_string(&report.fit.step_losses)?)?;
+        eprintln!(
+            "{} step losses written to {}",
+            report.fit.step_losses.len(),
+            p.display()
+        );
     }
     Ok(())
 }

@@ -1,16 +1,23 @@
 //! `cargo xtask gpu-check`: builds here (no GPU needed) a self-contained bundle that checks
-//! candle-xent's CUDA kernels on any Linux x86-64 machine with a CUDA 13 driver, PyTorch and an
-//! NVIDIA GPU, and that needs no Rust there:
+//! candle-xent's CUDA kernels and the CUDA training path on any Linux x86-64 machine with a
+//! CUDA 13 driver, PyTorch (with torchvision) and an NVIDIA GPU, and that needs no Rust there:
 //!
 //! ```text
 //! target/gpu-check/
 //!   run.sh              entry point: `bash target/gpu-check/run.sh OUT_DIR`
 //!   cuda-tests.gz       crates/candle-xent/tests/cuda.rs (parity vs the CPU op and the fixtures)
 //!   xent_cuda_bench.gz  crates/candle-xent/examples/xent_cuda_bench.rs (time, peak memory)
+//!   xtask.gz            this task runner with the `cuda` feature: `train-cars --smoke --device
+//!                       cuda` and `train-step` (a timed ResNet step, device memory per step)
 //!   gpu_check.py        scripts/gpu_check.py (PyTorch CUDA parity, torch / Liger benchmark)
+//!   gpu_train_check.py  scripts/gpu_train_check.py (smoke losses vs CPU, step vs cuDNN, memory)
+//!   bench_torch_resnet.py  scripts/bench_torch_resnet.py (PyTorch's step)
 //!   fixtures/           the PyTorch fixtures and their reference module
 //!   wheels/             optional: wheels to install there (e.g. liger-kernel), from --wheels
 //! ```
+//!
+//! Before it finishes, the build loads every binary against the stubs (`--help` / `--list`,
+//! which touch no GPU), so a bundle that would not start for a missing library fails here.
 //!
 //! The binaries are linked against stub libraries that only carry the sonames of the CUDA
 //! driver and libraries candle links (libcuda.so.1, libcudart.so.13, libnvrtc.so.13,
@@ -168,27 +175,49 @@ pub fn run(a: Args) -> Result<()> {
     test_args.extend_from_slice(&common);
     let mut bench_args = vec!["build", "--example", "xent_cuda_bench"];
     bench_args.extend_from_slice(&common);
+    let train_args = [
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "xtask",
+        "--features",
+        "cuda",
+        "--message-format",
+        "json",
+    ];
     // Two passes: link once, read the CUDA symbols the binaries use, give the stubs exactly
     // those symbols, and link again so that every stub is recorded as needed (rustc links with
     // --as-needed, which drops a library that provides nothing).
     let mut test_json = cargo(&test_args)?;
     let mut bench_json = cargo(&bench_args)?;
+    let mut train_json = cargo(&train_args)?;
     let mut symbols = cuda_symbols(&exe(&test_json, "cuda")?)?;
     symbols.extend(cuda_symbols(&exe(&bench_json, "xent_cuda_bench")?)?);
+    symbols.extend(cuda_symbols(&exe(&train_json, "xtask")?)?);
     symbols.sort();
     symbols.dedup();
     stubs(&link, &symbols)?;
-    for src in ["tests/cuda.rs", "examples/xent_cuda_bench.rs"] {
+    for src in [
+        "crates/candle-xent/tests/cuda.rs",
+        "crates/candle-xent/examples/xent_cuda_bench.rs",
+        "xtask/src/main.rs",
+    ] {
         // Relink (cargo does not track the native stubs).
-        let p = root.join("crates/candle-xent").join(src);
         std::fs::File::options()
             .append(true)
-            .open(&p)?
+            .open(root.join(src))?
             .set_modified(std::time::SystemTime::now())?;
     }
     test_json = cargo(&test_args)?;
     bench_json = cargo(&bench_args)?;
-    for (json, target) in [(&test_json, "cuda"), (&bench_json, "xent_cuda_bench")] {
+    train_json = cargo(&train_args)?;
+    let bins = [
+        (&test_json, "cuda", "cuda-tests"),
+        (&bench_json, "xent_cuda_bench", "xent_cuda_bench"),
+        (&train_json, "xtask", "xtask"),
+    ];
+    for (json, target, _) in bins {
         let bin = exe(json, target)?;
         let dynamic = run_capture(Command::new("readelf").arg("-d").arg(&bin))?;
         for (soname, _) in STUBS {
@@ -211,12 +240,28 @@ pub fn run(a: Args) -> Result<()> {
             .with_context(|| format!("copy {} to {to}", from.display()))?;
         Ok(())
     };
+    // Every binary starts against the stubs (found under their sonames): nothing it needs at
+    // load time is missing. `--help` / `--list` touch no GPU.
+    let load = link.join("load");
+    std::fs::create_dir_all(&load)?;
+    for (soname, name) in STUBS {
+        let l = load.join(soname);
+        let _ = std::fs::remove_file(&l);
+        std::os::unix::fs::symlink(link.join(format!("lib{name}.so")), &l)?;
+    }
+    for (json, target, _) in bins {
+        let arg = if target == "cuda" { "--list" } else { "--help" };
+        run_capture(
+            Command::new(exe(json, target)?)
+                .arg(arg)
+                .env("LD_LIBRARY_PATH", &load),
+        )
+        .with_context(|| format!("{target} does not start against the CUDA stubs"))?;
+    }
+    eprintln!("every binary starts against the CUDA stubs");
     // Stripped and gzipped: each binary embeds candle's PTX (~50 MB stripped, ~13 MB packed),
     // and a bundle must travel in well under 64 MiB.
-    for (json, target, name) in [
-        (&test_json, "cuda", "cuda-tests"),
-        (&bench_json, "xent_cuda_bench", "xent_cuda_bench"),
-    ] {
+    for (json, target, name) in bins {
         let dst = out.join(name);
         run_capture(
             Command::new("strip")
@@ -227,6 +272,14 @@ pub fn run(a: Args) -> Result<()> {
         run_capture(Command::new("gzip").arg("-9").arg(&dst))?;
     }
     copy(&root.join("scripts/gpu_check.py"), "gpu_check.py")?;
+    copy(
+        &root.join("scripts/gpu_train_check.py"),
+        "gpu_train_check.py",
+    )?;
+    copy(
+        &root.join("scripts/bench_torch_resnet.py"),
+        "bench_torch_resnet.py",
+    )?;
     copy(&root.join("scripts/gpu_check.sh"), "run.sh")?;
     let fx = root.join("crates/candle-xent/tests/fixtures");
     for f in ["xent.json", "xent.safetensors", "xent_reference.py"] {
@@ -252,12 +305,15 @@ pub fn run(a: Args) -> Result<()> {
     for e in walk(&out)? {
         total += std::fs::metadata(&e)?.len();
     }
+    let mib = total as f64 / (1 << 20) as f64;
     eprintln!(
-        "bundle: {} ({:.1} MiB). On the GPU machine: bash {}/run.sh OUT_DIR",
+        "bundle: {} ({mib:.1} MiB). On the GPU machine: bash {}/run.sh OUT_DIR",
         out.display(),
-        total as f64 / (1 << 20) as f64,
         a.out.display()
     );
+    if mib > 64.0 {
+        bail!("the bundle is {mib:.1} MiB, over the 64 MiB a device call may carry");
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod bench_xent;
 mod cars;
 mod gpu_check;
 mod soak;
+mod train_step;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Tasks of the candle-xent workspace")]
@@ -50,6 +51,9 @@ enum Cmd {
     /// Train for a given time on a generated dataset of realistic size and record resident
     /// memory every few steps (soak.json, soak.png): a leak shows as growth.
     Soak(soak::Args),
+    /// One ResNet training step timed on a device (random images), with the device memory in
+    /// use after every step; one JSON line (used by the gpu-check bundle).
+    TrainStep(train_step::Args),
 }
 
 /// The workspace root (the parent of this crate).
@@ -107,5 +111,6 @@ fn main() -> Result<()> {
         Cmd::BenchData(args) => bench_data::run(args),
         Cmd::GpuCheck(args) => gpu_check::run(args),
         Cmd::Soak(args) => soak::run(args),
+        Cmd::TrainStep(args) => train_step::run(args),
     }
 }

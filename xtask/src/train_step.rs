@@ -1,0 +1,101 @@
+//! `cargo xtask train-step`: a ResNet training step (train-mode forward, label-smoothed loss,
+//! backward, SGD update) timed on one device with random images, and the device memory in use
+//! after every step. One JSON line; the GPU bundle (`cargo xtask gpu-check`) runs it with
+//! `--device cuda` next to PyTorch's cuDNN step (scripts/bench_torch_resnet.py).
+
+use anyhow::{bail, Result};
+use candle_core::{DType, ModuleT, Tensor};
+use candle_finetune::recipe::DeviceKind;
+use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use candle_resnet::params::ParamGroups;
+use candle_resnet::resnet::Arch;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Architecture.
+    #[arg(long, default_value = "resnet18")]
+    arch: String,
+    /// Parameter and activation dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+/// Device memory in use (total - free), MiB; `None` where the device cannot say (CPU).
+fn device_used_mib(dev: &candle_core::Device) -> Option<f64> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            dev.synchronize().ok()?;
+            // The device's own context, whatever thread this is.
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some((total - free) as f64 / (1u64 << 20) as f64)
+        }
+        _ => None,
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => bail!("--dtype must be f32, bf16 or f16, got {other}"),
+    };
+    let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
+    let dev = a.device.device()?;
+    let vm = VarMap::new();
+    let model = arch.build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?;
+    let mut opt = SGD::new(ParamGroups::from_varmap(&vm).trainable(false), 0.01)?;
+    let x = Tensor::randn(0f32, 1., (a.batch, 3, a.size, a.size), &dev)?.to_dtype(dtype)?;
+    let labels: Vec<u32> = (0..a.batch as u32).map(|i| i % 196).collect();
+    let y = Tensor::new(labels.as_slice(), &dev)?;
+    let mut times = Vec::with_capacity(a.steps);
+    let mut memory = Vec::with_capacity(a.steps + 1);
+    let mut last_loss = f64::NAN;
+    for step in 0..=a.steps {
+        let t0 = Instant::now();
+        let logits = model.forward_t(&x, true)?;
+        let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
+        opt.backward_step(&loss)?;
+        last_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        dev.synchronize()?;
+        let dt = t0.elapsed().as_secs_f64();
+        if step > 0 {
+            times.push(dt);
+        }
+        if let Some(m) = device_used_mib(&dev) {
+            memory.push(m);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let med = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let out = serde_json::json!({
+        "impl": "candle",
+        "device": format!("{:?}", a.device).to_lowercase(),
+        "arch": a.arch,
+        "dtype": a.dtype,
+        "batch": a.batch,
+        "size": a.size,
+        "steps": a.steps,
+        "median_step_s": med,
+        "images_per_s": a.batch as f64 / med,
+        "last_loss": last_loss,
+        "device_used_mib": memory,
+    });
+    println!("{out}");
+    Ok(())
+}
