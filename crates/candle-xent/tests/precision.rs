@@ -65,14 +65,27 @@ fn exact_at_every_scale_through_every_entry_point() {
     for case in &cases {
         let dtype = dtype_of(&case.dtype);
         let inp = inputs(case, &t);
-        let rows = rows_of(case, &inp.input);
+        let rows = rows_of(&case.reduction, &inp.input);
         // Autograd into a Var.
         let (loss, grad) =
             common::fixtures::run(&inp.loss_fn, &inp.input, &inp.target, &inp.upstream);
-        let mut worst = check_loss(case, dtype, &loss, &inp.want_loss, rows, "autograd");
+        let mut worst = check_loss(
+            &case.name,
+            dtype,
+            &flat_f64(&loss),
+            &inp.want_loss,
+            rows,
+            "autograd",
+        );
         worst = worse(
             worst,
-            check_grad(case, dtype, &grad, &inp.want_grad, "autograd"),
+            check_grad(
+                &case.name,
+                dtype,
+                &flat_f64(&grad),
+                &inp.want_grad,
+                "autograd",
+            ),
         );
         // The gradient written over the logits.
         let var = Var::from_tensor(&inp.input).unwrap();
@@ -88,12 +101,19 @@ fn exact_at_every_scale_through_every_entry_point() {
             .unwrap();
         worst = worse(
             worst,
-            check_loss(case, dtype, &loss, &inp.want_loss, rows, "in-place"),
+            check_loss(
+                &case.name,
+                dtype,
+                &flat_f64(&loss),
+                &inp.want_loss,
+                rows,
+                "in-place",
+            ),
         );
         let gi = g.get(var.as_tensor()).unwrap();
         worst = worse(
             worst,
-            check_grad(case, dtype, gi, &inp.want_grad, "in-place"),
+            check_grad(&case.name, dtype, &flat_f64(gi), &inp.want_grad, "in-place"),
         );
         // Without autograd (reduced losses only: the upstream gradient is 1).
         if case.reduction != "none" {
@@ -103,11 +123,24 @@ fn exact_at_every_scale_through_every_entry_point() {
                 .unwrap();
             worst = worse(
                 worst,
-                check_loss(case, dtype, &l, &inp.want_loss, rows, "with_grad"),
+                check_loss(
+                    &case.name,
+                    dtype,
+                    &flat_f64(&l),
+                    &inp.want_loss,
+                    rows,
+                    "with_grad",
+                ),
             );
             worst = worse(
                 worst,
-                check_grad(case, dtype, &gr, &inp.want_grad, "with_grad"),
+                check_grad(
+                    &case.name,
+                    dtype,
+                    &flat_f64(&gr),
+                    &inp.want_grad,
+                    "with_grad",
+                ),
             );
         }
         report.push((worst, case.name.clone()));

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var, WithDType};
 use candle_xent::{CrossEntropyLoss, Reduction};
-use common::precision::{assert_all_within, check, worse, Worst};
+use common::precision::{assert_all_within, check_grad, check_loss, rows_of, worse, Worst};
 use common::{assert_close, eps_for, flat_f64, rtol_for};
 use half::{bf16, f16};
 use serde::Deserialize;
@@ -188,6 +188,45 @@ fn cpu_op(case: &Case, t: &HashMap<String, Tensor>) -> (Vec<f64>, Vec<f64>) {
     )
 }
 
+/// Every emulated run of `case`: the geometry the GPU path picks, then each reduction path
+/// forced (warp, block), for the CUDA source and (no f64 on Metal) the Metal source; each run's
+/// in-place gradient is checked bit for bit against its out-of-place one. Returns each run's
+/// description and results.
+fn kernel_runs<T: Elem + WithDType>(
+    case: &Case,
+    t: &HashMap<String, Tensor>,
+    dtype: DType,
+) -> Vec<(String, Emulated)>
+where
+    T::Acc: Into<f64>,
+{
+    let sources: &[Source] = if dtype == DType::F64 {
+        &[Source::Cuda]
+    } else {
+        &[Source::Cuda, Source::Metal]
+    };
+    let mut runs = Vec::new();
+    for &source in sources {
+        for forced in [None, Some(32), Some(256)] {
+            let (p, e) = emulate::<T>(case, t, forced, source);
+            let what = format!(
+                "{} ({source:?}, inner {}, group {:?})",
+                case.name, p.inner, p.group
+            );
+            assert_eq!(
+                e.grad.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                e.grad_inplace
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "{what}: in-place gradient differs from the out-of-place one"
+            );
+            runs.push((what, e));
+        }
+    }
+    runs
+}
+
 fn check_case<T: Elem + WithDType>(case: &Case, t: &HashMap<String, Tensor>, dtype: DType)
 where
     T::Acc: Into<f64>,
@@ -205,22 +244,7 @@ where
     let atol = 1e-7_f64.min(eps_for(dtype)) + 4.0 * xmax * acc_eps;
     let (want_loss, want_grad) = (flat_f64(&get("loss")), flat_f64(&get("grad")));
     let (cpu_loss, cpu_grad) = cpu_op(case, t);
-    // The geometry the GPU path picks, then the other reduction path (warp <-> block), for the
-    // CUDA source and (no f64 on Metal) the Metal source.
-    let sources: &[Source] = if dtype == DType::F64 {
-        &[Source::Cuda]
-    } else {
-        &[Source::Cuda, Source::Metal]
-    };
-    for (&source, forced) in sources
-        .iter()
-        .flat_map(|s| [None, Some(32), Some(256)].map(move |g| (s, g)))
-    {
-        let (p, e) = emulate::<T>(case, t, forced, source);
-        let what = format!(
-            "{} ({source:?}, inner {}, group {:?})",
-            case.name, p.inner, p.group
-        );
+    for (what, e) in kernel_runs::<T>(case, t, dtype) {
         assert_close(
             &e.loss,
             &want_loss,
@@ -249,17 +273,6 @@ where
             atol,
             &format!("{what} grad vs CPU op"),
         );
-        assert_eq!(
-            e.grad.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            e.grad_inplace
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>(),
-            "{what}: in-place gradient differs from the out-of-place one"
-        );
-        if p.inner > 1 && forced.is_some() {
-            continue;
-        }
     }
 }
 
@@ -275,65 +288,14 @@ where
 {
     let get = |k: &str| t[&format!("{}.{k}", case.name)].clone();
     let (want_loss, want_grad) = (flat_f64(&get("loss")), flat_f64(&get("grad")));
-    let rows = if case.reduction == "sum" {
-        emulate_rows(&get("input"))
-    } else {
-        1.0
-    };
-    let gmax = want_grad
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0f64, |m, v| m.max(v.abs()));
-    let sources: &[Source] = if dtype == DType::F64 {
-        &[Source::Cuda]
-    } else {
-        &[Source::Cuda, Source::Metal]
-    };
+    let rows = rows_of(&case.reduction, &get("input"));
     let mut worst: Worst = (0.0, String::new());
-    for (&source, forced) in sources
-        .iter()
-        .flat_map(|s| [None, Some(32), Some(256)].map(move |g| (s, g)))
-    {
-        let (p, e) = emulate::<T>(case, t, forced, source);
-        let what = format!(
-            "{} ({source:?}, inner {}, group {:?})",
-            case.name, p.inner, p.group
-        );
-        let wl = check(
-            dtype,
-            &e.loss,
-            &want_loss,
-            |i| want_loss[i].abs() + rows,
-            &format!("{what} loss"),
-        );
-        let wg = check(
-            dtype,
-            &e.grad,
-            &want_grad,
-            |_| gmax,
-            &format!("{what} grad"),
-        );
+    for (what, e) in kernel_runs::<T>(case, t, dtype) {
+        let wl = check_loss(&what, dtype, &e.loss, &want_loss, rows, "emulated");
+        let wg = check_grad(&what, dtype, &e.grad, &want_grad, "emulated");
         worst = worse(worse(worst, wl), wg);
-        assert_eq!(
-            e.grad.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            e.grad_inplace
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>(),
-            "{what}: in-place gradient differs from the out-of-place one"
-        );
     }
     worst
-}
-
-/// Rows of a fixture input (class dim 1, or a single unbatched row).
-fn emulate_rows(input: &Tensor) -> f64 {
-    let d = input.dims();
-    if d.len() == 1 {
-        1.0
-    } else {
-        (d.iter().product::<usize>() / d[1]) as f64
-    }
 }
 
 #[test]

@@ -41,9 +41,9 @@ pub fn fixtures_match_pytorch_and_the_cpu_op(dev: &Device, f64_ok: bool) {
         if case.precision {
             // The precision set: the bound of tests/precision.rs, on the device.
             let dt = dtype_of(&case.dtype);
-            let rows = rows_of(case, &inp.input);
-            let wl = check_loss(case, dt, &loss, &inp.want_loss, rows, "device");
-            let wg = check_grad(case, dt, &grad, &inp.want_grad, "device");
+            let rows = rows_of(&case.reduction, &inp.input);
+            let wl = check_loss(name, dt, &l, &inp.want_loss, rows, "device");
+            let wg = check_grad(name, dt, &g, &inp.want_grad, "device");
             precision.push((worse(wl, wg), name.clone()));
         } else {
             assert_close(

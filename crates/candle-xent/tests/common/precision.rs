@@ -3,7 +3,6 @@
 //! the output dtype (the final rounding) plus [`ULPS`] units of the accumulation type times a
 //! scale (`|loss| + rows` for a loss, the largest |gradient| of the tensor for a gradient).
 
-use super::fixtures::Case;
 use super::flat_f64;
 use candle_core::{DType, Device, Tensor};
 
@@ -120,48 +119,44 @@ pub fn assert_all_within(report: &mut [(Worst, String)], what: &str) {
     );
 }
 
-pub fn rows_of(case: &Case, input: &Tensor) -> f64 {
+/// The loss bound's row term for a case of `reduction` on `input`: 1 for `none` and `mean` (a
+/// mean of per-row errors is bounded by the largest), the row count for `sum` (it adds them).
+pub fn rows_of(reduction: &str, input: &Tensor) -> f64 {
     let d = input.dims();
     let rows = if d.len() == 1 {
         1
     } else {
         d.iter().product::<usize>() / d[1]
     };
-    match case.reduction.as_str() {
-        "none" => 1.0,
-        // A mean of per-row errors is bounded by the largest; a sum adds them.
-        "mean" => 1.0,
+    match reduction {
+        "none" | "mean" => 1.0,
         _ => rows as f64,
     }
 }
 
+/// A loss (`got`, flattened) against the exact `want`: scale `|loss| + rows`.
 pub fn check_loss(
-    case: &Case,
+    name: &str,
     dtype: DType,
-    got: &Tensor,
+    got: &[f64],
     want: &[f64],
     rows: f64,
     what: &str,
 ) -> Worst {
     check(
         dtype,
-        &flat_f64(got),
+        got,
         want,
         |i| want[i].abs() + rows,
-        &format!("{} {what} loss", case.name),
+        &format!("{name} {what} loss"),
     )
 }
 
-pub fn check_grad(case: &Case, dtype: DType, got: &Tensor, want: &[f64], what: &str) -> Worst {
+/// A gradient (`got`, flattened) against the exact `want`: scale the largest finite |want|.
+pub fn check_grad(name: &str, dtype: DType, got: &[f64], want: &[f64], what: &str) -> Worst {
     let gmax = want
         .iter()
         .filter(|v| v.is_finite())
         .fold(0f64, |m, v| m.max(v.abs()));
-    check(
-        dtype,
-        &flat_f64(got),
-        want,
-        |_| gmax,
-        &format!("{} {what} grad", case.name),
-    )
+    check(dtype, got, want, |_| gmax, &format!("{name} {what} grad"))
 }
