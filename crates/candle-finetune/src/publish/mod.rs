@@ -108,13 +108,6 @@ pub fn check_folder(dir: &Path) -> Result<ModelConfig> {
         .map_err(|e| candle_core::Error::Msg(format!("publish: {}: {e}", cfg_path.display())))
 }
 
-fn split(repo: &str) -> Result<(&str, &str)> {
-    match repo.split_once('/') {
-        Some((o, n)) if !o.is_empty() && !n.is_empty() && !n.contains('/') => Ok((o, n)),
-        _ => bail!("publish: repository must be OWNER/NAME, got {repo:?}"),
-    }
-}
-
 /// Publishes the model folder `dir` to `opts.repo` in one commit.
 ///
 /// ```no_run
@@ -128,7 +121,8 @@ fn split(repo: &str) -> Result<(&str, &str)> {
 /// ```
 pub fn publish_folder(hub: &HubOptions, dir: &Path, opts: &PublishOptions) -> Result<Published> {
     let cfg = check_folder(dir)?;
-    let (owner, name) = split(&opts.repo)?;
+    let (owner, name) = crate::hub::split_repo(&opts.repo)
+        .map_err(|e| candle_core::Error::Msg(format!("publish: {e}")))?;
     if hub.offline {
         bail!("publish: HF_HUB_OFFLINE is set; publishing needs the network");
     }
