@@ -2,7 +2,7 @@
 //! `--epoch`, whole training epochs end to end (JPEG decoding, augmentation, the prefetching
 //! loader, steps) on a generated image folder that both read.
 
-use crate::{build_example, run_capture};
+use crate::{build_example_with, run_capture};
 use anyhow::Result;
 use serde_json::Value;
 use std::process::Command;
@@ -36,6 +36,12 @@ pub struct Args {
     /// `--epoch`: epochs run; the last one is reported (the first warms up).
     #[arg(long, default_value_t = 2)]
     epochs: usize,
+    /// Also time candle with candle-resnet's `onednn` feature (f32 convolutions on oneDNN;
+    /// needs libdnnl, e.g. `apt install libdnnl-dev`), beside the default build. In `--epoch`
+    /// mode the build of this command decides (`cargo run --release -p xtask --features onednn
+    /// -- bench-resnet --epoch`).
+    #[arg(long)]
+    onednn: bool,
     /// `--epoch`: PyTorch DataLoader worker processes.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -52,19 +58,34 @@ pub fn run(a: Args) -> Result<()> {
     if a.epoch {
         return run_epochs(a);
     }
-    let exe = build_example("candle-resnet", "resnet_step")?;
+    // The default build first, then (--onednn) the feature build, each its own binary.
+    let mut exes = vec![build_example_with("candle-resnet", "resnet_step", None)?];
+    if a.onednn {
+        exes.push(build_example_with(
+            "candle-resnet",
+            "resnet_step",
+            Some("onednn"),
+        )?);
+    }
     let n = a.steps.to_string();
     let mut rows: Vec<Value> = Vec::new();
     for shape in &a.shapes {
         let (size, batch) = parse_shape(shape)?;
         let (b, s) = (batch.to_string(), size.to_string());
-        eprintln!("candle {} batch {b} at {s} px ...", a.arch);
-        let out = run_capture(
-            Command::new(&exe)
-                .args([&b, &s, &n, &a.arch])
-                .env("RAYON_NUM_THREADS", a.threads.to_string()),
-        )?;
-        let candle: Value = serde_json::from_str(out.trim())?;
+        let mut candles = Vec::new();
+        for exe in &exes {
+            eprintln!(
+                "candle {} batch {b} at {s} px ({}) ...",
+                a.arch,
+                exe.display()
+            );
+            let out = run_capture(
+                Command::new(exe)
+                    .args([&b, &s, &n, &a.arch])
+                    .env("RAYON_NUM_THREADS", a.threads.to_string()),
+            )?;
+            candles.push(serde_json::from_str::<Value>(out.trim())?);
+        }
         let mut torch = None;
         if let Some(py) = &a.torch {
             eprintln!("torch {} batch {b} at {s} px ...", a.arch);
@@ -85,25 +106,25 @@ pub fn run(a: Args) -> Result<()> {
                 out.lines().last().unwrap_or_default(),
             )?);
         }
-        if let Some(t) = &torch {
-            let ratio = candle["images_per_s"].as_f64().unwrap_or(0.0)
-                / t["images_per_s"].as_f64().unwrap_or(f64::NAN);
-            let mut c = candle.clone();
-            c["vs_torch"] = serde_json::json!(format!("{ratio:.2}x"));
+        for mut c in candles {
+            if let Some(t) = &torch {
+                let ratio = c["images_per_s"].as_f64().unwrap_or(0.0)
+                    / t["images_per_s"].as_f64().unwrap_or(f64::NAN);
+                c["vs_torch"] = serde_json::json!(format!("{ratio:.2}x"));
+            }
             rows.push(c);
-            rows.push(t.clone());
-        } else {
-            rows.push(candle);
         }
+        rows.extend(torch);
     }
     println!(
-        "| impl | arch | batch | px | threads | s/step | images/s | peak RSS MiB | vs PyTorch |"
+        "| impl | convolutions | arch | batch | px | threads | s/step | images/s | peak RSS MiB | vs PyTorch |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["impl"].as_str().unwrap_or("?"),
+            r["conv"].as_str().unwrap_or("oneDNN (PyTorch)"),
             r["arch"].as_str().unwrap_or("?"),
             r["batch"],
             r["size"],
@@ -172,7 +193,8 @@ fn run_epochs(a: Args) -> Result<()> {
             .last()
             .ok_or_else(|| anyhow::anyhow!("the run recorded no epoch"))?;
         let mut c = serde_json::json!({
-            "impl": "candle", "arch": a.arch, "batch": batch, "size": size,
+            "impl": "candle", "conv": candle_resnet::ops::conv::Backend::Auto.describe(),
+            "arch": a.arch, "batch": batch, "size": size,
             "threads": a.threads, "images_per_s": (last.images_per_s * 10.0).round() / 10.0,
             "data_wait_s": (last.data_wait_s * 100.0).round() / 100.0,
             "loader_ms_per_image": (last.loader_ms_per_image * 100.0).round() / 100.0,
@@ -206,12 +228,13 @@ fn run_epochs(a: Args) -> Result<()> {
             rows.push(c);
         }
     }
-    println!("| impl | arch | batch | px | threads | epoch images/s | waited for data s | loader ms/image (CPU) | vs PyTorch |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| impl | convolutions | arch | batch | px | threads | epoch images/s | waited for data s | loader ms/image (CPU) | vs PyTorch |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["impl"].as_str().unwrap_or("?"),
+            r["conv"].as_str().unwrap_or("oneDNN (PyTorch)"),
             r["arch"].as_str().unwrap_or("?"),
             r["batch"],
             r["size"],

@@ -95,10 +95,30 @@ pub fn build_example(package: &str, example: &str) -> Result<PathBuf> {
         .join(example))
 }
 
+/// [`build_example`] with a cargo feature of `package` turned on (`None`: the default build),
+/// the binary copied to `EXAMPLE-FEATURE` (`EXAMPLE-default`) beside it so that builds with and
+/// without the feature can run side by side.
+pub fn build_example_with(package: &str, example: &str, feature: Option<&str>) -> Result<PathBuf> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--release", "-p", package, "--example", example]);
+    if let Some(f) = feature {
+        cmd.args(["--features", f]);
+    }
+    run_capture(&mut cmd)?;
+    let dir = workspace_root().join("target/release/examples");
+    let built = dir.join(example);
+    let copy = dir.join(format!("{example}-{}", feature.unwrap_or("default")));
+    std::fs::copy(&built, &copy)
+        .map_err(|e| anyhow::anyhow!("copying {} to {}: {e}", built.display(), copy.display()))?;
+    Ok(copy)
+}
+
 fn main() -> Result<()> {
     // Training steps free and re-allocate the same large buffers: keep them (see
     // candle_resnet::alloc; 1.4-1.5x faster ResNet steps on CPU).
     candle_resnet::alloc::reuse_freed_memory();
+    // candle's element-wise pool otherwise spins against rayon's workers (candle_resnet::threads).
+    candle_resnet::threads::quiet_candle_pool();
     match Cli::parse().command {
         Cmd::TrainCars(args) => cars::train_cars(*args),
         Cmd::EvalCars(args) => cars::eval_cars(args),

@@ -20,6 +20,7 @@ fn best<F: FnMut() -> anyhow::Result<()>>(mut f: F) -> anyhow::Result<f64> {
 
 fn main() -> anyhow::Result<()> {
     candle_resnet::alloc::reuse_freed_memory();
+    candle_resnet::threads::quiet_candle_pool();
     let a: Vec<String> = std::env::args().collect();
     let batch: usize = a.get(1).map_or(Ok(32), |s| s.parse())?;
     let size: usize = a.get(2).map_or(Ok(224), |s| s.parse())?;

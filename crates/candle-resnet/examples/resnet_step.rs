@@ -16,6 +16,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_RESNET_SYSTEM_MALLOC").is_none() {
         candle_resnet::alloc::reuse_freed_memory();
     }
+    candle_resnet::threads::quiet_candle_pool();
     let a: Vec<String> = std::env::args().collect();
     let batch: usize = a.get(1).map_or(Ok(32), |s| s.parse())?;
     let size: usize = a.get(2).map_or(Ok(224), |s| s.parse())?;
@@ -55,9 +56,10 @@ fn main() -> anyhow::Result<()> {
         })
         .map_or(0.0, |kb| kb / 1024.0);
     println!(
-        "{{\"impl\":\"candle\",\"arch\":\"{arch}\",\"batch\":{batch},\"size\":{size},\"threads\":{},\"median_step_s\":{med:.3},\"images_per_s\":{:.2},\"peak_rss_mib\":{peak_mib:.0}}}",
+        "{{\"impl\":\"candle\",\"arch\":\"{arch}\",\"batch\":{batch},\"size\":{size},\"threads\":{},\"median_step_s\":{med:.3},\"images_per_s\":{:.2},\"peak_rss_mib\":{peak_mib:.0},\"conv\":\"{}\"}}",
         candle_core::utils::get_num_threads(),
-        batch as f64 / med
+        batch as f64 / med,
+        candle_resnet::ops::conv::Backend::Auto.describe()
     );
     Ok(())
 }

@@ -30,6 +30,7 @@ pub mod init;
 pub mod ops;
 pub mod params;
 pub mod resnet;
+pub mod threads;
 
 pub use batchnorm::BatchNorm2d;
 pub use ops::maxpool::MaxPool2d;

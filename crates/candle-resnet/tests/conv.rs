@@ -4,7 +4,7 @@
 //! kernels, padding wider than the image), and bit-identical results for any thread count.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_resnet::ops::conv::conv2d;
+use candle_resnet::ops::conv::{conv2d_with, Backend};
 
 /// (N, Ci, H, W, Co, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -34,8 +34,10 @@ fn run(
     padding: usize,
     ours: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    // f32 with the `onednn` feature would take oneDNN (tests/onednn.rs); this file tests the
+    // im2col + GEMM path.
     let y = if ours {
-        conv2d(x, w, stride, padding)?
+        conv2d_with(x, w, stride, padding, Backend::Gemm)?
     } else {
         x.conv2d(w, padding, stride, 1, 1)?
     };
@@ -117,5 +119,22 @@ fn results_are_bit_identical_for_any_thread_count() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+// With the feature, tests/onednn.rs checks the backend choice instead.
+#[cfg(not(feature = "onednn"))]
+#[test]
+fn the_default_backend_is_gemm_without_the_onednn_feature() -> Result<()> {
+    let x = Tensor::ones((1, 2, 4, 4), DType::F32, &Device::Cpu)?;
+    let w = Tensor::ones((3, 2, 3, 3), DType::F32, &Device::Cpu)?;
+    assert_eq!(Backend::Auto.describe(), "im2col + GEMM");
+    let e = conv2d_with(&x, &w, 1, 1, Backend::OneDnn)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`onednn` feature"), "{e}");
+    // conv2d itself is the GEMM path: the centre output sums 2 x 3 x 3 ones.
+    let y = candle_resnet::ops::conv::conv2d(&x, &w, 1, 1)?;
+    assert_eq!(y.get(0)?.get(0)?.get(1)?.get(1)?.to_scalar::<f32>()?, 18.0);
     Ok(())
 }

@@ -17,11 +17,74 @@
 //! so the result is bit-identical for any thread count. Kernel taps that never read inside the
 //! image are cropped away first (a 3x3 convolution on a 1x1 map is a 1x1 convolution). f32 and
 //! f64 only; other dtypes and other devices use candle's own `conv2d` (see [`conv2d`]).
+//!
+//! With the `onednn` feature, f32 convolutions run on oneDNN instead (see [`Backend`]): its
+//! direct convolutions on blocked layouts need no im2col, which at small images costs as much as
+//! the GEMM itself. f64 keeps the im2col path either way.
 
 use super::storage::contiguous_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+#[cfg(feature = "onednn")]
+#[path = "onednn.rs"]
+mod onednn;
+
+/// Which implementation runs an f32 convolution on the CPU (f64 always takes the im2col + GEMM
+/// path; other dtypes and devices use candle's `conv2d`).
+///
+/// ```
+/// use candle_resnet::ops::conv::Backend;
+/// // "im2col + GEMM" in a default build; "oneDNN 2.6.3" (say) with the `onednn` feature.
+/// println!("f32 convolutions: {}", Backend::Auto.describe());
+/// assert_eq!(Backend::Gemm.describe(), "im2col + GEMM");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// oneDNN when the crate is built with the `onednn` feature, unless the environment variable
+    /// `CANDLE_RESNET_ONEDNN` is `0`; im2col + GEMM otherwise.
+    #[default]
+    Auto,
+    /// The pure-Rust im2col + GEMM path: bit-identical results for any thread count.
+    Gemm,
+    /// oneDNN; an error in a build without the `onednn` feature.
+    OneDnn,
+}
+
+impl Backend {
+    /// Whether f32 convolutions take oneDNN.
+    fn onednn(self) -> Result<bool> {
+        match self {
+            Backend::Gemm => Ok(false),
+            Backend::OneDnn if cfg!(feature = "onednn") => Ok(true),
+            Backend::OneDnn => {
+                bail!("conv2d: Backend::OneDnn needs candle-resnet built with the `onednn` feature")
+            }
+            Backend::Auto => Ok(cfg!(feature = "onednn")
+                && std::env::var("CANDLE_RESNET_ONEDNN").map_or(true, |v| v.trim() != "0")),
+        }
+    }
+
+    /// What runs f32 convolutions under this choice: `"im2col + GEMM"`, or `"oneDNN X.Y.Z"`
+    /// with the linked library's version (`"unavailable"` for [`Backend::OneDnn`] without the
+    /// feature).
+    pub fn describe(self) -> String {
+        match self.onednn() {
+            Ok(false) => "im2col + GEMM".to_string(),
+            Ok(true) => onednn_label(),
+            Err(_) => "unavailable".to_string(),
+        }
+    }
+}
+
+/// "oneDNN X.Y.Z" (only reached with the feature).
+fn onednn_label() -> String {
+    #[cfg(feature = "onednn")]
+    return format!("oneDNN {}", onednn::version());
+    #[cfg(not(feature = "onednn"))]
+    "unavailable".to_string()
+}
 
 /// Geometry of a convolution (square stride and padding, no dilation, one group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -577,6 +640,32 @@ fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
 struct Conv2dOp {
     stride: usize,
     padding: usize,
+    /// f32 through oneDNN (resolved from [`Backend`] when the op is built).
+    onednn: bool,
+}
+
+/// The three passes of a convolution and their operands: forward `(x, w) -> y`, input gradient
+/// `(w, dy) -> dx`, weight gradient `(x, dy) -> dw`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    GradInput,
+    GradWeight,
+}
+
+/// One f32 pass: through oneDNN when asked for (and the geometry is not empty), else im2col + GEMM.
+fn run_f32(g: &Geo, onednn: bool, pass: Pass, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    #[cfg(feature = "onednn")]
+    if onednn && g.n > 0 && g.ci > 0 && g.co > 0 {
+        return onednn::run(pass, g, a, b);
+    }
+    #[cfg(not(feature = "onednn"))]
+    let _ = onednn;
+    Ok(match pass {
+        Pass::Forward => forward(g, a, b),
+        Pass::GradInput => grad_input(g, a, b),
+        Pass::GradWeight => grad_weight(g, a, b),
+    })
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -593,11 +682,13 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geo::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let y = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(forward(
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run_f32(
                 &g,
+                self.onednn,
+                Pass::Forward,
                 contiguous_slice(s1, l1, "conv2d: input")?,
                 contiguous_slice(s2, l2, "conv2d: weight")?,
-            )),
+            )?),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(forward(
                 &g,
                 contiguous_slice(s1, l1, "conv2d: input")?,
@@ -619,12 +710,12 @@ impl CustomOp2 for Conv2dOp {
         let g = Geo::new(x.dims(), w.dims(), self.stride, self.padding)?;
         // An input outside the graph (the images fed to the stem) needs no gradient.
         let dx = if x.track_op() {
-            Some(w.apply_op2_no_bwd(&dy, &GradInput(g))?)
+            Some(w.apply_op2_no_bwd(&dy, &GradInput(g, self.onednn))?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&dy, &GradWeight(g))?)
+            Some(x.apply_op2_no_bwd(&dy, &GradWeight(g, self.onednn))?)
         } else {
             None
         };
@@ -632,8 +723,8 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
-/// `(w, dy) -> dx`.
-struct GradInput(Geo);
+/// `(w, dy) -> dx`; the flag: f32 through oneDNN.
+struct GradInput(Geo, bool);
 
 impl CustomOp2 for GradInput {
     fn name(&self) -> &'static str {
@@ -648,11 +739,13 @@ impl CustomOp2 for GradInput {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let dx = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(grad_input(
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run_f32(
                 g,
+                self.1,
+                Pass::GradInput,
                 contiguous_slice(s1, l1, "conv2d: weight")?,
                 contiguous_slice(s2, l2, "conv2d: grad")?,
-            )),
+            )?),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(grad_input(
                 g,
                 contiguous_slice(s1, l1, "conv2d: weight")?,
@@ -664,8 +757,8 @@ impl CustomOp2 for GradInput {
     }
 }
 
-/// `(x, dy) -> dw`.
-struct GradWeight(Geo);
+/// `(x, dy) -> dw`; the flag: f32 through oneDNN.
+struct GradWeight(Geo, bool);
 
 impl CustomOp2 for GradWeight {
     fn name(&self) -> &'static str {
@@ -680,11 +773,13 @@ impl CustomOp2 for GradWeight {
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let dw = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(grad_weight(
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run_f32(
                 g,
+                self.1,
+                Pass::GradWeight,
                 contiguous_slice(s1, l1, "conv2d: input")?,
                 contiguous_slice(s2, l2, "conv2d: grad")?,
-            )),
+            )?),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(grad_weight(
                 g,
                 contiguous_slice(s1, l1, "conv2d: input")?,
@@ -697,8 +792,8 @@ impl CustomOp2 for GradWeight {
 }
 
 /// `x (N, Ci, H, W)` convolved with `w (Co, Ci, kh, kw)`, square `stride` and zero `padding`,
-/// differentiable in both. On CPU with f32/f64 this is the im2col + GEMM op of this module;
-/// otherwise candle's `conv2d`.
+/// differentiable in both. On CPU with f32/f64 this is the op of this module (f32 on the
+/// [`Backend::Auto`] choice); otherwise candle's `conv2d`.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -712,13 +807,45 @@ impl CustomOp2 for GradWeight {
 /// # Ok(()) }
 /// ```
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_with(x, w, stride, padding, Backend::Auto)
+}
+
+/// [`conv2d`] with an explicit [`Backend`] for f32 (e.g. [`Backend::Gemm`] for results that are
+/// bit-identical for any thread count, or to compare the two).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_resnet::ops::conv::{conv2d, conv2d_with, Backend};
+/// # fn main() -> candle_core::Result<()> {
+/// let x = Tensor::randn(0f32, 1., (2, 3, 8, 8), &Device::Cpu)?;
+/// let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &Device::Cpu)?;
+/// let gemm = conv2d_with(&x, &w, 1, 1, Backend::Gemm)?;
+/// let auto = conv2d(&x, &w, 1, 1)?;
+/// let diff = (gemm - auto)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-4);
+/// # Ok(()) }
+/// ```
+pub fn conv2d_with(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    backend: Backend,
+) -> Result<Tensor> {
+    let onednn = backend.onednn()?;
     let fast = x.device().is_cpu()
         && x.dtype() == w.dtype()
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
     if fast {
         let (w, padding) = crop_to_image(x, w, stride, padding)?;
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, Conv2dOp { stride, padding })
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Conv2dOp {
+                stride,
+                padding,
+                onednn,
+            },
+        )
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }

@@ -1,0 +1,207 @@
+// The three f32 convolution passes of a training step through oneDNN (the library PyTorch calls
+// for convolutions on CPU), behind candle-resnet's `onednn` feature.
+//
+// The interface is one C function, `cr_dnnl_conv`, over plain NCHW / OIHW buffers owned by the
+// caller: oneDNN picks its own (blocked) layouts for the primitive, the buffers are reordered to
+// and from them, and every scratch buffer belongs to the call. Primitives are built once per
+// geometry and pass and kept in a process-wide cache; their scratchpad is user-managed, so
+// concurrent calls from several threads are safe. C++ exceptions never cross into Rust: every
+// failure is returned as a non-zero status with its message.
+
+#include <oneapi/dnnl/dnnl.hpp>
+#ifdef CR_DNNL_OMP
+#include <omp.h>
+#endif
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+namespace {
+
+using dnnl::memory;
+using tag = memory::format_tag;
+
+// Must match `Geometry` in onednn.rs.
+struct Geometry {
+    int64_t n, ci, h, w, co, kh, kw, stride, padding, oh, ow;
+};
+
+enum Pass : int32_t { FORWARD = 0, GRAD_INPUT = 1, GRAD_WEIGHT = 2 };
+
+using Key = std::tuple<int32_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t>;
+
+// One built pass: the primitive and the layouts it wants for its two inputs and its output.
+struct Built {
+    dnnl::primitive prim;
+    memory::desc a, b, out, scratch;
+    int a_arg, b_arg, out_arg;
+};
+
+dnnl::engine& engine() {
+    static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    return eng;
+}
+
+std::mutex cache_mutex;
+std::map<Key, std::shared_ptr<Built>> cache;
+
+std::shared_ptr<Built> build(int32_t pass, const Geometry& g) {
+    auto& eng = engine();
+    const auto f32 = memory::data_type::f32;
+    memory::desc x({g.n, g.ci, g.h, g.w}, f32, tag::any);
+    memory::desc wt({g.co, g.ci, g.kh, g.kw}, f32, tag::any);
+    memory::desc y({g.n, g.co, g.oh, g.ow}, f32, tag::any);
+    memory::dims strides{g.stride, g.stride}, pad{g.padding, g.padding};
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const auto alg = dnnl::algorithm::convolution_direct;
+    const auto prop = dnnl::prop_kind::forward_training;
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_forward::primitive_desc fwd(eng, prop, alg, x, wt, y, strides, pad, pad,
+                                                  attr);
+#else
+    dnnl::convolution_forward::primitive_desc fwd(
+        dnnl::convolution_forward::desc(prop, alg, x, wt, y, strides, pad, pad), attr, eng);
+#endif
+    auto b = std::make_shared<Built>();
+    if (pass == FORWARD) {
+        b->prim = dnnl::convolution_forward(fwd);
+        b->a = fwd.src_desc();
+        b->b = fwd.weights_desc();
+        b->out = fwd.dst_desc();
+        b->scratch = fwd.scratchpad_desc();
+        b->a_arg = DNNL_ARG_SRC;
+        b->b_arg = DNNL_ARG_WEIGHTS;
+        b->out_arg = DNNL_ARG_DST;
+    } else if (pass == GRAD_INPUT) {
+#if DNNL_VERSION_MAJOR >= 3
+        dnnl::convolution_backward_data::primitive_desc pd(eng, alg, x, wt, y, strides, pad, pad,
+                                                           fwd, attr);
+#else
+        dnnl::convolution_backward_data::primitive_desc pd(
+            dnnl::convolution_backward_data::desc(alg, x, wt, y, strides, pad, pad), attr, eng,
+            fwd);
+#endif
+        b->prim = dnnl::convolution_backward_data(pd);
+        b->a = pd.weights_desc();
+        b->b = pd.diff_dst_desc();
+        b->out = pd.diff_src_desc();
+        b->scratch = pd.scratchpad_desc();
+        b->a_arg = DNNL_ARG_WEIGHTS;
+        b->b_arg = DNNL_ARG_DIFF_DST;
+        b->out_arg = DNNL_ARG_DIFF_SRC;
+    } else {
+#if DNNL_VERSION_MAJOR >= 3
+        dnnl::convolution_backward_weights::primitive_desc pd(eng, alg, x, wt, y, strides, pad,
+                                                              pad, fwd, attr);
+#else
+        dnnl::convolution_backward_weights::primitive_desc pd(
+            dnnl::convolution_backward_weights::desc(alg, x, wt, y, strides, pad, pad), attr, eng,
+            fwd);
+#endif
+        b->prim = dnnl::convolution_backward_weights(pd);
+        b->a = pd.src_desc();
+        b->b = pd.diff_dst_desc();
+        b->out = pd.diff_weights_desc();
+        b->scratch = pd.scratchpad_desc();
+        b->a_arg = DNNL_ARG_SRC;
+        b->b_arg = DNNL_ARG_DIFF_DST;
+        b->out_arg = DNNL_ARG_DIFF_WEIGHTS;
+    }
+    return b;
+}
+
+std::shared_ptr<Built> lookup(int32_t pass, const Geometry& g) {
+    Key k{pass, g.n, g.ci, g.h, g.w, g.co, g.kh, g.kw, g.stride, g.padding};
+    {
+        std::lock_guard<std::mutex> lock(cache_mutex);
+        auto it = cache.find(k);
+        if (it != cache.end()) return it->second;
+    }
+    auto b = build(pass, g);  // outside the lock: building can take milliseconds
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    return cache.emplace(k, b).first->second;
+}
+
+void set_error(char* err, size_t len, const char* what) {
+    if (err && len) std::snprintf(err, len, "%s", what);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Runs one pass. FORWARD: a = x, b = w, out = y. GRAD_INPUT: a = w, b = dy, out = dx.
+// GRAD_WEIGHT: a = x, b = dy, out = dw. Buffers are plain NCHW (OIHW for weights), f32, and
+// `out` is fully overwritten. `threads` > 0 sets the OpenMP team for this call. Returns 0, or
+// non-zero with a message in `err`.
+int32_t cr_dnnl_conv(int32_t pass, const Geometry* g, const float* a, const float* b, float* out,
+                     int32_t threads, char* err, size_t err_len) {
+    try {
+        if (pass < FORWARD || pass > GRAD_WEIGHT) {
+            set_error(err, err_len, "unknown convolution pass");
+            return 1;
+        }
+        auto built = lookup(pass, *g);
+        auto& eng = engine();
+        dnnl::stream st(eng);
+        const auto f32 = memory::data_type::f32;
+        memory::desc x_plain({g->n, g->ci, g->h, g->w}, f32, tag::nchw);
+        memory::desc w_plain({g->co, g->ci, g->kh, g->kw}, f32, tag::oihw);
+        memory::desc y_plain({g->n, g->co, g->oh, g->ow}, f32, tag::nchw);
+        memory::desc a_plain = pass == GRAD_INPUT ? w_plain : x_plain;
+        memory::desc b_plain = pass == FORWARD ? w_plain : y_plain;
+        memory::desc out_plain = pass == FORWARD ? y_plain : pass == GRAD_INPUT ? x_plain : w_plain;
+#ifdef CR_DNNL_OMP
+        if (threads > 0) omp_set_num_threads(threads);
+#else
+        (void)threads;
+#endif
+        // A caller's buffer, reordered into the primitive's layout when that differs.
+        auto input = [&](const memory::desc& plain, const memory::desc& want, const float* p) {
+            memory user(plain, eng, const_cast<float*>(p));
+            if (plain == want) return user;
+            memory m(want, eng);
+            dnnl::reorder(user, m).execute(st, user, m);
+            return m;
+        };
+        memory ma = input(a_plain, built->a, a);
+        memory mb = input(b_plain, built->b, b);
+        memory user_out(out_plain, eng, out);
+        memory mo = out_plain == built->out ? user_out : memory(built->out, eng);
+        memory scratch(built->scratch, eng);
+        built->prim.execute(st, {{built->a_arg, ma},
+                                 {built->b_arg, mb},
+                                 {built->out_arg, mo},
+                                 {DNNL_ARG_SCRATCHPAD, scratch}});
+        if (mo != user_out) dnnl::reorder(mo, user_out).execute(st, mo, user_out);
+        st.wait();
+        return 0;
+    } catch (const dnnl::error& e) {
+        char msg[512];
+        std::snprintf(msg, sizeof msg, "oneDNN: %s (status %d)", e.what(), (int)e.status);
+        set_error(err, err_len, msg);
+        return 2;
+    } catch (const std::exception& e) {
+        set_error(err, err_len, e.what());
+        return 3;
+    } catch (...) {
+        set_error(err, err_len, "unknown C++ exception");
+        return 4;
+    }
+}
+
+// The oneDNN version linked, as "MAJOR.MINOR.PATCH".
+void cr_dnnl_version(char* buf, size_t len) {
+    const dnnl_version_t* v = dnnl_version();
+    std::snprintf(buf, len, "%d.%d.%d", v->major, v->minor, v->patch);
+}
+
+}  // extern "C"

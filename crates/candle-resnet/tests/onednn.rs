@@ -1,0 +1,127 @@
+//! The oneDNN route (feature `onednn`) against candle's own `conv2d` computed in f64: the three
+//! passes of f32 convolutions over the geometries of `tests/conv.rs` and of a 32 px ResNet-18,
+//! with batches that split unevenly over the threads, each element within the forward error
+//! bound of an f32 sum of that many products.
+#![cfg(feature = "onednn")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_resnet::ops::conv::{conv2d_with, Backend};
+
+/// (N, Ci, H, W, Co, k, stride, padding)
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+const CASES: &[Case] = &[
+    (3, 2, 9, 7, 4, 3, 1, 1),
+    (5, 3, 1, 1, 6, 3, 1, 1),
+    (17, 4, 2, 2, 3, 3, 2, 1),
+    (9, 6, 5, 5, 7, 1, 1, 0),
+    (9, 6, 6, 6, 7, 1, 2, 0),
+    (2, 3, 13, 11, 4, 7, 2, 3),
+    (4, 2, 5, 5, 3, 3, 3, 2),
+    (1, 1, 3, 3, 1, 5, 1, 3),
+    // ResNet-18 at 32 px: the stem, a 3x3 block, a strided 3x3, the downsample, the last stage.
+    (3, 3, 32, 32, 64, 7, 2, 3),
+    (3, 64, 8, 8, 64, 3, 1, 1),
+    (3, 128, 4, 4, 256, 3, 2, 1),
+    (3, 64, 8, 8, 128, 1, 2, 0),
+    (3, 512, 1, 1, 512, 3, 1, 1),
+];
+
+/// `(y, dx, dw)` of `sum(y * r)`: through `backend` in `dtype`, from the same f64 values.
+fn passes(
+    c: &Case,
+    x: &Tensor,
+    w: &Tensor,
+    r: &Tensor,
+    dtype: DType,
+    backend: Option<Backend>,
+) -> Result<[Tensor; 3]> {
+    let &(_, _, _, _, _, _, s, p) = c;
+    let x = Var::from_tensor(&x.to_dtype(dtype)?)?;
+    let w = Var::from_tensor(&w.to_dtype(dtype)?)?;
+    let y = match backend {
+        Some(b) => conv2d_with(&x, &w, s, p, b)?,
+        None => x.conv2d(&w, p, s, 1, 1)?,
+    };
+    let g = (&y * r.to_dtype(dtype)?)?.sum_all()?.backward()?;
+    let dx = g.get(&x).expect("dx").to_dtype(DType::F64)?;
+    let dw = g.get(&w).expect("dw").to_dtype(DType::F64)?;
+    Ok([y.detach().to_dtype(DType::F64)?, dx, dw])
+}
+
+fn check(c: &Case, threads: usize) -> Result<()> {
+    let &(n, ci, h, wd, co, k, s, p) = c;
+    let dev = Device::Cpu;
+    // f32-representable inputs, so the f64 reference sees exactly what oneDNN sees.
+    let x = Tensor::randn(0f32, 1., (n, ci, h, wd), &dev)?.to_dtype(DType::F64)?;
+    let w = Tensor::randn(0f32, 1., (co, ci, k, k), &dev)?.to_dtype(DType::F64)?;
+    let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+    let r = Tensor::randn(0f32, 1., (n, co, oh, ow), &dev)?.to_dtype(DType::F64)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool");
+    let ours = pool.install(|| passes(c, &x, &w, &r, DType::F32, Some(Backend::OneDnn)))?;
+    let exact = passes(c, &x, &w, &r, DType::F64, None)?;
+    // The same sums over |x|, |w|, |r|: the scale of each element's rounding error.
+    let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
+    // Products summed per element: Ci*k*k for y, Co*k*k for dx, N*OH*OW for dw.
+    let terms = [ci * k * k, co * k * k, n * oh * ow];
+    let u = f64::from(f32::EPSILON) / 2.0;
+    for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+        // An f32 sum of m products is within (m + 2) u sum |products| (each product rounded
+        // once, each addition once, the result rounded once); the factor 2 covers the
+        // operands' and result's layout reorders, which are exact, and FMA contraction.
+        let bound = (mag[i].clone() * (2.0 * (terms[i] + 2) as f64 * u))?;
+        let err = (&ours[i] - &exact[i])?.abs()?;
+        let over = (&err - &bound)?.max_all()?.to_scalar::<f64>()?;
+        let worst = (err / (bound + 1e-300)?)?.max_all()?.to_scalar::<f64>()?;
+        assert!(
+            over <= 0.0,
+            "{what} of case {c:?} with {threads} threads: {worst:.2} of the f32 error bound"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn onednn_passes_are_within_the_f32_error_bound() -> Result<()> {
+    for c in CASES {
+        check(c, 2)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn uneven_splits_over_threads_stay_within_the_bound() -> Result<()> {
+    // 3 images over 1, 2 and 3 threads: runs of 3, of 2 + 1, of 1 + 1 + 1.
+    for threads in [1, 3] {
+        check(&(3, 8, 6, 6, 16, 3, 1, 1), threads)?;
+        check(&(3, 16, 6, 6, 8, 3, 2, 1), threads)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_auto_backend_is_onednn_and_named_so() {
+    let auto = Backend::Auto.describe();
+    // The environment may opt out (CANDLE_RESNET_ONEDNN=0); by default the feature turns it on.
+    if std::env::var("CANDLE_RESNET_ONEDNN").as_deref() == Ok("0") {
+        assert_eq!(auto, "im2col + GEMM");
+    } else {
+        assert!(auto.starts_with("oneDNN "), "Backend::Auto is {auto:?}");
+    }
+    assert!(Backend::OneDnn.describe().starts_with("oneDNN "));
+}
+
+#[test]
+fn a_wrong_geometry_is_an_error_not_a_crash() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &dev)?;
+    let w = Tensor::zeros((5, 4, 3, 3), DType::F32, &dev)?; // 4 input channels, x has 3
+    let e = conv2d_with(&x, &w, 1, 1, Backend::OneDnn)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("channels"), "{e}");
+    Ok(())
+}
