@@ -204,3 +204,20 @@ fn composed_path_equals_the_kernel_with_ties_nan_and_inf() {
         .forward_composed(&Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap())
         .is_err());
 }
+
+#[test]
+fn signed_zeros_tie_and_the_first_one_wins() {
+    // -0.0 and +0.0 compare equal: PyTorch keeps the first in row-major order, value and
+    // gradient both.
+    let dev = Device::Cpu;
+    let pool = MaxPool2d::new(2, 2, 0);
+    for (first, second) in [(-0.0f32, 0.0f32), (0.0, -0.0)] {
+        let x = Var::new(&[[[[first, second], [second, second]]]], &dev).unwrap();
+        let y = pool.forward(&x).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        assert_eq!(v.to_bits(), first.to_bits(), "value of window starting {first:?}");
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx = g.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(gx, vec![1.0, 0.0, 0.0, 0.0], "gradient of window starting {first:?}");
+    }
+}

@@ -14,7 +14,7 @@
 
 use super::storage::contiguous_slice;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -189,68 +189,102 @@ impl MaxPool2d {
         })
     }
 
-    /// Index (within the plane) of the first maximal element of output `(i, j)`'s window.
-    #[inline]
-    fn argmax<T: WithDType>(&self, plane: &[T], g: &Geo, i: usize, j: usize) -> usize {
-        let (k, s, p) = (
-            self.kernel as isize,
-            self.stride as isize,
-            self.padding as isize,
-        );
-        let y0 = i as isize * s - p;
-        let x0 = j as isize * s - p;
-        let (ylo, yhi) = (y0.max(0) as usize, ((y0 + k) as usize).min(g.h));
-        let (xlo, xhi) = (x0.max(0) as usize, ((x0 + k) as usize).min(g.w));
-        let mut best = ylo * g.w + xlo;
-        let mut bv = plane[best];
-        // Compared in the tensor's own type (order and NaN-ness are those of its f64 value);
-        // `v != v` is NaN: the first NaN wins, as in PyTorch.
-        #[allow(clippy::eq_op)]
-        for y in ylo..yhi {
-            let row = &plane[y * g.w + xlo..y * g.w + xhi];
-            for (x, &v) in row.iter().enumerate() {
-                if v > bv || (v != v && bv == bv) {
-                    bv = v;
-                    best = y * g.w + xlo + x;
-                }
-            }
-        }
-        best
+    /// The input rows (or columns) `lo..hi` of each output row (or column)'s window, clipped to
+    /// the image: padding never wins, so it is simply left out.
+    fn ranges(&self, out: usize, len: usize) -> Vec<(usize, usize)> {
+        (0..out)
+            .map(|o| {
+                let start = (o * self.stride) as isize - self.padding as isize;
+                let lo = start.max(0) as usize;
+                let hi = ((start + self.kernel as isize).max(0) as usize).min(len);
+                (lo, hi.max(lo))
+            })
+            .collect()
     }
 
+    /// Forward, separably: each input row's maximum over every output column's window, then the
+    /// maximum of those over each output row's window. Both passes keep the first maximal value
+    /// in scan order (`v > best`, and the first NaN wins), so the result is the first maximal
+    /// element of the window in row-major order, as in PyTorch, signed zeros included.
     fn fwd<T: WithDType>(&self, x: &[T], g: &Geo) -> Vec<T> {
+        let (rows, cols) = (self.ranges(g.oh, g.h), self.ranges(g.ow, g.w));
         let mut out = vec![T::zero(); g.planes * g.oh * g.ow];
         out.par_chunks_mut(g.oh * g.ow)
             .zip(x.par_chunks(g.h * g.w))
-            .for_each(|(o, plane)| {
-                for i in 0..g.oh {
-                    for j in 0..g.ow {
-                        o[i * g.ow + j] = plane[self.argmax(plane, g, i, j)];
+            .for_each_init(Vec::new, |across: &mut Vec<T>, (o, plane)| {
+                across.clear();
+                for row in plane.chunks_exact(g.w) {
+                    across.extend(cols.iter().map(|&(lo, hi)| first_max(&row[lo..hi])));
+                }
+                for (orow, &(lo, hi)) in o.chunks_exact_mut(g.ow).zip(&rows) {
+                    for (j, dst) in orow.iter_mut().enumerate() {
+                        let mut best = across[lo * g.ow + j];
+                        for y in lo + 1..hi {
+                            best = pick(best, across[y * g.ow + j]);
+                        }
+                        *dst = best;
                     }
                 }
             });
         out
     }
 
-    fn bwd_kernel<T: WithDType>(&self, x: &[T], dy: &[T], g: &Geo) -> Vec<T> {
+    /// Backward: each output's gradient goes to the first element of its window equal to the
+    /// output (the first NaN for a NaN output), which is the first maximal element; windows
+    /// overlap, so each plane sums in f64 and rounds once.
+    fn bwd_kernel<T: WithDType>(&self, x: &[T], y: &[T], dy: &[T], g: &Geo) -> Vec<T> {
+        let (rows, cols) = (self.ranges(g.oh, g.h), self.ranges(g.ow, g.w));
         let mut dx = vec![T::zero(); x.len()];
         dx.par_chunks_mut(g.h * g.w)
             .zip(x.par_chunks(g.h * g.w))
-            .zip(dy.par_chunks(g.oh * g.ow))
-            .for_each(|((d, plane), dyp)| {
-                // Windows overlap: accumulate in f64, round once.
-                let mut acc = vec![0f64; g.h * g.w];
-                for i in 0..g.oh {
-                    for j in 0..g.ow {
-                        acc[self.argmax(plane, g, i, j)] += dyp[i * g.ow + j].to_f64();
+            .zip(y.par_chunks(g.oh * g.ow).zip(dy.par_chunks(g.oh * g.ow)))
+            .for_each_init(Vec::new, |acc: &mut Vec<f64>, ((d, plane), (yp, dyp))| {
+                acc.clear();
+                acc.resize(g.h * g.w, 0.0);
+                for (i, &(ylo, yhi)) in rows.iter().enumerate() {
+                    for (j, &(xlo, xhi)) in cols.iter().enumerate() {
+                        let m = yp[i * g.ow + j];
+                        // `m != m`: a NaN output, won by the window's first NaN.
+                        #[allow(clippy::eq_op)]
+                        let hit = |v: T| (v == m) | ((m != m) & (v != v));
+                        // Scanned backwards with selects (no branch to mispredict): the last
+                        // hit seen is the first in row-major order. Some element always hits,
+                        // `m` being the maximum of this very window.
+                        let mut at = ylo * g.w + xlo;
+                        for r in (ylo..yhi).rev() {
+                            for c in (xlo..xhi).rev() {
+                                let q = r * g.w + c;
+                                at = if hit(plane[q]) { q } else { at };
+                            }
+                        }
+                        acc[at] += dyp[i * g.ow + j].to_f64();
                     }
                 }
-                for (dst, a) in d.iter_mut().zip(acc) {
+                for (dst, &a) in d.iter_mut().zip(acc.iter()) {
                     *dst = T::from_f64(a);
                 }
             });
         dx
     }
+}
+
+/// `v` replaces `best` when greater, or when it is the first NaN.
+#[inline]
+#[allow(clippy::eq_op)]
+fn pick<T: WithDType>(best: T, v: T) -> T {
+    // Non-short-circuit `|` / `&`: a select, not a branch the random data would mispredict.
+    let take = (v > best) | ((v != v) & (best == best));
+    if take {
+        v
+    } else {
+        best
+    }
+}
+
+/// The first maximal element of a non-empty run (see [`pick`]).
+#[inline]
+fn first_max<T: WithDType>(run: &[T]) -> T {
+    run[1..].iter().fold(run[0], |b, &v| pick(b, v))
 }
 
 impl CustomOp1 for MaxPool2d {
@@ -279,18 +313,22 @@ impl CustomOp1 for MaxPool2d {
         Ok((out, Shape::from((n, c, g.oh, g.ow))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(*self))?;
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &grad_res.contiguous()?,
+            &MaxPool2dBackward(*self),
+        )?;
         Ok(Some(grad))
     }
 }
 
 use candle_core::backend::BackendStorage;
 
-/// Backward of [`MaxPool2d`] as a custom op of `(input, grad_output)`.
+/// Backward of [`MaxPool2d`] as a custom op of `(input, output, grad_output)`.
 struct MaxPool2dBackward(MaxPool2d);
 
-impl CustomOp2 for MaxPool2dBackward {
+impl CustomOp3 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
         "candle-finetune-max-pool2d-backward"
     }
@@ -301,36 +339,39 @@ impl CustomOp2 for MaxPool2dBackward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = &self.0;
         let g = p.geo(l1.shape())?;
-        if l2.shape().elem_count() != g.planes * g.oh * g.ow {
+        let out_len = g.planes * g.oh * g.ow;
+        if l2.shape().elem_count() != out_len || l3.shape().elem_count() != out_len {
             bail!(
-                "max_pool2d backward: gradient shape {:?} does not match the output",
-                l2.shape()
+                "max_pool2d backward: output {:?} / gradient {:?} do not match the pooled shape",
+                l2.shape(),
+                l3.shape()
             );
         }
+        fn run<T: WithDType>(
+            p: &MaxPool2d,
+            g: &Geo,
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+        ) -> Result<Vec<T>> {
+            Ok(p.bwd_kernel(
+                contiguous_slice::<T>(s1, l1, "max_pool2d backward: input")?,
+                contiguous_slice::<T>(s2, l2, "max_pool2d backward: output")?,
+                contiguous_slice::<T>(s3, l3, "max_pool2d backward: gradient")?,
+                g,
+            ))
+        }
+        let a = ((s1, l1), (s2, l2), (s3, l3));
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(p.bwd_kernel(
-                contiguous_slice::<f32>(s1, l1, "max_pool2d: input")?,
-                contiguous_slice::<f32>(s2, l2, "max_pool2d: input")?,
-                &g,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(p.bwd_kernel(
-                contiguous_slice::<f64>(s1, l1, "max_pool2d: input")?,
-                contiguous_slice::<f64>(s2, l2, "max_pool2d: input")?,
-                &g,
-            )),
-            CpuStorage::F16(_) => CpuStorage::F16(p.bwd_kernel(
-                contiguous_slice::<f16>(s1, l1, "max_pool2d: input")?,
-                contiguous_slice::<f16>(s2, l2, "max_pool2d: input")?,
-                &g,
-            )),
-            CpuStorage::BF16(_) => CpuStorage::BF16(p.bwd_kernel(
-                contiguous_slice::<bf16>(s1, l1, "max_pool2d: input")?,
-                contiguous_slice::<bf16>(s2, l2, "max_pool2d: input")?,
-                &g,
-            )),
+            CpuStorage::F32(_) => CpuStorage::F32(run(p, &g, a.0, a.1, a.2)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run(p, &g, a.0, a.1, a.2)?),
+            CpuStorage::F16(_) => CpuStorage::F16(run(p, &g, a.0, a.1, a.2)?),
+            CpuStorage::BF16(_) => CpuStorage::BF16(run(p, &g, a.0, a.1, a.2)?),
             _ => bail!("max_pool2d backward: unsupported dtype {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
