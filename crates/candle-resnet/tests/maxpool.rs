@@ -215,9 +215,23 @@ fn signed_zeros_tie_and_the_first_one_wins() {
         let x = Var::new(&[[[[first, second], [second, second]]]], &dev).unwrap();
         let y = pool.forward(&x).unwrap();
         let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
-        assert_eq!(v.to_bits(), first.to_bits(), "value of window starting {first:?}");
+        assert_eq!(
+            v.to_bits(),
+            first.to_bits(),
+            "value of window starting {first:?}"
+        );
         let g = y.sum_all().unwrap().backward().unwrap();
-        let gx = g.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(gx, vec![1.0, 0.0, 0.0, 0.0], "gradient of window starting {first:?}");
+        let gx = g
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            gx,
+            vec![1.0, 0.0, 0.0, 0.0],
+            "gradient of window starting {first:?}"
+        );
     }
 }

@@ -144,3 +144,47 @@ fn fused_batch_norm_relu_equals_batch_norm_then_relu_bit_for_bit() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn fused_batch_norm_relu_gives_no_gradient_at_exactly_zero() -> Result<()> {
+    // Channels of -1, 0, 1 (mean exactly 0) and beta = 0: the normalised 0s are exactly 0, where
+    // PyTorch's ReLU gradient is 0. The fused backward recomputes its mask from x and must agree
+    // with the separate ReLU bit for bit.
+    use candle_core::ModuleT;
+    use candle_nn::{VarBuilder, VarMap};
+    for dtype in [DType::F32, DType::F64] {
+        let vm = VarMap::new();
+        let bn =
+            candle_resnet::BatchNorm2d::new(3, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu))?;
+        vm.data().lock().unwrap()["weight"]
+            .set(&Tensor::new(&[0.7f64, 1.3, 2.0], &Device::Cpu)?.to_dtype(dtype)?)?;
+        let vals: Vec<f64> = (0..2 * 3 * 3 * 3)
+            .map(|i| ((i * 7) % 3) as f64 - 1.0)
+            .collect();
+        let x = Var::from_tensor(
+            &Tensor::from_vec(vals, (2, 3, 3, 3), &Device::Cpu)?.to_dtype(dtype)?,
+        )?;
+        let dy = input(dtype, 9, false)?
+            .flatten_all()?
+            .narrow(0, 0, 54)?
+            .reshape((2, 3, 3, 3))?;
+        let mut grads = Vec::new();
+        for fused in [true, false] {
+            let y = if fused {
+                bn.forward_t_relu(&x, true)?
+            } else {
+                relu(&bn.forward_t(&x, true)?)?
+            };
+            let g = (&y * &dy)?.sum_all()?.backward()?;
+            let dx = g.get(&x).expect("dx").to_dtype(DType::F64)?.flatten_all()?;
+            grads.push(dx.to_vec1::<f64>()?);
+        }
+        let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&grads[0]),
+            bits(&grads[1]),
+            "{dtype:?}: fused dx differs"
+        );
+    }
+    Ok(())
+}

@@ -123,6 +123,26 @@ struct Normalize {
     relu: bool,
 }
 
+/// The forward's per-channel `(scale, shift)` in `T`: `y = x * scale + shift`. The backward
+/// recomputes them (and so the fused ReLU's mask) bit for bit from the same inputs.
+#[inline]
+fn channel_affine<T: WithDType>(eps: f64, mean: T, var: T, gamma: T, beta: T) -> (T, T) {
+    let scale = gamma.to_f64() / (var.to_f64() + eps).sqrt();
+    let shift = beta.to_f64() - mean.to_f64() * scale;
+    (T::from_f64(scale), T::from_f64(shift))
+}
+
+/// Elements per parallel task of the element-wise passes: whole planes, at least this many
+/// elements, so that a 1x1 map (512 channels x 128 images) is not 65,536 tasks.
+const TASK: usize = 1 << 13;
+
+impl Geo {
+    /// Planes per parallel task (see [`TASK`]).
+    fn planes_per_task(&self) -> usize {
+        TASK.div_ceil(self.hw.max(1))
+    }
+}
+
 fn normalize<T: WithDType>(
     g: &Geo,
     (eps, relu): (f64, bool),
@@ -130,23 +150,32 @@ fn normalize<T: WithDType>(
     st: &[T],
     af: &[T],
 ) -> Vec<T> {
+    let coef: Vec<(T, T)> = (0..g.c)
+        .map(|c| channel_affine(eps, st[c], st[g.c + c], af[c], af[g.c + c]))
+        .collect();
+    let ppt = g.planes_per_task();
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(g.hw).enumerate().for_each(|(p, out)| {
-        let (n, c) = (p / g.c, p % g.c);
-        let mean = st[c].to_f64();
-        let scale = af[c].to_f64() / (st[g.c + c].to_f64() + eps).sqrt();
-        let shift = af[g.c + c].to_f64() - mean * scale;
-        let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
-        if relu {
-            for (o, &v) in out.iter_mut().zip(g.plane(x, n, c)) {
-                *o = super::relu::relu1(v * scale + shift);
+    y.par_chunks_mut(g.hw * ppt)
+        .zip(x.par_chunks(g.hw * ppt))
+        .enumerate()
+        .for_each(|(t, (out, xs))| {
+            for (k, (out, xp)) in out
+                .chunks_mut(g.hw.max(1))
+                .zip(xs.chunks(g.hw.max(1)))
+                .enumerate()
+            {
+                let (scale, shift) = coef[(t * ppt + k) % g.c];
+                if relu {
+                    for (o, &v) in out.iter_mut().zip(xp) {
+                        *o = super::relu::relu1(v * scale + shift);
+                    }
+                } else {
+                    for (o, &v) in out.iter_mut().zip(xp) {
+                        *o = v * scale + shift;
+                    }
+                }
             }
-        } else {
-            for (o, &v) in out.iter_mut().zip(g.plane(x, n, c)) {
-                *o = v * scale + shift;
-            }
-        }
-    });
+        });
     y
 }
 
@@ -192,17 +221,17 @@ impl CustomOp3 for Normalize {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = if self.relu {
-            super::relu::relu_grad(y, dy)?
-        } else {
-            dy.contiguous()?
-        };
+        // With the fused ReLU, its mask (output > 0) is recomputed inside both kernels from x and
+        // the forward's exact per-channel affine: no masked copy of dy.
+        let _ = y;
+        let dy = dy.contiguous()?;
         let packed = Tensor::cat(&[st, af], 0)?; // (4, C): mean, var, gamma, beta
         let sums = x.apply_op3_no_bwd(
             &dy,
             &packed,
             &Backward {
                 eps: self.eps,
+                relu: self.relu,
                 dx: false,
             },
         )?; // (2, C)
@@ -212,6 +241,7 @@ impl CustomOp3 for Normalize {
             &packed,
             &Backward {
                 eps: self.eps,
+                relu: self.relu,
                 dx: true,
             },
         )?;
@@ -225,28 +255,47 @@ impl CustomOp3 for Normalize {
 /// the input gradient (`dx == true`, packed holds the sums too).
 struct Backward {
     eps: f64,
+    /// The forward fused a ReLU: dy counts only where its output was positive.
+    relu: bool,
     dx: bool,
 }
 
-fn sums<T: WithDType>(g: &Geo, eps: f64, x: &[T], dy: &[T], pk: &[T]) -> Vec<T> {
+/// `dy`, or 0 where the fused ReLU's output `relu(x * scale + shift)` was `<= 0` (PyTorch's
+/// `threshold_backward`: 0 at 0; a NaN output passes the gradient).
+#[inline]
+fn masked<T: WithDType>(relu: bool, v: T, d: T, (scale, shift): (T, T)) -> T {
+    // Non-short-circuit `|`: a select, not a branch that random signs would mispredict.
+    let at_or_below_zero = v * scale + shift <= T::zero();
+    let keep = !relu | !at_or_below_zero;
+    if keep {
+        d
+    } else {
+        T::zero()
+    }
+}
+
+fn sums<T: WithDType>(g: &Geo, (eps, relu): (f64, bool), x: &[T], dy: &[T], pk: &[T]) -> Vec<T> {
     let per: Vec<(f64, f64)> = (0..g.c)
         .into_par_iter()
         .map(|c| {
             let mean = pk[c].to_f64();
             let invstd = 1.0 / (pk[g.c + c].to_f64() + eps).sqrt();
+            let aff = channel_affine(eps, pk[c], pk[g.c + c], pk[2 * g.c + c], pk[3 * g.c + c]);
             let (mut sg, mut sb) = (Lanes::default(), Lanes::default());
             for n in 0..g.n {
                 let (xp, dp) = (g.plane(x, n, c), g.plane(dy, n, c));
                 let mut xi = xp.chunks_exact(LANES);
                 let mut di = dp.chunks_exact(LANES);
                 for (xc, dc) in (&mut xi).zip(&mut di) {
-                    let d: [f64; LANES] = std::array::from_fn(|l| dc[l].to_f64());
+                    let d: [f64; LANES] =
+                        std::array::from_fn(|l| masked(relu, xc[l], dc[l], aff).to_f64());
                     sg.add(std::array::from_fn(|l| d[l] * (xc[l].to_f64() - mean)));
                     sb.add(d);
                 }
                 for (&v, &d) in xi.remainder().iter().zip(di.remainder()) {
-                    sg.0[0] += d.to_f64() * (v.to_f64() - mean);
-                    sb.0[0] += d.to_f64();
+                    let d = masked(relu, v, d, aff).to_f64();
+                    sg.0[0] += d * (v.to_f64() - mean);
+                    sb.0[0] += d;
                 }
             }
             (sg.total() * invstd, sb.total())
@@ -258,26 +307,53 @@ fn sums<T: WithDType>(g: &Geo, eps: f64, x: &[T], dy: &[T], pk: &[T]) -> Vec<T> 
         .collect()
 }
 
-fn input_grad<T: WithDType>(g: &Geo, eps: f64, x: &[T], dy: &[T], pk: &[T]) -> Vec<T> {
+/// `(a, cx, b)` of `dx = a * dy + cx * x + b` for one channel.
+type Coef = (f64, f64, f64);
+
+fn input_grad<T: WithDType>(
+    g: &Geo,
+    (eps, relu): (f64, bool),
+    x: &[T],
+    dy: &[T],
+    pk: &[T],
+) -> Vec<T> {
     let c_n = g.c;
     let m = g.m() as f64;
+    // Per channel: dx = a * dy + cx * x + b, and the forward's affine for the ReLU mask.
+    let coef: Vec<(Coef, (T, T))> = (0..c_n)
+        .map(|c| {
+            let mean = pk[c].to_f64();
+            let invstd = 1.0 / (pk[c_n + c].to_f64() + eps).sqrt();
+            let gamma = pk[2 * c_n + c].to_f64();
+            let (sg, sb) = (pk[4 * c_n + c].to_f64(), pk[5 * c_n + c].to_f64());
+            let k = gamma * invstd;
+            // dx = k * (dy - sb/M - xhat * sg/M), xhat = (x - mean) * invstd; sg already holds
+            // one factor invstd (it sums dy * xhat).
+            let b = -k * (sb / m - mean * invstd * sg / m);
+            let cx = -k * invstd * sg / m;
+            let aff = channel_affine(eps, pk[c], pk[c_n + c], pk[2 * c_n + c], pk[3 * c_n + c]);
+            ((k, cx, b), aff)
+        })
+        .collect();
+    let ppt = g.planes_per_task();
+    let hw = g.hw.max(1);
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(g.hw).enumerate().for_each(|(p, out)| {
-        let (n, c) = (p / c_n, p % c_n);
-        let mean = pk[c].to_f64();
-        let invstd = 1.0 / (pk[c_n + c].to_f64() + eps).sqrt();
-        let gamma = pk[2 * c_n + c].to_f64();
-        let (sg, sb) = (pk[4 * c_n + c].to_f64(), pk[5 * c_n + c].to_f64());
-        let k = gamma * invstd;
-        // dx = k * (dy - sb/M - xhat * sg/M), xhat = (x - mean) * invstd
-        let a = k;
-        // sg already holds one factor invstd (it sums dy * xhat).
-        let b = -k * (sb / m - mean * invstd * sg / m);
-        let cx = -k * invstd * sg / m;
-        for ((o, &v), &d) in out.iter_mut().zip(g.plane(x, n, c)).zip(g.plane(dy, n, c)) {
-            *o = T::from_f64(a * d.to_f64() + cx * v.to_f64() + b);
-        }
-    });
+    dx.par_chunks_mut(hw * ppt)
+        .zip(x.par_chunks(hw * ppt).zip(dy.par_chunks(hw * ppt)))
+        .enumerate()
+        .for_each(|(t, (out, (xs, ds)))| {
+            for (k, (out, (xp, dp))) in out
+                .chunks_mut(hw)
+                .zip(xs.chunks(hw).zip(ds.chunks(hw)))
+                .enumerate()
+            {
+                let ((a, cx, b), aff) = coef[(t * ppt + k) % c_n];
+                for ((o, &v), &d) in out.iter_mut().zip(xp).zip(dp) {
+                    let d = masked(relu, v, d, aff);
+                    *o = T::from_f64(a * d.to_f64() + cx * v.to_f64() + b);
+                }
+            }
+        });
     dx
 }
 
@@ -304,12 +380,12 @@ impl CustomOp3 for Backward {
                 );
                 if self.dx {
                     (
-                        CpuStorage::$v(input_grad(&g, self.eps, x, dy, pk)),
+                        CpuStorage::$v(input_grad(&g, (self.eps, self.relu), x, dy, pk)),
                         l1.shape().clone(),
                     )
                 } else {
                     (
-                        CpuStorage::$v(sums(&g, self.eps, x, dy, pk)),
+                        CpuStorage::$v(sums(&g, (self.eps, self.relu), x, dy, pk)),
                         Shape::from((2, g.c)),
                     )
                 }

@@ -144,16 +144,18 @@ impl CustomOp2 for ReluGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         fn k<T: WithDType>(y: &[T], dy: &[T]) -> Vec<T> {
-            map2(y, dy, |y, d| if y <= T::zero() { T::zero() } else { d })
+            // A select, not a branch (random signs): 0 where y <= 0, so NaN passes d.
+            map2(y, dy, |y, d| {
+                let zero = y <= T::zero();
+                if zero {
+                    T::zero()
+                } else {
+                    d
+                }
+            })
         }
         binary("relu backward", (s1, l1), (s2, l2), k::<f32>, k::<f64>)
     }
-}
-
-/// The ReLU backward `dy where y > 0` on CPU f32/f64 tensors of one shape.
-pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    y.contiguous()?
-        .apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)
 }
 
 /// `max(x, 0)` with PyTorch's gradient (0 where the output is 0); a fused op on CPU f32/f64,
