@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch reference for `cargo xtask bench-resnet`: one ResNet training step (train-mode forward,
-cross_entropy(label_smoothing=0.1), backward, SGD update) on random images, CPU, fixed threads.
+cross_entropy(label_smoothing=0.1), backward, SGD update: momentum 0.9, weight decay 1e-4 by
+default, as train-cars) on random images, CPU, fixed threads.
 
     python3 scripts/bench_torch_resnet.py --batch 32 --size 224 --steps 3 --threads 2
     python3 scripts/bench_torch_resnet.py --device cuda --dtype bf16 --batch 128   # cuDNN
@@ -25,6 +26,9 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--arch", default="resnet18")
 p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+p.add_argument("--lr", type=float, default=0.01)
+p.add_argument("--momentum", type=float, default=0.9)
+p.add_argument("--weight-decay", type=float, default=1e-4)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 dev = torch.device(a.device)
@@ -33,7 +37,8 @@ if cuda:
     torch.backends.cudnn.benchmark = True
 dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
 model = getattr(torchvision.models, a.arch)(num_classes=196).train().to(dev, dt)
-opt = torch.optim.SGD(model.parameters(), lr=0.01)
+opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum,
+                      weight_decay=a.weight_decay)
 x = torch.randn(a.batch, 3, a.size, a.size, device=dev, dtype=dt)
 y = torch.arange(a.batch, device=dev) % 196
 times = []

@@ -1,8 +1,10 @@
-//! `cargo xtask bench-resnet`: images/s of one ResNet training step, candle vs PyTorch; with
+//! `cargo xtask bench-resnet`: images/s of one ResNet training step (`cargo xtask train-step`:
+//! train-cars' step with its optimizer, SGD momentum 0.9, weight decay 1e-4), candle vs PyTorch
+//! with the same optimizer; with
 //! `--epoch`, whole training epochs end to end (JPEG decoding, augmentation, the prefetching
 //! loader, steps) on a generated image folder that both read.
 
-use crate::{build_example_with, run_capture};
+use crate::{build_xtask_with, run_capture};
 use anyhow::Result;
 use serde_json::Value;
 use std::process::Command;
@@ -59,13 +61,9 @@ pub fn run(a: Args) -> Result<()> {
         return run_epochs(a);
     }
     // The default build first, then (--onednn) the feature build, each its own binary.
-    let mut exes = vec![build_example_with("candle-resnet", "resnet_step", None)?];
+    let mut exes = vec![build_xtask_with(None)?];
     if a.onednn {
-        exes.push(build_example_with(
-            "candle-resnet",
-            "resnet_step",
-            Some("onednn"),
-        )?);
+        exes.push(build_xtask_with(Some("onednn"))?);
     }
     let n = a.steps.to_string();
     let mut rows: Vec<Value> = Vec::new();
@@ -81,10 +79,13 @@ pub fn run(a: Args) -> Result<()> {
             );
             let out = run_capture(
                 Command::new(exe)
-                    .args([&b, &s, &n, &a.arch])
+                    .args(["train-step", "--batch", &b, "--size", &s, "--steps", &n])
+                    .args(["--arch", &a.arch])
                     .env("RAYON_NUM_THREADS", a.threads.to_string()),
             )?;
-            candles.push(serde_json::from_str::<Value>(out.trim())?);
+            candles.push(serde_json::from_str::<Value>(
+                out.lines().last().unwrap_or_default(),
+            )?);
         }
         let mut torch = None;
         if let Some(py) = &a.torch {

@@ -95,19 +95,19 @@ pub fn build_example(package: &str, example: &str) -> Result<PathBuf> {
         .join(example))
 }
 
-/// [`build_example`] with a cargo feature of `package` turned on (`None`: the default build),
-/// the binary copied to `EXAMPLE-FEATURE` (`EXAMPLE-default`) beside it so that builds with and
-/// without the feature can run side by side.
-pub fn build_example_with(package: &str, example: &str, feature: Option<&str>) -> Result<PathBuf> {
+/// This workspace's task runner built in release with `feature` of the xtask package turned on
+/// (`None`: the default build), copied to `target/release/xtask-FEATURE` (`xtask-default`) so
+/// that builds with and without the feature can run side by side.
+pub fn build_xtask_with(feature: Option<&str>) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--release", "-p", package, "--example", example]);
+    cmd.args(["build", "--release", "-p", "xtask"]);
     if let Some(f) = feature {
         cmd.args(["--features", f]);
     }
     run_capture(&mut cmd)?;
-    let dir = workspace_root().join("target/release/examples");
-    let built = dir.join(example);
-    let copy = dir.join(format!("{example}-{}", feature.unwrap_or("default")));
+    let dir = workspace_root().join("target/release");
+    let built = dir.join("xtask");
+    let copy = dir.join(format!("xtask-{}", feature.unwrap_or("default")));
     std::fs::copy(&built, &copy)
         .map_err(|e| anyhow::anyhow!("copying {} to {}: {e}", built.display(), copy.display()))?;
     Ok(copy)

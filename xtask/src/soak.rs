@@ -81,7 +81,7 @@ struct Report {
 }
 
 /// `VmRSS` and `VmHWM` of this process in MiB (Linux); 0 elsewhere.
-fn rss_mib() -> (f64, f64) {
+pub(crate) fn rss_mib() -> (f64, f64) {
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
         return (0.0, 0.0);
     };

@@ -1,12 +1,15 @@
 //! `cargo xtask train-step`: a ResNet training step (train-mode forward, label-smoothed loss,
-//! backward, SGD update) timed on one device with random images, and the device memory in use
-//! after every step. One JSON line; the GPU bundle (`cargo xtask gpu-check`) runs it with
-//! `--device cuda` next to PyTorch's cuDNN step (scripts/bench_torch_resnet.py).
+//! backward, the SGD update of `train-cars`: candle-finetune's optimizer, momentum 0.9 and weight
+//! decay 1e-4 by default) timed on one device with random images, and the device memory in use
+//! after every step. One JSON line; `cargo xtask bench-resnet` runs it on the CPU and the GPU
+//! bundle (`cargo xtask gpu-check`) with `--device cuda`, each next to PyTorch's step
+//! (scripts/bench_torch_resnet.py, same optimizer settings).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, ModuleT, Tensor};
 use candle_finetune::recipe::DeviceKind;
-use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use candle_finetune::train::{Group, Optimizer, Rule};
+use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::params::ParamGroups;
 use candle_resnet::resnet::Arch;
 use std::time::Instant;
@@ -31,6 +34,15 @@ pub struct Args {
     /// Parameter and activation dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    /// SGD momentum (train-cars' recipe: 0.9).
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Weight decay on every parameter (L2, as torch.optim.SGD).
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
 }
 
 /// Device memory in use (total - free), MiB; `None` where the device cannot say (CPU).
@@ -58,7 +70,23 @@ pub fn run(a: Args) -> Result<()> {
     let dev = a.device.device()?;
     let vm = VarMap::new();
     let model = arch.build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?;
-    let mut opt = SGD::new(ParamGroups::from_varmap(&vm).trainable(false), 0.01)?;
+    let vars = ParamGroups::from_varmap(&vm)
+        .trainable(false)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (format!("p{i}"), v))
+        .collect();
+    let rule = Rule::Sgd {
+        momentum: a.momentum,
+        nesterov: false,
+        decoupled: false,
+    };
+    let group = Group {
+        vars,
+        weight_decay: a.weight_decay,
+        lr_mult: 1.0,
+    };
+    let mut opt = Optimizer::new(rule, vec![group])?;
     let x = Tensor::randn(0f32, 1., (a.batch, 3, a.size, a.size), &dev)?.to_dtype(dtype)?;
     let labels: Vec<u32> = (0..a.batch as u32).map(|i| i % 196).collect();
     let y = Tensor::new(labels.as_slice(), &dev)?;
@@ -69,7 +97,7 @@ pub fn run(a: Args) -> Result<()> {
         let t0 = Instant::now();
         let logits = model.forward_t(&x, true)?;
         let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
-        opt.backward_step(&loss)?;
+        opt.step(&loss.backward()?, a.lr)?;
         last_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         dev.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
@@ -93,6 +121,10 @@ pub fn run(a: Args) -> Result<()> {
         "steps": a.steps,
         "median_step_s": med,
         "images_per_s": a.batch as f64 / med,
+        "threads": candle_core::utils::get_num_threads(),
+        // The process's highest resident set, comparable with PyTorch's ru_maxrss.
+        "peak_rss_mib": crate::soak::rss_mib().1.round(),
+        "conv": candle_resnet::ops::conv::Backend::Auto.describe(),
         "last_loss": last_loss,
         "device_used_mib": memory,
     });

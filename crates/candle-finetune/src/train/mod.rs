@@ -3,6 +3,7 @@
 
 mod accumulate;
 mod checkpoint;
+mod fused;
 mod optim;
 mod schedule;
 

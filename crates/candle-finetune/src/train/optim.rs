@@ -1,6 +1,7 @@
 //! Optimizers with saveable state over parameter groups: SGD (momentum, Nesterov, L2 or
 //! decoupled weight decay) and AdamW, with PyTorch's update rules.
 
+use super::fused;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, Var};
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub struct Optimizer {
     groups: Vec<Group>,
     state: HashMap<String, Tensor>,
     steps: u64,
+    /// The in-place CPU pass where it applies (off only in the tests comparing the two paths).
+    fused: bool,
 }
 
 impl Optimizer {
@@ -78,6 +81,7 @@ impl Optimizer {
             groups,
             state: HashMap::new(),
             steps: 0,
+            fused: true,
         })
     }
 
@@ -124,12 +128,37 @@ impl Optimizer {
                         nesterov,
                         decoupled,
                     } => {
+                        let key = format!("{name}.momentum");
+                        let buf = self.state.get(&key);
+                        let buf_fits = buf.is_none_or(|b| fused::applies(b, p));
+                        if self.fused && fused::applies(p, &grad) && buf_fits {
+                            // CPU: one in-place pass (see `fused`), same formula as below.
+                            let rule = fused::Sgd {
+                                lr,
+                                weight_decay: wd,
+                                momentum,
+                                nesterov,
+                                decoupled,
+                                first: buf.is_none(),
+                            };
+                            let buf = match (momentum != 0.0, buf) {
+                                (false, _) => None,
+                                (true, Some(b)) => Some(b.clone()),
+                                (true, None) => {
+                                    // Its own storage: the kernel writes it in place.
+                                    let b = p.zeros_like()?;
+                                    self.state.insert(key, b.clone());
+                                    Some(b)
+                                }
+                            };
+                            fused::sgd(var.as_tensor(), &grad, buf.as_ref(), rule)?;
+                            continue;
+                        }
                         let mut d = grad;
                         if wd != 0.0 && !decoupled {
                             d = (d + (p * wd)?)?;
                         }
                         if momentum != 0.0 {
-                            let key = format!("{name}.momentum");
                             let buf = match self.state.get(&key) {
                                 Some(b) => ((b * momentum)? + &d)?,
                                 None => d.clone(),
@@ -173,13 +202,13 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The state as named tensors: the per-variable buffers and `steps` (a 0-d f64).
+    /// The state as named tensors (copies): the per-variable buffers and `steps` (a 0-d f64).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out: HashMap<String, Tensor> = self
             .state
             .iter()
-            .map(|(k, v)| (k.clone(), v.detach()))
-            .collect();
+            .map(|(k, v)| Ok((k.clone(), v.detach().copy()?)))
+            .collect::<Result<_>>()?;
         out.insert(
             "steps".into(),
             Tensor::new(self.steps as f64, &candle_core::Device::Cpu)?,
@@ -200,8 +229,80 @@ impl Optimizer {
         self.state = state
             .iter()
             .filter(|(k, _)| k.as_str() != "steps")
-            .map(|(k, v)| Ok((k.clone(), v.detach().to_device(&device)?)))
+            // Copies: the CPU update writes its buffers in place.
+            .map(|(k, v)| Ok((k.clone(), v.detach().to_device(&device)?.copy()?)))
             .collect::<Result<_>>()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The fused CPU pass against the tensor-op path (what GPUs run), every SGD variant, with a
+    /// save/restore of the state half way. The paths round differently (once per result here,
+    /// after every tensor op there), so they agree to a few units of the stored type at the
+    /// parameters' scale (values ~1; a difference near zero is cancellation, not error).
+    #[test]
+    fn fused_sgd_equals_the_tensor_op_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let p0 = Tensor::randn(0f64, 1., 1000, &dev)?;
+        let grads: Vec<Tensor> = (0..5)
+            .map(|_| Tensor::randn(0f64, 1., 1000, &dev))
+            .collect::<Result<_>>()?;
+        for dtype in [DType::F64, DType::F32] {
+            for (momentum, nesterov, decoupled, wd) in [
+                (0.0, false, false, 0.0),
+                (0.0, false, false, 1e-2),
+                (0.9, false, false, 1e-2),
+                (0.9, true, false, 1e-2),
+                (0.9, false, true, 1e-2),
+            ] {
+                let rule = Rule::Sgd {
+                    momentum,
+                    nesterov,
+                    decoupled,
+                };
+                let mut out = Vec::new();
+                for fused in [true, false] {
+                    let var = Var::from_tensor(&p0.to_dtype(dtype)?)?;
+                    let groups = || {
+                        vec![Group {
+                            vars: vec![("p".into(), var.clone())],
+                            weight_decay: wd,
+                            lr_mult: 1.0,
+                        }]
+                    };
+                    let mut opt = Optimizer::new(rule, groups())?;
+                    opt.fused = fused;
+                    for (k, g) in grads.iter().enumerate() {
+                        if k == 2 {
+                            let st = opt.state()?;
+                            opt = Optimizer::new(rule, groups())?;
+                            opt.fused = fused;
+                            opt.load_state(&st)?;
+                        }
+                        let map = HashMap::from([("p".to_string(), g.to_dtype(dtype)?)]);
+                        opt.step_with(&map, 0.1)?;
+                    }
+                    out.push(var.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?);
+                }
+                let ulp = if dtype == DType::F32 {
+                    f64::from(f32::EPSILON)
+                } else {
+                    f64::EPSILON
+                };
+                // 5 steps of up to 6 roundings each on the op path.
+                for (a, b) in out[0].iter().zip(&out[1]) {
+                    assert!(
+                        (a - b).abs() <= 16.0 * ulp * a.abs().max(1.0),
+                        "{dtype:?} {rule:?} wd {wd}: fused {a} vs ops {b}"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
