@@ -635,15 +635,6 @@ fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
     out
 }
 
-/// The convolution op: `(x, w) -> y`, with its im2col + GEMM backward.
-#[derive(Debug, Clone, Copy)]
-struct Conv2dOp {
-    stride: usize,
-    padding: usize,
-    /// f32 through oneDNN (resolved from [`Backend`] when the op is built).
-    onednn: bool,
-}
-
 /// The three passes of a convolution and their operands: forward `(x, w) -> y`, input gradient
 /// `(w, dy) -> dx`, weight gradient `(x, dy) -> dw`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -661,11 +652,130 @@ fn run_f32(g: &Geo, onednn: bool, pass: Pass, a: &[f32], b: &[f32]) -> Result<Ve
     }
     #[cfg(not(feature = "onednn"))]
     let _ = onednn;
-    Ok(match pass {
+    Ok(run_gemm(g, pass, a, b))
+}
+
+/// One pass by im2col + GEMM.
+fn run_gemm<T: WithDType>(g: &Geo, pass: Pass, a: &[T], b: &[T]) -> Vec<T> {
+    match pass {
         Pass::Forward => forward(g, a, b),
         Pass::GradInput => grad_input(g, a, b),
         Pass::GradWeight => grad_weight(g, a, b),
+    }
+}
+
+/// The kernel taps a convolution actually uses (see [`crop_plan`]): rows `y0..y0 + kh` and
+/// columns `x0..x0 + kw` of a `full_kh x full_kw` kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Crop {
+    full_kh: usize,
+    full_kw: usize,
+    y0: usize,
+    x0: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl Crop {
+    /// The used taps of `w (Co, Ci, full_kh, full_kw)`, as a `(Co, Ci, kh, kw)` buffer.
+    fn take<T: WithDType>(&self, w: &[T]) -> Vec<T> {
+        let mut out =
+            Vec::with_capacity(w.len() / (self.full_kh * self.full_kw) * self.kh * self.kw);
+        for plane in w.chunks_exact(self.full_kh * self.full_kw) {
+            for row in plane.chunks_exact(self.full_kw).skip(self.y0).take(self.kh) {
+                out.extend_from_slice(&row[self.x0..self.x0 + self.kw]);
+            }
+        }
+        out
+    }
+
+    /// A `(Co, Ci, kh, kw)` gradient placed in a zero `(Co, Ci, full_kh, full_kw)` one.
+    fn put<T: WithDType>(&self, dw: &[T]) -> Vec<T> {
+        let planes = dw.len() / (self.kh * self.kw);
+        let mut out = vec![T::zero(); planes * self.full_kh * self.full_kw];
+        for (dst, src) in out
+            .chunks_exact_mut(self.full_kh * self.full_kw)
+            .zip(dw.chunks_exact(self.kh * self.kw))
+        {
+            for (r, srow) in src.chunks_exact(self.kw).enumerate() {
+                let at = (self.y0 + r) * self.full_kw + self.x0;
+                dst[at..at + self.kw].copy_from_slice(srow);
+            }
+        }
+        out
+    }
+}
+
+/// One pass on either dtype, with the weight cropped on the way in (forward, input gradient)
+/// or its gradient put back in the full kernel on the way out (weight gradient).
+fn run_pass(
+    g: &Geo,
+    onednn: bool,
+    pass: Pass,
+    crop: Option<Crop>,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let names = match pass {
+        Pass::Forward => ["conv2d: input", "conv2d: weight"],
+        Pass::GradInput => ["conv2d: weight", "conv2d: grad"],
+        Pass::GradWeight => ["conv2d: input", "conv2d: grad"],
+    };
+    fn typed<T: WithDType>(
+        pass: Pass,
+        crop: Option<Crop>,
+        a: &[T],
+        b: &[T],
+        exec: impl FnOnce(&[T], &[T]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        Ok(match (pass, crop) {
+            (_, None) => exec(a, b)?,
+            (Pass::Forward, Some(c)) => exec(a, &c.take(b))?,
+            (Pass::GradInput, Some(c)) => exec(&c.take(a), b)?,
+            (Pass::GradWeight, Some(c)) => c.put(&exec(a, b)?),
+        })
+    }
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            let (a, b) = (
+                contiguous_slice(s1, l1, names[0])?,
+                contiguous_slice(s2, l2, names[1])?,
+            );
+            CpuStorage::F32(typed(pass, crop, a, b, |a, b| {
+                run_f32(g, onednn, pass, a, b)
+            })?)
+        }
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+            let (a, b) = (
+                contiguous_slice(s1, l1, names[0])?,
+                contiguous_slice(s2, l2, names[1])?,
+            );
+            CpuStorage::F64(typed(pass, crop, a, b, |a, b| Ok(run_gemm(g, pass, a, b)))?)
+        }
+        _ => bail!("{} and {}: both f32 or both f64", names[0], names[1]),
     })
+}
+
+/// The convolution op: `(x, w) -> y`, with its backward, on the taps `crop` keeps.
+#[derive(Debug, Clone, Copy)]
+struct Conv2dOp {
+    stride: usize,
+    /// Padding of the cropped kernel.
+    padding: usize,
+    /// f32 through oneDNN (resolved from [`Backend`] when the op is built).
+    onednn: bool,
+    crop: Option<Crop>,
+}
+
+impl Conv2dOp {
+    /// The geometry of the cropped convolution of `x` by `w` (full kernel dims).
+    fn geo(&self, x: &[usize], w: &[usize]) -> Result<Geo> {
+        let w = match (self.crop, w) {
+            (Some(c), &[co, ci, _, _]) => vec![co, ci, c.kh, c.kw],
+            _ => w.to_vec(),
+        };
+        Geo::new(x, &w, self.stride, self.padding)
+    }
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -680,22 +790,15 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geo::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let y = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run_f32(
-                &g,
-                self.onednn,
-                Pass::Forward,
-                contiguous_slice(s1, l1, "conv2d: input")?,
-                contiguous_slice(s2, l2, "conv2d: weight")?,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(forward(
-                &g,
-                contiguous_slice(s1, l1, "conv2d: input")?,
-                contiguous_slice(s2, l2, "conv2d: weight")?,
-            )),
-            _ => bail!("conv2d: input and weight must both be f32 or both f64"),
-        };
+        let g = self.geo(l1.dims(), l2.dims())?;
+        let y = run_pass(
+            &g,
+            self.onednn,
+            Pass::Forward,
+            self.crop,
+            (s1, l1),
+            (s2, l2),
+        )?;
         Ok((y, Shape::from((g.n, g.co, g.oh, g.ow))))
     }
 
@@ -707,15 +810,23 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let g = Geo::new(x.dims(), w.dims(), self.stride, self.padding)?;
+        let g = self.geo(x.dims(), w.dims())?;
+        let full = w.dims4()?;
+        let op = |pass| Backward {
+            g,
+            onednn: self.onednn,
+            pass,
+            crop: self.crop,
+            full,
+        };
         // An input outside the graph (the images fed to the stem) needs no gradient.
         let dx = if x.track_op() {
-            Some(w.apply_op2_no_bwd(&dy, &GradInput(g, self.onednn))?)
+            Some(w.apply_op2_no_bwd(&dy, &op(Pass::GradInput))?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&dy, &GradWeight(g, self.onednn))?)
+            Some(x.apply_op2_no_bwd(&dy, &op(Pass::GradWeight))?)
         } else {
             None
         };
@@ -723,46 +834,22 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
-/// `(w, dy) -> dx`; the flag: f32 through oneDNN.
-struct GradInput(Geo, bool);
-
-impl CustomOp2 for GradInput {
-    fn name(&self) -> &'static str {
-        "candle-finetune-conv2d-grad-input"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let dx = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run_f32(
-                g,
-                self.1,
-                Pass::GradInput,
-                contiguous_slice(s1, l1, "conv2d: weight")?,
-                contiguous_slice(s2, l2, "conv2d: grad")?,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(grad_input(
-                g,
-                contiguous_slice(s1, l1, "conv2d: weight")?,
-                contiguous_slice(s2, l2, "conv2d: grad")?,
-            )),
-            _ => bail!("conv2d backward: weight and gradient must both be f32 or both f64"),
-        };
-        Ok((dx, Shape::from((g.n, g.ci, g.h, g.w))))
-    }
+/// The backward passes as ops: `(w, dy) -> dx` or `(x, dy) -> dw` (full kernel shape).
+struct Backward {
+    g: Geo,
+    onednn: bool,
+    pass: Pass,
+    crop: Option<Crop>,
+    /// The full weight's dims.
+    full: (usize, usize, usize, usize),
 }
 
-/// `(x, dy) -> dw`; the flag: f32 through oneDNN.
-struct GradWeight(Geo, bool);
-
-impl CustomOp2 for GradWeight {
+impl CustomOp2 for Backward {
     fn name(&self) -> &'static str {
-        "candle-finetune-conv2d-grad-weight"
+        match self.pass {
+            Pass::GradInput => "candle-finetune-conv2d-grad-input",
+            _ => "candle-finetune-conv2d-grad-weight",
+        }
     }
     fn cpu_fwd(
         &self,
@@ -771,23 +858,13 @@ impl CustomOp2 for GradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let dw = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run_f32(
-                g,
-                self.1,
-                Pass::GradWeight,
-                contiguous_slice(s1, l1, "conv2d: input")?,
-                contiguous_slice(s2, l2, "conv2d: grad")?,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(grad_weight(
-                g,
-                contiguous_slice(s1, l1, "conv2d: input")?,
-                contiguous_slice(s2, l2, "conv2d: grad")?,
-            )),
-            _ => bail!("conv2d backward: input and gradient must both be f32 or both f64"),
+        let g = &self.g;
+        let out = run_pass(g, self.onednn, self.pass, self.crop, (s1, l1), (s2, l2))?;
+        let shape = match self.pass {
+            Pass::GradInput => Shape::from((g.n, g.ci, g.h, g.w)),
+            _ => Shape::from(self.full),
         };
-        Ok((dw, Shape::from((g.co, g.ci, g.kh, g.kw))))
+        Ok((out, shape))
     }
 }
 
@@ -837,15 +914,17 @@ pub fn conv2d_with(
         && x.dtype() == w.dtype()
         && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
     if fast {
-        let (w, padding) = crop_to_image(x, w, stride, padding)?;
-        x.contiguous()?.apply_op2(
-            &w.contiguous()?,
-            Conv2dOp {
-                stride,
-                padding,
-                onednn,
-            },
-        )
+        let (crop, padding) = match crop_plan(x.dims(), w.dims(), stride, padding) {
+            Some((c, p)) => (Some(c), p),
+            None => (None, padding),
+        };
+        let op = Conv2dOp {
+            stride,
+            padding,
+            onednn,
+            crop,
+        };
+        x.contiguous()?.apply_op2(&w.contiguous()?, op)
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
@@ -854,13 +933,15 @@ pub fn conv2d_with(
 /// The kernel taps that read inside the image for at least one output position, as a smaller
 /// kernel with its padding: on a 1x1 map a 3x3, padding-1 convolution only ever uses its centre
 /// (a 32 px ResNet's last stage), so it becomes a 1x1 convolution, nine times fewer products.
-/// The crop is a tensor op, so the gradient reaches the full kernel (zero on unused taps).
-fn crop_to_image(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<(Tensor, usize)> {
-    let (&[_, _, h, wd], &[_, _, kh, kw]) = (x.dims(), w.dims()) else {
-        return Ok((w.clone(), padding));
+/// The op crops the weight itself and puts the gradient back in the full kernel (zero on unused
+/// taps), so the graph holds no cropped copy. `None`: nothing to crop, or a geometry the op
+/// rejects with its own error.
+fn crop_plan(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Option<(Crop, usize)> {
+    let (&[_, _, h, wd], &[_, _, kh, kw]) = (x, w) else {
+        return None;
     };
     if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
-        return Ok((w.clone(), padding)); // the op reports the error
+        return None;
     }
     // Tap k reads input index o * stride + k - padding for outputs o in 0..out: inside the
     // image for some o iff padding - (out - 1) * stride <= k < padding + len.
@@ -872,14 +953,19 @@ fn crop_to_image(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Resul
     let ((y0, y1, oh), (x0, x1, ow)) = (range(h, kh), range(wd, kw));
     // Square padding only: crop when both axes drop the same number of leading taps.
     if (y0, y1) == (0, kh) && (x0, x1) == (0, kw) || y0 != x0 {
-        return Ok((w.clone(), padding));
+        return None;
     }
     let p = padding - y0;
     let (kh2, kw2) = (y1 - y0, x1 - x0);
     let same_out = (h + 2 * p).checked_sub(kh2).map(|v| v / stride + 1) == Some(oh)
         && (wd + 2 * p).checked_sub(kw2).map(|v| v / stride + 1) == Some(ow);
-    if !same_out {
-        return Ok((w.clone(), padding));
-    }
-    Ok((w.narrow(2, y0, kh2)?.narrow(3, x0, kw2)?, p))
+    let crop = Crop {
+        full_kh: kh,
+        full_kw: kw,
+        y0,
+        x0,
+        kh: kh2,
+        kw: kw2,
+    };
+    same_out.then_some((crop, p))
 }
