@@ -130,13 +130,19 @@ pub fn run(a: Args) -> Result<()> {
             r["batch"],
             r["size"],
             r["threads"],
-            r["median_step_s"],
-            r["images_per_s"],
-            r["peak_rss_mib"],
+            fixed(&r["median_step_s"], 3),
+            fixed(&r["images_per_s"], 1),
+            fixed(&r["peak_rss_mib"], 0),
             r["vs_torch"].as_str().unwrap_or("")
         );
     }
     Ok(())
+}
+
+/// A JSON number with `digits` decimals (`?` when absent).
+fn fixed(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "?".to_string(), |x| format!("{x:.digits$}"))
 }
 
 /// Writes `n` generated JPEGs (about 480-640 x 320-480 pixels, six classes) as an image folder
