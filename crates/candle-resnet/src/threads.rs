@@ -36,3 +36,25 @@ pub fn quiet_candle_pool() -> u32 {
     std::env::set_var(VAR, CANDLE_SPIN_LIMIT.to_string());
     CANDLE_SPIN_LIMIT
 }
+
+/// Runs `f` on one of rayon's worker threads (the current one if it is a worker) and returns
+/// its result.
+///
+/// The kernels of this crate split their work with rayon. Called from a thread outside the pool
+/// (`main`), every parallel loop hands its work to the pool and puts the caller to sleep until
+/// it is done, two context switches per loop, hundreds per training step; on a worker the loop
+/// runs in place and the caller takes its share of the work. Run a training step (or the
+/// whole loop) through it.
+///
+/// ```
+/// let on_a_worker = candle_resnet::threads::on_worker(|| rayon::current_thread_index().is_some());
+/// assert!(on_a_worker);
+/// ```
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope runs its closure before returning")
+}

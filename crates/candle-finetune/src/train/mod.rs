@@ -239,7 +239,9 @@ pub fn evaluate(model: &ResNet, loader: &Loader, device: &Device) -> Result<(Eva
     let mut epoch = loader.epoch(0);
     for b in epoch.by_ref() {
         let b = b?;
-        let logits = model.forward_t(&b.images.to_device(device)?, false)?;
+        let logits = candle_resnet::threads::on_worker(|| {
+            model.forward_t(&b.images.to_device(device)?, false)
+        })?;
         acc.add(&logits, &b.labels.to_vec1::<u32>()?)?;
     }
     let report = epoch.finish();
@@ -420,9 +422,14 @@ pub fn fit_with(
             let batch = batch?;
             let x = batch.images.to_device(device)?;
             let y = batch.labels.to_device(device)?;
-            let logits = model.forward_t(&x, true)?;
-            let loss = loss_fn.forward(&logits, &y)?;
-            let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // On a rayon worker: the kernels' parallel loops then run in place instead of
+            // waking the pool and sleeping (candle_resnet::threads::on_worker).
+            let (loss, v) = candle_resnet::threads::on_worker(|| -> Result<(Tensor, f64)> {
+                let logits = model.forward_t(&x, true)?;
+                let loss = loss_fn.forward(&logits, &y)?;
+                let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                Ok((loss, v))
+            })?;
             if !v.is_finite() {
                 bar.abandon();
                 bail!(
@@ -432,13 +439,16 @@ pub fn fit_with(
                     epoch
                 );
             }
-            acc.add(&(loss / cfg.accum_steps as f64)?.backward()?)?;
+            candle_resnet::threads::on_worker(|| {
+                acc.add(&(loss / cfg.accum_steps as f64)?.backward()?)
+            })?;
             step_loss += v / cfg.accum_steps as f64;
             images += batch.indices.len();
             if acc.micro_batches() == cfg.accum_steps || bi + 1 == batches {
                 let micro = acc.micro_batches();
                 lr = schedule.lr(step);
-                opt.step_with(&acc.take(), lr)?;
+                let grads = acc.take();
+                candle_resnet::threads::on_worker(|| opt.step_with(&grads, lr))?;
                 let mean = step_loss * cfg.accum_steps as f64 / micro as f64;
                 summary.step_losses.push(mean);
                 loss_sum += mean;
