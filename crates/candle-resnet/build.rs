@@ -2,8 +2,10 @@
 //!
 //! oneDNN is found in `DNNL_ROOT` (its `include/` and `lib/`, e.g. an unpacked release or PyPI's
 //! `onednn-devel` + `onednn`) or else on the system paths (Debian/Ubuntu: `apt install
-//! libdnnl-dev`). Both the 2.x and the 3.x C++ API compile. The default build does not run any of
-//! this and needs no C++ compiler.
+//! libdnnl-dev`). Both the 2.x and the 3.x C++ API compile. Binaries built with `DNNL_ROOT` find
+//! the library at run time through `LD_LIBRARY_PATH` (the rpath below reaches this crate's own
+//! tests and examples only). The default build does not run any of this and needs no C++
+//! compiler.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

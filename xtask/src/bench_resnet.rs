@@ -18,6 +18,10 @@ pub struct Args {
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Rounds: each implementation runs once per round, alternating; the table shows each one's
+    /// median round, with the range of its rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// resnet18, resnet34 or resnet50.
     #[arg(long, default_value = "resnet18")]
     arch: String,
@@ -70,44 +74,48 @@ pub fn run(a: Args) -> Result<()> {
     for shape in &a.shapes {
         let (size, batch) = parse_shape(shape)?;
         let (b, s) = (batch.to_string(), size.to_string());
-        let mut candles = Vec::new();
-        for exe in &exes {
-            eprintln!(
-                "candle {} batch {b} at {s} px ({}) ...",
-                a.arch,
-                exe.display()
-            );
-            let out = run_capture(
-                Command::new(exe)
-                    .args(["train-step", "--batch", &b, "--size", &s, "--steps", &n])
-                    .args(["--arch", &a.arch])
-                    .env("RAYON_NUM_THREADS", a.threads.to_string()),
-            )?;
-            candles.push(serde_json::from_str::<Value>(
-                out.lines().last().unwrap_or_default(),
-            )?);
+        // Every implementation once per round, alternating, so that the machine's drift
+        // reaches them alike; each row is the round with the median images/s.
+        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); exes.len() + 1];
+        for round in 1..=a.rounds.max(1) {
+            for (exe, out) in exes.iter().zip(runs.iter_mut()) {
+                eprintln!(
+                    "round {round}: candle {} batch {b} at {s} px ({}) ...",
+                    a.arch,
+                    exe.display()
+                );
+                let o = run_capture(
+                    Command::new(exe)
+                        .args(["train-step", "--batch", &b, "--size", &s, "--steps", &n])
+                        .args(["--arch", &a.arch])
+                        .env("RAYON_NUM_THREADS", a.threads.to_string()),
+                )?;
+                out.push(serde_json::from_str::<Value>(
+                    o.lines().last().unwrap_or_default(),
+                )?);
+            }
+            if let Some(py) = &a.torch {
+                eprintln!("round {round}: torch {} batch {b} at {s} px ...", a.arch);
+                let o = run_capture(Command::new(py).args([
+                    "scripts/bench_torch_resnet.py",
+                    "--batch",
+                    &b,
+                    "--size",
+                    &s,
+                    "--steps",
+                    &n,
+                    "--arch",
+                    &a.arch,
+                    "--threads",
+                    &a.threads.to_string(),
+                ]))?;
+                let t = serde_json::from_str::<Value>(o.lines().last().unwrap_or_default())?;
+                runs[exes.len()].push(t);
+            }
         }
-        let mut torch = None;
-        if let Some(py) = &a.torch {
-            eprintln!("torch {} batch {b} at {s} px ...", a.arch);
-            let out = run_capture(Command::new(py).args([
-                "scripts/bench_torch_resnet.py",
-                "--batch",
-                &b,
-                "--size",
-                &s,
-                "--steps",
-                &n,
-                "--arch",
-                &a.arch,
-                "--threads",
-                &a.threads.to_string(),
-            ]))?;
-            torch = Some(serde_json::from_str::<Value>(
-                out.lines().last().unwrap_or_default(),
-            )?);
-        }
-        for mut c in candles {
+        let mut meds: Vec<Value> = runs.into_iter().filter_map(median_run).collect();
+        let torch = (a.torch.is_some()).then(|| meds.pop()).flatten();
+        for mut c in meds {
             if let Some(t) = &torch {
                 let ratio = c["images_per_s"].as_f64().unwrap_or(0.0)
                     / t["images_per_s"].as_f64().unwrap_or(f64::NAN);
@@ -118,12 +126,12 @@ pub fn run(a: Args) -> Result<()> {
         rows.extend(torch);
     }
     println!(
-        "| impl | convolutions | arch | batch | px | threads | s/step | images/s | peak RSS MiB | vs PyTorch |"
+        "| impl | convolutions | arch | batch | px | threads | s/step | images/s | rounds' images/s | peak RSS MiB | vs PyTorch |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["impl"].as_str().unwrap_or("?"),
             r["conv"].as_str().unwrap_or("oneDNN (PyTorch)"),
             r["arch"].as_str().unwrap_or("?"),
@@ -132,11 +140,22 @@ pub fn run(a: Args) -> Result<()> {
             r["threads"],
             fixed(&r["median_step_s"], 3),
             fixed(&r["images_per_s"], 1),
+            r["images_per_s_range"].as_str().unwrap_or(""),
             fixed(&r["peak_rss_mib"], 0),
             r["vs_torch"].as_str().unwrap_or("")
         );
     }
     Ok(())
+}
+
+/// The run with the median images/s, with `images_per_s_range` ("lo-hi") of all of them.
+fn median_run(mut runs: Vec<Value>) -> Option<Value> {
+    let ips = |v: &Value| v["images_per_s"].as_f64().unwrap_or(f64::NAN);
+    runs.sort_by(|a, b| ips(a).total_cmp(&ips(b)));
+    let (lo, hi) = (ips(runs.first()?), ips(runs.last()?));
+    let mut m = runs.swap_remove(runs.len() / 2);
+    m["images_per_s_range"] = serde_json::json!(format!("{lo:.1}-{hi:.1}"));
+    Some(m)
 }
 
 /// A JSON number with `digits` decimals (`?` when absent).
