@@ -7,13 +7,16 @@
 //! with `perf record -e cpu-clock` on a ResNet-18 step (batch 32, 224 px, 2 threads), 26 % of the
 //! time was in the kernel. [`reuse_freed_memory`] tells glibc to serve every block from its heap
 //! and not to give freed memory back to the system, so the second step on reuses the first
-//! step's pages.
+//! step's pages. It also keeps every thread on one arena: a step that runs on a rayon worker
+//! ([`crate::threads::on_worker`]) would otherwise allocate in per-thread arenas, whose heaps
+//! glibc creates and unmaps on its own (a 224 px step spent 16 % of its time page-faulting them
+//! back: 19-22 -> 27-29 images/s with one arena, measured alternating).
 //!
 //! It changes the whole process's allocator, so a library does not call it for you: call it
 //! once at the start of `main` (the project's `cargo xtask` commands do).
 
 /// Makes glibc's `malloc` keep freed memory for reuse (no `mmap` for large blocks, no trimming
-/// of the heap). Returns whether the setting took effect: `false` off glibc (musl, macOS,
+/// of the heap, one arena for all threads). Returns whether the setting took effect: `false` off glibc (musl, macOS,
 /// Windows), where it does nothing.
 ///
 /// Measured (`cargo xtask bench-resnet`, ResNet-18 training step, 2 threads): 224 px batch 32
@@ -31,12 +34,17 @@ pub fn reuse_freed_memory() -> bool {
         // glibc's <malloc.h>: int mallopt(int param, int value).
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_MAX: i32 = -4;
+        const M_ARENA_MAX: i32 = -8;
         extern "C" {
             fn mallopt(param: i32, value: i32) -> i32;
         }
         // SAFETY: mallopt only sets allocator parameters; it is thread-safe in glibc and both
         // values are in their documented ranges. It returns 1 on success, 0 on error.
-        unsafe { mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1 }
+        unsafe {
+            mallopt(M_MMAP_MAX, 0) == 1
+                && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1
+                && mallopt(M_ARENA_MAX, 1) == 1
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {

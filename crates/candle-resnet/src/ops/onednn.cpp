@@ -15,8 +15,10 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <new>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -37,12 +39,46 @@ enum Pass : int32_t { FORWARD = 0, GRAD_INPUT = 1, GRAD_WEIGHT = 2 };
 using Key = std::tuple<int32_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                        int64_t, int64_t>;
 
-// One built pass: the primitive and the layouts it wants for its two inputs and its output.
+// One built pass: the primitive, the layouts it wants for its two inputs and its output, and
+// the reorders from and to the caller's plain layouts where those differ (built once too:
+// creating a reorder costs more than running a small one).
 struct Built {
     dnnl::primitive prim;
     memory::desc a, b, out, scratch;
     int a_arg, b_arg, out_arg;
+    memory::desc a_plain, b_plain, out_plain;
+    dnnl::reorder a_in, b_in, out_back;  // empty when the layouts agree
 };
+
+// Per-thread buffers for the reordered operands, the blocked output and the scratchpad, kept
+// from call to call: allocated per call, these large blocks came back from the allocator as
+// fresh pages every step (16 % of a 224 px step in page faults).
+struct Buffers {
+    void* p[4] = {nullptr, nullptr, nullptr, nullptr};
+    size_t cap[4] = {0, 0, 0, 0};
+    Buffers() = default;
+    Buffers(const Buffers&) = delete;
+    Buffers& operator=(const Buffers&) = delete;
+    ~Buffers() {
+        for (void* q : p) std::free(q);
+    }
+    // Slot `i` with at least `bytes`, 64-byte aligned.
+    void* get(int i, size_t bytes) {
+        if (bytes == 0) bytes = 64;
+        if (cap[i] < bytes) {
+            std::free(p[i]);
+            p[i] = nullptr;
+            cap[i] = 0;
+            size_t rounded = (bytes + 4095) / 4096 * 4096;
+            p[i] = std::aligned_alloc(64, rounded);
+            if (!p[i]) throw std::bad_alloc();
+            cap[i] = rounded;
+        }
+        return p[i];
+    }
+};
+
+thread_local Buffers buffers;
 
 dnnl::engine& engine() {
     static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
@@ -115,6 +151,19 @@ std::shared_ptr<Built> build(int32_t pass, const Geometry& g) {
         b->b_arg = DNNL_ARG_DIFF_DST;
         b->out_arg = DNNL_ARG_DIFF_WEIGHTS;
     }
+    memory::desc x_plain({g.n, g.ci, g.h, g.w}, f32, tag::nchw);
+    memory::desc w_plain({g.co, g.ci, g.kh, g.kw}, f32, tag::oihw);
+    memory::desc y_plain({g.n, g.co, g.oh, g.ow}, f32, tag::nchw);
+    b->a_plain = pass == GRAD_INPUT ? w_plain : x_plain;
+    b->b_plain = pass == FORWARD ? w_plain : y_plain;
+    b->out_plain = pass == FORWARD ? y_plain : pass == GRAD_INPUT ? x_plain : w_plain;
+    auto reorder = [&](const memory::desc& from, const memory::desc& to) {
+        if (from == to) return dnnl::reorder();
+        return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
+    };
+    b->a_in = reorder(b->a_plain, b->a);
+    b->b_in = reorder(b->b_plain, b->b);
+    b->out_back = reorder(b->out, b->out_plain);
     return b;
 }
 
@@ -152,36 +201,32 @@ int32_t cr_dnnl_conv(int32_t pass, const Geometry* g, const float* a, const floa
         auto built = lookup(pass, *g);
         auto& eng = engine();
         dnnl::stream st(eng);
-        const auto f32 = memory::data_type::f32;
-        memory::desc x_plain({g->n, g->ci, g->h, g->w}, f32, tag::nchw);
-        memory::desc w_plain({g->co, g->ci, g->kh, g->kw}, f32, tag::oihw);
-        memory::desc y_plain({g->n, g->co, g->oh, g->ow}, f32, tag::nchw);
-        memory::desc a_plain = pass == GRAD_INPUT ? w_plain : x_plain;
-        memory::desc b_plain = pass == FORWARD ? w_plain : y_plain;
-        memory::desc out_plain = pass == FORWARD ? y_plain : pass == GRAD_INPUT ? x_plain : w_plain;
 #ifdef CR_DNNL_OMP
         if (threads > 0) omp_set_num_threads(threads);
 #else
         (void)threads;
 #endif
-        // A caller's buffer, reordered into the primitive's layout when that differs.
-        auto input = [&](const memory::desc& plain, const memory::desc& want, const float* p) {
+        // A caller's buffer, reordered into slot `i` in the primitive's layout where that differs.
+        auto input = [&](int i, const memory::desc& plain, const memory::desc& want,
+                         const dnnl::reorder& r, const float* p) {
             memory user(plain, eng, const_cast<float*>(p));
-            if (plain == want) return user;
-            memory m(want, eng);
-            dnnl::reorder(user, m).execute(st, user, m);
+            if (!r) return user;
+            memory m(want, eng, buffers.get(i, want.get_size()));
+            r.execute(st, user, m);
             return m;
         };
-        memory ma = input(a_plain, built->a, a);
-        memory mb = input(b_plain, built->b, b);
-        memory user_out(out_plain, eng, out);
-        memory mo = out_plain == built->out ? user_out : memory(built->out, eng);
-        memory scratch(built->scratch, eng);
+        memory ma = input(0, built->a_plain, built->a, built->a_in, a);
+        memory mb = input(1, built->b_plain, built->b, built->b_in, b);
+        memory user_out(built->out_plain, eng, out);
+        memory mo = !built->out_back
+                        ? user_out
+                        : memory(built->out, eng, buffers.get(2, built->out.get_size()));
+        memory scratch(built->scratch, eng, buffers.get(3, built->scratch.get_size()));
         built->prim.execute(st, {{built->a_arg, ma},
                                  {built->b_arg, mb},
                                  {built->out_arg, mo},
                                  {DNNL_ARG_SCRATCHPAD, scratch}});
-        if (mo != user_out) dnnl::reorder(mo, user_out).execute(st, mo, user_out);
+        if (built->out_back) built->out_back.execute(st, mo, user_out);
         st.wait();
         return 0;
     } catch (const dnnl::error& e) {
