@@ -61,5 +61,5 @@ mod spec;
 
 pub use bce::BinaryCrossEntropyWithLogits;
 pub use linear::{FusedLinearCrossEntropy, LinearGrads};
-pub use loss::{cross_entropy, CrossEntropyLoss};
+pub use loss::{cross_entropy, CrossEntropyLoss, Smoothing};
 pub use reduction::Reduction;

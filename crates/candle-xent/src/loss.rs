@@ -4,6 +4,60 @@ use crate::spec::CrossEntropyOp;
 use crate::Reduction;
 use candle_core::{bail, DType, Result, Tensor};
 
+/// How label smoothing spreads its mass `eps` over the classes.
+///
+/// The two conventions in use are one family: `OtherClasses` with `eps` is `Uniform` with
+/// `eps * C / (C - 1)` (both give the target class `1 - eps` and every other class
+/// `eps / (C - 1)`), which is how every backend computes it, so it is as exact as `Uniform`.
+///
+/// ```
+/// use candle_xent::Smoothing;
+/// assert_eq!(Smoothing::default(), Smoothing::Uniform);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Smoothing {
+    /// `eps / C` to every class, the target included, which keeps `1 - eps + eps / C`: PyTorch's
+    /// `cross_entropy(label_smoothing=eps)`, Keras's `label_smoothing`, the NVIDIA and
+    /// Wangleiofficial losses of the seed thread.
+    #[default]
+    Uniform,
+    /// `eps / (C - 1)` to every other class and `1 - eps` to the target: the seed thread's
+    /// `LabelSmoothingLoss(classes, smoothing)` (Devin Yang) and `SmoothCrossEntropyLoss`
+    /// (Shital Shah). Needs `C >= 2` and `eps <= (C - 1) / C` (beyond it the target would get
+    /// less than an other class; the loss stays a sum of non-negative parts only up to there).
+    /// With probability targets `t`: `(1 - eps') t + eps' / C`, `eps' = eps * C / (C - 1)`.
+    OtherClasses,
+}
+
+impl Smoothing {
+    /// The `Uniform` smoothing equal to `eps` under this convention, for `classes` classes.
+    fn to_uniform(self, eps: f64, classes: usize) -> Result<f64> {
+        match self {
+            Smoothing::Uniform => Ok(eps),
+            Smoothing::OtherClasses if eps == 0.0 => Ok(0.0),
+            Smoothing::OtherClasses => {
+                if classes < 2 {
+                    bail!(
+                        "cross_entropy: Smoothing::OtherClasses spreads label_smoothing over the \
+                         other classes, but the input has {classes} class"
+                    );
+                }
+                let c = classes as f64;
+                let max = (c - 1.0) / c;
+                if eps > max {
+                    bail!(
+                        "cross_entropy: label_smoothing {eps} with Smoothing::OtherClasses and \
+                         {classes} classes gives the target less mass than each other class; \
+                         use at most (C - 1) / C = {max}"
+                    );
+                }
+                // eps <= (C - 1) / C keeps this <= 1; clamp the last rounding.
+                Ok((eps * c / (c - 1.0)).min(1.0))
+            }
+        }
+    }
+}
+
 /// Cross-entropy between logits and class indices or class probabilities, with PyTorch's
 /// semantics for label smoothing, class weights, `ignore_index` and reductions, computed by one
 /// fused kernel.
@@ -43,6 +97,7 @@ use candle_core::{bail, DType, Result, Tensor};
 #[derive(Debug, Clone)]
 pub struct CrossEntropyLoss {
     label_smoothing: f64,
+    smoothing: Smoothing,
     weight: Option<Tensor>,
     ignore_index: i64,
     reduction: Reduction,
@@ -68,6 +123,7 @@ impl CrossEntropyLoss {
     pub fn new() -> Self {
         Self {
             label_smoothing: 0.0,
+            smoothing: Smoothing::Uniform,
             weight: None,
             ignore_index: -100,
             reduction: Reduction::Mean,
@@ -87,6 +143,35 @@ impl CrossEntropyLoss {
     /// ```
     pub fn label_smoothing(mut self, eps: f64) -> Self {
         self.label_smoothing = eps;
+        self
+    }
+
+    /// Where label smoothing puts its mass `eps` (default [`Smoothing::Uniform`], PyTorch's and
+    /// Keras's): see [`Smoothing`].
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_xent::{CrossEntropyLoss, Smoothing};
+    /// # fn main() -> candle_core::Result<()> {
+    /// // The seed thread's example: 5 classes, 3 rows, smoothing 0.3 spread over the 4 other
+    /// // classes (its `LabelSmoothingLoss(classes=5, ...)` and `SmoothCrossEntropyLoss`).
+    /// let logits = Tensor::new(
+    ///     &[[0f32, 0.2, 0.7, 0.1, 0.], [0., 0.9, 0.2, 0.2, 1.], [1., 0.2, 0.7, 0.9, 1.]],
+    ///     &Device::Cpu,
+    /// )?;
+    /// let target = Tensor::new(&[2u32, 1, 0], &Device::Cpu)?;
+    /// let other = CrossEntropyLoss::new()
+    ///     .label_smoothing(0.3)
+    ///     .smoothing(Smoothing::OtherClasses)
+    ///     .forward(&logits, &target)?;
+    /// assert!((other.to_scalar::<f32>()? - 1.4178).abs() < 1e-4);
+    /// // PyTorch's label_smoothing=0.3 (eps / C on every class) gives the thread's other number.
+    /// let uniform = CrossEntropyLoss::new().label_smoothing(0.3).forward(&logits, &target)?;
+    /// assert!((uniform.to_scalar::<f32>()? - 1.3883).abs() < 1e-4);
+    /// # Ok(()) }
+    /// ```
+    pub fn smoothing(mut self, convention: Smoothing) -> Self {
+        self.smoothing = convention;
         self
     }
 
@@ -206,6 +291,16 @@ impl CrossEntropyLoss {
     /// ```
     pub fn get_label_smoothing(&self) -> f64 {
         self.label_smoothing
+    }
+
+    /// The configured smoothing convention.
+    ///
+    /// ```
+    /// use candle_xent::{CrossEntropyLoss, Smoothing};
+    /// assert_eq!(CrossEntropyLoss::new().get_smoothing(), Smoothing::Uniform);
+    /// ```
+    pub fn get_smoothing(&self) -> Smoothing {
+        self.smoothing
     }
 
     /// The configured ignore index.
@@ -411,6 +506,7 @@ impl CrossEntropyLoss {
                 dims
             );
         }
+        let eps = self.smoothing.to_uniform(eps, classes)?;
         let outer: usize = dims[..cd].iter().product();
         let inner: usize = dims[cd + 1..].iter().product();
         if !input.device().same_device(target.device()) {
