@@ -57,6 +57,9 @@ impl DataArgs {
     }
 }
 
+/// train-cars' output folder.
+const DEFAULT_OUT: &str = "out/resnet18-stanford-cars";
+
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Run the whole pipeline offline in a couple of minutes: a generated dataset and random
@@ -67,6 +70,10 @@ pub struct TrainArgs {
     /// to compare runs of the same seed on two devices.
     #[arg(long)]
     step_losses: Option<PathBuf>,
+    /// Add the comparison of this `ablate-smoothing` output folder (its ablation.json and
+    /// plots) to the model card.
+    #[arg(long)]
+    ablation: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
     /// Hub repo of the pretrained weights.
@@ -133,7 +140,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceKind,
     /// Output folder (the Hub-ready model folder).
-    #[arg(long, default_value = "out/resnet18-stanford-cars")]
+    #[arg(long, default_value = DEFAULT_OUT)]
     out: PathBuf,
     /// Continue from OUT/checkpoint-last.safetensors.
     #[arg(long)]
@@ -202,6 +209,13 @@ pub fn train_cars(a: TrainArgs) -> Result<()> {
     } else {
         recipe.run()?
     };
+    if let Some(dir) = &a.ablation {
+        candle_finetune::ablation::link_into_card(&report.out, dir)?;
+        eprintln!(
+            "model card: label smoothing ablation of {} added",
+            dir.display()
+        );
+    }
     if let Some(p) = &a.step_losses {
         std::fs::write(p, serde_json::to_string(&report.fit.step_losses)?)?;
         eprintln!(
@@ -420,6 +434,39 @@ pub fn publish_cars(a: PublishArgs) -> Result<()> {
         "load it back: candle_finetune::pretrained::from_pretrained(&opts, \"{}\", None, &device) or \
          cargo xtask predict --model {} IMAGE",
         a.repo, a.repo
+    );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AblateArgs {
+    /// Label smoothing values, comma-separated; one full run each.
+    #[arg(long, value_delimiter = ',', default_values_t = candle_finetune::ablation::DEFAULT_EPS)]
+    eps: Vec<f64>,
+    /// The train-cars flags (data, weights, recipe; --smoke for the offline generated run).
+    /// --out is the ablation folder here; it defaults to out/ablate-smoothing.
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+/// `cargo xtask ablate-smoothing`: the train-cars recipe once per smoothing value, compared.
+pub fn ablate_smoothing(a: AblateArgs) -> Result<()> {
+    let mut base = a.train.recipe();
+    if base.out == std::path::Path::new(DEFAULT_OUT) {
+        base.out = PathBuf::from("out/ablate-smoothing");
+    }
+    let out = base.out.clone();
+    let (base, _cache) = if a.train.smoke {
+        let (b, c) = base.smoke()?; // the cache lives until the runs end
+        (b, Some(c))
+    } else {
+        (base, None)
+    };
+    let ablation = candle_finetune::ablation::ablate_smoothing(&base, &a.eps)?;
+    println!("{}", candle_finetune::ablation::markdown(&ablation));
+    eprintln!(
+        "ablation written to {} (ablation.md, ablation.json, ablation-reliability.png, ablation-curves.png)",
+        out.display()
     );
     Ok(())
 }

@@ -26,6 +26,10 @@ enum Cmd {
     /// Fine-tune ResNet-18 on Stanford Cars with label smoothing (the main job); `--smoke` runs
     /// the whole pipeline offline on generated data.
     TrainCars(Box<cars::TrainArgs>),
+    /// Show what label smoothing buys: the train-cars recipe, seed and data once per smoothing
+    /// value (--eps 0,0.05,0.1,0.2), then a comparison of accuracy and calibration
+    /// (ablation.md/json, reliability diagrams side by side, test curves overlaid)
+    AblateSmoothing(Box<cars::AblateArgs>),
     /// Evaluate a model folder or Hub repo on the test split.
     EvalCars(cars::EvalArgs),
     /// Top-5 classes of images, with a model folder or a published Hub repo.
@@ -121,6 +125,7 @@ fn main() -> Result<()> {
     candle_resnet::threads::quiet_candle_pool();
     match Cli::parse().command {
         Cmd::TrainCars(args) => cars::train_cars(*args),
+        Cmd::AblateSmoothing(args) => cars::ablate_smoothing(*args),
         Cmd::EvalCars(args) => cars::eval_cars(args),
         Cmd::Predict(args) => cars::predict(args),
         Cmd::PublishCars(args) => cars::publish_cars(args),

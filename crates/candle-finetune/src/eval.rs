@@ -39,6 +39,13 @@ pub struct EvalResult {
     pub most_confused: Vec<(usize, usize, u32)>,
     /// Reliability diagram bins.
     pub reliability: Vec<Bin>,
+    /// Mean top probability of the correct predictions (NaN when none): how sure the model is
+    /// when right.
+    #[serde(default)]
+    pub mean_confidence_correct: f64,
+    /// Mean top probability of the wrong predictions (NaN when none): overconfidence shows here.
+    #[serde(default)]
+    pub mean_confidence_wrong: f64,
 }
 
 /// Accumulates predictions batch by batch.
@@ -64,6 +71,9 @@ pub struct Accumulator {
     nll: f64,
     confusion: Vec<Vec<u32>>,
     bins: Vec<(f64, usize, usize)>,
+    /// Summed top probability of correct and of wrong predictions.
+    conf_right: f64,
+    conf_wrong: f64,
 }
 
 impl Accumulator {
@@ -77,6 +87,8 @@ impl Accumulator {
             nll: 0.0,
             confusion: vec![vec![0; classes]; classes],
             bins: vec![(0.0, 0, 0); ECE_BINS],
+            conf_right: 0.0,
+            conf_wrong: 0.0,
         }
     }
 
@@ -120,6 +132,11 @@ impl Accumulator {
             self.bins[b].0 += conf;
             self.bins[b].1 += 1;
             self.bins[b].2 += (pred == y) as usize;
+            if pred == y {
+                self.conf_right += conf;
+            } else {
+                self.conf_wrong += conf;
+            }
             self.n += 1;
         }
         Ok(())
@@ -178,6 +195,8 @@ impl Accumulator {
             confusion: self.confusion.clone(),
             most_confused: pairs,
             reliability,
+            mean_confidence_correct: self.conf_right / self.top1 as f64,
+            mean_confidence_wrong: self.conf_wrong / (self.n - self.top1) as f64,
         }
     }
 }

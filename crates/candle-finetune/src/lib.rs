@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod ablation;
 pub mod card;
 pub mod config;
 pub mod data;

@@ -199,3 +199,122 @@ pub fn line(
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+/// Reliability diagrams side by side, one panel per `(title, bins, ece)`, e.g. one per label
+/// smoothing of an ablation.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("rel.png");
+/// let bins = vec![candle_finetune::eval::Bin { confidence: 0.5, accuracy: 0.4, count: 3 }; 15];
+/// candle_finetune::plot::reliability_panels(&p, &[("eps 0".into(), bins.clone(), 0.1), ("eps 0.1".into(), bins, 0.05)]).unwrap();
+/// assert!(std::fs::metadata(&p).unwrap().len() > 1000);
+/// ```
+pub fn reliability_panels(
+    path: &Path,
+    panels: &[(String, Vec<Bin>, f64)],
+) -> candle_core::Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let n = panels.len().max(1);
+        let root = BitMapBackend::new(&tmp, (420 * n as u32, 440)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        for (area, (title, bins, ece)) in root.split_evenly((1, n)).iter().zip(panels) {
+            let mut c = ChartBuilder::on(area)
+                .caption(
+                    format!("{title}: ECE {:.2} %", ece * 100.0),
+                    ("sans-serif", 18),
+                )
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(45)
+                .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+                .map_err(err)?;
+            c.configure_mesh()
+                .x_desc("confidence")
+                .y_desc("accuracy")
+                .draw()
+                .map_err(err)?;
+            let w = 1.0 / bins.len().max(1) as f64;
+            c.draw_series(
+                bins.iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.count > 0)
+                    .map(|(i, b)| {
+                        Rectangle::new(
+                            [(i as f64 * w, 0.0), ((i + 1) as f64 * w, b.accuracy)],
+                            BLUE.mix(0.6).filled(),
+                        )
+                    }),
+            )
+            .map_err(err)?;
+            c.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK))
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Several named series `(x, y)` overlaid on one plot with a legend (NaN points left out).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("top1.png");
+/// let a = vec![(1.0, 40.0), (2.0, 60.0)];
+/// let b = vec![(1.0, 45.0), (2.0, 62.0)];
+/// candle_finetune::plot::lines(&p, "test top-1", "epoch", "%", &[("eps 0".into(), a), ("eps 0.1".into(), b)]).unwrap();
+/// assert!(std::fs::metadata(&p).unwrap().len() > 1000);
+/// ```
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> candle_core::Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, (900, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let finite = |s: &[(f64, f64)]| {
+            s.iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, s)| finite(s)).collect();
+        let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max);
+        let ymax = all.iter().map(|p| p.1).fold(1e-9, f64::max) * 1.1;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+            .map_err(err)?;
+        c.configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .draw()
+            .map_err(err)?;
+        for (i, (name, s)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            c.draw_series(LineSeries::new(finite(s), color.stroke_width(2)))
+                .map_err(err)?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+        }
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
