@@ -102,6 +102,46 @@ pub fn curves(
     Ok(())
 }
 
+/// One reliability diagram (accuracy per confidence bin against the diagonal) on `area`.
+fn draw_reliability<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    title_size: u32,
+    bins: &[Bin],
+) -> candle_core::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let mut c = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", title_size))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+        .map_err(err)?;
+    c.configure_mesh()
+        .x_desc("confidence")
+        .y_desc("accuracy")
+        .draw()
+        .map_err(err)?;
+    let w = 1.0 / bins.len().max(1) as f64;
+    c.draw_series(
+        bins.iter()
+            .enumerate()
+            .filter(|(_, b)| b.count > 0)
+            .map(|(i, b)| {
+                Rectangle::new(
+                    [(i as f64 * w, 0.0), ((i + 1) as f64 * w, b.accuracy)],
+                    BLUE.mix(0.6).filled(),
+                )
+            }),
+    )
+    .map_err(err)?;
+    c.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK))
+        .map_err(err)?;
+    Ok(())
+}
+
 /// Reliability diagram: accuracy per confidence bin against the diagonal, with the ECE.
 ///
 /// ```
@@ -117,36 +157,8 @@ pub fn reliability(path: &Path, bins: &[Bin], ece: f64) -> candle_core::Result<(
     {
         let root = BitMapBackend::new(&tmp, (600, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let mut c = ChartBuilder::on(&root)
-            .caption(
-                format!("reliability (ECE {:.2} %)", ece * 100.0),
-                ("sans-serif", 22),
-            )
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
-            .map_err(err)?;
-        c.configure_mesh()
-            .x_desc("confidence")
-            .y_desc("accuracy")
-            .draw()
-            .map_err(err)?;
-        let w = 1.0 / bins.len().max(1) as f64;
-        c.draw_series(
-            bins.iter()
-                .enumerate()
-                .filter(|(_, b)| b.count > 0)
-                .map(|(i, b)| {
-                    Rectangle::new(
-                        [(i as f64 * w, 0.0), ((i + 1) as f64 * w, b.accuracy)],
-                        BLUE.mix(0.6).filled(),
-                    )
-                }),
-        )
-        .map_err(err)?;
-        c.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK))
-            .map_err(err)?;
+        let title = format!("reliability (ECE {:.2} %)", ece * 100.0);
+        draw_reliability(&root, &title, 22, bins)?;
         root.present().map_err(err)?;
     }
     std::fs::rename(&tmp, path)?;
@@ -221,36 +233,8 @@ pub fn reliability_panels(
         let root = BitMapBackend::new(&tmp, (420 * n as u32, 440)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         for (area, (title, bins, ece)) in root.split_evenly((1, n)).iter().zip(panels) {
-            let mut c = ChartBuilder::on(area)
-                .caption(
-                    format!("{title}: ECE {:.2} %", ece * 100.0),
-                    ("sans-serif", 18),
-                )
-                .margin(10)
-                .x_label_area_size(35)
-                .y_label_area_size(45)
-                .build_cartesian_2d(0f64..1f64, 0f64..1f64)
-                .map_err(err)?;
-            c.configure_mesh()
-                .x_desc("confidence")
-                .y_desc("accuracy")
-                .draw()
-                .map_err(err)?;
-            let w = 1.0 / bins.len().max(1) as f64;
-            c.draw_series(
-                bins.iter()
-                    .enumerate()
-                    .filter(|(_, b)| b.count > 0)
-                    .map(|(i, b)| {
-                        Rectangle::new(
-                            [(i as f64 * w, 0.0), ((i + 1) as f64 * w, b.accuracy)],
-                            BLUE.mix(0.6).filled(),
-                        )
-                    }),
-            )
-            .map_err(err)?;
-            c.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], &BLACK))
-                .map_err(err)?;
+            let title = format!("{title}: ECE {:.2} %", ece * 100.0);
+            draw_reliability(area, &title, 18, bins)?;
         }
         root.present().map_err(err)?;
     }
