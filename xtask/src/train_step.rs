@@ -95,19 +95,13 @@ pub fn run(a: Args) -> Result<()> {
     let mut last_loss = f64::NAN;
     for step in 0..=a.steps {
         let t0 = Instant::now();
-        let mut run = || -> candle_core::Result<f64> {
+        let run = || -> candle_core::Result<f64> {
             let logits = model.forward_t(&x, true)?;
             let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
             opt.step(&loss.backward()?, a.lr)?;
             loss.to_dtype(DType::F64)?.to_scalar::<f64>()
         };
-        // On the CPU a rayon worker runs the step (candle_resnet::threads::on_worker); a GPU
-        // step stays on this thread, which holds the device's context.
-        let l = if dev.is_cpu() {
-            candle_resnet::threads::on_worker(run)?
-        } else {
-            run()?
-        };
+        let l = candle_resnet::threads::on_cpu_worker(&dev, run)?;
         last_loss = l;
         dev.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();

@@ -58,3 +58,18 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| out = Some(f()));
     out.expect("rayon::scope runs its closure before returning")
 }
+
+/// [`on_worker`] when `device` is the CPU; on a GPU, `f` runs on this thread, which holds the
+/// device's context.
+///
+/// ```
+/// let dev = candle_core::Device::Cpu;
+/// assert!(candle_resnet::threads::on_cpu_worker(&dev, || rayon::current_thread_index().is_some()));
+/// ```
+pub fn on_cpu_worker<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        on_worker(f)
+    } else {
+        f()
+    }
+}

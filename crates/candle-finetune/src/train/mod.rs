@@ -233,24 +233,13 @@ pub fn reinit_head(varmap: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// `f` on a rayon worker when training on the CPU (the kernels' parallel loops then run in
-/// place, see [`candle_resnet::threads::on_worker`]); on a GPU, on this thread, which holds the
-/// device's context.
-fn on_cpu_worker<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
-    if device.is_cpu() {
-        candle_resnet::threads::on_worker(f)
-    } else {
-        f()
-    }
-}
-
 /// Evaluates `model` (eval mode) on every batch of `loader` (its epoch 0).
 pub fn evaluate(model: &ResNet, loader: &Loader, device: &Device) -> Result<(EvalResult, usize)> {
     let mut acc = Accumulator::new(model.num_classes());
     let mut epoch = loader.epoch(0);
     for b in epoch.by_ref() {
         let b = b?;
-        let logits = on_cpu_worker(device, || {
+        let logits = candle_resnet::threads::on_cpu_worker(device, || {
             model.forward_t(&b.images.to_device(device)?, false)
         })?;
         acc.add(&logits, &b.labels.to_vec1::<u32>()?)?;
@@ -435,12 +424,13 @@ pub fn fit_with(
             let y = batch.labels.to_device(device)?;
             // On a rayon worker: the kernels' parallel loops then run in place instead of
             // waking the pool and sleeping (candle_resnet::threads::on_worker).
-            let (loss, v) = on_cpu_worker(device, || -> Result<(Tensor, f64)> {
-                let logits = model.forward_t(&x, true)?;
-                let loss = loss_fn.forward(&logits, &y)?;
-                let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                Ok((loss, v))
-            })?;
+            let (loss, v) =
+                candle_resnet::threads::on_cpu_worker(device, || -> Result<(Tensor, f64)> {
+                    let logits = model.forward_t(&x, true)?;
+                    let loss = loss_fn.forward(&logits, &y)?;
+                    let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    Ok((loss, v))
+                })?;
             if !v.is_finite() {
                 bar.abandon();
                 bail!(
@@ -450,7 +440,7 @@ pub fn fit_with(
                     epoch
                 );
             }
-            on_cpu_worker(device, || {
+            candle_resnet::threads::on_cpu_worker(device, || {
                 acc.add(&(loss / cfg.accum_steps as f64)?.backward()?)
             })?;
             step_loss += v / cfg.accum_steps as f64;
@@ -459,7 +449,7 @@ pub fn fit_with(
                 let micro = acc.micro_batches();
                 lr = schedule.lr(step);
                 let grads = acc.take();
-                on_cpu_worker(device, || opt.step_with(&grads, lr))?;
+                candle_resnet::threads::on_cpu_worker(device, || opt.step_with(&grads, lr))?;
                 let mean = step_loss * cfg.accum_steps as f64 / micro as f64;
                 summary.step_losses.push(mean);
                 loss_sum += mean;
