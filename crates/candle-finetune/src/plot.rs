@@ -13,6 +13,27 @@ fn register_font() {
     });
 }
 
+/// Draws one PNG with `draw` on a white `size` canvas and writes it atomically to `path` (a
+/// temporary file beside it, then a rename).
+fn write_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(
+        &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    ) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    register_font();
+    let tmp = path.with_extension("tmp.png");
+    {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        draw(&root)?;
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 fn err<E: std::fmt::Display>(e: E) -> candle_core::Error {
     candle_core::Error::Msg(format!("plot: {e}"))
 }
@@ -33,11 +54,7 @@ pub fn curves(
     top1: &[f64],
     top5: &[f64],
 ) -> candle_core::Result<()> {
-    register_font();
-    let tmp = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (1200, 450)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+    write_png(path, (1200, 450), |root| {
         let (left, right) = root.split_horizontally(600);
         let n = train_loss.len().max(1) as f64;
         let ymax = train_loss
@@ -96,10 +113,8 @@ pub fn curves(
             .background_style(WHITE)
             .draw()
             .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// One reliability diagram (accuracy per confidence bin against the diagonal) on `area`.
@@ -152,17 +167,11 @@ where
 /// assert!(p.exists());
 /// ```
 pub fn reliability(path: &Path, bins: &[Bin], ece: f64) -> candle_core::Result<()> {
-    register_font();
-    let tmp = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (600, 600)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+    write_png(path, (600, 600), |root| {
         let title = format!("reliability (ECE {:.2} %)", ece * 100.0);
-        draw_reliability(&root, &title, 22, bins)?;
-        root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+        draw_reliability(root, &title, 22, bins)?;
+        Ok(())
+    })
 }
 
 /// One line plot of `points` `(x, y)`, e.g. memory over training steps.
@@ -180,11 +189,7 @@ pub fn line(
     y_label: &str,
     points: &[(f64, f64)],
 ) -> candle_core::Result<()> {
-    register_font();
-    let tmp = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (900, 450)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+    write_png(path, (900, 450), |root| {
         let finite = || {
             points
                 .iter()
@@ -192,7 +197,7 @@ pub fn line(
         };
         let xmax = finite().map(|p| p.0).fold(1.0, f64::max);
         let ymax = finite().map(|p| p.1).fold(1e-9, f64::max) * 1.1;
-        let mut c = ChartBuilder::on(&root)
+        let mut c = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(35)
@@ -206,10 +211,8 @@ pub fn line(
             .map_err(err)?;
         c.draw_series(LineSeries::new(finite().cloned(), &BLUE))
             .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Reliability diagrams side by side, one panel per `(title, bins, ece)`, e.g. one per label
@@ -226,20 +229,14 @@ pub fn reliability_panels(
     path: &Path,
     panels: &[(String, Vec<Bin>, f64)],
 ) -> candle_core::Result<()> {
-    register_font();
-    let tmp = path.with_extension("tmp.png");
-    {
-        let n = panels.len().max(1);
-        let root = BitMapBackend::new(&tmp, (420 * n as u32, 440)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+    let n = panels.len().max(1);
+    write_png(path, (420 * n as u32, 440), |root| {
         for (area, (title, bins, ece)) in root.split_evenly((1, n)).iter().zip(panels) {
             let title = format!("{title}: ECE {:.2} %", ece * 100.0);
             draw_reliability(area, &title, 18, bins)?;
         }
-        root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Several named series `(x, y)` overlaid on one plot with a legend (NaN points left out).
@@ -259,11 +256,7 @@ pub fn lines(
     y_label: &str,
     series: &[(String, Vec<(f64, f64)>)],
 ) -> candle_core::Result<()> {
-    register_font();
-    let tmp = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (900, 500)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+    write_png(path, (900, 500), |root| {
         let finite = |s: &[(f64, f64)]| {
             s.iter()
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
@@ -273,7 +266,7 @@ pub fn lines(
         let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, s)| finite(s)).collect();
         let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max);
         let ymax = all.iter().map(|p| p.1).fold(1e-9, f64::max) * 1.1;
-        let mut c = ChartBuilder::on(&root)
+        let mut c = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(35)
@@ -297,8 +290,6 @@ pub fn lines(
             .border_style(BLACK)
             .draw()
             .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+        Ok(())
+    })
 }
