@@ -17,13 +17,9 @@
 //! the true-class term is subtracted in the accumulator type before rounding to the input's
 //! dtype.
 
-use crate::math::{Acc, Elem};
+use crate::math::{Acc, Elem, LANES};
 use rayon::prelude::*;
 
-/// Independent accumulator lanes of the row loops (a multiple of every SIMD width we target).
-const LANES: usize = 16;
-/// Elements between two updates of the running max.
-const BLOCK: usize = 1024;
 /// Rows gathered at once for `inner > 1` layouts.
 const TILE: usize = 16;
 /// Rough number of elements a rayon task should cover.
@@ -51,14 +47,28 @@ impl<A: Acc> Problem<'_, A> {
     pub fn rows(&self) -> usize {
         self.outer * self.inner
     }
-    fn eps(&self) -> A {
-        A::from_f64(self.smoothing)
+    /// `1 - eps`, formed in f64 before the one rounding (exact near eps = 1, where rounding
+    /// eps first would lose every digit of the difference).
+    fn one_minus_eps(&self) -> A {
+        A::from_f64(1.0 - self.smoothing)
     }
     fn eps_over_c(&self) -> A {
         A::from_f64(self.smoothing / self.classes as f64)
     }
     fn weighted(&self) -> bool {
         !self.weight.is_empty()
+    }
+    /// Whether the gradient kernel needs the class weights: class-index targets without
+    /// smoothing use only the target's weight (a coefficient), so a NaN or infinite weight of a
+    /// class no row targets stays out of the gradient, as in PyTorch.
+    fn grad_weighted(&self, soft: bool) -> bool {
+        self.weighted() && (soft || self.smoothing != 0.0)
+    }
+    /// With smoothing every class has target mass `q_c = (1 - eps) t_c + eps / C > 0`, so a
+    /// zero soft target on a -inf logit is an infinite term (PyTorch: `inf`), not `0 * -inf`;
+    /// without smoothing `q_c = t_c = 0` there and PyTorch's `0 * -inf` is NaN, which we keep.
+    fn soft_zero_is_zero(&self) -> bool {
+        self.smoothing != 0.0
     }
 }
 
@@ -69,7 +79,7 @@ pub(crate) enum Targets<'a, T> {
     Soft(&'a [T]),
 }
 
-/// Row sums of one forward pass, relative to the shift `m` (the row's max, 0 while every logit
+/// Row sums of one forward pass, relative to the shift `m` (the row's max, 0 when every logit
 /// is -inf).
 #[derive(Clone, Copy)]
 struct RowSums<A> {
@@ -83,22 +93,9 @@ struct RowSums<A> {
     wt: A,
 }
 
+/// The row's maximum (NaN elements are skipped; -inf for an empty or all -inf row).
 #[inline(always)]
-fn lane_sum<A: Acc>(v: &[A; LANES]) -> A {
-    // Pairwise, so the result does not depend on the row length modulo LANES.
-    let mut h = *v;
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            h[i] += h[i + width];
-        }
-        width /= 2;
-    }
-    h[0]
-}
-
-#[inline(always)]
-fn block_max<A: Acc>(xb: &[A]) -> A {
+fn row_max<A: Acc>(xb: &[A]) -> A {
     let mut mx = [A::NEG_INF; LANES];
     let chunks = xb.chunks_exact(LANES);
     let rem = chunks.remainder();
@@ -123,108 +120,107 @@ fn lanes<A: Copy>(s: &[A], i: usize) -> [A; LANES] {
     s[i..i + LANES].try_into().unwrap()
 }
 
-/// Lane accumulators of [`row_sums`], all relative to the current shift.
-struct Lanes<A> {
-    se: [A; LANES],
-    wx: [A; LANES],
-    wtx: [A; LANES],
-    wt: [A; LANES],
-    /// Weighted rows: `sum w` seen per lane (unweighted: the count, known from the position).
-    wn: [A; LANES],
+/// The lane accumulators of [`row_sums`] (see [`Acc::Lanes`]).
+struct Lanes<A: Acc> {
+    se: A::Lanes,
+    wx: A::Lanes,
+    wtx: A::Lanes,
+    wt: A::Lanes,
 }
 
 impl<A: Acc> Lanes<A> {
-    /// Adds the contribution of element `(x, w, t)` to lane `j`, relative to the shift `m`.
+    /// Adds `LANES` elements (`live` of them real, the rest padding that adds nothing),
+    /// relative to the shift `m`. `safe_zero_t`: a zero soft target contributes 0 to
+    /// `sum w t (x - m)` even on a -inf logit (see [`Problem::soft_zero_is_zero`]).
     #[inline(always)]
-    fn add<const W: bool, const S: bool>(&mut self, j: usize, xv: A, wc: A, tv: A, m: A) {
-        let d = xv - m;
-        self.se[j] += d.exp();
-        let wd = if W { wc * d } else { d };
-        self.wx[j] += wd;
-        if W {
-            self.wn[j] += wc;
-        }
-        if S {
-            self.wtx[j] += wd * tv;
-            self.wt[j] += if W { wc * tv } else { tv };
-        }
-    }
-
-    /// Moves the sums from shift `from` to shift `to` (> `from`): `sum exp` scales, the linear
-    /// sums gain `(from - to) * sum w` (terms of one sign: no cancellation). `count` is the
-    /// number of elements each lane has seen (used when unweighted).
-    #[inline(always)]
-    fn reshift<const W: bool, const S: bool>(&mut self, from: A, to: A, scale: A, count: A) {
-        let delta = from - to;
+    fn add<const W: bool, const S: bool>(
+        &mut self,
+        xv: &[A; LANES],
+        wv: &[A; LANES],
+        tv: &[A; LANES],
+        m: A,
+        live: usize,
+        safe_zero_t: bool,
+    ) {
+        let mut e = [A::ZERO; LANES];
+        let mut wd = [A::ZERO; LANES];
+        let mut wtd = [A::ZERO; LANES];
+        let mut wt = [A::ZERO; LANES];
         for j in 0..LANES {
-            self.se[j] *= scale;
-            let n = if W { self.wn[j] } else { count };
-            // An empty lane (n == 0) stays 0 even for an infinite delta.
-            if n != A::ZERO {
-                self.wx[j] += n * delta;
+            let d = xv[j] - m;
+            let pad = j >= live;
+            e[j] = if pad { A::ZERO } else { d.exp() };
+            let w_d = if W { wv[j] * d } else { d };
+            wd[j] = if pad { A::ZERO } else { w_d };
+            if S {
+                let prod = w_d * tv[j];
+                let prod = if safe_zero_t && tv[j] == A::ZERO {
+                    A::ZERO
+                } else {
+                    prod
+                };
+                wtd[j] = if pad { A::ZERO } else { prod };
+                let w_t = if W { wv[j] * tv[j] } else { tv[j] };
+                wt[j] = if pad { A::ZERO } else { w_t };
             }
-            if S && self.wt[j] != A::ZERO {
-                self.wtx[j] += self.wt[j] * delta;
-            }
+        }
+        A::lanes_add(&mut self.se, &e);
+        A::lanes_add(&mut self.wx, &wd);
+        if S {
+            A::lanes_add(&mut self.wtx, &wtd);
+            A::lanes_add(&mut self.wt, &wt);
         }
     }
 }
 
-/// One pass over a row. `W`: weighted; `S`: soft targets (`t` is then the target row).
+/// Two passes over a row: its max, then every sum relative to it (no rescaling, so no
+/// rounding but the terms' own and the accumulators'). `W`: weighted; `S`: soft targets (`t`
+/// is then the target row).
 #[inline(always)]
-fn row_sums<A: Acc, const W: bool, const S: bool>(x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
-    let mut max = A::NEG_INF;
-    // The shift the lanes are relative to: the running max, or 0 while every logit so far is
-    // -inf (masked), where exp(x - 0) adds the exact 0 and NaN stays NaN.
-    let mut shift = A::ZERO;
-    let mut l = Lanes {
-        se: [A::ZERO; LANES],
-        wx: [A::ZERO; LANES],
-        wtx: [A::ZERO; LANES],
-        wt: [A::ZERO; LANES],
-        wn: [A::ZERO; LANES],
+fn row_sums<A: Acc, const W: bool, const S: bool>(
+    x: &[A],
+    w: &[A],
+    t: &[A],
+    safe_zero_t: bool,
+) -> RowSums<A> {
+    let max = row_max(x);
+    // Every logit -inf (or none): shift 0, where exp(x - 0) adds the exact 0 and NaN stays NaN.
+    let shift = if max == A::NEG_INF { A::ZERO } else { max };
+    let mut l = Lanes::<A> {
+        se: A::LANES_ZERO,
+        wx: A::LANES_ZERO,
+        wtx: A::LANES_ZERO,
+        wt: A::LANES_ZERO,
     };
     let ones = [A::ONE; LANES];
-    for (bi, xb) in x.chunks(BLOCK).enumerate() {
-        let base = bi * BLOCK;
-        let bm = block_max(xb);
-        if bm > max {
-            // Every block before this one is full (BLOCK is a multiple of LANES): each lane has
-            // seen base / LANES elements.
-            let count = A::from_f64((base / LANES) as f64);
-            l.reshift::<W, S>(shift, bm, (max - bm).exp(), count);
-            max = bm;
-            shift = bm;
+    let len = x.len();
+    let n_full = len / LANES * LANES;
+    let mut i = 0;
+    while i < n_full {
+        let xv = lanes(x, i);
+        let wv = if W { lanes(w, i) } else { ones };
+        let tv = if S { lanes(t, i) } else { ones };
+        l.add::<W, S>(&xv, &wv, &tv, shift, LANES, safe_zero_t);
+        i += LANES;
+    }
+    if n_full < len {
+        let live = len - n_full;
+        let (mut xv, mut wv, mut tv) = ([shift; LANES], ones, ones);
+        xv[..live].copy_from_slice(&x[n_full..]);
+        if W {
+            wv[..live].copy_from_slice(&w[n_full..]);
         }
-        let m = shift;
-        let len = xb.len();
-        let wb = if W { &w[base..base + len] } else { &[][..] };
-        let tb = if S { &t[base..base + len] } else { &[][..] };
-        let n_full = len / LANES * LANES;
-        let mut i = 0;
-        while i < n_full {
-            let xv = lanes(xb, i);
-            let wv = if W { lanes(wb, i) } else { ones };
-            let tv = if S { lanes(tb, i) } else { ones };
-            for j in 0..LANES {
-                l.add::<W, S>(j, xv[j], wv[j], tv[j], m);
-            }
-            i += LANES;
+        if S {
+            tv[..live].copy_from_slice(&t[n_full..]);
         }
-        // Only the last block has a remainder, so no reshift follows it.
-        for j in 0..len - n_full {
-            let c = n_full + j;
-            let wc = if W { wb[c] } else { A::ONE };
-            let tv = if S { tb[c] } else { A::ONE };
-            l.add::<W, S>(j, xb[c], wc, tv, m);
-        }
+        l.add::<W, S>(&xv, &wv, &tv, shift, live, safe_zero_t);
     }
     RowSums {
         shift,
-        sum_exp: lane_sum(&l.se),
-        wx: lane_sum(&l.wx),
-        wtx: if S { lane_sum(&l.wtx) } else { A::ZERO },
-        wt: if S { lane_sum(&l.wt) } else { A::ZERO },
+        sum_exp: A::lanes_total(&l.se),
+        wx: A::lanes_total(&l.wx),
+        wtx: if S { A::lanes_total(&l.wtx) } else { A::ZERO },
+        wt: if S { A::lanes_total(&l.wt) } else { A::ZERO },
     }
 }
 
@@ -275,7 +271,11 @@ macro_rules! dispatch_simd {
     };
 }
 
-dispatch_simd!(row_sums, row_sums_avx2, (x: &[A], w: &[A], t: &[A]) -> RowSums<A>);
+dispatch_simd!(
+    row_sums,
+    row_sums_avx2,
+    (x: &[A], w: &[A], t: &[A], safe_zero_t: bool) -> RowSums<A>
+);
 dispatch_simd!(
     row_grad,
     row_grad_avx2,
@@ -336,8 +336,8 @@ impl<A: Acc> Kernels<A> {
             _a: std::marker::PhantomData,
         }
     }
-    fn sums(&self, x: &[A], w: &[A], t: &[A]) -> RowSums<A> {
-        select!(self, row_sums, row_sums_avx2, x, w, t)
+    fn sums(&self, x: &[A], w: &[A], t: &[A], safe_zero_t: bool) -> RowSums<A> {
+        select!(self, row_sums, row_sums_avx2, x, w, t, safe_zero_t)
     }
     fn grad(&self, x: &[A], w: &[A], t: &[A], k: GradRow<A>, out: &mut [A]) {
         select!(self, row_grad, row_grad_avx2, x, w, t, k, out)
@@ -356,19 +356,22 @@ fn finish_row<A: Acc>(
     target: RowTarget,
 ) -> [A; STATS] {
     let (m, ls) = (s.shift, s.sum_exp.ln());
-    let eps = p.eps();
+    let one_m = p.one_minus_eps();
     let eoc = p.eps_over_c();
+    let smooth = p.smoothing != 0.0;
     let z = || {
         let lse = m + ls;
         A::from_f64(p.z_loss) * lse * lse
     };
+    // Terms whose factor is exactly 0 (eps = 0, or 1 - eps = 0) are left out, not multiplied
+    // by 0: PyTorch's formula does not have them, and 0 * inf would be NaN.
     match target {
         RowTarget::Ignored => [A::ZERO, m, ls, A::ZERO],
         RowTarget::Class(y) => {
             let wy = if p.weighted() { p.weight[y] } else { A::ONE };
             let nll = wy * ((m - x_at(y)) + ls);
-            let mut loss = (A::ONE - eps) * nll;
-            if p.smoothing != 0.0 {
+            let mut loss = one_m * nll;
+            if smooth {
                 loss += eoc * (ls * p.weight_sum - s.wx);
             }
             if p.z_loss != 0.0 {
@@ -377,8 +380,16 @@ fn finish_row<A: Acc>(
             [loss, m, ls, wy]
         }
         RowTarget::Soft => {
-            let wq = (A::ONE - eps) * s.wt + eoc * p.weight_sum;
-            let wqx = (A::ONE - eps) * s.wtx + eoc * s.wx;
+            let mut wq = one_m * s.wt;
+            let mut wqx = if one_m != A::ZERO {
+                one_m * s.wtx
+            } else {
+                A::ZERO
+            };
+            if smooth {
+                wq += eoc * p.weight_sum;
+                wqx += eoc * s.wx;
+            }
             let mut loss = ls * wq - wqx;
             if p.z_loss != 0.0 {
                 loss += z();
@@ -434,9 +445,11 @@ fn cap_row_with_grad<A: Acc>(row: &mut [A], dcap: &mut [A], cap: f64) {
         let x = *v;
         let q = x / c;
         let lo = (A::ZERO - q).mul_add(c, x) / c;
-        // |x| = inf: no remainder (inf - inf would be NaN); a NaN x stays NaN through `q`.
+        // No remainder where it is not finite: |x| = inf (inf - inf is NaN) or |x / cap| past
+        // the dtype's range (the quotient is inf, the capped logit flat, its derivative 0); a
+        // NaN x stays NaN through `q`.
         #[allow(clippy::eq_op)]
-        let lo = if lo == lo { lo } else { A::ZERO };
+        let lo = if lo - lo == A::ZERO { lo } else { A::ZERO };
         // -2|u| = -2|q| - 2 sign(q) lo.
         let (aq, slo) = if q < A::ZERO {
             (A::ZERO - q, A::ZERO - lo)
@@ -578,7 +591,7 @@ pub(crate) fn forward<T: Elem>(
                     }
                     Targets::Hard(_) => empty,
                 };
-                let s = k.sums(xa, p.weight, ta);
+                let s = k.sums(xa, p.weight, ta, p.soft_zero_is_zero());
                 let st = finish_row(p, &s, |c| xa[c], row_target(p, targets, r));
                 dst[j * STATS..(j + 1) * STATS].copy_from_slice(&st);
             }
@@ -602,7 +615,7 @@ pub(crate) fn forward<T: Elem>(
                 } else {
                     &tbuf[j * c_n..(j + 1) * c_n]
                 };
-                let s = k.sums(xa, p.weight, ta);
+                let s = k.sums(xa, p.weight, ta, p.soft_zero_is_zero());
                 let st = finish_row(p, &s, |c| xa[c], row_target(p, targets, r));
                 dst[j * STATS..(j + 1) * STATS].copy_from_slice(&st);
             }
@@ -616,33 +629,40 @@ pub(crate) fn forward<T: Elem>(
 /// loss.
 fn grad_coeffs<A: Acc>(p: &Problem<'_, A>, target: RowTarget, st: &[A]) -> Option<GradRow<A>> {
     let (shift, log_sum, tw, g) = (st[0], st[1], st[2], st[3]);
-    let lse = shift + log_sum;
-    let eps = p.eps();
+    let one_m = p.one_minus_eps();
     let eoc = p.eps_over_c();
+    // As in the forward, terms with a zero factor are left out rather than multiplied.
+    let z_term = if p.z_loss != 0.0 {
+        A::from_f64(2.0 * p.z_loss) * (shift + log_sum)
+    } else {
+        A::ZERO
+    };
+    let smooth_w = if p.smoothing != 0.0 {
+        eoc * p.weight_sum
+    } else {
+        A::ZERO
+    };
     match target {
         RowTarget::Ignored => None,
         RowTarget::Class(y) => {
-            // d/dx_c = g [ (1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum_w - w_c) ]
-            let alpha =
-                g * ((A::ONE - eps) * tw + eoc * p.weight_sum + A::from_f64(2.0 * p.z_loss) * lse);
-            let beta = g * eoc;
+            // d/dx_c = g [ (1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum_w - w_c) + 2 z lse p_c ]
             Some(GradRow {
                 shift,
                 log_sum,
-                alpha,
-                beta,
+                alpha: g * (one_m * tw + smooth_w + z_term),
+                beta: g * eoc,
                 gamma: A::ZERO,
-                fix: Some((y, g * (A::ONE - eps) * tw)),
+                fix: Some((y, g * one_m * tw)),
             })
         }
         RowTarget::Soft => {
-            // d/dx_c = g [ p_c sum_k w_k q_k - w_c q_c ],  q_c = (1-eps) t_c + eps/C
+            // d/dx_c = g [ p_c sum_k w_k q_k - w_c q_c + 2 z lse p_c ],  q_c = (1-eps) t_c + eps/C
             Some(GradRow {
                 shift,
                 log_sum,
-                alpha: g * (tw + A::from_f64(2.0 * p.z_loss) * lse),
+                alpha: g * (tw + z_term),
                 beta: g * eoc,
-                gamma: g * (A::ONE - eps),
+                gamma: g * one_m,
                 fix: None,
             })
         }
@@ -663,7 +683,8 @@ pub(crate) fn backward<T: Elem>(
     if rows == 0 {
         return;
     }
-    let k = Kernels::<T::A>::new(p.weighted(), matches!(targets, Targets::Soft(_)));
+    let soft = matches!(targets, Targets::Soft(_));
+    let k = Kernels::<T::A>::new(p.grad_weighted(soft), soft);
     let empty: &[T::A] = &[];
     if p.inner == 1 {
         let tasks = tasks(p);
@@ -820,7 +841,8 @@ pub(crate) fn backward_inplace<T: Elem>(
     if rows == 0 {
         return;
     }
-    let k = Kernels::<T::A>::new(p.weighted(), matches!(targets, Targets::Soft(_)));
+    let soft = matches!(targets, Targets::Soft(_));
+    let k = Kernels::<T::A>::new(p.grad_weighted(soft), soft);
     let local = Problem {
         outer: 1,
         ..p.clone()

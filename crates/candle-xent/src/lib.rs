@@ -58,6 +58,7 @@ mod metal;
 mod op;
 mod reduction;
 mod spec;
+mod sum;
 
 pub use bce::BinaryCrossEntropyWithLogits;
 pub use linear::{FusedLinearCrossEntropy, LinearGrads};

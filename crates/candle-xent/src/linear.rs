@@ -133,11 +133,46 @@ impl FusedLinearCrossEntropy {
         bias: Option<&Tensor>,
         target: &Tensor,
     ) -> Result<LinearGrads> {
-        let (n, h) = hidden.dims2()?;
-        let (v, h2) = weight.dims2()?;
+        let (n, h) = match hidden.dims() {
+            &[n, h] => (n, h),
+            d => bail!("fused_linear_cross_entropy: hidden must be (N, H), got shape {d:?}"),
+        };
+        let (v, h2) = match weight.dims() {
+            &[v, h2] => (v, h2),
+            d => bail!("fused_linear_cross_entropy: weight must be (V, H), got shape {d:?}"),
+        };
         if h != h2 {
             bail!("fused_linear_cross_entropy: hidden has {h} features, weight expects {h2}");
         }
+        if v == 0 {
+            bail!(
+                "fused_linear_cross_entropy: weight has 0 classes (shape {:?})",
+                weight.dims()
+            );
+        }
+        let dtype = hidden.dtype();
+        if !matches!(
+            dtype,
+            candle_core::DType::F16
+                | candle_core::DType::BF16
+                | candle_core::DType::F32
+                | candle_core::DType::F64
+        ) {
+            bail!(
+                "fused_linear_cross_entropy: hidden must be f16, bf16, f32 or f64, got {dtype:?}"
+            );
+        }
+        if weight.dtype() != dtype || bias.is_some_and(|b| b.dtype() != dtype) {
+            bail!(
+                "fused_linear_cross_entropy: hidden ({dtype:?}), weight ({:?}) and bias ({:?}) \
+                 must have one dtype",
+                weight.dtype(),
+                bias.map(|b| b.dtype())
+            );
+        }
+        // Every option is checked here, so that a call with no rows rejects what one with rows
+        // would.
+        self.loss.checked_smoothing(v)?;
         if let Some(b) = bias {
             if b.dims() != [v] {
                 bail!(
@@ -194,7 +229,13 @@ impl FusedLinearCrossEntropy {
             CpuGrads::Off => hidden.detach(),
             _ => hidden.detach().contiguous()?,
         };
-        let mut gb: Option<Tensor> = None;
+        // Gradients summed over chunks are accumulated in f32 (f64 for f64), as the kernels do:
+        // a running f16 sum would add one f16 rounding per chunk.
+        let acc = crate::spec::CrossEntropyOp::acc_dtype(dtype);
+        let mut gb: Option<Tensor> = match bias {
+            Some(_) => Some(Tensor::zeros(v, acc, hidden.device())?),
+            None => None,
+        };
         let chunk = self.chunk.unwrap_or_else(|| Self::chunk_rows(n, h, v));
         let mut start = 0;
         while start < n {
@@ -219,7 +260,7 @@ impl FusedLinearCrossEntropy {
             let g = logits;
             if matches!(cpu, CpuGrads::Off) {
                 gh.push(g.matmul(&wt)?);
-                let gwc = g.t()?.matmul(&hc)?;
+                let gwc = g.t()?.matmul(&hc)?.to_dtype(acc)?;
                 gw = Some(match gw {
                     None => gwc,
                     Some(a) => (a + gwc)?,
@@ -227,12 +268,8 @@ impl FusedLinearCrossEntropy {
             } else {
                 cpu.add(&g, &hc, &wt, start)?;
             }
-            if bias.is_some() {
-                let gbc = g.sum(0)?;
-                gb = Some(match gb {
-                    None => gbc,
-                    Some(a) => (a + gbc)?,
-                });
+            if let Some(a) = gb.take() {
+                gb = Some((a + g.to_dtype(acc)?.sum(0)?)?);
             }
             start += len;
         }
@@ -240,18 +277,25 @@ impl FusedLinearCrossEntropy {
             Some(g) => g,
             None => (
                 if gh.is_empty() {
-                    hidden.zeros_like()?
+                    Tensor::zeros((n, h), dtype, hidden.device())?
                 } else {
                     Tensor::cat(&gh, 0)?
                 },
-                gw.unwrap_or(weight.zeros_like()?),
+                match gw {
+                    Some(g) => g.to_dtype(dtype)?,
+                    None => Tensor::zeros((v, h), dtype, hidden.device())?,
+                },
             ),
         };
+        let grad_bias = match gb {
+            Some(g) => Some(g.to_dtype(dtype)?),
+            None => None,
+        };
         Ok(LinearGrads {
-            loss: Tensor::new(total / denom, hidden.device())?.to_dtype(hidden.dtype())?,
+            loss: Tensor::new(total / denom, hidden.device())?.to_dtype(dtype)?,
             grad_hidden,
             grad_weight,
-            grad_bias: gb,
+            grad_bias,
         })
     }
 }
@@ -383,6 +427,7 @@ enum CpuGrads {
 struct GradBufs<T> {
     gh: Vec<T>,
     gw: Vec<T>,
+    n: usize,
     v: usize,
     h: usize,
 }
@@ -430,6 +475,7 @@ impl<T: candle_core::WithDType + num_one::One> GradBufs<T> {
         Self {
             gh: vec![T::zero(); n * h],
             gw: vec![T::zero(); v * h],
+            n,
             v,
             h,
         }
@@ -464,9 +510,8 @@ impl<T: candle_core::WithDType + num_one::One> GradBufs<T> {
     }
 
     fn finish(self, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-        let n = self.gh.len() / self.h.max(1);
         Ok((
-            Tensor::from_vec(self.gh, (n, self.h), device)?,
+            Tensor::from_vec(self.gh, (self.n, self.h), device)?,
             Tensor::from_vec(self.gw, (self.v, self.h), device)?,
         ))
     }

@@ -349,6 +349,9 @@ impl CrossEntropyLoss {
     /// ```
     pub fn forward(&self, input: &Tensor, target: &Tensor) -> Result<Tensor> {
         let (op, input, target) = self.prepare(input, target)?;
+        if op.rows() == 0 {
+            return self.reduce_empty(&op, &input, &target);
+        }
         let stats = input.apply_op2(&target, op.clone())?;
         self.reduce(&op, &stats, &input, &target)
     }
@@ -373,6 +376,10 @@ impl CrossEntropyLoss {
     /// ```
     pub fn forward_with_grad(&self, input: &Tensor, target: &Tensor) -> Result<(Tensor, Tensor)> {
         let (op, input, target) = self.prepare(input, target)?;
+        if op.rows() == 0 {
+            let loss = self.reduce_empty(&op, &input.detach(), &target)?;
+            return Ok((loss, input.zeros_like()?));
+        }
         let stats = input.apply_op2_no_bwd(&target, &op)?;
         let loss = self.reduce(&op, &stats, &input, &target)?;
         let rows = op.rows();
@@ -400,20 +407,22 @@ impl CrossEntropyLoss {
             Some(w) => w.to_dtype(DType::F64)?.to_vec1::<f64>()?,
             None => vec![1.0; classes],
         };
-        Ok(t.iter()
-            .filter(|&&y| y != self.ignore_index && y >= 0 && (y as usize) < w.len())
-            .map(|&y| w[y as usize])
-            .sum())
+        Ok(crate::math::neumaier(
+            t.iter()
+                .filter(|&&y| y != self.ignore_index && y >= 0 && (y as usize) < w.len())
+                .map(|&y| w[y as usize]),
+        ))
     }
 
     fn mean_denominator(&self, op: &CrossEntropyOp, stats: &Tensor) -> Result<Tensor> {
         if op.soft {
             Tensor::new(op.rows() as f64, stats.device())?.to_dtype(stats.dtype())
         } else {
-            stats
-                .narrow(1, crate::launch::COL_TARGET_WEIGHT, 1)?
-                .detach()
-                .sum_all()
+            crate::sum::sum_all(
+                &stats
+                    .narrow(1, crate::launch::COL_TARGET_WEIGHT, 1)?
+                    .detach(),
+            )
         }
     }
 
@@ -424,30 +433,30 @@ impl CrossEntropyLoss {
         input: &Tensor,
         target: &Tensor,
     ) -> Result<Tensor> {
-        if op.rows() == 0 {
-            // Nothing to reduce (candle cannot narrow a zero-row tensor). The input still takes
-            // part so that a backward pass finds an (empty) gradient for it.
-            let zero = input.sum_all()?.to_dtype(stats.dtype())?.affine(0.0, 0.0)?;
-            let value = match self.reduction {
-                Reduction::None => {
-                    return Tensor::zeros(
-                        target_shape(self, op, input, target),
-                        input.dtype(),
-                        input.device(),
-                    )
-                }
-                Reduction::Sum => 0.0,
-                Reduction::Mean => f64::NAN,
-            };
-            return zero.affine(1.0, value)?.to_dtype(input.dtype());
-        }
         let per_row = stats.narrow(1, crate::launch::COL_LOSS, 1)?.squeeze(1)?;
         let out = match self.reduction {
             Reduction::None => per_row.reshape(target_shape(self, op, input, target))?,
-            Reduction::Sum => per_row.sum_all()?,
-            Reduction::Mean => per_row.sum_all()?.div(&self.mean_denominator(op, stats)?)?,
+            Reduction::Sum => crate::sum::sum_all(&per_row)?,
+            Reduction::Mean => {
+                crate::sum::sum_all(&per_row)?.div(&self.mean_denominator(op, stats)?)?
+            }
         };
         out.to_dtype(input.dtype())
+    }
+
+    /// The loss of zero rows: an empty tensor (`None`), 0 (`Sum`) or NaN (`Mean`, 0 / 0 as in
+    /// PyTorch). It is computed from the input (whose sum is exactly 0) so that a backward pass
+    /// gives the input its (empty) gradient; a multiplication by 0 would be cut from the graph
+    /// by candle's backward walk.
+    fn reduce_empty(&self, op: &CrossEntropyOp, input: &Tensor, target: &Tensor) -> Result<Tensor> {
+        let zero = input.sum_all()?;
+        match self.reduction {
+            Reduction::None => zero
+                .broadcast_as(target_shape(self, op, input, target))?
+                .contiguous(),
+            Reduction::Sum => Ok(zero),
+            Reduction::Mean => zero.affine(1.0, f64::NAN),
+        }
     }
 
     fn class_dim_for(&self, rank: usize) -> usize {
@@ -458,12 +467,9 @@ impl CrossEntropyLoss {
         }
     }
 
-    /// Validates everything device-independent and builds the op.
-    pub(crate) fn prepare(
-        &self,
-        input: &Tensor,
-        target: &Tensor,
-    ) -> Result<(CrossEntropyOp, Tensor, Tensor)> {
+    /// Checks the scalar options (smoothing, z-loss, soft-cap) for `classes` classes and
+    /// returns the smoothing as PyTorch's uniform `eps`.
+    pub(crate) fn checked_smoothing(&self, classes: usize) -> Result<f64> {
         let eps = self.label_smoothing;
         if !(0.0..=1.0).contains(&eps) {
             bail!(
@@ -482,6 +488,15 @@ impl CrossEntropyLoss {
                 bail!("cross_entropy: softcap must be finite and > 0, got {cap}");
             }
         }
+        self.smoothing.to_uniform(eps, classes)
+    }
+
+    /// Validates everything device-independent and builds the op.
+    pub(crate) fn prepare(
+        &self,
+        input: &Tensor,
+        target: &Tensor,
+    ) -> Result<(CrossEntropyOp, Tensor, Tensor)> {
         let dtype = input.dtype();
         if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
             bail!("cross_entropy: input must be f16, bf16, f32 or f64, got {dtype:?}");
@@ -506,7 +521,7 @@ impl CrossEntropyLoss {
                 dims
             );
         }
-        let eps = self.smoothing.to_uniform(eps, classes)?;
+        let eps = self.checked_smoothing(classes)?;
         let outer: usize = dims[..cd].iter().product();
         let inner: usize = dims[cd + 1..].iter().product();
         if !input.device().same_device(target.device()) {

@@ -31,6 +31,42 @@ pub(crate) trait Acc:
     fn mul_add(self, a: Self, b: Self) -> Self;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
+
+    /// [`LANES`] partial sums of a row, accurate whatever their length: f32 terms are added in
+    /// f64 (a row would need 2^29 elements before the f64 rounding reached one f32 unit), f64
+    /// terms with Kahan's compensation (each lane's error stays about 2 ulps of its sum, not
+    /// its length times that). Infinite and NaN terms propagate as in a plain sum.
+    type Lanes: Copy + Send;
+    const LANES_ZERO: Self::Lanes;
+    /// Adds `v[j]` to lane `j`.
+    fn lanes_add(l: &mut Self::Lanes, v: &[Self; LANES]);
+    /// The sum of the lanes, rounded once to `Self`.
+    fn lanes_total(l: &Self::Lanes) -> Self;
+}
+
+/// Independent accumulator lanes of the row loops (a multiple of every SIMD width we target).
+pub(crate) const LANES: usize = 16;
+
+/// Neumaier's compensated sum of `v` in f64 (error about one ulp of the result plus
+/// `n^2 u^2` times the sum of |terms|; infinities and NaN propagate).
+pub(crate) fn neumaier(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut s, mut c) = (0f64, 0f64);
+    for x in v {
+        let t = s + x;
+        let d = if s.abs() >= x.abs() {
+            (s - t) + x
+        } else {
+            (x - t) + s
+        };
+        // Once the sum is infinite or NaN the compensation means nothing (and inf - inf is NaN).
+        c += if t.is_finite() { d } else { 0.0 };
+        s = t;
+    }
+    if s.is_finite() {
+        s + c
+    } else {
+        s
+    }
 }
 
 impl Acc for f32 {
@@ -60,6 +96,19 @@ impl Acc for f32 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
+    }
+
+    type Lanes = [f64; LANES];
+    const LANES_ZERO: Self::Lanes = [0.0; LANES];
+    #[inline(always)]
+    fn lanes_add(l: &mut Self::Lanes, v: &[Self; LANES]) {
+        for j in 0..LANES {
+            l[j] += v[j] as f64;
+        }
+    }
+    #[inline(always)]
+    fn lanes_total(l: &Self::Lanes) -> Self {
+        pairwise(l) as f32
     }
 }
 
@@ -91,6 +140,47 @@ impl Acc for f64 {
     fn to_f64(self) -> f64 {
         self
     }
+
+    /// Sums and Kahan compensations.
+    type Lanes = ([f64; LANES], [f64; LANES]);
+    const LANES_ZERO: Self::Lanes = ([0.0; LANES], [0.0; LANES]);
+    #[inline(always)]
+    fn lanes_add(l: &mut Self::Lanes, v: &[Self; LANES]) {
+        let (s, c) = l;
+        for j in 0..LANES {
+            let y = v[j] - c[j];
+            let t = s[j] + y;
+            let nc = (t - s[j]) - y;
+            // An infinite or NaN sum has no compensation (inf - inf would turn it into NaN).
+            c[j] = if t.is_finite() { nc } else { 0.0 };
+            s[j] = t;
+        }
+    }
+    #[inline(always)]
+    fn lanes_total(l: &Self::Lanes) -> Self {
+        let (s, c) = l;
+        let sum = neumaier(s.iter().copied());
+        if sum.is_finite() {
+            // Kahan's c holds (rounded - exact) of its lane.
+            sum - neumaier(c.iter().copied())
+        } else {
+            sum
+        }
+    }
+}
+
+/// Pairwise sum of the lanes (the same result for any row length).
+#[inline(always)]
+fn pairwise(v: &[f64; LANES]) -> f64 {
+    let mut h = *v;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            h[i] += h[i + width];
+        }
+        width /= 2;
+    }
+    h[0]
 }
 
 /// Element types of the logits, with their accumulator and bulk conversions.

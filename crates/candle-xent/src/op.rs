@@ -20,7 +20,7 @@ use half::{bf16, f16};
 impl CrossEntropyOp {
     /// Class-index targets as i64, checked against `[0, C)` and `ignore_index`.
     fn class_targets(&self, s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
-        let Some((start, end)) = l.contiguous_offsets() else {
+        let Some((start, end)) = crate::spec::data_range(l) else {
             bail!("cross_entropy: target must be contiguous")
         };
         let t: Vec<i64> = match s {
@@ -63,8 +63,8 @@ impl CrossEntropyOp {
         let weight_sum = if weight.is_empty() {
             A::from_f64(self.classes as f64)
         } else {
-            // Summed in f64 so the smoothing term does not depend on summation order.
-            A::from_f64(weight.iter().map(|w| w.to_f64()).sum())
+            // Compensated, in f64: the smoothing term needs it exact for any C.
+            A::from_f64(crate::math::neumaier(weight.iter().map(|w| w.to_f64())))
         };
         Problem {
             outer: self.outer,
@@ -161,7 +161,7 @@ fn contiguous_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
+    let Some((start, end)) = crate::spec::data_range(l) else {
         bail!("cross_entropy: {what} must be contiguous")
     };
     match T::cpu_storage_as_slice(s) {

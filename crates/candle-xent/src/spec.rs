@@ -67,7 +67,7 @@ impl CrossEntropyOp {
     }
 
     pub(crate) fn check_logits(&self, l: &Layout) -> Result<(usize, usize)> {
-        let Some((start, end)) = l.contiguous_offsets() else {
+        let Some((start, end)) = data_range(l) else {
             bail!("cross_entropy: logits must be contiguous")
         };
         if end - start != self.rows() * self.classes {
@@ -79,6 +79,15 @@ impl CrossEntropyOp {
         }
         Ok((start, end))
     }
+}
+
+/// The storage range a contiguous layout covers; `(0, 0)` for zero elements, whose offset may
+/// lie past the end of an empty storage (a view such as `zeros((0, 5)).narrow(1, 1, 4)`).
+pub(crate) fn data_range(l: &Layout) -> Option<(usize, usize)> {
+    if l.shape().elem_count() == 0 {
+        return Some((0, 0));
+    }
+    l.contiguous_offsets()
 }
 
 // Used by the GPU backends (and unit-tested on every platform).

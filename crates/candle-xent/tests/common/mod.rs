@@ -3,6 +3,7 @@
 
 pub mod fixtures;
 pub mod precision;
+pub mod reference;
 
 use candle_core::{DType, Tensor};
 
