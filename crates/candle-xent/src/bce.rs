@@ -143,8 +143,8 @@ impl BinaryCrossEntropyWithLogits {
         let weight = self.broadcast_arg("weight", self.weight.as_ref(), logits, acc)?;
         let pos_weight = self.broadcast_arg("pos_weight", self.pos_weight.as_ref(), logits, acc)?;
         if logits.elem_count() == 0 {
-            // Summed from the logits (exactly 0) so that backward finds their empty gradient.
-            let zero = logits.sum_all()?.to_dtype(acc)?;
+            // Linked to the logits so that backward finds their empty gradient.
+            let zero = crate::sum::empty_sum(logits)?.to_dtype(acc)?;
             let out = match self.reduction {
                 Reduction::None => zero.broadcast_as(logits.shape())?.contiguous()?,
                 Reduction::Sum => zero,

@@ -66,7 +66,7 @@ pub struct XentParams {
 }
 
 /// Kernel parameters of the Metal kernels, laid out like `struct XentParamsMetal` in
-/// `xent.metal`: seven 8-byte integers, then five `f32` (Metal GPUs have no f64). The derived
+/// `xent.metal`: seven 8-byte integers, then six `f32` (Metal GPUs have no f64). The derived
 /// values are computed here in f64 and rounded once, exactly as the CPU op rounds them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,6 +95,8 @@ pub struct XentParamsMetal {
     pub softcap: f32,
     /// Sum of the class weights (`C` when unweighted).
     pub weight_sum: f32,
+    /// `1 - eps`, formed in f64 (exact near eps = 1, where `1 - (f32)eps` is not).
+    pub one_minus_eps: f32,
 }
 
 impl XentParamsMetal {
@@ -122,6 +124,7 @@ impl XentParamsMetal {
             z_loss: p.z_loss as f32,
             softcap: p.softcap as f32,
             weight_sum: weight_sum.unwrap_or(p.classes as f64) as f32,
+            one_minus_eps: (1.0 - p.smoothing) as f32,
         }
     }
 }

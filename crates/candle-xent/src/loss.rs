@@ -445,11 +445,10 @@ impl CrossEntropyLoss {
     }
 
     /// The loss of zero rows: an empty tensor (`None`), 0 (`Sum`) or NaN (`Mean`, 0 / 0 as in
-    /// PyTorch). It is computed from the input (whose sum is exactly 0) so that a backward pass
-    /// gives the input its (empty) gradient; a multiplication by 0 would be cut from the graph
-    /// by candle's backward walk.
+    /// PyTorch), computed from the input (`sum::empty_sum`) so that a backward pass gives the
+    /// input its (empty) gradient.
     fn reduce_empty(&self, op: &CrossEntropyOp, input: &Tensor, target: &Tensor) -> Result<Tensor> {
-        let zero = input.sum_all()?;
+        let zero = crate::sum::empty_sum(input)?;
         match self.reduction {
             Reduction::None => zero
                 .broadcast_as(target_shape(self, op, input, target))?

@@ -121,8 +121,9 @@ fn bindings(
     let (weight, weight_sum) = match &op.weight {
         None => (logits.clone(), None),
         Some(w) => {
-            // The sum is read on the host (once per call) and rounded once, as on the CPU.
-            let sum = w.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            // The sum is formed on the host (once per call) and rounded once, as on the CPU.
+            // (Metal has no f64: the f32 weights are copied and summed, compensated, in f64.)
+            let sum = crate::math::neumaier(w.to_vec1::<f32>()?.into_iter().map(f64::from));
             let (st, l) = w.storage_and_layout();
             let Storage::Metal(ms) = &*st else {
                 bail!("cross_entropy: weight must be on the logits' Metal device")

@@ -97,7 +97,9 @@ template <typename A> struct Cap {
     __device__ __forceinline__ A deriv(A v) const {
         A q = v / cap;
         A lo = acc_fma(-q, cap, v) / cap;
-        if (lo != lo) lo = (A)0;  // |x| = inf: no remainder; a NaN x stays NaN through q
+        // No remainder where it is not finite: |x| = inf, or |x / cap| past the type's range (the
+        // capped logit is flat there, its derivative 0); a NaN x stays NaN through q.
+        if (!(lo - lo == (A)0)) lo = (A)0;
         A aq = q < (A)0 ? -q : q;
         A slo = q < (A)0 ? -lo : lo;
         A e = acc_exp(-(A)2 * aq) * ((A)1 - (A)2 * slo);
@@ -122,6 +124,9 @@ template <typename A> struct Sums {
     A wx;            // sum_c w_c (x_c - shift) (<= 0)
     A wtx, wt;       // soft targets: sum_c w_c t_c (x_c - shift) (<= 0), sum_c w_c t_c
     A wn;            // sum_c w_c over the elements seen (their count when unweighted)
+    // Kahan compensations of a thread's own sums (rounded - exact), folded into the sums by
+    // fold_comp before the threads' sums are merged.
+    A c_se, c_wx, c_wtx, c_wt;
 };
 
 template <typename A> __device__ __forceinline__ Sums<A> sums_zero() {
@@ -132,7 +137,25 @@ template <typename A> __device__ __forceinline__ Sums<A> sums_zero() {
     s.wtx = (A)0;
     s.wt = (A)0;
     s.wn = (A)0;
+    s.c_se = s.c_wx = s.c_wtx = s.c_wt = (A)0;
     return s;
+}
+
+// sum += v with Kahan's compensation c; an infinite or NaN sum drops it (inf - inf is NaN).
+template <typename A> __device__ __forceinline__ void kahan_add(A &sum, A &c, A v) {
+    A y = v - c;
+    A t = sum + y;
+    A nc = (t - sum) - y;
+    c = (t - t == (A)0) ? nc : (A)0;
+    sum = t;
+}
+
+template <typename A> __device__ __forceinline__ void fold_comp(Sums<A> &s) {
+    if (s.sum_exp - s.sum_exp == (A)0) s.sum_exp -= s.c_se;
+    if (s.wx - s.wx == (A)0) s.wx -= s.c_wx;
+    if (s.wtx - s.wtx == (A)0) s.wtx -= s.c_wtx;
+    if (s.wt - s.wt == (A)0) s.wt -= s.c_wt;
+    s.c_se = s.c_wx = s.c_wtx = s.c_wt = (A)0;
 }
 
 template <typename A> __device__ __forceinline__ A shift_of(A max) {
@@ -146,23 +169,31 @@ template <typename A> __device__ __forceinline__ void reshift(Sums<A> &s, A hi) 
     A e = (s.max == neg_inf<A>()) ? (A)0 : acc_exp(s.max - hi);
     A delta = shift_of(s.max) - shift_of(hi);
     s.sum_exp *= e;
+    s.c_se *= e;
     if (s.wn != (A)0) s.wx += s.wn * delta;
     if (s.wt != (A)0) s.wtx += s.wt * delta;
     s.max = hi;
 }
 
 // Adds one (already soft-capped) logit. A NaN logit never becomes the max and turns sum_exp NaN.
+// The kernels set each thread's max first (thread_max), so the shift does not move while a
+// thread adds its elements and their sums are compensated (Kahan): a row's error then stays a
+// few ulps for any C. `zero_t_is_zero` (smoothing on): a zero soft target adds 0 even on a -inf
+// logit, its mass eps / C being counted by wx (PyTorch: inf); without smoothing 0 * -inf stays
+// NaN, as in PyTorch.
 template <typename A>
-__device__ __forceinline__ void add_elem(Sums<A> &s, A v, A wc, A tc, bool soft) {
+__device__ __forceinline__ void add_elem(Sums<A> &s, A v, A wc, A tc, bool soft,
+                                         bool zero_t_is_zero) {
     reshift(s, v);
     A d = v - shift_of(s.max);
-    s.sum_exp += acc_exp(d);
+    kahan_add(s.sum_exp, s.c_se, acc_exp(d));
     A wd = wc * d;
-    s.wx += wd;
+    kahan_add(s.wx, s.c_wx, wd);
     s.wn += wc;
     if (soft) {
-        s.wtx += wd * tc;
-        s.wt += wc * tc;
+        A wtd = (zero_t_is_zero && tc == (A)0) ? (A)0 : wd * tc;
+        kahan_add(s.wtx, s.c_wtx, wtd);
+        kahan_add(s.wt, s.c_wt, wc * tc);
     }
 }
 
@@ -185,11 +216,13 @@ template <typename A> __device__ __forceinline__ Sums<A> shfl_sums(const Sums<A>
     o.wtx = __shfl_xor_sync(0xffffffffu, s.wtx, off);
     o.wt = __shfl_xor_sync(0xffffffffu, s.wt, off);
     o.wn = __shfl_xor_sync(0xffffffffu, s.wn, off);
+    o.c_se = o.c_wx = o.c_wtx = o.c_wt = (A)0;  // folded before any exchange
     return o;
 }
 
 // Butterfly reduction: every lane of the warp ends with the warp's total.
 template <typename A> __device__ __forceinline__ void warp_reduce(Sums<A> &s) {
+    fold_comp(s);
     for (int off = XENT_WARP / 2; off > 0; off /= 2) {
         Sums<A> o = shfl_sums(s, off);
         merge_sums(s, o);
@@ -243,9 +276,12 @@ __device__ __forceinline__ void finish_row(const XentParams &p, const Sums<A> &s
                                            A weight_sum, A *out) {
     A m = shift_of(s.max);
     A ls = acc_log(s.sum_exp);
-    A eps = (A)p.smoothing;
+    // 1 - eps formed in double before the one rounding (exact near eps = 1). Terms whose factor
+    // is exactly 0 (eps = 0, or 1 - eps = 0) are left out, not multiplied by 0: PyTorch's
+    // formula does not have them, and 0 * inf would be NaN.
+    A one_m = (A)(1.0 - p.smoothing);
     A eoc = (A)(p.smoothing / (double)p.classes);
-    A one = (A)1;
+    const bool smooth = p.smoothing != 0.0;
     A lse = m + ls;
     A z = (A)p.z_loss * lse * lse;
     out[1] = m;
@@ -257,14 +293,18 @@ __device__ __forceinline__ void finish_row(const XentParams &p, const Sums<A> &s
             return;
         }
         A nll = wy * ((m - xy) + ls);
-        A loss = (one - eps) * nll;
-        if (p.smoothing != 0.0) loss += eoc * (ls * weight_sum - s.wx);
+        A loss = one_m * nll;
+        if (smooth) loss += eoc * (ls * weight_sum - s.wx);
         if (p.z_loss != 0.0) loss += z;
         out[0] = loss;
         out[3] = wy;
     } else {
-        A wq = (one - eps) * s.wt + eoc * weight_sum;
-        A wqx = (one - eps) * s.wtx + eoc * s.wx;
+        A wq = one_m * s.wt;
+        A wqx = one_m != (A)0 ? one_m * s.wtx : (A)0;
+        if (smooth) {
+            wq += eoc * weight_sum;
+            wqx += eoc * s.wx;
+        }
         A loss = ls * wq - wqx;
         if (p.z_loss != 0.0) loss += z;
         out[0] = loss;
@@ -284,10 +324,11 @@ __device__ __forceinline__ GradCoef<A> grad_coef(const XentParams &p, const A *s
     GradCoef<A> k;
     A tw = st[2], g = st[3];
     A lse = st[0] + st[1];
-    A eps = (A)p.smoothing;
+    A one_m = (A)(1.0 - p.smoothing);
     A eoc = (A)(p.smoothing / (double)p.classes);
-    A one = (A)1;
-    A two_z = (A)(2.0 * p.z_loss);
+    // As in the forward, terms with a zero factor are left out rather than multiplied.
+    A z_term = p.z_loss != 0.0 ? (A)(2.0 * p.z_loss) * lse : (A)0;
+    A smooth_w = p.smoothing != 0.0 ? eoc * weight_sum : (A)0;
     k.shift = st[0];
     k.log_sum = st[1];
     k.zero = false;
@@ -299,15 +340,15 @@ __device__ __forceinline__ GradCoef<A> grad_coef(const XentParams &p, const A *s
             k.alpha = k.beta = k.gamma = (A)0;
             return k;
         }
-        k.alpha = g * ((one - eps) * tw + eoc * weight_sum + two_z * lse);
+        k.alpha = g * (one_m * tw + smooth_w + z_term);
         k.beta = g * eoc;
         k.gamma = (A)0;
         k.y = y;
-        k.fix = g * (one - eps) * tw;
+        k.fix = g * one_m * tw;
     } else {
-        k.alpha = g * (tw + two_z * lse);
+        k.alpha = g * (tw + z_term);
         k.beta = g * eoc;
-        k.gamma = g * (one - eps);
+        k.gamma = g * one_m;
     }
     return k;
 }
@@ -395,16 +436,22 @@ __device__ __forceinline__ void fwd_rows(const T *__restrict__ x, const Y *__res
     const Cap<A> cap = make_cap<A>(p);
     Sums<A> s = sums_zero<A>();
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    const bool zt = p.smoothing != 0.0;
+    // First this thread's max over its elements, then its sums relative to it (no rescaling).
+    for_row(xr, C, lane, group, [&](long long, T v) {
+        A xv = cap(to_acc(v));
+        if (xv > s.max) s.max = xv;
+    });
     if (!is_soft) {
         for_row(xr, C, lane, group, [&](long long c, T v) {
             A wc = weighted ? w[c] : (A)1;
-            add_elem(s, cap(to_acc(v)), wc, (A)0, false);
+            add_elem(s, cap(to_acc(v)), wc, (A)0, false, zt);
         });
     } else {
         const T *tr = soft + r * C;
         for_row(xr, C, lane, group, [&](long long c, T v) {
             A wc = weighted ? w[c] : (A)1;
-            add_elem(s, cap(to_acc(v)), wc, to_acc(tr[c]), true);
+            add_elem(s, cap(to_acc(v)), wc, to_acc(tr[c]), true, zt);
         });
     }
     if (group == XENT_WARP) {
@@ -430,7 +477,10 @@ __device__ __forceinline__ void bwd_rows(const T *x, const Y *__restrict__ y, co
     const int lane = threadIdx.x % group;
     if (r >= rows) return;
     const long long C = p.classes;
-    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    const bool is_soft = p.soft != 0;
+    // Class-index targets without smoothing use only the target's weight (a coefficient): a NaN
+    // weight of a class no row targets stays out of the gradient, as in PyTorch.
+    const bool grad_w = p.weighted != 0 && (is_soft || p.smoothing != 0.0);
     long long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
@@ -446,7 +496,7 @@ __device__ __forceinline__ void bwd_rows(const T *x, const Y *__restrict__ y, co
     if (head > C) head = C;
     auto one = [&](long long c, T v) -> T {
         if (k.zero) return from_acc<T>(valid ? (A)0 : (A)NAN);
-        A wc = weighted ? w[c] : (A)1;
+        A wc = grad_w ? w[c] : (A)1;
         A tc = is_soft ? to_acc(tr[c]) : (A)0;
         return from_acc<T>(grad_elem(k, cap, c, to_acc(v), wc, tc));
     };
@@ -498,10 +548,16 @@ __device__ __forceinline__ void fwd_strided(const T *__restrict__ x, const Y *__
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
     Sums<A> s = sums_zero<A>();
     for (long long c = 0; c < C; ++c) {
+        A xv = cap(to_acc(xr[c * inner]));
+        if (xv > s.max) s.max = xv;
+    }
+    const bool zt = p.smoothing != 0.0;
+    for (long long c = 0; c < C; ++c) {
         A wc = weighted ? w[c] : (A)1;
         A tc = is_soft ? to_acc(tr[c * inner]) : (A)0;
-        add_elem(s, cap(to_acc(xr[c * inner])), wc, tc, is_soft);
+        add_elem(s, cap(to_acc(xr[c * inner])), wc, tc, is_soft, zt);
     }
+    fold_comp(s);
     write_stats(p, s, r, y, w, wsum, xr, inner, cap, stats, bad);
 }
 
@@ -518,7 +574,10 @@ __device__ __forceinline__ void bwd_strided(const T *x, const Y *__restrict__ y,
     const long long C = p.classes, inner = p.inner;
     const long long n = r / inner, d = r % inner;
     const long long base = n * C * inner + d;
-    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    const bool is_soft = p.soft != 0;
+    // Class-index targets without smoothing use only the target's weight (a coefficient): a NaN
+    // weight of a class no row targets stays out of the gradient, as in PyTorch.
+    const bool grad_w = p.weighted != 0 && (is_soft || p.smoothing != 0.0);
     long long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
@@ -530,7 +589,7 @@ __device__ __forceinline__ void bwd_strided(const T *x, const Y *__restrict__ y,
         if (k.zero) {
             g = valid ? (A)0 : (A)NAN;
         } else {
-            A wc = weighted ? w[c] : (A)1;
+            A wc = grad_w ? w[c] : (A)1;
             A tc = is_soft ? to_acc(soft[i]) : (A)0;
             g = grad_elem(k, cap, c, to_acc(x[i]), wc, tc);
         }

@@ -56,6 +56,7 @@ struct XentParamsMetal {
     float z_loss;
     float softcap;     // 0: off
     float weight_sum;  // sum of the class weights (classes when unweighted)
+    float one_minus_eps;  // 1 - smoothing, formed in f64 on the host
 };
 
 // Every sum is relative to the shift: the running max, or 0 while every logit is -inf (the
@@ -65,6 +66,9 @@ struct Sums {
     float wx;            // sum_c w_c (x_c - shift) (<= 0)
     float wtx, wt;       // soft targets: sum_c w_c t_c (x_c - shift) (<= 0), sum_c w_c t_c
     float wn;            // sum_c w_c over the elements seen (their count when unweighted)
+    // Kahan compensations of a thread's own sums (rounded - exact), folded into the sums by
+    // fold_comp before the threads' sums are merged.
+    float c_se, c_wx, c_wtx, c_wt;
 };
 
 inline Sums sums_zero() {
@@ -75,7 +79,25 @@ inline Sums sums_zero() {
     s.wtx = 0.0f;
     s.wt = 0.0f;
     s.wn = 0.0f;
+    s.c_se = s.c_wx = s.c_wtx = s.c_wt = 0.0f;
     return s;
+}
+
+// sum += v with Kahan's compensation c; an infinite or NaN sum drops it (inf - inf is NaN).
+inline void kahan_add(thread float &sum, thread float &c, float v) {
+    float y = v - c;
+    float t = sum + y;
+    float nc = (t - sum) - y;
+    c = (t - t == 0.0f) ? nc : 0.0f;
+    sum = t;
+}
+
+inline void fold_comp(thread Sums &s) {
+    if (s.sum_exp - s.sum_exp == 0.0f) s.sum_exp -= s.c_se;
+    if (s.wx - s.wx == 0.0f) s.wx -= s.c_wx;
+    if (s.wtx - s.wtx == 0.0f) s.wtx -= s.c_wtx;
+    if (s.wt - s.wt == 0.0f) s.wt -= s.c_wt;
+    s.c_se = s.c_wx = s.c_wtx = s.c_wt = 0.0f;
 }
 
 inline float shift_of(float max) { return max == -INFINITY ? 0.0f : max; }
@@ -87,21 +109,26 @@ inline void reshift(thread Sums &s, float hi) {
     float e = (s.max == -INFINITY) ? 0.0f : XENT_EXP(s.max - hi);
     float delta = shift_of(s.max) - shift_of(hi);
     s.sum_exp *= e;
+    s.c_se *= e;
     if (s.wn != 0.0f) s.wx += s.wn * delta;
     if (s.wt != 0.0f) s.wtx += s.wt * delta;
     s.max = hi;
 }
 
-inline void add_elem(thread Sums &s, float v, float wc, float tc, bool soft) {
+// The kernels set each thread's max first, so the shift does not move while a thread adds its
+// elements and their sums are compensated (the CUDA kernels' scheme). `zero_t_is_zero`
+// (smoothing on): a zero soft target adds 0 even on a -inf logit (PyTorch: inf).
+inline void add_elem(thread Sums &s, float v, float wc, float tc, bool soft, bool zero_t_is_zero) {
     reshift(s, v);
     float d = v - shift_of(s.max);
-    s.sum_exp += XENT_EXP(d);
+    kahan_add(s.sum_exp, s.c_se, XENT_EXP(d));
     float wd = wc * d;
-    s.wx += wd;
+    kahan_add(s.wx, s.c_wx, wd);
     s.wn += wc;
     if (soft) {
-        s.wtx += wd * tc;
-        s.wt += wc * tc;
+        float wtd = (zero_t_is_zero && tc == 0.0f) ? 0.0f : wd * tc;
+        kahan_add(s.wtx, s.c_wtx, wtd);
+        kahan_add(s.wt, s.c_wt, wc * tc);
     }
 }
 
@@ -118,6 +145,7 @@ inline void merge_sums(thread Sums &a, Sums b) {
 
 // Butterfly over the SIMD-group: every lane ends with the total.
 inline void simd_reduce(thread Sums &s) {
+    fold_comp(s);
     for (ushort off = XENT_SIMD / 2; off > 0; off /= 2) {
         Sums o;
         o.max = simd_shuffle_xor(s.max, off);
@@ -126,6 +154,7 @@ inline void simd_reduce(thread Sums &s) {
         o.wtx = simd_shuffle_xor(s.wtx, off);
         o.wt = simd_shuffle_xor(s.wt, off);
         o.wn = simd_shuffle_xor(s.wn, off);
+        o.c_se = o.c_wx = o.c_wtx = o.c_wt = 0.0f;  // folded before any exchange
         merge_sums(s, o);
     }
 }
@@ -164,7 +193,9 @@ inline float capped(Cap c, float v) { return c.on ? c.cap * XENT_TANH(XENT_DIV(v
 inline float cap_deriv(Cap c, float v) {
     float q = XENT_DIV(v, c.cap);
     float lo = XENT_DIV(XENT_FMA(-q, c.cap, v), c.cap);
-    if (lo != lo) lo = 0.0f;  // |x| = inf: no remainder; a NaN x stays NaN through q
+    // No remainder where it is not finite: |x| = inf, or |x / cap| past the float range (the
+    // capped logit is flat there, its derivative 0); a NaN x stays NaN through q.
+    if (!(lo - lo == 0.0f)) lo = 0.0f;
     float aq = q < 0.0f ? -q : q;
     float slo = q < 0.0f ? -lo : lo;
     float e = XENT_EXP(-2.0f * aq) * (1.0f - 2.0f * slo);
@@ -177,8 +208,11 @@ inline void finish_row(constant XentParamsMetal &p, Sums s, bool has_y, float wy
                        device float *out) {
     float m = shift_of(s.max);
     float ls = XENT_LOG(s.sum_exp);
-    float eps = p.smoothing;
+    // Terms whose factor is exactly 0 (eps = 0, or 1 - eps = 0) are left out (PyTorch's formula
+    // does not have them; 0 * inf would be NaN).
+    float one_m = p.one_minus_eps;
     float eoc = p.eps_over_c;
+    bool smooth = p.smoothing != 0.0f;
     float lse = m + ls;
     float z = p.z_loss * lse * lse;
     out[1] = m;
@@ -189,14 +223,18 @@ inline void finish_row(constant XentParamsMetal &p, Sums s, bool has_y, float wy
             out[3] = 0.0f;
             return;
         }
-        float loss = (1.0f - eps) * (wy * ((m - xy) + ls));
-        if (p.smoothing != 0.0f) loss += eoc * (ls * p.weight_sum - s.wx);
+        float loss = one_m * (wy * ((m - xy) + ls));
+        if (smooth) loss += eoc * (ls * p.weight_sum - s.wx);
         if (p.z_loss != 0.0f) loss += z;
         out[0] = loss;
         out[3] = wy;
     } else {
-        float wq = (1.0f - eps) * s.wt + eoc * p.weight_sum;
-        float wqx = (1.0f - eps) * s.wtx + eoc * s.wx;
+        float wq = one_m * s.wt;
+        float wqx = one_m != 0.0f ? one_m * s.wtx : 0.0f;
+        if (smooth) {
+            wq += eoc * p.weight_sum;
+            wqx += eoc * s.wx;
+        }
         float loss = ls * wq - wqx;
         if (p.z_loss != 0.0f) loss += z;
         out[0] = loss;
@@ -214,9 +252,10 @@ inline GradCoef grad_coef(constant XentParamsMetal &p, device const float *st, l
     GradCoef k;
     float tw = st[2], g = st[3];
     float lse = st[0] + st[1];
-    float eps = p.smoothing;
+    float one_m = p.one_minus_eps;
     float eoc = p.eps_over_c;
-    float two_z = 2.0f * p.z_loss;
+    float z_term = p.z_loss != 0.0f ? 2.0f * p.z_loss * lse : 0.0f;
+    float smooth_w = p.smoothing != 0.0f ? eoc * p.weight_sum : 0.0f;
     k.shift = st[0];
     k.log_sum = st[1];
     k.zero = false;
@@ -228,15 +267,15 @@ inline GradCoef grad_coef(constant XentParamsMetal &p, device const float *st, l
             k.alpha = k.beta = k.gamma = 0.0f;
             return k;
         }
-        k.alpha = g * ((1.0f - eps) * tw + eoc * p.weight_sum + two_z * lse);
+        k.alpha = g * (one_m * tw + smooth_w + z_term);
         k.beta = g * eoc;
         k.gamma = 0.0f;
         k.y = y;
-        k.fix = g * (1.0f - eps) * tw;
+        k.fix = g * one_m * tw;
     } else {
-        k.alpha = g * (tw + two_z * lse);
+        k.alpha = g * (tw + z_term);
         k.beta = g * eoc;
-        k.gamma = g * (1.0f - eps);
+        k.gamma = g * one_m;
     }
     return k;
 }
@@ -316,10 +355,16 @@ kernel void xent_fwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
     const Cap cap = make_cap(p);
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
     Sums s = sums_zero();
+    // First this thread's max over its elements, then its sums relative to it (no rescaling).
+    for (long c = lane; c < C; c += group) {
+        float xv = capped(cap, float(xr[c]));
+        if (xv > s.max) s.max = xv;
+    }
+    const bool zt = p.smoothing != 0.0f;
     for (long c = lane; c < C; c += group) {
         float wc = weighted ? w[c] : 1.0f;
         float tc = is_soft ? float(soft[r * C + c]) : 0.0f;
-        add_elem(s, capped(cap, float(xr[c])), wc, tc, is_soft);
+        add_elem(s, capped(cap, float(xr[c])), wc, tc, is_soft, zt);
     }
     if (group == XENT_SIMD) {
         simd_reduce(s);
@@ -346,7 +391,10 @@ kernel void xent_bwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
     const uint lane = tid % group;
     if (r >= rows) return;
     const long C = p.classes;
-    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    const bool is_soft = p.soft != 0;
+    // Class-index targets without smoothing use only the target's weight (a coefficient): a NaN
+    // weight of a class no row targets stays out of the gradient, as in PyTorch.
+    const bool grad_w = p.weighted != 0 && (is_soft || p.smoothing != 0.0f);
     long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
@@ -358,7 +406,7 @@ kernel void xent_bwd(device const T *x [[buffer(0)]], device const Y *y [[buffer
         if (k.zero) {
             g = valid ? 0.0f : NAN;
         } else {
-            float wc = weighted ? w[c] : 1.0f;
+            float wc = grad_w ? w[c] : 1.0f;
             float tc = is_soft ? float(soft[i]) : 0.0f;
             g = grad_elem(k, cap, c, float(x[i]), wc, tc);
         }
@@ -386,10 +434,16 @@ kernel void xent_fwd_strided(device const T *x [[buffer(0)]], device const Y *y 
     const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
     Sums s = sums_zero();
     for (long c = 0; c < C; ++c) {
+        float xv = capped(cap, float(x[base + c * inner]));
+        if (xv > s.max) s.max = xv;
+    }
+    const bool zt = p.smoothing != 0.0f;
+    for (long c = 0; c < C; ++c) {
         float wc = weighted ? w[c] : 1.0f;
         float tc = is_soft ? float(soft[base + c * inner]) : 0.0f;
-        add_elem(s, capped(cap, float(x[base + c * inner])), wc, tc, is_soft);
+        add_elem(s, capped(cap, float(x[base + c * inner])), wc, tc, is_soft, zt);
     }
+    fold_comp(s);
     write_stats(p, s, r, y, w, x + base, inner, cap, stats, bad);
 }
 
@@ -407,7 +461,10 @@ kernel void xent_bwd_strided(device const T *x [[buffer(0)]], device const Y *y 
     if (r >= rows) return;
     const long C = p.classes, inner = p.inner;
     const long base = (r / inner) * C * inner + r % inner;
-    const bool weighted = p.weighted != 0, is_soft = p.soft != 0;
+    const bool is_soft = p.soft != 0;
+    // Class-index targets without smoothing use only the target's weight (a coefficient): a NaN
+    // weight of a class no row targets stays out of the gradient, as in PyTorch.
+    const bool grad_w = p.weighted != 0 && (is_soft || p.smoothing != 0.0f);
     long cls = -1;
     bool has_y = true, valid = true;
     if (!is_soft) has_y = read_target(y, r, p, bad, cls, valid);
@@ -419,7 +476,7 @@ kernel void xent_bwd_strided(device const T *x [[buffer(0)]], device const Y *y 
         if (k.zero) {
             g = valid ? 0.0f : NAN;
         } else {
-            float wc = weighted ? w[c] : 1.0f;
+            float wc = grad_w ? w[c] : 1.0f;
             float tc = is_soft ? float(soft[i]) : 0.0f;
             g = grad_elem(k, cap, c, float(x[i]), wc, tc);
         }

@@ -484,18 +484,21 @@ fn ce_case(rng: &mut Rng) -> Outcome {
     }
     if gr.is_finite() && r.denom != 0.0 {
         let want_g: Vec<f64> = r.dloss.iter().map(|v| v * gr).collect();
-        // The largest |gradient|, or the largest row mass where that is larger (see `mass`).
-        let mass = r
-            .mass
-            .iter()
-            .filter(|v| v.is_finite())
-            .fold(0f64, |m, v| m.max(v * gr.abs()));
-        let gmax = want_g
-            .iter()
-            .filter(|v| v.is_finite())
-            .fold(mass, |m, v| m.max(v.abs()));
+        let gmax = grad_scale(dtype, &want_g, &r.terms, gr);
         if let Some(w) = check_soft(dtype, &grad, &want_g, |_| gmax) {
-            return fail(Kind::OutOfBound, format!("{desc}: gradient {w}"));
+            let k = if std::env::var("XENT_FUZZ_DEBUG").is_ok() {
+                xv.len().min(8)
+            } else {
+                0
+            };
+            return fail(
+                Kind::OutOfBound,
+                format!(
+                    "{desc}: gradient {w} x {:?} grad {:?}",
+                    &xv[..k],
+                    &grad[..k]
+                ),
+            );
         }
     }
     Ok(())
@@ -542,6 +545,23 @@ fn view_grad(g: &Tensor, dims: &[usize], layout: usize) -> candle_core::Result<V
         _ => g.clone(),
     };
     Ok(flat_f64(&v.contiguous()?))
+}
+
+/// The gradient bound's scale: the largest |gradient| of the tensor, or where larger the
+/// largest term a gradient element is a difference of (`Ce::terms`, times the upstream `gr`),
+/// and at least what makes the bound the accumulation type's smallest normal number (the f32
+/// kernels flush subnormal exponentials to 0).
+fn grad_scale(dtype: DType, grad: &[f64], terms: &[f64], gr: f64) -> f64 {
+    let tiny = if dtype == DType::F64 {
+        f64::MIN_POSITIVE
+    } else {
+        f32::MIN_POSITIVE as f64
+    };
+    grad.iter()
+        .map(|v| v.abs())
+        .chain(terms.iter().map(|t| t * gr.abs()))
+        .filter(|v| v.is_finite())
+        .fold(tiny / (ULPS * acc_eps(dtype)), f64::max)
 }
 
 /// `err <= tol`, false for a NaN error.

@@ -312,3 +312,183 @@ fn out_of_range_targets_report_the_first_bad_row() {
         );
     }
 }
+
+/// The defects the CPU fuzzer found (issue 34), on both kernel sources, row and strided
+/// layouts, against the f64 reference within the README's bound: many equal exponentials,
+/// ascending (ramp) rows, smoothing near 1, probability mass on a -inf logit, a NaN weight of
+/// an untargeted class, a soft-cap past the quotient's range.
+#[test]
+fn fuzz_found_cases_on_the_kernels() {
+    use common::precision::check;
+    use common::reference::Ce;
+    struct K {
+        name: &'static str,
+        c: usize,
+        x: Vec<f64>,
+        y: i64,
+        soft: Option<Vec<f64>>,
+        eps: f64,
+        weight: Option<Vec<f64>>,
+        cap: Option<f64>,
+    }
+    let big = 65_536;
+    let mut equal = vec![0.0; big];
+    equal[12_345] = 12.0;
+    let ramp: Vec<f64> = (0..4099).map(|i| i as f64 * 1e-3).collect();
+    let small: Vec<f64> = (0..7).map(|i| ((i * 37 % 11) as f64) * 0.7 - 3.0).collect();
+    let cases = vec![
+        K {
+            name: "equal exps",
+            c: big,
+            x: equal.clone(),
+            y: 7,
+            soft: None,
+            eps: 0.1,
+            weight: None,
+            cap: None,
+        },
+        K {
+            name: "equal exps, target on the peak",
+            c: big,
+            x: equal,
+            y: 12_345,
+            soft: None,
+            eps: 0.0,
+            weight: None,
+            cap: None,
+        },
+        K {
+            name: "ramp",
+            c: 4099,
+            x: ramp,
+            y: 5,
+            soft: None,
+            eps: 0.1,
+            weight: None,
+            cap: None,
+        },
+        K {
+            name: "eps 0.99999",
+            c: 7,
+            x: small.clone(),
+            y: 3,
+            soft: None,
+            eps: 0.99999,
+            weight: None,
+            cap: None,
+        },
+        K {
+            name: "soft mass on -inf, eps 0",
+            c: 3,
+            x: vec![f64::NEG_INFINITY, 0.0, 1.0],
+            y: 0,
+            soft: Some(vec![0.5, 0.5, 0.0]),
+            eps: 0.0,
+            weight: None,
+            cap: None,
+        },
+        K {
+            name: "zero soft target on -inf, eps 0.1",
+            c: 3,
+            x: vec![f64::NEG_INFINITY, 0.0, 1.0],
+            y: 0,
+            soft: Some(vec![0.0, 0.5, 0.5]),
+            eps: 0.1,
+            weight: None,
+            cap: None,
+        },
+        K {
+            name: "NaN weight of an untargeted class",
+            c: 7,
+            x: small.clone(),
+            y: 2,
+            soft: None,
+            eps: 0.0,
+            weight: Some(vec![1.0, f64::NAN, 2.0, 1.0, 1.0, 0.5, 1.0]),
+            cap: None,
+        },
+        K {
+            name: "soft-cap past the quotient's range",
+            c: 3,
+            x: vec![1e30, 0.0, 1.0],
+            y: 1,
+            soft: None,
+            eps: 0.0,
+            weight: None,
+            cap: Some(1e-9),
+        },
+    ];
+    for k in cases {
+        // One row in both layouts: (1, C) rows and (1, C, 1) strided.
+        for inner_layout in [false, true] {
+            let mut p = Problem::new(1, k.c, 1);
+            p.smoothing = k.eps;
+            p.weight = k.weight.clone();
+            p.softcap = k.cap;
+            // inner = 1 always picks the row kernels; the strided ones are reached with a
+            // second (padding) position along `inner`, which the reference sees too.
+            let (inner, x64, soft64) = if inner_layout {
+                let mut x = vec![0.0; k.c * 2];
+                let mut t = vec![0.0; k.c * 2];
+                for c in 0..k.c {
+                    x[c * 2] = k.x[c];
+                    x[c * 2 + 1] = k.x[c];
+                    if let Some(s) = &k.soft {
+                        t[c * 2] = s[c];
+                        t[c * 2 + 1] = s[c];
+                    }
+                }
+                (2, x, k.soft.as_ref().map(|_| t))
+            } else {
+                (1, k.x.clone(), k.soft.clone())
+            };
+            p.inner = inner;
+            let ys = vec![k.y; inner];
+            let r = Ce {
+                x: &x64,
+                outer: 1,
+                classes: k.c,
+                inner,
+                hard: k.soft.is_none().then_some(&ys[..]),
+                soft: soft64.as_deref(),
+                eps: k.eps,
+                weight: k.weight.as_deref(),
+                ignore_index: -100,
+                z_loss: 0.0,
+                softcap: k.cap,
+            }
+            .eval();
+            let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
+            let t32: Vec<f32> = soft64.iter().flatten().map(|&v| v as f32).collect();
+            for source in [Source::Cuda, Source::Metal] {
+                p.source = source;
+                let t = match &soft64 {
+                    Some(_) => Targets::Soft(&t32),
+                    None => Targets::I64(&ys),
+                };
+                let stats = p.forward(&x32, t).unwrap();
+                let loss: Vec<f64> = (0..p.rows()).map(|r| stats[r * STATS] as f64).collect();
+                let what = format!("{source:?} {} strided {inner_layout}", k.name);
+                let (ratio, w) =
+                    check(DType::F32, &loss, &r.loss, |i| r.loss[i].abs() + 1.0, &what);
+                assert!(ratio <= 1.0, "{ratio:.1}x the bound: {w}");
+                let b = p.backward_stats(&stats, |_| 1.0);
+                let grad: Vec<f64> = p
+                    .backward(&x32, t, &b)
+                    .unwrap()
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                let scale = r
+                    .terms
+                    .iter()
+                    .chain(&r.dloss)
+                    .map(|v| v.abs())
+                    .filter(|v| v.is_finite())
+                    .fold(0f64, f64::max);
+                let (ratio, w) = check(DType::F32, &grad, &r.dloss, |_| scale, &what);
+                assert!(ratio <= 1.0, "{ratio:.1}x the bound: {w}");
+            }
+        }
+    }
+}

@@ -30,11 +30,11 @@ pub struct CeOut {
     pub denom: f64,
     /// `d loss_r / d x` per row, stored like `x` (rows do not overlap).
     pub dloss: Vec<f64>,
-    /// Per row, the size of the terms its gradient is a difference of: the target weight
-    /// `(1 - eps) w_y + eps / C sum w` (probability targets: `sum w q`) plus `2 z |lse|`.
-    /// Where the gradient nearly cancels (a confident correct row, one class), its error is
-    /// relative to this, not to the small result.
-    pub mass: Vec<f64>,
+    /// Per element (stored like `x`), the size of the terms its gradient is a difference of:
+    /// `p_c (sum_k w_k q_k + 2 z |lse|) + w_c q_c`, with `q` the smoothed target: the terms of
+    /// the gradient with respect to the (capped) logits, before the soft-cap's derivative. Where the gradient nearly cancels (a confident correct row, one
+    /// class, smoothing near 1) its rounding error is relative to these, not to the result.
+    pub terms: Vec<f64>,
 }
 
 /// Neumaier's compensated sum: the reference's own rounding stays at an ulp of the result,
@@ -58,9 +58,21 @@ pub fn ksum(v: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
-/// `sech^2(x / cap)` computed without cancellation.
-fn sech2(u: f64) -> f64 {
-    let e = (-2.0 * u.abs()).exp();
+/// `sech^2(v / cap)` computed without cancellation, with `u = v / cap` carried as the rounded
+/// quotient plus its exact remainder: `e = exp(-2|u|)` has a relative error of `|u|` ulps when
+/// formed from the rounded quotient alone, which at large |u| is the whole f64 bound.
+fn sech2(v: f64, cap: f64) -> f64 {
+    let q = v / cap;
+    if q.is_nan() {
+        return q;
+    }
+    if q.abs() > 400.0 {
+        return 0.0; // exp(-800) is 0 in f64
+    }
+    let lo = (-q).mul_add(cap, v) / cap;
+    let lo = if lo.is_finite() { lo } else { 0.0 };
+    let s = if q < 0.0 { -1.0 } else { 1.0 };
+    let e = (-2.0 * q.abs()).exp() * (-2.0 * s * lo).exp();
     4.0 * e / ((1.0 + e) * (1.0 + e))
 }
 
@@ -74,7 +86,7 @@ impl Ce<'_> {
         let mut loss = vec![0.0; rows];
         let mut dloss = vec![0.0; self.x.len()];
         let mut denom = 0.0;
-        let mut mass = vec![0.0; rows];
+        let mut terms = vec![0.0; self.x.len()];
         let w = |c: usize| self.weight.map_or(1.0, |w| w[c]);
         let wsum = ksum((0..cn).map(w));
         let eps = self.eps;
@@ -88,7 +100,7 @@ impl Ce<'_> {
                     match self.softcap {
                         Some(cap) => {
                             *zc = cap * (v / cap).tanh();
-                            *dc = sech2(v / cap);
+                            *dc = sech2(v, cap);
                         }
                         None => *zc = v,
                     }
@@ -102,6 +114,7 @@ impl Ce<'_> {
                 let zl = self.z_loss * lse * lse;
                 let dz_loss = 2.0 * self.z_loss * lse;
                 let mut g = vec![0.0; cn];
+                let mut t_abs = vec![0.0; cn];
                 if let Some(t) = self.hard {
                     let y = t[r];
                     if y == self.ignore_index {
@@ -119,9 +132,13 @@ impl Ce<'_> {
                         v += zl;
                     }
                     loss[r] = v;
-                    mass[r] = (1.0 - eps) * wy.abs()
+                    let mass = (1.0 - eps) * wy.abs()
                         + eps / cn as f64 * ksum((0..cn).map(|c| w(c).abs()))
                         + (2.0 * self.z_loss * lse).abs();
+                    for c in 0..cn {
+                        let q = (1.0 - eps) * (c == y) as u8 as f64 + eps / cn as f64;
+                        t_abs[c] = p[c] * mass + (w(c) * q).abs();
+                    }
                     for c in 0..cn {
                         let mut gc = (1.0 - eps) * wy * (p[c] - (c == y) as u8 as f64);
                         if eps != 0.0 {
@@ -144,8 +161,11 @@ impl Ce<'_> {
                     }
                     loss[r] = v;
                     let wq = ksum((0..cn).map(|c| w(c) * q[c]));
-                    mass[r] = ksum((0..cn).map(|c| (w(c) * q[c]).abs()))
+                    let mass = ksum((0..cn).map(|c| (w(c) * q[c]).abs()))
                         + (2.0 * self.z_loss * lse).abs();
+                    for c in 0..cn {
+                        t_abs[c] = p[c] * mass + (w(c) * q[c]).abs();
+                    }
                     for c in 0..cn {
                         let mut gc = p[c] * wq - w(c) * q[c];
                         if self.z_loss != 0.0 {
@@ -156,6 +176,7 @@ impl Ce<'_> {
                 }
                 for c in 0..cn {
                     dloss[self.at(n, c, d)] = g[c] * dz[c];
+                    terms[self.at(n, c, d)] = t_abs[c];
                 }
             }
         }
@@ -163,7 +184,7 @@ impl Ce<'_> {
             loss,
             denom,
             dloss,
-            mass,
+            terms,
         }
     }
 }
