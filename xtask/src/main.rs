@@ -10,6 +10,7 @@ mod bench_linear;
 mod bench_resnet;
 mod bench_xent;
 mod cars;
+mod fuzz_xent;
 mod gpu_check;
 mod soak;
 mod train_step;
@@ -41,6 +42,10 @@ enum Cmd {
     /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
     /// peak RSS, one process per measurement.
     BenchXent(bench_xent::Args),
+    /// Fuzz candle-xent's public API: N random calls (default 200,000) checked against an f64
+    /// reference of PyTorch's formulas (no panic, clear errors, the README's precision bound,
+    /// every gradient present).
+    FuzzXent(fuzz_xent::Args),
     /// Fused linear cross-entropy (language-model head) vs materialised logits: time and exact
     /// peak of extra heap memory, one process per measurement.
     BenchLinear(bench_linear::Args),
@@ -131,6 +136,7 @@ fn main() -> Result<()> {
         Cmd::PublishCars(args) => cars::publish_cars(args),
         Cmd::DownloadCars(args) => cars::download_cars(args),
         Cmd::BenchXent(args) => bench_xent::run(args),
+        Cmd::FuzzXent(args) => fuzz_xent::run(args),
         Cmd::BenchLinear(args) => bench_linear::run(args),
         Cmd::BenchResnet(args) => bench_resnet::run(args),
         Cmd::BenchData(args) => bench_data::run(args),
