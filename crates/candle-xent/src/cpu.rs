@@ -128,30 +128,43 @@ struct Lanes<A: Acc> {
     wt: A::Lanes,
 }
 
-impl<A: Acc> Lanes<A> {
-    /// Adds `LANES` elements (`live` of them real, the rest padding that adds nothing),
+/// One step's terms per lane: `exp(x - m)`, `w (x - m)` and, for soft targets, `w t (x - m)`
+/// and `w t`.
+#[derive(Clone, Copy)]
+struct Terms<A> {
+    e: [A; LANES],
+    wd: [A; LANES],
+    wtd: [A; LANES],
+    wt: [A; LANES],
+}
+
+impl<A: Acc> Terms<A> {
+    const ZERO: Self = Self {
+        e: [A::ZERO; LANES],
+        wd: [A::ZERO; LANES],
+        wtd: [A::ZERO; LANES],
+        wt: [A::ZERO; LANES],
+    };
+
+    /// The terms of `LANES` elements (`live` of them real, the rest padding that adds nothing),
     /// relative to the shift `m`. `safe_zero_t`: a zero soft target contributes 0 to
     /// `sum w t (x - m)` even on a -inf logit (see [`Problem::soft_zero_is_zero`]).
     #[inline(always)]
-    fn add<const W: bool, const S: bool>(
-        &mut self,
+    fn of<const W: bool, const S: bool>(
         xv: &[A; LANES],
         wv: &[A; LANES],
         tv: &[A; LANES],
         m: A,
         live: usize,
         safe_zero_t: bool,
-    ) {
-        let mut e = [A::ZERO; LANES];
-        let mut wd = [A::ZERO; LANES];
-        let mut wtd = [A::ZERO; LANES];
-        let mut wt = [A::ZERO; LANES];
+    ) -> Self {
+        let mut t = Self::ZERO;
         for j in 0..LANES {
             let d = xv[j] - m;
             let pad = j >= live;
-            e[j] = if pad { A::ZERO } else { d.exp() };
+            t.e[j] = if pad { A::ZERO } else { d.exp() };
             let w_d = if W { wv[j] * d } else { d };
-            wd[j] = if pad { A::ZERO } else { w_d };
+            t.wd[j] = if pad { A::ZERO } else { w_d };
             if S {
                 let prod = w_d * tv[j];
                 let prod = if safe_zero_t && tv[j] == A::ZERO {
@@ -159,19 +172,32 @@ impl<A: Acc> Lanes<A> {
                 } else {
                     prod
                 };
-                wtd[j] = if pad { A::ZERO } else { prod };
+                t.wtd[j] = if pad { A::ZERO } else { prod };
                 let w_t = if W { wv[j] * tv[j] } else { tv[j] };
-                wt[j] = if pad { A::ZERO } else { w_t };
+                t.wt[j] = if pad { A::ZERO } else { w_t };
             }
         }
-        A::lanes_add(&mut self.se, &e);
-        A::lanes_add(&mut self.wx, &wd);
+        t
+    }
+}
+
+impl<A: Acc> Lanes<A> {
+    /// Adds partial sums to the accurate lane accumulators.
+    #[inline(always)]
+    fn add<const S: bool>(&mut self, t: &Terms<A>) {
+        A::lanes_add(&mut self.se, &t.e);
+        A::lanes_add(&mut self.wx, &t.wd);
         if S {
-            A::lanes_add(&mut self.wtx, &wtd);
-            A::lanes_add(&mut self.wt, &wt);
+            A::lanes_add(&mut self.wtx, &t.wtd);
+            A::lanes_add(&mut self.wt, &t.wt);
         }
     }
 }
+
+/// Steps of `LANES` elements summed in `A` before the partial sums go to the accurate lanes:
+/// each partial is a sum of at most 4 terms of one sign (error under 2 ulps of it), and the
+/// accurate lanes add one value per 4 elements instead of one per element.
+const STEPS: usize = 4;
 
 /// Two passes over a row: its max, then every sum relative to it (no rescaling, so no
 /// rounding but the terms' own and the accumulators'). `W`: weighted; `S`: soft targets (`t`
@@ -194,26 +220,57 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(
     };
     let ones = [A::ONE; LANES];
     let len = x.len();
-    let n_full = len / LANES * LANES;
     let mut i = 0;
-    while i < n_full {
-        let xv = lanes(x, i);
-        let wv = if W { lanes(w, i) } else { ones };
-        let tv = if S { lanes(t, i) } else { ones };
-        l.add::<W, S>(&xv, &wv, &tv, shift, LANES, safe_zero_t);
-        i += LANES;
+    // Whole steps: `STEPS` x `LANES` elements summed per lane in `A`, then into the accurate
+    // lanes (plain arrays and loops, which LLVM keeps in vector registers).
+    while i + LANES <= len {
+        let steps = STEPS.min((len - i) / LANES);
+        let (mut pe, mut pw, mut pwt, mut pt) = (
+            [A::ZERO; LANES],
+            [A::ZERO; LANES],
+            [A::ZERO; LANES],
+            [A::ZERO; LANES],
+        );
+        for k in 0..steps {
+            let o = i + k * LANES;
+            let xv = lanes(x, o);
+            let wv = if W { lanes(w, o) } else { ones };
+            let tv = if S { lanes(t, o) } else { ones };
+            for j in 0..LANES {
+                let d = xv[j] - shift;
+                pe[j] += d.exp();
+                let w_d = if W { wv[j] * d } else { d };
+                pw[j] += w_d;
+                if S {
+                    let prod = w_d * tv[j];
+                    pwt[j] += if safe_zero_t && tv[j] == A::ZERO {
+                        A::ZERO
+                    } else {
+                        prod
+                    };
+                    pt[j] += if W { wv[j] * tv[j] } else { tv[j] };
+                }
+            }
+        }
+        A::lanes_add(&mut l.se, &pe);
+        A::lanes_add(&mut l.wx, &pw);
+        if S {
+            A::lanes_add(&mut l.wtx, &pwt);
+            A::lanes_add(&mut l.wt, &pt);
+        }
+        i += steps * LANES;
     }
-    if n_full < len {
-        let live = len - n_full;
+    if i < len {
+        let live = len - i;
         let (mut xv, mut wv, mut tv) = ([shift; LANES], ones, ones);
-        xv[..live].copy_from_slice(&x[n_full..]);
+        xv[..live].copy_from_slice(&x[i..]);
         if W {
-            wv[..live].copy_from_slice(&w[n_full..]);
+            wv[..live].copy_from_slice(&w[i..]);
         }
         if S {
-            tv[..live].copy_from_slice(&t[n_full..]);
+            tv[..live].copy_from_slice(&t[i..]);
         }
-        l.add::<W, S>(&xv, &wv, &tv, shift, live, safe_zero_t);
+        l.add::<S>(&Terms::of::<W, S>(&xv, &wv, &tv, shift, live, safe_zero_t));
     }
     RowSums {
         shift,
@@ -262,10 +319,17 @@ fn row_grad<A: Acc, const W: bool, const S: bool>(
 }
 
 macro_rules! dispatch_simd {
-    ($generic:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($generic:ident, $avx2:ident, $avx512:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $avx2<A: Acc, const W: bool, const S: bool>($($arg: $ty),*) -> $ret {
+            $generic::<A, W, S>($($arg),*)
+        }
+        // 32 vector registers of 16 f32: the row loops' lanes, partial sums and f64
+        // accumulators fit without spilling (with AVX2's 16 they do not).
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+        unsafe fn $avx512<A: Acc, const W: bool, const S: bool>($($arg: $ty),*) -> $ret {
             $generic::<A, W, S>($($arg),*)
         }
     };
@@ -274,13 +338,27 @@ macro_rules! dispatch_simd {
 dispatch_simd!(
     row_sums,
     row_sums_avx2,
+    row_sums_avx512,
     (x: &[A], w: &[A], t: &[A], safe_zero_t: bool) -> RowSums<A>
 );
 dispatch_simd!(
     row_grad,
     row_grad_avx2,
+    row_grad_avx512,
     (x: &[A], w: &[A], t: &[A], k: GradRow<A>, out: &mut [A]) -> ()
 );
+
+/// The widest x86 kernel this CPU runs: 2 for AVX-512 (F, VL, DQ), 1 for AVX2 + FMA, else 0.
+fn simd_level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has_avx2() {
+            return 2;
+        }
+    }
+    u8::from(has_avx2())
+}
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -298,17 +376,29 @@ fn has_avx2() -> bool {
 struct Kernels<A: Acc> {
     weighted: bool,
     soft: bool,
-    // Read only where the AVX2 kernels exist.
+    /// [`simd_level`]; read only where the x86 kernels exist.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    avx2: bool,
+    simd: u8,
     _a: std::marker::PhantomData<A>,
 }
 
 macro_rules! select {
-    ($self:ident, $generic:ident, $avx2:ident, $($arg:expr),*) => {{
+    ($self:ident, $generic:ident, $avx2:ident, $avx512:ident, $($arg:expr),*) => {{
         #[cfg(target_arch = "x86_64")]
-        if $self.avx2 {
-            // SAFETY: `avx2` is only set after runtime detection of AVX2 and FMA.
+        if $self.simd == 2 {
+            // SAFETY: level 2 is only set after runtime detection of AVX-512 F/VL/DQ, AVX2, FMA.
+            return unsafe {
+                match ($self.weighted, $self.soft) {
+                    (false, false) => $avx512::<A, false, false>($($arg),*),
+                    (true, false) => $avx512::<A, true, false>($($arg),*),
+                    (false, true) => $avx512::<A, false, true>($($arg),*),
+                    (true, true) => $avx512::<A, true, true>($($arg),*),
+                }
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if $self.simd == 1 {
+            // SAFETY: level 1 is only set after runtime detection of AVX2 and FMA.
             return unsafe {
                 match ($self.weighted, $self.soft) {
                     (false, false) => $avx2::<A, false, false>($($arg),*),
@@ -332,15 +422,34 @@ impl<A: Acc> Kernels<A> {
         Self {
             weighted,
             soft,
-            avx2: has_avx2(),
+            simd: simd_level(),
             _a: std::marker::PhantomData,
         }
     }
     fn sums(&self, x: &[A], w: &[A], t: &[A], safe_zero_t: bool) -> RowSums<A> {
-        select!(self, row_sums, row_sums_avx2, x, w, t, safe_zero_t)
+        select!(
+            self,
+            row_sums,
+            row_sums_avx2,
+            row_sums_avx512,
+            x,
+            w,
+            t,
+            safe_zero_t
+        )
     }
     fn grad(&self, x: &[A], w: &[A], t: &[A], k: GradRow<A>, out: &mut [A]) {
-        select!(self, row_grad, row_grad_avx2, x, w, t, k, out)
+        select!(
+            self,
+            row_grad,
+            row_grad_avx2,
+            row_grad_avx512,
+            x,
+            w,
+            t,
+            k,
+            out
+        )
     }
 }
 
