@@ -2,10 +2,9 @@
 //! lines over `candle_finetune::recipe` and the library.
 
 use anyhow::{Context, Result};
-use candle_core::{Device, ModuleT, Tensor};
-use candle_finetune::config::ModelConfig;
+use candle_core::Device;
 use candle_finetune::data::{
-    Dataset, Loader, LoaderConfig, Split, Transform, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION,
+    Dataset, Loader, LoaderConfig, Split, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION,
 };
 use candle_finetune::hub::HubOptions;
 use candle_finetune::pretrained::{
@@ -133,6 +132,18 @@ pub struct TrainArgs {
     /// Image size (default: the weights' config, 224).
     #[arg(long)]
     image_size: Option<u32>,
+    /// Eval crop fraction (default: the weights' config.json, 0.875).
+    #[arg(long)]
+    crop_pct: Option<f64>,
+    /// Resize filter: bilinear, bicubic or nearest (default: the weights' config.json).
+    #[arg(long)]
+    interpolation: Option<candle_finetune::data::Interpolation>,
+    /// Normalisation mean R,G,B (default: the weights' config.json).
+    #[arg(long, value_parser = parse_triple)]
+    mean: Option<[f32; 3]>,
+    /// Normalisation std R,G,B (default: the weights' config.json).
+    #[arg(long, value_parser = parse_triple)]
+    std: Option<[f32; 3]>,
     /// Seed of the data order, augmentations and head.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -155,6 +166,16 @@ pub struct TrainArgs {
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
     s.parse()
+}
+
+/// `R,G,B` as three numbers.
+fn parse_triple(s: &str) -> Result<[f32; 3], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>().map_err(|e| format!("{x:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    v.try_into()
+        .map_err(|v: Vec<f32>| format!("expected 3 comma-separated values, got {}", v.len()))
 }
 
 impl TrainArgs {
@@ -190,6 +211,13 @@ impl TrainArgs {
             backbone_lr_mult: self.backbone_lr_mult,
             freeze_backbone: self.freeze_backbone,
             image_size: self.image_size,
+            preprocess: candle_finetune::data::PreprocessOverrides {
+                size: None,
+                crop_pct: self.crop_pct,
+                interpolation: self.interpolation,
+                mean: self.mean,
+                std: self.std,
+            },
             seed: self.seed,
             device: self.device,
             out: self.out.clone(),
@@ -227,17 +255,6 @@ pub fn train_cars(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A model folder, or a Hub repo holding one (`OWNER/NAME`).
-/// A model folder or a Hub repo `OWNER/NAME`, through `pretrained::from_pretrained`.
-fn load_model(
-    spec: &str,
-    revision: &str,
-    dev: &Device,
-) -> Result<(candle_resnet::resnet::ResNet, ModelConfig)> {
-    let p = pretrained::from_pretrained(&HubOptions::from_env(), spec, Some(revision), dev)?;
-    Ok((p.model, p.config))
-}
-
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     /// Model folder or Hub repo OWNER/NAME.
@@ -261,7 +278,10 @@ pub struct EvalArgs {
 
 pub fn eval_cars(a: EvalArgs) -> Result<()> {
     let dev = a.device.device()?;
-    let (model, cfg) = load_model(&a.model, &a.revision, &dev)?;
+    let p =
+        pretrained::from_pretrained(&HubOptions::from_env(), &a.model, Some(&a.revision), &dev)?;
+    let transform = p.transform();
+    let (model, cfg) = (p.model, p.config);
     let test = Arc::new(
         a.data
             .load(&HubOptions::from_env(), Split::Test)?
@@ -269,10 +289,7 @@ pub fn eval_cars(a: EvalArgs) -> Result<()> {
     );
     let loader = Loader::new(
         test,
-        Transform {
-            pre: cfg.preprocess(),
-            train: false,
-        },
+        transform,
         LoaderConfig {
             batch_size: a.batch_size,
             shuffle: false,
@@ -309,30 +326,20 @@ pub struct PredictArgs {
 }
 
 pub fn predict(a: PredictArgs) -> Result<()> {
-    let (model, cfg) = load_model(&a.model, &a.revision, &Device::Cpu)?;
-    let t = Transform {
-        pre: cfg.preprocess(),
-        train: false,
-    };
-    let names = cfg.class_names();
-    let s = cfg.image_size as usize;
+    let p = pretrained::from_pretrained(
+        &HubOptions::from_env(),
+        &a.model,
+        Some(&a.revision),
+        &Device::Cpu,
+    )?;
     for path in &a.images {
         let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
-        let img = candle_finetune::data::decode_rgb(&bytes)
+        let top = p
+            .predict(&[bytes], 5)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut buf = vec![0f32; 3 * s * s];
-        t.apply(&img, 0, 0, 0, &mut buf)
-            .map_err(anyhow::Error::msg)?;
-        let x = Tensor::from_vec(buf, (1, 3, s, s), &Device::Cpu)?;
-        let logits = model.forward_t(&x, false)?.squeeze(0)?.to_vec1::<f32>()?;
-        let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let z: f32 = logits.iter().map(|v| (v - m).exp()).sum();
-        let p: Vec<f32> = logits.iter().map(|v| (v - m).exp() / z).collect();
-        let mut idx: Vec<usize> = (0..p.len()).collect();
-        idx.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
         println!("{}:", path.display());
-        for &i in idx.iter().take(5) {
-            println!("  {:6.2}%  {}", 100.0 * p[i], names[i]);
+        for (name, prob) in &top[0] {
+            println!("  {:6.2}%  {name}", 100.0 * prob);
         }
     }
     Ok(())

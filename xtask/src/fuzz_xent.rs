@@ -22,7 +22,15 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root())
-        .args(["test", "-p", "candle-xent", "--test", "fuzz", "--", "--nocapture"])
+        .args([
+            "test",
+            "-p",
+            "candle-xent",
+            "--test",
+            "fuzz",
+            "--",
+            "--nocapture",
+        ])
         .env("XENT_FUZZ_CASES", a.cases.to_string())
         .env("RUST_BACKTRACE", "0");
     if let Some(s) = a.seed {

@@ -98,19 +98,26 @@ pub fn model_card(
     best_epoch: usize,
 ) -> Result<String> {
     let d = &prov.dataset;
-    let mut y = String::from("---\nlibrary_name: candle\n");
+    // timm is a library the Hub knows: the model page shows its "use this model" snippet.
+    let mut y = String::from("---\nlibrary_name: timm\n");
     // The weights inherit the data's terms: its licence, or `unknown` when none was given.
     match (d.license.as_deref(), d.license_name.as_deref()) {
-        (Some(l), Some(name)) => y += &format!("license: {l}\nlicense_name: {name}\n"),
-        (Some(l), None) => y += &format!("license: {l}\n"),
+        (Some(l), Some(name)) => {
+            y += &format!(
+                "license: {}\nlicense_name: {}\n",
+                yaml_str(l),
+                yaml_str(name)
+            )
+        }
+        (Some(l), None) => y += &format!("license: {}\n", yaml_str(l)),
         (None, _) => y += "license: unknown\n",
     }
-    y += "pipeline_tag: image-classification\ntags:\n- image-classification\n- candle\n- resnet\n- label-smoothing\n";
+    y += "pipeline_tag: image-classification\ntags:\n- image-classification\n- timm\n- candle\n- resnet\n- label-smoothing\n";
     if let Some(h) = &d.hub_id {
-        y += &format!("datasets:\n- {h}\n");
+        y += &format!("datasets:\n- {}\n", yaml_str(h));
     }
     if let Some(b) = &prov.base_model_hub_id {
-        y += &format!("base_model: {b}\n");
+        y += &format!("base_model: {}\n", yaml_str(b));
     }
     let dataset_type = d.hub_id.clone().unwrap_or_else(|| d.name.clone());
     y += &format!(

@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::hub::HubOptions;
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::resnet::{Arch, ResNet};
 use std::collections::HashMap;
@@ -225,6 +225,69 @@ pub struct Pretrained {
     pub labels: Vec<String>,
     /// The model's variables (to fine-tune further or export).
     pub varmap: VarMap,
+}
+
+impl Pretrained {
+    /// The eval transform of this model's config (resize, center crop, normalise), the one
+    /// evaluation and [`Pretrained::predict`] apply.
+    pub fn transform(&self) -> crate::data::Transform {
+        crate::data::Transform {
+            pre: self.config.preprocess(),
+            train: false,
+        }
+    }
+
+    /// The `k` most probable classes of each encoded image (JPEG or PNG bytes), as
+    /// `(class name, probability)` pairs, most probable first: the config's preprocessing, one
+    /// forward pass in eval mode, softmax. An undecodable image is an `Err` naming its index.
+    ///
+    /// ```no_run
+    /// use candle_finetune::{hub::HubOptions, pretrained::from_pretrained};
+    /// let p = from_pretrained(&HubOptions::from_env(), "someone/resnet18-stanford-cars", None,
+    ///                         &candle_core::Device::Cpu).unwrap();
+    /// let top = p.predict(&[std::fs::read("car.jpg").unwrap()], 5).unwrap();
+    /// println!("{} ({:.1} %)", top[0][0].0, 100.0 * top[0][0].1);
+    /// ```
+    pub fn predict<B: AsRef<[u8]>>(
+        &self,
+        images: &[B],
+        k: usize,
+    ) -> Result<Vec<Vec<(String, f32)>>> {
+        let t = self.transform();
+        let s = t.pre.size as usize;
+        let device = self
+            .varmap
+            .all_vars()
+            .first()
+            .map_or(Device::Cpu, |v| v.device().clone());
+        let mut buf = vec![0f32; images.len() * 3 * s * s];
+        for (i, (bytes, out)) in images.iter().zip(buf.chunks_mut(3 * s * s)).enumerate() {
+            let img = crate::data::decode_rgb(bytes.as_ref())
+                .map_err(|e| candle_core::Error::Msg(format!("image {i}: {e}")))?;
+            t.apply(&img, 0, 0, 0, out)
+                .map_err(|e| candle_core::Error::Msg(format!("image {i}: {e}")))?;
+        }
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let x = Tensor::from_vec(buf, (images.len(), 3, s, s), &device)?;
+        let logits = self.model.forward_t(&x, false)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        Ok(probs
+            .into_iter()
+            .map(|p| {
+                let mut idx: Vec<usize> = (0..p.len()).collect();
+                // Highest first; ties keep the lower class index first.
+                idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+                idx.into_iter()
+                    .take(k)
+                    .map(|i| (self.labels[i].clone(), p[i]))
+                    .collect()
+            })
+            .collect())
+    }
 }
 
 /// Loads a model published by `cargo xtask publish-cars` (any repo holding the `config.json` and

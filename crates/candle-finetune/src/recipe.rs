@@ -6,8 +6,8 @@
 use crate::card::{write_model_folder, Provenance};
 use crate::config::ModelConfig;
 use crate::data::{
-    Dataset, DatasetInfo, Loader, LoaderConfig, Preprocess, Split, Transform, DEFAULT_DATASET_REPO,
-    DEFAULT_DATASET_REVISION,
+    Dataset, DatasetInfo, Loader, LoaderConfig, Preprocess, PreprocessOverrides, Split, Transform,
+    DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION,
 };
 use crate::hub::HubOptions;
 use crate::pretrained::{WeightsSource, DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION};
@@ -214,6 +214,9 @@ pub struct TrainCars {
     pub freeze_backbone: bool,
     /// Input side (default: the weights' config, else 224).
     pub image_size: Option<u32>,
+    /// Replacements for the base model's preprocessing (crop fraction, filter, mean, std); the
+    /// rest comes from its `config.json` (`pretrained_cfg`).
+    pub preprocess: PreprocessOverrides,
     /// Seed of the data order, augmentations and head.
     pub seed: u64,
     /// Device.
@@ -259,6 +262,7 @@ impl Default for TrainCars {
             backbone_lr_mult: 1.0,
             freeze_backbone: false,
             image_size: None,
+            preprocess: PreprocessOverrides::default(),
             seed: 0,
             device: DeviceKind::Cpu,
             out: PathBuf::from("out/resnet18-stanford-cars"),
@@ -379,7 +383,16 @@ impl TrainCars {
         match &self.weights {
             WeightsSource::File(f) => Ok((
                 self.hub.resolve(&self.weights)?,
-                Preprocess::default(),
+                // timm's config.json beside the weights, as in a Hub snapshot; else ImageNet's.
+                match f
+                    .parent()
+                    .map(|d| d.join("config.json"))
+                    .filter(|c| c.is_file())
+                {
+                    Some(c) => Preprocess::from_timm_config(&std::fs::read_to_string(&c)?)
+                        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", c.display())))?,
+                    None => Preprocess::default(),
+                },
                 format!(
                     "local file {}",
                     f.file_name().unwrap_or_default().to_string_lossy()
@@ -406,10 +419,14 @@ impl TrainCars {
     /// `metrics.jsonl`, plots, `training_args.json`, checkpoints) into [`TrainCars::out`].
     pub fn run(&self) -> Result<RunReport> {
         let dev = self.device.device()?;
-        let (weights, mut pre, base, base_hub) = self.resolve_weights()?;
-        if let Some(s) = self.image_size {
-            pre.size = s;
-        }
+        let (weights, pre, base, base_hub) = self.resolve_weights()?;
+        let overrides = PreprocessOverrides {
+            size: self.image_size.or(self.preprocess.size),
+            ..self.preprocess.clone()
+        };
+        let pre = pre
+            .with_overrides(&overrides)
+            .map_err(candle_core::Error::Msg)?;
         let train_ds = Arc::new(self.data.load(&self.hub, Split::Train)?);
         let test_ds = Arc::new(self.data.load(&self.hub, Split::Test)?);
         if train_ds.class_names != test_ds.class_names {
@@ -475,7 +492,8 @@ impl TrainCars {
             &self.out,
             self.resume,
         )?;
-        let config = ModelConfig::new(self.arch, &train_ds.class_names, &pre);
+        let config = ModelConfig::new(self.arch, &train_ds.class_names, &pre)
+            .with_license(info.license.clone());
         let prov = Provenance {
             base_model: base,
             base_model_hub_id: base_hub,
@@ -484,6 +502,8 @@ impl TrainCars {
         let mut args = serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?;
         args["arch"] = serde_json::json!(self.arch.name());
         args["image_size"] = serde_json::json!(pre.size);
+        // The preprocessing trained and evaluated with (the base model's, then the flags').
+        args["preprocess"] = serde_json::json!(pre);
         args["smoke"] = serde_json::json!(self.smoke);
         write_model_folder(&self.out, &config, &prov, &args, &fit)?;
         eprintln!(

@@ -13,7 +13,7 @@ pub use info::{DatasetInfo, DATASET_INFO_FILE};
 pub use loader::{Batch, EpochIter, EpochReport, Loader, LoaderConfig};
 pub use transform::{
     center_crop_box, random_resized_crop_box, sample_rng, CropBox, Interpolation, Preprocess,
-    Transform,
+    PreprocessOverrides, Transform,
 };
 
 use crate::hub::HubOptions;

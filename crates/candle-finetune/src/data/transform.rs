@@ -63,6 +63,35 @@ impl Default for Preprocess {
     }
 }
 
+/// Values that replace the base model's preprocessing (each `None` keeps it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessOverrides {
+    /// Input side in pixels.
+    pub size: Option<u32>,
+    /// Eval crop fraction.
+    pub crop_pct: Option<f64>,
+    /// Resampling filter.
+    pub interpolation: Option<Interpolation>,
+    /// Per-channel mean.
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation.
+    pub std: Option<[f32; 3]>,
+}
+
+impl std::str::FromStr for Interpolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bilinear" => Ok(Interpolation::Bilinear),
+            "bicubic" => Ok(Interpolation::Bicubic),
+            "nearest" => Ok(Interpolation::Nearest),
+            other => Err(format!(
+                "unsupported interpolation {other:?} (bilinear, bicubic, nearest)"
+            )),
+        }
+    }
+}
+
 impl Preprocess {
     /// Reads timm's `config.json` (`pretrained_cfg`: `input_size`, `crop_pct`, `interpolation`,
     /// `mean`, `std`); missing fields keep the defaults.
@@ -79,24 +108,30 @@ impl Preprocess {
             serde_json::from_str(json).map_err(|e| format!("config.json: {e}"))?;
         let c = v.get("pretrained_cfg").unwrap_or(&v);
         let mut p = Self::default();
-        if let Some(s) = c
-            .get("input_size")
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.last())
-            .and_then(|s| s.as_u64())
-        {
-            p.size = s as u32;
+        if let Some(s) = c.get("input_size").and_then(|s| s.as_array()) {
+            let dims: Vec<u64> = s.iter().filter_map(|d| d.as_u64()).collect();
+            match dims[..] {
+                [3, h, w] if h == w && h > 0 => p.size = h as u32,
+                _ => {
+                    return Err(format!(
+                        "config.json: input_size {s:?} is not [3, S, S] (square RGB input)"
+                    ))
+                }
+            }
+        }
+        match c.get("crop_mode").and_then(|m| m.as_str()) {
+            None | Some("center") => {}
+            Some(other) => {
+                return Err(format!(
+                    "config.json: crop_mode {other:?} is not supported (only \"center\")"
+                ))
+            }
         }
         if let Some(x) = c.get("crop_pct").and_then(|x| x.as_f64()) {
             p.crop_pct = x;
         }
         if let Some(i) = c.get("interpolation").and_then(|i| i.as_str()) {
-            p.interpolation = match i {
-                "bilinear" => Interpolation::Bilinear,
-                "bicubic" => Interpolation::Bicubic,
-                "nearest" => Interpolation::Nearest,
-                other => return Err(format!("config.json: unsupported interpolation {other:?}")),
-            };
+            p.interpolation = i.parse().map_err(|e| format!("config.json: {e}"))?;
         }
         let triple = |k: &str| -> Result<Option<[f32; 3]>, String> {
             match c.get(k).and_then(|m| m.as_array()) {
@@ -120,6 +155,44 @@ impl Preprocess {
             return Err(format!("config.json: invalid preprocessing {p:?}"));
         }
         Ok(p)
+    }
+
+    /// These settings with each value `o` gives replaced, checked.
+    ///
+    /// ```
+    /// use candle_finetune::data::{Interpolation, Preprocess, PreprocessOverrides};
+    /// let o = PreprocessOverrides { crop_pct: Some(0.95), interpolation: Some(Interpolation::Bicubic), ..Default::default() };
+    /// let p = Preprocess::default().with_overrides(&o).unwrap();
+    /// assert_eq!((p.crop_pct, p.interpolation, p.size), (0.95, Interpolation::Bicubic, 224));
+    /// assert!(Preprocess::default().with_overrides(&PreprocessOverrides { crop_pct: Some(1.5), ..Default::default() }).is_err());
+    /// ```
+    pub fn with_overrides(mut self, o: &PreprocessOverrides) -> Result<Self, String> {
+        if let Some(s) = o.size {
+            self.size = s;
+        }
+        if let Some(c) = o.crop_pct {
+            self.crop_pct = c;
+        }
+        if let Some(i) = o.interpolation {
+            self.interpolation = i;
+        }
+        if let Some(m) = o.mean {
+            self.mean = m;
+        }
+        if let Some(s) = o.std {
+            self.std = s;
+        }
+        if self.size == 0
+            || !(self.crop_pct > 0.0 && self.crop_pct <= 1.0)
+            || self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || self.mean.iter().any(|m| !m.is_finite())
+        {
+            return Err(format!(
+                "preprocessing: size must be > 0, crop_pct in (0, 1], std > 0 and finite mean, \
+                 got {self:?}"
+            ));
+        }
+        Ok(self)
     }
 
     /// Side the shorter edge is resized to before the eval center crop (timm: `floor(size / crop_pct)`).
