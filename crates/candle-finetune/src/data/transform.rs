@@ -266,12 +266,17 @@ pub fn random_resized_crop_box(width: u32, height: u32, rng: &mut impl Rng) -> C
 
 /// Eval geometry: resize the shorter side to `resize` (torchvision `Resize(int)`: the longer side
 /// becomes `int(resize * long / short)`), then a centered `size` x `size` crop (torchvision
-/// `CenterCrop`: offsets `round((resized - size) / 2)`). Returned as the equivalent box in
-/// source pixels and the resized dimensions.
+/// `CenterCrop`: offsets `round((resized - size) / 2)` with Python's ties-to-even `round`).
+/// Returned as the equivalent box in source pixels and the resized dimensions.
 ///
 /// ```
 /// let (b, rw, rh) = candle_finetune::data::center_crop_box(600, 400, 256, 224);
 /// assert_eq!((rw, rh), (384, 256));
+/// // 28 px resized to 33, cropped to 32: torchvision starts at round(0.5) = 0, not 1.
+/// let (b33, _, _) = candle_finetune::data::center_crop_box(28, 28, 33, 32);
+/// assert_eq!((b33.left, b33.top), (0.0, 0.0));
+/// let (b35, _, _) = candle_finetune::data::center_crop_box(28, 28, 35, 32);
+/// assert_eq!(b35.left, 2.0 * 28.0 / 35.0);
 /// assert_eq!((b.left, b.top), (80.0 * 600.0 / 384.0, 16.0 * 400.0 / 256.0));
 /// ```
 pub fn center_crop_box(width: u32, height: u32, resize: u32, size: u32) -> (CropBox, u32, u32) {
@@ -286,8 +291,9 @@ pub fn center_crop_box(width: u32, height: u32, resize: u32, size: u32) -> (Crop
             resize,
         )
     };
-    let left = ((rw as f64 - size as f64) / 2.0).round();
-    let top = ((rh as f64 - size as f64) / 2.0).round();
+    // Python's round(), as torchvision calls it: ties to even (round(0.5) = 0, round(1.5) = 2).
+    let left = ((rw as f64 - size as f64) / 2.0).round_ties_even();
+    let top = ((rh as f64 - size as f64) / 2.0).round_ties_even();
     let (sx, sy) = (width as f64 / rw as f64, height as f64 / rh as f64);
     (
         CropBox {
