@@ -180,3 +180,28 @@ fn the_card_names_the_data_actually_used() {
         "{fm}"
     );
 }
+
+/// The card declares timm (a library the Hub knows) and quotes every user-given string of the
+/// front matter, so names with `:`, `#`, quotes or a leading `-` stay one YAML scalar.
+#[test]
+fn front_matter_is_timm_and_escapes_user_strings() {
+    let info = DatasetInfo {
+        name: "cars: \"the #1 set\"".into(),
+        hub_id: Some("me/cars: v2".into()),
+        license: Some("- other".into()),
+        license_name: Some("my licence: v1".into()),
+        ..DatasetInfo::stanford_cars()
+    };
+    let card = card_for(info, &["a".to_string(), "b".to_string()]);
+    let fm = front_matter(&card);
+    assert!(fm.starts_with("library_name: timm\n"), "{fm}");
+    assert!(fm.contains("- timm\n- candle\n"), "{fm}");
+    assert!(fm.contains("license: \"- other\"\n"), "{fm}");
+    assert!(fm.contains("license_name: \"my licence: v1\"\n"), "{fm}");
+    assert!(fm.contains("datasets:\n- \"me/cars: v2\"\n"), "{fm}");
+    assert!(fm.contains("name: \"cars: \\\"the #1 set\\\"\""), "{fm}");
+    assert!(fm.contains("base_model: timm/resnet18.tv_in1k\n"), "{fm}");
+    assert!(fm.contains("split: test"), "{fm}");
+    assert!(card.contains("timm.create_model(\"hf-hub:OWNER/NAME\", pretrained=True)"));
+    assert!(card.contains("p.predict("));
+}

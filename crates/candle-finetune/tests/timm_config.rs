@@ -250,3 +250,64 @@ fn a_folder_in_the_old_format_still_loads() {
         serde_json::from_value(serde_json::to_value(&p.config).unwrap()).unwrap();
     assert_eq!(again, p.config);
 }
+
+/// `Pretrained::predict`: the config's preprocessing, softmax, top-k, most probable first;
+/// an undecodable image is an error naming it.
+#[test]
+fn predict_gives_the_top_classes_of_each_image() {
+    use candle_finetune::data::Preprocess;
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = ["b", "a", "c", "d"].map(String::from).to_vec();
+    let pre = Preprocess {
+        size: 32,
+        ..Default::default()
+    };
+    let cfg = ModelConfig::new(Arch::ResNet18, &names, &pre);
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    let varmap = VarMap::new();
+    Arch::ResNet18
+        .build(
+            names.len(),
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+    varmap.save(dir.path().join("model.safetensors")).unwrap();
+    let p = from_pretrained(
+        &HubOptions::default(),
+        dir.path().to_str().unwrap(),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let png = |shade: u8| {
+        let img = image::RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([shade, (x * 6) as u8, (y * 8) as u8])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let top = p.predict(&[png(10), png(200)], 3).unwrap();
+    assert_eq!(top.len(), 2);
+    for t in &top {
+        assert_eq!(t.len(), 3);
+        assert!(t.windows(2).all(|w| w[0].1 >= w[1].1), "{t:?}");
+        assert!(t
+            .iter()
+            .all(|(n, pr)| names.contains(n) && (0.0..=1.0).contains(pr)));
+    }
+    // k larger than the class count: every class once, probabilities summing to 1.
+    let all = p.predict(&[png(10)], 10).unwrap();
+    assert_eq!(all[0].len(), 4);
+    let s: f32 = all[0].iter().map(|(_, pr)| pr).sum();
+    assert!((s - 1.0).abs() < 1e-5, "{s}");
+    let e = p
+        .predict(&[png(10), b"not an image".to_vec()], 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("image 1"), "{e}");
+    assert!(p.predict::<Vec<u8>>(&[], 5).unwrap().is_empty());
+}
