@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use candle_finetune::config::ModelConfig;
 use candle_finetune::data::{Interpolation, Preprocess};
 use candle_finetune::hub::HubOptions;
-use candle_finetune::pretrained::from_pretrained;
+use candle_finetune::pretrained::{from_pretrained, Pretrained};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::resnet::Arch;
 use serde_json::Value;
@@ -210,18 +210,11 @@ fn unsupported_preprocessing_is_a_clear_error() {
         .contains("1 label_names for num_classes 3"));
 }
 
-/// A folder written before the timm format (flat config.json with id2label, image_size, ...)
-/// loads with `from_pretrained`, class names in order.
-#[test]
-fn a_folder_in_the_old_format_still_loads() {
+/// A model folder with `config` as its config.json (text) and random weights for `n` classes,
+/// loaded back with `from_pretrained`.
+fn random_folder(config: &str, n: usize) -> (tempfile::TempDir, Pretrained) {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("legacy_config.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
-    let old: Value = read_json("legacy_config.json");
-    let n = old["num_classes"].as_u64().unwrap() as usize;
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
     let varmap = VarMap::new();
     Arch::ResNet18
         .build(
@@ -237,6 +230,17 @@ fn a_folder_in_the_old_format_still_loads() {
         &Device::Cpu,
     )
     .unwrap();
+    (dir, p)
+}
+
+/// A folder written before the timm format (flat config.json with id2label, image_size, ...)
+/// loads with `from_pretrained`, class names in order.
+#[test]
+fn a_folder_in_the_old_format_still_loads() {
+    let old: Value = read_json("legacy_config.json");
+    let n = old["num_classes"].as_u64().unwrap() as usize;
+    let text = std::fs::read_to_string(fixture("legacy_config.json")).unwrap();
+    let (_dir, p) = random_folder(&text, n);
     assert_eq!(p.labels.len(), n);
     for (i, name) in p.labels.iter().enumerate() {
         assert_eq!(old["id2label"][i.to_string()], *name);
@@ -256,33 +260,13 @@ fn a_folder_in_the_old_format_still_loads() {
 #[test]
 fn predict_gives_the_top_classes_of_each_image() {
     use candle_finetune::data::Preprocess;
-    let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = ["b", "a", "c", "d"].map(String::from).to_vec();
     let pre = Preprocess {
         size: 32,
         ..Default::default()
     };
     let cfg = ModelConfig::new(Arch::ResNet18, &names, &pre);
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::to_string(&cfg).unwrap(),
-    )
-    .unwrap();
-    let varmap = VarMap::new();
-    Arch::ResNet18
-        .build(
-            names.len(),
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
-    varmap.save(dir.path().join("model.safetensors")).unwrap();
-    let p = from_pretrained(
-        &HubOptions::default(),
-        dir.path().to_str().unwrap(),
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (_dir, p) = random_folder(&serde_json::to_string(&cfg).unwrap(), names.len());
     let png = |shade: u8| {
         let img = image::RgbImage::from_fn(40, 30, |x, y| {
             image::Rgb([shade, (x * 6) as u8, (y * 8) as u8])
