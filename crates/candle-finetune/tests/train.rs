@@ -495,3 +495,139 @@ fn undecodable_images_are_skipped_and_counted_in_the_metrics() {
     assert_eq!(line["skipped_images"], 4);
     assert_eq!(s.best.n, 8, "only decodable test images are scored");
 }
+
+/// A classifier without batch norm (flatten + one linear layer named like ResNet's head), so
+/// that a group of micro-batches and one batch of the same images have the same gradient.
+struct LinearHead(candle_nn::Linear);
+
+impl candle_finetune::train::Classifier for LinearHead {
+    fn logits(&self, images: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+        candle_core::Module::forward(&self.0, &images.flatten_from(1)?)
+    }
+    fn num_classes(&self) -> usize {
+        4
+    }
+}
+
+/// A `LinearHead` over 3x32x32 images with the values of `init` (or its own random ones).
+fn linear_head(init: Option<&VarMap>) -> (VarMap, LinearHead) {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let fc = candle_nn::linear(3 * 32 * 32, 4, vb.pp("fc")).unwrap();
+    if let Some(src) = init {
+        let src = src.data().lock().unwrap();
+        for (k, v) in vm.data().lock().unwrap().iter() {
+            v.set(src[k].as_tensor()).unwrap();
+        }
+    }
+    (vm, LinearHead(fc))
+}
+
+/// With `accum_steps`, one optimizer step over micro-batches of 16 and 8 images equals one
+/// step over the 24 images at once: the group's gradient is that of its mean loss, also when the
+/// epoch ends mid-group (3 steps asked, 2 micro-batches there). Before, each micro-batch's loss
+/// was divided by `accum_steps`: 0.5 (mean of 16) + 0.5 (mean of 8), and 2/3 of the gradient for
+/// the short group.
+#[test]
+fn accumulated_gradient_equals_one_large_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Arc::new(shapes_dataset(dir.path(), 6, 9));
+    let pre = Preprocess {
+        size: 32,
+        crop_pct: 1.0,
+        ..Default::default()
+    };
+    let loader = |batch_size| {
+        Loader::new(
+            data.clone(),
+            Transform {
+                pre: pre.clone(),
+                train: true,
+            },
+            LoaderConfig {
+                batch_size,
+                seed: 7,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let test = Loader::new(
+        data.clone(),
+        Transform {
+            pre: pre.clone(),
+            train: false,
+        },
+        LoaderConfig {
+            batch_size: 24,
+            shuffle: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (small, whole) = (loader(16), loader(24));
+    for accum in [2, 3] {
+        let (vm_a, a) = linear_head(None);
+        let (vm_b, b) = linear_head(Some(&vm_a));
+        let cfg = TrainConfig {
+            lr: 0.5,
+            weight_decay: 0.0,
+            warmup_epochs: 0.0,
+            ..config(1)
+        };
+        let out = dir.path().join(format!("acc{accum}"));
+        let grouped = TrainConfig {
+            accum_steps: accum,
+            ..cfg.clone()
+        };
+        let s = fit(
+            &a,
+            &vm_a,
+            &small,
+            &test,
+            &grouped,
+            &Device::Cpu,
+            &out.join("a"),
+            false,
+        )
+        .unwrap();
+        let one = fit(
+            &b,
+            &vm_b,
+            &whole,
+            &test,
+            &cfg,
+            &Device::Cpu,
+            &out.join("b"),
+            false,
+        )
+        .unwrap();
+        assert_eq!((s.step_losses.len(), one.step_losses.len()), (1, 1));
+        // The step's loss is the images' mean either way.
+        assert!((s.step_losses[0] - one.step_losses[0]).abs() < 1e-5);
+        let (da, db) = (vm_a.data().lock().unwrap(), vm_b.data().lock().unwrap());
+        let mut worst = 0f32;
+        for (k, va) in da.iter() {
+            let x = va
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let y = db[k]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (p, q) in x.iter().zip(&y) {
+                worst = worst.max((p - q).abs() / scale);
+            }
+        }
+        assert!(
+            worst < 1e-5,
+            "accum {accum}: weights differ by {worst:e} (relative)"
+        );
+    }
+}

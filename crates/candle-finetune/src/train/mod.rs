@@ -233,14 +233,36 @@ pub fn reinit_head(varmap: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// What training and evaluation need of a model: logits for a batch of images (in train or
+/// eval mode) and the number of classes. [`ResNet`] is one; a test or a user may bring another.
+pub trait Classifier: Sync {
+    /// Logits `(B, classes)` of images `(B, 3, H, W)`.
+    fn logits(&self, images: &Tensor, train: bool) -> Result<Tensor>;
+    /// Number of classes.
+    fn num_classes(&self) -> usize;
+}
+
+impl Classifier for ResNet {
+    fn logits(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_t(images, train)
+    }
+    fn num_classes(&self) -> usize {
+        ResNet::num_classes(self)
+    }
+}
+
 /// Evaluates `model` (eval mode) on every batch of `loader` (its epoch 0).
-pub fn evaluate(model: &ResNet, loader: &Loader, device: &Device) -> Result<(EvalResult, usize)> {
+pub fn evaluate<M: Classifier>(
+    model: &M,
+    loader: &Loader,
+    device: &Device,
+) -> Result<(EvalResult, usize)> {
     let mut acc = Accumulator::new(model.num_classes());
     let mut epoch = loader.epoch(0);
     for b in epoch.by_ref() {
         let b = b?;
         let logits = candle_resnet::threads::on_cpu_worker(device, || {
-            model.forward_t(&b.images.to_device(device)?, false)
+            model.logits(&b.images.to_device(device)?, false)
         })?;
         acc.add(&logits, &b.labels.to_vec1::<u32>()?)?;
     }
@@ -308,8 +330,8 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
 /// remaining steps are exactly those of an uninterrupted run (on CPU). A non-finite loss stops the
 /// run with an error and leaves the last checkpoint as it was.
 #[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
-pub fn fit(
-    model: &ResNet,
+pub fn fit<M: Classifier>(
+    model: &M,
     varmap: &VarMap,
     train: &Loader,
     test: &Loader,
@@ -335,8 +357,8 @@ pub fn fit(
 /// a time budget). `ControlFlow::Break` ends the run after that step: the summary is returned
 /// and the files of the last completed epoch are left as they are.
 #[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
-pub fn fit_with(
-    model: &ResNet,
+pub fn fit_with<M: Classifier>(
+    model: &M,
     varmap: &VarMap,
     train: &Loader,
     test: &Loader,
@@ -409,6 +431,7 @@ pub fn fit_with(
         let mut it = train.epoch(epoch as u64);
         let (mut loss_sum, mut loss_n, mut images) = (0.0, 0usize, 0usize);
         let mut step_loss = 0.0;
+        let mut group_images = 0usize;
         let mut lr = schedule.lr(step);
         let mut stop = false;
         let mut data_wait_s = 0.0;
@@ -426,7 +449,7 @@ pub fn fit_with(
             // waking the pool and sleeping (candle_resnet::threads::on_worker).
             let (loss, v) =
                 candle_resnet::threads::on_cpu_worker(device, || -> Result<(Tensor, f64)> {
-                    let logits = model.forward_t(&x, true)?;
+                    let logits = model.logits(&x, true)?;
                     let loss = loss_fn.forward(&logits, &y)?;
                     let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     Ok((loss, v))
@@ -440,17 +463,41 @@ pub fn fit_with(
                     epoch
                 );
             }
+            // A group's gradient is that of the mean loss over all its images, whatever the
+            // sizes of its micro-batches and however many the epoch's last group has: each
+            // micro-batch's mean loss is weighted by its image count, the sum divided by the
+            // group's count at the step.
+            let n = batch.indices.len();
             candle_resnet::threads::on_cpu_worker(device, || {
-                acc.add(&(loss / cfg.accum_steps as f64)?.backward()?)
+                if cfg.accum_steps == 1 {
+                    acc.add(&loss.backward()?)
+                } else {
+                    acc.add(&(loss * n as f64)?.backward()?)
+                }
             })?;
-            step_loss += v / cfg.accum_steps as f64;
-            images += batch.indices.len();
+            step_loss += if cfg.accum_steps == 1 {
+                v
+            } else {
+                v * n as f64
+            };
+            group_images += n;
+            images += n;
             if acc.micro_batches() == cfg.accum_steps || bi + 1 == batches {
-                let micro = acc.micro_batches();
                 lr = schedule.lr(step);
-                let grads = acc.take();
+                let mut grads = acc.take();
+                if cfg.accum_steps != 1 {
+                    let k = 1.0 / group_images.max(1) as f64;
+                    for g in grads.values_mut() {
+                        *g = (&*g * k)?;
+                    }
+                }
                 candle_resnet::threads::on_cpu_worker(device, || opt.step_with(&grads, lr))?;
-                let mean = step_loss * cfg.accum_steps as f64 / micro as f64;
+                let mean = if cfg.accum_steps == 1 {
+                    step_loss
+                } else {
+                    step_loss / group_images.max(1) as f64
+                };
+                group_images = 0;
                 summary.step_losses.push(mean);
                 loss_sum += mean;
                 loss_n += 1;
