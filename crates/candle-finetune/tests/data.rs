@@ -423,3 +423,41 @@ fn drop_last_and_unshuffled_order() {
     let idx: Vec<Vec<usize>> = l.epoch(0).map(|b| b.unwrap().indices).collect();
     assert_eq!(idx, vec![vec![0, 1], vec![2, 3]]);
 }
+
+/// An image size of 0 is a clear error when the loader is made (it made the producer thread
+/// panic, which ended every epoch silently with no batch), and an epoch's report is still
+/// there after the iterator has reached its end.
+#[test]
+fn zero_image_size_is_an_error_and_the_report_survives_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("k")).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            dir.path().join("k").join(format!("{i}.png")),
+            encode(&picture(10, 10, 0), ImageFormat::Png),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.path().join("k").join("bad.png"), b"not a png").unwrap();
+    let ds = Arc::new(Dataset::from_image_folder(dir.path()).unwrap());
+    let t = |size| Transform {
+        pre: Preprocess {
+            size,
+            ..Default::default()
+        },
+        train: false,
+    };
+    let cfg = LoaderConfig {
+        batch_size: 2,
+        shuffle: false,
+        ..Default::default()
+    };
+    let e = Loader::new(ds.clone(), t(0), cfg.clone()).err().unwrap();
+    assert!(e.to_string().contains("image size must be positive"), "{e}");
+    let l = Loader::new(ds, t(8), cfg).unwrap();
+    let mut it = l.epoch(0);
+    let n: usize = it.by_ref().map(|b| b.unwrap().indices.len()).sum();
+    assert_eq!(n, 3);
+    let report = it.finish();
+    assert_eq!((report.images, report.skipped.len()), (3, 1));
+}

@@ -100,10 +100,16 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// A loader; `batch_size` and `prefetch` must be positive.
+    /// A loader; `batch_size`, `prefetch` and the transform's image size must be positive.
     pub fn new(dataset: Arc<Dataset>, transform: Transform, cfg: LoaderConfig) -> Result<Self> {
         if cfg.batch_size == 0 || cfg.prefetch == 0 {
             bail!("loader: batch_size and prefetch must be positive, got {cfg:?}");
+        }
+        if transform.pre.size == 0 {
+            bail!(
+                "loader: the image size must be positive, got {:?}",
+                transform.pre
+            );
         }
         Ok(Self {
             dataset,
@@ -202,6 +208,7 @@ impl Loader {
         EpochIter {
             rx,
             handle: Some(handle),
+            report: None,
         }
     }
 }
@@ -210,12 +217,35 @@ impl Loader {
 pub struct EpochIter {
     rx: Receiver<Result<Batch>>,
     handle: Option<JoinHandle<EpochReport>>,
+    /// The producer's report, once `next` has joined it.
+    report: Option<EpochReport>,
 }
 
 impl Iterator for EpochIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.recv().ok()
+        match self.rx.recv() {
+            Ok(b) => Some(b),
+            // The producer is gone: the epoch's end, or a panic there, which is this epoch's
+            // error rather than a silent early end.
+            Err(_) => match self.handle.take().map(|h| h.join()) {
+                Some(Err(p)) => {
+                    let why = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "(no message)".into());
+                    Some(Err(candle_core::Error::Msg(format!(
+                        "loader: the batch producer panicked: {why}"
+                    ))))
+                }
+                Some(Ok(report)) => {
+                    self.report = Some(report);
+                    None
+                }
+                None => None,
+            },
+        }
     }
 }
 
@@ -226,6 +256,9 @@ impl EpochIter {
         let mut this = self;
         // Drain so a producer blocked on a full channel can finish.
         while this.rx.recv().is_ok() {}
+        if let Some(r) = this.report.take() {
+            return r;
+        }
         this.handle
             .take()
             .and_then(|h| h.join().ok())
@@ -235,7 +268,14 @@ impl EpochIter {
     /// Stops the producer (batches not taken yet are not made) and returns the report of what
     /// was produced.
     pub fn stop(self) -> EpochReport {
-        let EpochIter { rx, mut handle } = self;
+        let EpochIter {
+            rx,
+            mut handle,
+            report,
+        } = self;
+        if let Some(r) = report {
+            return r;
+        }
         drop(rx);
         handle
             .take()
