@@ -220,21 +220,15 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let (train, test) = loaders(dir.path());
     let (vm, m) = model();
     let out = dir.path().join("run");
-    fit(
-        &m,
-        &vm,
-        &train,
-        &test,
-        &config(1),
-        &Device::Cpu,
-        &out,
-        false,
-    )
-    .unwrap();
+    let first = TrainConfig {
+        stop_after_epoch: Some(1),
+        ..config(3)
+    };
+    fit(&m, &vm, &train, &test, &first, &Device::Cpu, &out, false).unwrap();
     let before = std::fs::read(out.join("checkpoint-last.safetensors")).unwrap();
+    // The same run resumed with a learning rate that diverges (lr may change on resume).
     let wild = TrainConfig {
         lr: 1e35,
-        warmup_epochs: 0.0,
         ..config(3)
     };
     let e = fit(&m, &vm, &train, &test, &wild, &Device::Cpu, &out, true)
@@ -630,4 +624,42 @@ fn accumulated_gradient_equals_one_large_batch() {
             "accum {accum}: weights differ by {worst:e} (relative)"
         );
     }
+}
+
+/// `--resume` continues a run only with its own settings and data: another label smoothing,
+/// batch size or dataset is a clear error naming what differs (it used to start a different
+/// run from the middle of the first).
+#[test]
+fn resuming_with_other_settings_or_data_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let (vm, m) = model();
+    let out = dir.path().join("run");
+    let first = TrainConfig {
+        stop_after_epoch: Some(1),
+        ..config(2)
+    };
+    fit(&m, &vm, &train, &test, &first, &Device::Cpu, &out, false).unwrap();
+    let other = TrainConfig {
+        label_smoothing: 0.3,
+        accum_steps: 2,
+        ..config(2)
+    };
+    let e = fit(&m, &vm, &train, &test, &other, &Device::Cpu, &out, true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot resume")
+            && e.contains("label_smoothing: 0.1 -> 0.3")
+            && e.contains("accum_steps: 1 -> 2"),
+        "{e}"
+    );
+    // Other data: the test split as training data.
+    let e = fit(&m, &vm, &test, &test, &config(2), &Device::Cpu, &out, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other data (96 images"), "{e}");
+    // The same settings and data resume.
+    let rest = fit(&m, &vm, &train, &test, &config(2), &Device::Cpu, &out, true).unwrap();
+    assert_eq!(rest.history.len(), 2);
 }

@@ -25,6 +25,49 @@ pub struct CheckpointMeta {
     pub history: Vec<EpochMetrics>,
     /// The run's configuration.
     pub config: TrainConfig,
+    /// The training data the run saw (absent in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub data: Option<DataSignature>,
+}
+
+/// What identifies a run's training data for `--resume`: its image count and class names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataSignature {
+    /// Training images.
+    pub images: usize,
+    /// Class names in index order.
+    pub classes: Vec<String>,
+}
+
+impl TrainConfig {
+    /// The settings in which `self` (a checkpoint's) and `now` differ such that resuming would
+    /// not continue the same run: every field but the learning rate (lowering it after a
+    /// divergence is what the non-finite-loss error suggests), `eval_every` and
+    /// `stop_after_epoch`. Each as `name: checkpoint -> now`.
+    ///
+    /// ```
+    /// use candle_finetune::train::TrainConfig;
+    /// let a = TrainConfig::default();
+    /// let b = TrainConfig { label_smoothing: 0.2, lr: 0.01, eval_every: 5, ..a.clone() };
+    /// assert_eq!(a.resume_differences(&b), ["label_smoothing: 0.1 -> 0.2"]);
+    /// ```
+    pub fn resume_differences(&self, now: &TrainConfig) -> Vec<String> {
+        let (a, b) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(now).unwrap_or_default(),
+        );
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return vec!["the configuration".into()];
+        };
+        a.iter()
+            .filter(|(k, _)| !["lr", "eval_every", "stop_after_epoch"].contains(&k.as_str()))
+            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                let w = b.get(k.as_str()).cloned().unwrap_or_default();
+                format!("{k}: {v} -> {w}")
+            })
+            .collect()
+    }
 }
 
 /// Weights (`model.*`), optimizer state (`optim.*`) and [`CheckpointMeta`] (`meta`, JSON bytes).

@@ -8,7 +8,7 @@ mod optim;
 mod schedule;
 
 pub use accumulate::GradAccumulator;
-pub use checkpoint::{Checkpoint, CheckpointMeta};
+pub use checkpoint::{Checkpoint, CheckpointMeta, DataSignature};
 pub use optim::{Group, Optimizer, Rule};
 pub use schedule::{Decay, Schedule};
 
@@ -389,8 +389,45 @@ pub fn fit_with<M: Classifier>(
     let mut summary = FitSummary::default();
     let mut start_epoch = 0;
     let mut step: u64 = 0;
+    let data_signature = checkpoint::DataSignature {
+        images: train.dataset().len(),
+        classes: train.dataset().class_names.clone(),
+    };
     if resume {
         let ck = Checkpoint::load(&paths.last())?;
+        // Another configuration or other data would not continue this run but start a
+        // different one from its middle.
+        let diff = ck.meta.config.resume_differences(cfg);
+        if !diff.is_empty() {
+            bail!(
+                "train: cannot resume from {}: the run there used other settings ({}); resume \
+                 with the same ones (only lr, eval_every and stop_after_epoch may change) or \
+                 write to another folder",
+                paths.last().display(),
+                diff.join(", ")
+            );
+        }
+        if let Some(d) = &ck.meta.data {
+            if d != &data_signature {
+                bail!(
+                    "train: cannot resume from {}: the run there trained on other data ({} \
+                     images, {} classes; now {} images, {} classes{}); resume on the same \
+                     data or write to another folder",
+                    paths.last().display(),
+                    d.images,
+                    d.classes.len(),
+                    data_signature.images,
+                    data_signature.classes.len(),
+                    if d.classes != data_signature.classes
+                        && d.classes.len() == data_signature.classes.len()
+                    {
+                        ", other class names"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         ck.restore(varmap, &mut opt)?;
         start_epoch = ck.meta.epoch;
         step = ck.meta.step;
@@ -589,6 +626,7 @@ pub fn fit_with<M: Classifier>(
             best: (summary.best_epoch > 0).then(|| summary.best.clone()),
             history: summary.history.clone(),
             config: cfg.clone(),
+            data: Some(data_signature.clone()),
         };
         let ck = Checkpoint::capture(varmap, &opt, meta)?;
         ck.save(&paths.last())?;
