@@ -151,6 +151,13 @@ fn learns_a_learnable_dataset_from_random_init() {
     for k in ["top1", "top5", "nll", "ece"] {
         assert!(eval[k].is_number(), "{k}");
     }
+    // What was evaluated and what chose the epoch.
+    assert_eq!(
+        (&eval["split"], &eval["selected_on"]),
+        (&serde_json::json!("test"), &serde_json::json!("test"))
+    );
+    assert_eq!(eval["images"], eval["n"]);
+    assert!(eval["epoch"].as_u64().unwrap() >= 1);
 }
 
 #[test]

@@ -633,9 +633,16 @@ pub fn fit_with<M: Classifier>(
         if let (true, Some(r)) = (improved, &res) {
             ck.save(&paths.best())?;
             candle_resnet::export::export_safetensors(varmap, step as i64, &paths.model())?;
+            // What was evaluated and what chose the epoch, beside the figures. (The epoch is
+            // still chosen on the test split: there is no validation split yet.)
+            let mut v = serde_json::to_value(r).map_err(candle_core::Error::wrap)?;
+            v["split"] = serde_json::json!("test");
+            v["selected_on"] = serde_json::json!("test");
+            v["images"] = serde_json::json!(r.n);
+            v["epoch"] = serde_json::json!(epoch + 1);
             crate::files::atomic_write_bytes(
                 &paths.eval(),
-                serde_json::to_string_pretty(r)
+                serde_json::to_string_pretty(&v)
                     .map_err(candle_core::Error::wrap)?
                     .as_bytes(),
             )?;
