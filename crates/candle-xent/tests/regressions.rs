@@ -9,7 +9,7 @@ use candle_xent::{
     BinaryCrossEntropyWithLogits, CrossEntropyLoss, FusedLinearCrossEntropy, Reduction,
 };
 use common::flat_f64;
-use common::precision::{acc_eps, check, ULPS};
+use common::precision::check;
 use common::reference::{ksum, Ce};
 
 const FLOATS: [DType; 4] = [DType::F16, DType::BF16, DType::F32, DType::F64];
@@ -342,7 +342,6 @@ fn nan_weight_of_an_untargeted_class() {
     let g = flat_f64(l.backward().unwrap().get(x.as_tensor()).unwrap());
     assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
     assert!(g[1].abs() > 0.0);
-    let _ = (acc_eps(DType::F32), ULPS);
 }
 
 /// Binary CE names its own arguments in shape errors (was candle's "shape mismatch").

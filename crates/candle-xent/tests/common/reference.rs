@@ -209,8 +209,7 @@ pub fn bce(
         let (xi, yi, yci) = (x[i], y[i], y_c[i]);
         let pwi = pw.map_or(1.0, |p| p[i]);
         let wi = w.map_or(1.0, |w| w[i]);
-        // softplus(-x) = -log(sigmoid(x)), and sigmoid(x), both without overflow.
-        let sp = (-xi).max(0.0) + (-xi.abs()).exp().ln_1p();
+        // sigmoid(x) without overflow.
         let sig = if xi >= 0.0 {
             1.0 / (1.0 + (-xi).exp())
         } else {
@@ -221,7 +220,6 @@ pub fn bce(
         // (1 - y) x + coef softplus(-x), with softplus(-x) = relu(-x) + log1p(exp(-|x|)) and the
         // x relu(-x) parts combined so that nothing cancels at large |x|.
         let l = (-xi.abs()).exp().ln_1p();
-        let _ = sp;
         loss.push(wi * (yci * xi.max(0.0) + pwi * yi * (-xi).max(0.0) + coef * l));
         let sig_neg = if xi >= 0.0 {
             let e = (-xi).exp();
