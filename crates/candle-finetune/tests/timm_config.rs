@@ -47,6 +47,17 @@ fn fits(ty: &str, v: &Value) -> bool {
     }
 }
 
+/// The preprocessing gen_timm_fixtures.py gave timm's own config (timm_written/config.json).
+fn fixture_preprocess() -> Preprocess {
+    Preprocess {
+        size: 160,
+        crop_pct: 0.95,
+        interpolation: Interpolation::Bicubic,
+        mean: [0.5, 0.4, 0.3],
+        std: [0.2, 0.25, 0.3],
+    }
+}
+
 fn ours(pre: &Preprocess) -> Value {
     let names: Vec<String> = ["Audi A4 \"B8\"", "chat: noir", "smart fortwo"]
         .map(String::from)
@@ -59,16 +70,7 @@ fn ours(pre: &Preprocess) -> Value {
 fn every_pretrained_cfg_key_is_a_timm_field_of_its_type() {
     let fields = read_json("pretrained_cfg_fields.json");
     let fields = fields["fields"].as_object().unwrap();
-    for pre in [
-        Preprocess::default(),
-        Preprocess {
-            size: 160,
-            crop_pct: 0.95,
-            interpolation: Interpolation::Bicubic,
-            mean: [0.5, 0.4, 0.3],
-            std: [0.2, 0.25, 0.3],
-        },
-    ] {
+    for pre in [Preprocess::default(), fixture_preprocess()] {
         let v = ours(&pre);
         let pc = v["pretrained_cfg"].as_object().unwrap();
         for (k, x) in pc {
@@ -124,13 +126,7 @@ fn every_pretrained_cfg_key_is_a_timm_field_of_its_type() {
 #[test]
 fn same_keys_and_shapes_as_the_config_timm_writes() {
     let timm = read_json("timm_written/config.json");
-    let v = ours(&Preprocess {
-        size: 160,
-        crop_pct: 0.95,
-        interpolation: Interpolation::Bicubic,
-        mean: [0.5, 0.4, 0.3],
-        std: [0.2, 0.25, 0.3],
-    });
+    let v = ours(&fixture_preprocess());
     for k in [
         "architecture",
         "num_classes",

@@ -476,23 +476,8 @@ fn ce_case(rng: &mut Rng) -> Outcome {
         softcap,
     }
     .eval();
-    let (want, gr): (Vec<f64>, f64) = match reduction {
-        Reduction::None => (r.loss.clone(), 1.0),
-        Reduction::Sum => (vec![ksum(r.loss.iter().copied())], 1.0),
-        Reduction::Mean => (vec![ksum(r.loss.iter().copied()) / r.denom], 1.0 / r.denom),
-    };
-    let got = flat_f64(&loss);
-    if got.len() != want.len() {
-        return fail(
-            Kind::OutOfBound,
-            format!("{desc}: loss has {} values, want {}", got.len(), want.len()),
-        );
-    }
-    let rows_term = if reduction == Reduction::Sum {
-        rows as f64
-    } else {
-        1.0
-    };
+    let (want, gr, rows_term) = reduced(reduction, r.loss.clone(), r.denom, rows);
+    let got = loss_values(&desc, &loss, want.len())?;
     let worst = check_soft(dtype, &got, &want, |i| want[i].abs() + rows_term);
     if let Some(w) = worst {
         return fail(Kind::OutOfBound, format!("{desc}: loss {w}"));
@@ -560,6 +545,29 @@ fn view_grad(g: &Tensor, dims: &[usize], layout: usize) -> candle_core::Result<V
         _ => g.clone(),
     };
     Ok(flat_f64(&v.contiguous()?))
+}
+
+/// The reference's per-element losses reduced as `reduction` asks (`denom`: the mean's
+/// denominator), with the upstream gradient of each element and the loss bound's row term
+/// (`rows` for a sum, else 1).
+fn reduced(reduction: Reduction, loss: Vec<f64>, denom: f64, rows: usize) -> (Vec<f64>, f64, f64) {
+    match reduction {
+        Reduction::None => (loss, 1.0, 1.0),
+        Reduction::Sum => (vec![ksum(loss)], 1.0, rows as f64),
+        Reduction::Mean => (vec![ksum(loss) / denom], 1.0 / denom, 1.0),
+    }
+}
+
+/// The values of a returned loss, which must have `len` of them.
+fn loss_values(desc: &str, loss: &Tensor, len: usize) -> Result<Vec<f64>, (Kind, String)> {
+    let got = flat_f64(loss);
+    if got.len() != len {
+        return fail(
+            Kind::OutOfBound,
+            format!("{desc}: loss has {} values, want {len}", got.len()),
+        );
+    }
+    Ok(got)
 }
 
 /// The gradient bound's scale: the largest |gradient| of the tensor, or where larger the
@@ -719,23 +727,8 @@ fn bce_case(rng: &mut Rng) -> Outcome {
         .map(|&v| (1.0 - v) * (1.0 - eps) + 0.5 * eps)
         .collect();
     let (l, g, mass) = bce(&xv, &ys, &ys_c, pw_full.as_deref(), w_full.as_deref());
-    let (want, gr) = match reduction {
-        Reduction::None => (l, 1.0),
-        Reduction::Sum => (vec![ksum(l.iter().copied())], 1.0),
-        Reduction::Mean => (vec![ksum(l.iter().copied()) / n as f64], 1.0 / n as f64),
-    };
-    let got = flat_f64(&loss);
-    if got.len() != want.len() {
-        return fail(
-            Kind::OutOfBound,
-            format!("{desc}: loss has {} values, want {}", got.len(), want.len()),
-        );
-    }
-    let rows_term = if reduction == Reduction::Sum {
-        n as f64
-    } else {
-        1.0
-    };
+    let (want, gr, rows_term) = reduced(reduction, l, n as f64, n);
+    let got = loss_values(&desc, &loss, want.len())?;
     if let Some(w) = check_soft(dtype, &got, &want, |i| want[i].abs() + rows_term) {
         let detail = if std::env::var("XENT_FUZZ_DEBUG").is_ok() {
             format!(
