@@ -185,7 +185,7 @@ fn write_image_folder(dir: &std::path::Path, n: usize, test: usize) -> Result<()
 }
 
 fn run_epochs(a: Args) -> Result<()> {
-    use candle_finetune::recipe::{DataSource, TrainCars};
+    use candle_finetune::{data::DataSource, recipe::FineTune};
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("images");
     eprintln!(
@@ -198,10 +198,10 @@ fn run_epochs(a: Args) -> Result<()> {
     for shape in &a.shapes {
         let (size, batch) = parse_shape(shape)?;
         eprintln!("candle {} epochs at {size} px, batch {batch} ...", a.arch);
-        let (mut run, _cache) = TrainCars {
+        let (mut run, _cache) = FineTune {
             image_size: Some(size as u32),
             out: tmp.path().join(format!("out-{size}")),
-            ..TrainCars::default()
+            ..FineTune::default()
         }
         .smoke()?;
         run.data = DataSource::Dir(data.clone());
@@ -209,9 +209,11 @@ fn run_epochs(a: Args) -> Result<()> {
             "generated images",
         ));
         run.arch = a.arch.parse().map_err(anyhow::Error::msg)?;
-        run.batch_size = batch;
-        run.epochs = a.epochs;
-        run.eval_every = a.epochs;
+        run.train.batch_size = batch;
+        run.train.epochs = a.epochs;
+        run.train.eval_every = a.epochs;
+        // Timing epochs: no images held out, the same ones trained as by the PyTorch script.
+        run.validation_fraction = 0.0;
         let report = run.run()?;
         let last = report
             .fit

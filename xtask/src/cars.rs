@@ -1,64 +1,117 @@
-//! `cargo xtask train-cars | eval-cars | predict | download-cars | publish-cars`: thin command
-//! lines over `candle_finetune::recipe` and the library.
+//! `cargo xtask train | train-cars | eval-cars | predict | download-cars | publish-cars`: thin
+//! command lines over `candle_finetune::recipe` and the library.
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+use candle_finetune::data::features::{read_class_names, ColumnChoice};
 use candle_finetune::data::{
-    Dataset, Loader, LoaderConfig, Split, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION,
+    DataSource, Dataset, Loader, LoaderConfig, Split, DEFAULT_DATASET_REPO,
+    DEFAULT_DATASET_REVISION,
 };
 use candle_finetune::hub::HubOptions;
 use candle_finetune::pretrained::{
     self, WeightsSource, DEFAULT_FILE, DEFAULT_REPO, DEFAULT_REVISION,
 };
-use candle_finetune::recipe::{DataSource, DeviceKind, ScheduleKind, TrainCars};
-use candle_finetune::train::{self, OptimizerKind};
+use candle_finetune::recipe::{cars, DeviceKind, FineTune, DEFAULT_VALIDATION_FRACTION};
+use candle_finetune::train::{self, TrainConfig};
 use candle_resnet::resnet::Arch;
 use rayon::prelude::*;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Where the images come from (shared by train-cars, eval-cars and download-cars).
+/// Where the images come from (shared by train, train-cars, eval-cars and download-cars).
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Hub dataset repo (parquet shards in the `datasets` layout).
-    #[arg(long, default_value = DEFAULT_DATASET_REPO)]
-    dataset_repo: String,
-    /// Revision of the dataset repo (pinned commit by default).
-    #[arg(long, default_value = DEFAULT_DATASET_REVISION)]
-    dataset_revision: String,
-    /// Local data instead: a folder with `train-*.parquet` and `test-*.parquet` (directly or
-    /// under `data/`), or with `train/` and `test/` image folders (one sub-folder per class).
+    /// Hub dataset repo OWNER/NAME: any image-classification dataset with parquet files (or
+    /// the Hub's parquet conversion of it). Splits come from its card's `configs:` or the
+    /// Hub's file names; the image and class columns from its features. train-cars: Stanford
+    /// Cars.
     #[arg(long)]
+    dataset_repo: Option<String>,
+    /// Revision of the dataset repo: branch, tag or commit (train-cars: the pinned commit of
+    /// Stanford Cars; otherwise main).
+    #[arg(long)]
+    dataset_revision: Option<String>,
+    /// Configuration (subset) of the dataset repo (default: the card's default, or the only
+    /// one).
+    #[arg(long)]
+    dataset_config: Option<String>,
+    /// Local data instead: a folder with parquet files (`train-*.parquet`, `validation-*`,
+    /// `test-*`, directly, under `data/` or as its README's `configs:` say) or with `train/`,
+    /// `validation/` and `test/` image folders (one sub-folder per class).
+    #[arg(long, conflicts_with = "dataset_repo")]
     data_dir: Option<PathBuf>,
+    /// Column of the encoded images (default: the one Image feature, or the one image-like
+    /// column).
+    #[arg(long)]
+    image_column: Option<String>,
+    /// Column of the class (default: the one ClassLabel feature, else `label`).
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Class names in label order, for integer labels without names: a JSON list or one name
+    /// per line.
+    #[arg(long)]
+    class_names: Option<PathBuf>,
     /// Name of the dataset for the model card (default: Stanford Cars for its Hub mirror, the
     /// `name` of DATA_DIR/dataset.json, else the folder's or repo's name).
     #[arg(long)]
     dataset_name: Option<String>,
     /// Licence of the dataset for the model card (a Hub licence id such as cc-by-4.0; default:
-    /// Stanford Cars' terms for its mirror, the `license` of DATA_DIR/dataset.json, else unknown).
+    /// Stanford Cars' terms for its mirror, the `license` of DATA_DIR/dataset.json or of the
+    /// dataset card, else unknown).
     #[arg(long)]
     dataset_license: Option<String>,
 }
 
 impl DataArgs {
-    fn source(&self) -> DataSource {
-        match &self.data_dir {
-            Some(d) => DataSource::Dir(d.clone()),
-            None => DataSource::Hub {
-                repo: self.dataset_repo.clone(),
-                revision: self.dataset_revision.clone(),
+    /// The data these flags name; `cars`: Stanford Cars unless told otherwise.
+    fn source(&self, cars: bool) -> Result<DataSource> {
+        Ok(match (&self.data_dir, &self.dataset_repo) {
+            (Some(d), _) => DataSource::Dir(d.clone()),
+            (None, Some(repo)) => DataSource::Hub {
+                repo: repo.clone(),
+                revision: self.dataset_revision.clone().unwrap_or_else(|| {
+                    if cars && repo == DEFAULT_DATASET_REPO {
+                        DEFAULT_DATASET_REVISION.into()
+                    } else {
+                        "main".into()
+                    }
+                }),
+                config: self.dataset_config.clone(),
             },
-        }
+            (None, None) if cars => DataSource::Hub {
+                repo: DEFAULT_DATASET_REPO.into(),
+                revision: self
+                    .dataset_revision
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_DATASET_REVISION.into()),
+                config: self.dataset_config.clone(),
+            },
+            (None, None) => anyhow::bail!(
+                "no data: give --dataset-repo OWNER/NAME (a Hub dataset) or --data-dir DIR (a \
+                 local folder)"
+            ),
+        })
+    }
+
+    fn columns(&self) -> Result<ColumnChoice> {
+        Ok(ColumnChoice {
+            image: self.image_column.clone(),
+            label: self.label_column.clone(),
+            class_names: self
+                .class_names
+                .as_deref()
+                .map(read_class_names)
+                .transpose()?,
+        })
     }
 
     fn load(&self, opts: &HubOptions, split: Split) -> Result<Dataset> {
-        Ok(self.source().load(opts, split)?)
+        Ok(self.source(true)?.load(opts, &self.columns()?, split)?)
     }
 }
 
-/// train-cars' output folder.
-const DEFAULT_OUT: &str = "out/resnet18-stanford-cars";
-
+/// The flags of a fine-tuning run (train, train-cars, ablate-smoothing).
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Run the whole pipeline offline in a couple of minutes: a generated dataset and random
@@ -75,6 +128,11 @@ pub struct TrainArgs {
     ablation: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
+    /// Share of the training images held out (stratified by class, seeded by --seed) to choose
+    /// the epoch when the data has no validation split; 0: train on all of them and keep the
+    /// last epoch.
+    #[arg(long, default_value_t = DEFAULT_VALIDATION_FRACTION)]
+    validation_fraction: f64,
     /// Hub repo of the pretrained weights.
     #[arg(long, default_value = DEFAULT_REPO)]
     weights_repo: String,
@@ -87,48 +145,6 @@ pub struct TrainArgs {
     /// Architecture (must match the weights).
     #[arg(long, default_value = "resnet18", value_parser = parse_arch)]
     arch: Arch,
-    /// Epochs (anchor recipe: 90).
-    #[arg(long, default_value_t = 90)]
-    epochs: usize,
-    /// Images per batch.
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
-    /// Batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    accum_steps: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 0.1)]
-    lr: f64,
-    /// Optimizer.
-    #[arg(long, value_enum, default_value = "sgd")]
-    optimizer: OptimizerKind,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
-    /// Nesterov momentum.
-    #[arg(long)]
-    nesterov: bool,
-    /// Weight decay (not on batch norms and biases).
-    #[arg(long, default_value_t = 1e-4)]
-    weight_decay: f64,
-    /// Label smoothing of the cross-entropy.
-    #[arg(long, default_value_t = 0.1)]
-    label_smoothing: f64,
-    /// Learning-rate decay: step (divide by 10 every --step-epochs, the anchor recipe) or cosine.
-    #[arg(long, value_enum, default_value = "step")]
-    schedule: ScheduleKind,
-    /// Epochs between learning-rate divisions of the step schedule.
-    #[arg(long, default_value_t = 30)]
-    step_epochs: usize,
-    /// Linear warmup epochs.
-    #[arg(long, default_value_t = 0.0)]
-    warmup_epochs: f64,
-    /// Learning-rate multiplier of the backbone.
-    #[arg(long, default_value_t = 1.0)]
-    backbone_lr_mult: f64,
-    /// Train only the new head.
-    #[arg(long)]
-    freeze_backbone: bool,
     /// Image size (default: the weights' config, 224).
     #[arg(long)]
     image_size: Option<u32>,
@@ -144,24 +160,18 @@ pub struct TrainArgs {
     /// Normalisation std R,G,B (default: the weights' config.json).
     #[arg(long, value_parser = parse_triple)]
     std: Option<[f32; 3]>,
-    /// Seed of the data order, augmentations and head.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Device.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceKind,
-    /// Output folder (the Hub-ready model folder).
-    #[arg(long, default_value = DEFAULT_OUT)]
-    out: PathBuf,
+    /// Output folder, the Hub-ready model folder (train-cars: out/resnet18-stanford-cars;
+    /// train: out/train).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue from OUT/checkpoint-last.safetensors.
     #[arg(long)]
     resume: bool,
-    /// Stop every epoch after this many batches.
-    #[arg(long)]
-    max_batches_per_epoch: Option<usize>,
-    /// Evaluate on the test split every N epochs (and after the last one).
-    #[arg(long, default_value_t = 1)]
-    eval_every: usize,
+    #[command(flatten)]
+    train: TrainConfig,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -179,11 +189,16 @@ fn parse_triple(s: &str) -> Result<[f32; 3], String> {
 }
 
 impl TrainArgs {
-    /// The recipe these flags describe.
-    fn recipe(&self) -> TrainCars {
-        TrainCars {
+    /// The recipe these flags describe: the Stanford Cars preset (`cars`) or the general one.
+    fn recipe(&self, cars: bool) -> Result<FineTune> {
+        let base = cars::stanford_cars();
+        // --smoke replaces the data; it needs none named.
+        let data = self.data.source(cars || self.smoke)?;
+        Ok(FineTune {
             hub: HubOptions::from_env(),
-            data: self.data.source(),
+            data,
+            columns: self.data.columns()?,
+            validation_fraction: self.validation_fraction,
             dataset_name: self.data.dataset_name.clone(),
             dataset_license: self.data.dataset_license.clone(),
             dataset_info: None,
@@ -196,20 +211,6 @@ impl TrainArgs {
                 },
             },
             arch: self.arch,
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            accum_steps: self.accum_steps,
-            lr: self.lr,
-            optimizer: self.optimizer,
-            momentum: self.momentum,
-            nesterov: self.nesterov,
-            weight_decay: self.weight_decay,
-            label_smoothing: self.label_smoothing,
-            schedule: self.schedule,
-            step_epochs: self.step_epochs,
-            warmup_epochs: self.warmup_epochs,
-            backbone_lr_mult: self.backbone_lr_mult,
-            freeze_backbone: self.freeze_backbone,
             image_size: self.image_size,
             preprocess: candle_finetune::data::PreprocessOverrides {
                 size: None,
@@ -218,19 +219,29 @@ impl TrainArgs {
                 mean: self.mean,
                 std: self.std,
             },
-            seed: self.seed,
+            train: self.train.clone(),
             device: self.device,
-            out: self.out.clone(),
+            out: self.out.clone().unwrap_or_else(|| {
+                if cars {
+                    base.out.clone()
+                } else {
+                    PathBuf::from("out/train")
+                }
+            }),
             resume: self.resume,
-            max_batches_per_epoch: self.max_batches_per_epoch,
-            eval_every: self.eval_every,
             smoke: false,
-        }
+            command: if cars {
+                "cargo xtask train-cars".into()
+            } else {
+                "cargo xtask train".into()
+            },
+        })
     }
 }
 
-pub fn train_cars(a: TrainArgs) -> Result<()> {
-    let recipe = a.recipe();
+/// `cargo xtask train` (`cars`: false) and `train-cars` (`cars`: true).
+pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
+    let recipe = a.recipe(cars)?;
     let report = if a.smoke {
         let (recipe, _cache) = recipe.smoke()?; // the cache lives until the run ends
         recipe.run()?
@@ -353,8 +364,13 @@ pub struct DownloadArgs {
 
 pub fn download_cars(a: DownloadArgs) -> Result<()> {
     let opts = HubOptions::from_env();
-    for split in [Split::Train, Split::Test] {
-        let ds = a.data.load(&opts, split)?;
+    let data = a.data.source(true)?.open(&opts, &a.data.columns()?)?;
+    println!("{}", data.origin);
+    for split in [Split::Train, Split::Validation, Split::Test] {
+        let Some(ds) = data.get(split) else {
+            println!("{}: none", split.name());
+            continue;
+        };
         let bad: Vec<(usize, String)> = (0..ds.len())
             .into_par_iter()
             .filter_map(|i| ds.load_image(i).err().map(|e| (i, e)))
@@ -458,8 +474,8 @@ pub struct AblateArgs {
 
 /// `cargo xtask ablate-smoothing`: the train-cars recipe once per smoothing value, compared.
 pub fn ablate_smoothing(a: AblateArgs) -> Result<()> {
-    let mut base = a.train.recipe();
-    if base.out == std::path::Path::new(DEFAULT_OUT) {
+    let mut base = a.train.recipe(true)?;
+    if a.train.out.is_none() {
         base.out = PathBuf::from("out/ablate-smoothing");
     }
     let out = base.out.clone();

@@ -24,8 +24,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Fine-tune ResNet-18 on Stanford Cars with label smoothing (the main job); `--smoke` runs
-    /// the whole pipeline offline on generated data.
+    /// Fine-tune a pretrained ResNet on any Hub (--dataset-repo) or local (--data-dir)
+    /// image-classification dataset: the epoch chosen on validation, test evaluated once.
+    Train(Box<cars::TrainArgs>),
+    /// Fine-tune ResNet-18 on Stanford Cars with label smoothing (the main job; `train` with the
+    /// Stanford Cars preset); `--smoke` runs the whole pipeline offline on generated data.
     TrainCars(Box<cars::TrainArgs>),
     /// Show what label smoothing buys: the train-cars recipe, seed and data once per smoothing
     /// value (--eps 0,0.05,0.1,0.2), then a comparison of accuracy and calibration
@@ -129,7 +132,8 @@ fn main() -> Result<()> {
     // candle's element-wise pool otherwise spins against rayon's workers (candle_resnet::threads).
     candle_resnet::threads::quiet_candle_pool();
     match Cli::parse().command {
-        Cmd::TrainCars(args) => cars::train_cars(*args),
+        Cmd::Train(args) => cars::train(*args, false),
+        Cmd::TrainCars(args) => cars::train(*args, true),
         Cmd::AblateSmoothing(args) => cars::ablate_smoothing(*args),
         Cmd::EvalCars(args) => cars::eval_cars(args),
         Cmd::Predict(args) => cars::predict(args),

@@ -170,7 +170,7 @@ pub fn run(a: Args) -> Result<()> {
         &model,
         &vm,
         &train,
-        &test,
+        Some(&test),
         &cfg,
         &Device::Cpu,
         &a.out,

@@ -1,17 +1,18 @@
 //! What label smoothing buys: the same recipe, seed and data trained once per smoothing value,
 //! compared on accuracy and calibration (`cargo xtask ablate-smoothing`).
 //!
-//! Each run is [`TrainCars::run`] with only `label_smoothing` and the output folder changed
-//! (`OUT/eps-<value>/`, a complete model folder). The comparison, in `OUT`: `ablation.json` and
-//! `ablation.md` (top-1, top-5, NLL, ECE, mean top probability on correct and on wrong
-//! predictions, of each run's best epoch), `ablation-reliability.png` (the reliability
-//! diagrams side by side) and `ablation-curves.png` (test top-1 per epoch, overlaid). Every run's
+//! Each run is [`FineTune::run`] with only `label_smoothing` and the output folder changed
+//! (`OUT/eps-<value>/`, a complete model folder). Each run's epoch is chosen on validation and
+//! its model evaluated once on test; the comparison is of those test figures, in `OUT`:
+//! `ablation.json` and `ablation.md` (top-1, top-5, NLL, ECE, mean top probability on correct
+//! and on wrong predictions), `ablation-reliability.png` (the reliability diagrams side by side)
+//! and `ablation-curves.png` (validation top-1 per epoch, overlaid). Every run's
 //! model card gets the comparison as a section, its files copied into the folder so the card
 //! reads the same on the Hub; [`link_into_card`] does the same for any other train-cars folder.
 
 use crate::eval::{Bin, EvalResult};
 use crate::files::atomic_write_bytes;
-use crate::recipe::{RunReport, TrainCars};
+use crate::recipe::{FineTune, RunReport};
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -26,9 +27,10 @@ pub struct AblationRow {
     pub eps: f64,
     /// Its model folder, relative to the ablation folder (`eps-0.1`).
     pub folder: String,
-    /// Best epoch (1-based).
+    /// The epoch chosen on validation (1-based).
     pub best_epoch: usize,
-    /// Test metrics of the best epoch.
+    /// Test metrics of the chosen epoch (validation ones when the data has no test split; see
+    /// `split`).
     pub top1: f64,
     /// Top-5 accuracy.
     pub top5: f64,
@@ -40,16 +42,26 @@ pub struct AblationRow {
     pub mean_confidence_correct: f64,
     /// Mean top probability on wrong predictions.
     pub mean_confidence_wrong: f64,
-    /// Reliability bins of the best epoch.
+    /// Reliability bins of the chosen epoch.
     pub reliability: Vec<Bin>,
-    /// Test top-1 per epoch (NaN where not evaluated).
+    /// Validation top-1 per epoch (NaN where not evaluated).
     pub top1_by_epoch: Vec<f64>,
+    /// The split of the figures: `test`, or `validation` when the data has no test split.
+    #[serde(default)]
+    pub split: String,
 }
 
 impl AblationRow {
-    fn new(eps: f64, folder: String, report: &RunReport) -> Self {
-        let b: &EvalResult = &report.fit.best;
-        Self {
+    fn new(eps: f64, folder: String, report: &RunReport) -> Result<Self> {
+        let (b, split): (&EvalResult, &str) = match (&report.test, &report.fit.best) {
+            (Some(t), _) => (t, "test"),
+            (None, Some(v)) => (v, "validation"),
+            (None, None) => bail!(
+                "ablate-smoothing: the run of smoothing {eps} evaluated nothing (the data has \
+                 no validation and no test split)"
+            ),
+        };
+        Ok(Self {
             eps,
             folder,
             best_epoch: report.fit.best_epoch,
@@ -64,9 +76,10 @@ impl AblationRow {
                 .fit
                 .history
                 .iter()
-                .map(|m| m.top1.unwrap_or(f64::NAN))
+                .map(|m| m.val_top1.unwrap_or(f64::NAN))
                 .collect(),
-        }
+            split: split.into(),
+        })
     }
 }
 
@@ -83,14 +96,15 @@ pub struct Ablation {
 ///
 /// ```no_run
 /// use candle_finetune::ablation::{ablate_smoothing, DEFAULT_EPS};
-/// use candle_finetune::recipe::TrainCars;
-/// let base = TrainCars { epochs: 30, out: "out/ablate-smoothing".into(), ..Default::default() };
+/// use candle_finetune::{recipe::FineTune, train::TrainConfig};
+/// let base = FineTune { train: TrainConfig { epochs: 30, ..Default::default() },
+///     out: "out/ablate-smoothing".into(), ..Default::default() };
 /// let a = ablate_smoothing(&base, &DEFAULT_EPS).unwrap();
 /// for r in &a.rows {
 ///     println!("eps {}: top-1 {:.2} %, ECE {:.2} %", r.eps, 100.0 * r.top1, 100.0 * r.ece);
 /// }
 /// ```
-pub fn ablate_smoothing(base: &TrainCars, eps: &[f64]) -> Result<Ablation> {
+pub fn ablate_smoothing(base: &FineTune, eps: &[f64]) -> Result<Ablation> {
     if eps.is_empty() {
         bail!("ablate-smoothing: no smoothing values given");
     }
@@ -104,7 +118,7 @@ pub fn ablate_smoothing(base: &TrainCars, eps: &[f64]) -> Result<Ablation> {
     }
     let root = base.out.clone();
     std::fs::create_dir_all(&root)?;
-    let dataset = base.dataset_info()?.name;
+    let dataset = base.dataset_info(None, None)?.name;
     let mut rows = Vec::new();
     for &e in eps {
         let folder = format!("eps-{e}");
@@ -112,13 +126,11 @@ pub fn ablate_smoothing(base: &TrainCars, eps: &[f64]) -> Result<Ablation> {
             "ablate-smoothing: label smoothing {e} -> {}",
             root.join(&folder).display()
         );
-        let run = TrainCars {
-            label_smoothing: e,
-            out: root.join(&folder),
-            ..base.clone()
-        };
+        let mut run = base.clone();
+        run.train.label_smoothing = e;
+        run.out = root.join(&folder);
         let report = run.run()?;
-        rows.push(AblationRow::new(e, folder, &report));
+        rows.push(AblationRow::new(e, folder, &report)?);
     }
     let ablation = Ablation { dataset, rows };
     write(&root, &ablation)?;
@@ -138,10 +150,17 @@ fn pct(x: f64) -> String {
 
 /// The comparison as a Markdown table.
 pub fn markdown(a: &Ablation) -> String {
+    let split = a.rows.first().map_or("test", |r| {
+        if r.split.is_empty() {
+            "test"
+        } else {
+            r.split.as_str()
+        }
+    });
     let mut s = format!(
-        "Label smoothing ablation on {}: the same recipe, seed and data for each value; test \
-         metrics of each run's best epoch.\n\n\
-         | label smoothing | top-1 % | top-5 % | NLL | ECE % | mean top prob., correct | mean top prob., wrong | best epoch |\n\
+        "Label smoothing ablation on {}: the same recipe, seed and data for each value; each \
+         run's epoch chosen on validation, its model evaluated once on the {split} split.\n\n\
+         | label smoothing | top-1 % | top-5 % | NLL | ECE % | mean top prob., correct | mean top prob., wrong | chosen epoch |\n\
          |---|---|---|---|---|---|---|---|\n",
         a.dataset
     );
@@ -187,7 +206,7 @@ fn write(dir: &Path, a: &Ablation) -> Result<()> {
         .collect();
     crate::plot::lines(
         &dir.join("ablation-curves.png"),
-        "test top-1 by epoch",
+        "validation top-1 by epoch",
         "epoch",
         "top-1 %",
         &series,
@@ -226,7 +245,7 @@ pub fn link_into_card(model_dir: &Path, ablation_dir: &Path) -> Result<()> {
         ))
     })?;
     let section = format!(
-        "{BEGIN}\n## Label smoothing ablation\n\n{}\n![reliability diagrams](ablation-reliability.png)\n\n![test top-1 by epoch](ablation-curves.png)\n{END}\n",
+        "{BEGIN}\n## Label smoothing ablation\n\n{}\n![reliability diagrams](ablation-reliability.png)\n\n![validation top-1 by epoch](ablation-curves.png)\n{END}\n",
         markdown(&a)
     );
     let new = match (card.find(BEGIN), card.find(END)) {

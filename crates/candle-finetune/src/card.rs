@@ -5,7 +5,7 @@ use crate::config::ModelConfig;
 use crate::data::DatasetInfo;
 use crate::eval::EvalResult;
 use crate::files::atomic_write_bytes;
-use crate::train::FitSummary;
+use crate::train::{FitSummary, Selection};
 use candle_core::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -20,6 +20,57 @@ pub struct Provenance {
     pub base_model_hub_id: Option<String>,
     /// The training data.
     pub dataset: DatasetInfo,
+}
+
+/// What a run reports: the chosen epoch, what chose it, and its evaluations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The chosen model on the test split, evaluated once (`None`: no test split).
+    pub test: Option<EvalResult>,
+    /// Its validation evaluation (`None`: no validation split).
+    pub validation: Option<EvalResult>,
+    /// The chosen epoch (1-based).
+    pub epoch: usize,
+    /// What chose it.
+    pub selected_on: Selection,
+    /// Where the validation images came from, in words.
+    pub validation_source: String,
+}
+
+impl Outcome {
+    /// The evaluation reported as the result: test, else validation.
+    pub fn reported(&self) -> Option<(&EvalResult, &'static str)> {
+        match (&self.test, &self.validation) {
+            (Some(t), _) => Some((t, "test")),
+            (None, Some(v)) => Some((v, "validation")),
+            (None, None) => None,
+        }
+    }
+
+    /// Writes `eval.json`: the reported evaluation's figures with `split` (`test`, or
+    /// `validation` when the data has no test split), `selected_on` (`validation` or
+    /// `last-epoch`), `images`, `epoch` and `validation` (where its images came from). Nothing
+    /// is written when nothing was evaluated.
+    pub fn write_eval_json(&self, path: &Path) -> Result<()> {
+        let Some((r, split)) = self.reported() else {
+            return Ok(());
+        };
+        let mut v = serde_json::to_value(r).map_err(candle_core::Error::wrap)?;
+        v["split"] = serde_json::json!(split);
+        v["selected_on"] = serde_json::json!(self.selected_on.name());
+        v["images"] = serde_json::json!(r.n);
+        v["epoch"] = serde_json::json!(self.epoch);
+        v["validation"] = serde_json::json!(self.validation_source);
+        if let (Some(val), "test") = (&self.validation, split) {
+            v["validation_top1"] = serde_json::json!(val.top1);
+        }
+        atomic_write_bytes(
+            path,
+            serde_json::to_string_pretty(&v)
+                .map_err(candle_core::Error::wrap)?
+                .as_bytes(),
+        )
+    }
 }
 
 /// `Stanford Cars` -> `stanford-cars`: the model-index name.
@@ -88,14 +139,14 @@ pub fn render(template: &str, values: &BTreeMap<&str, String>) -> Result<String>
 }
 
 /// The model card (README.md) text: YAML front matter (library, licence, datasets, base model,
-/// `model-index` with top-1/top-5) and [`CARD_TEMPLATE`] filled from the config, provenance,
-/// training arguments and best evaluation.
+/// `model-index` with the test top-1/top-5) and [`CARD_TEMPLATE`] filled from the config,
+/// provenance, training arguments and the outcome (test once, for the epoch chosen on
+/// validation).
 pub fn model_card(
     cfg: &ModelConfig,
     prov: &Provenance,
     args: &serde_json::Value,
-    best: &EvalResult,
-    best_epoch: usize,
+    outcome: &Outcome,
 ) -> Result<String> {
     let d = &prov.dataset;
     // timm is a library the Hub knows: the model page shows its "use this model" snippet.
@@ -121,14 +172,22 @@ pub fn model_card(
     }
     let dataset_type = d.hub_id.clone().unwrap_or_else(|| d.name.clone());
     y += &format!(
-        "model-index:\n- name: {arch}-{slug}\n  results:\n  - task:\n      type: image-classification\n      name: Image Classification\n    dataset:\n      name: {name}\n      type: {dataset_type}\n      split: test\n    metrics:\n    - type: accuracy\n      name: top-1 accuracy\n      value: {t1}\n    - type: top_5_accuracy\n      name: top-5 accuracy\n      value: {t5}\n---",
+        "model-index:\n- name: {arch}-{slug}\n  results:\n",
         arch = cfg.architecture,
         slug = slug(&d.name),
-        name = yaml_str(&d.name),
-        dataset_type = yaml_str(&dataset_type),
-        t1 = pct(best.top1),
-        t5 = pct(best.top5),
     );
+    if let Some((r, split)) = outcome.reported() {
+        y += &format!(
+            "  - task:\n      type: image-classification\n      name: Image Classification\n    dataset:\n      name: {name}\n      type: {dataset_type}\n      split: {split}\n    metrics:\n    - type: accuracy\n      name: top-1 accuracy\n      value: {t1}\n    - type: top_5_accuracy\n      name: top-5 accuracy\n      value: {t5}\n",
+            name = yaml_str(&d.name),
+            dataset_type = yaml_str(&dataset_type),
+            t1 = pct(r.top1),
+            t5 = pct(r.top5),
+        );
+    } else {
+        y += "  []\n";
+    }
+    y += "---";
     let arg = |k: &str| match args.get(k) {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Null) | None => "-".to_string(),
@@ -190,30 +249,20 @@ pub fn model_card(
             ),
         },
     );
-    v.insert("best_epoch", best_epoch.to_string());
-    v.insert("top1", pct(best.top1));
-    v.insert("top5", pct(best.top5));
-    v.insert("nll", format!("{:.4}", best.nll));
-    v.insert("ece", pct(best.ece));
-    v.insert("count", best.n.to_string());
-    // Schedules serialise as {"kind": "cosine", "min_lr": 0.0}: "cosine decay (min_lr 0)".
-    let decay = match args.get("decay") {
-        Some(serde_json::Value::Object(m)) => {
-            let rest: Vec<String> = m
-                .iter()
-                .filter(|(k, _)| k.as_str() != "kind")
-                .map(|(k, x)| format!("{k} {x}"))
-                .collect();
-            let kind = m.get("kind").and_then(|k| k.as_str()).unwrap_or("-");
-            if rest.is_empty() {
-                format!("{kind} decay")
-            } else {
-                format!("{kind} decay ({})", rest.join(", "))
-            }
-        }
-        _ => arg("decay"),
+    v.insert("results", results_section(outcome));
+    let decay = match args.get("schedule").and_then(|s| s.as_str()) {
+        Some("cosine") => format!("cosine decay to {}", arg("min_lr")),
+        Some("step") => format!("x {} every {} epochs", arg("gamma"), arg("step_epochs")),
+        _ => arg("schedule"),
     };
     v.insert("decay", decay);
+    v.insert(
+        "command",
+        match args.get("command").and_then(|c| c.as_str()) {
+            Some(c) if !c.is_empty() => c.to_string(),
+            _ => "cargo xtask train".to_string(),
+        },
+    );
     for k in [
         "label_smoothing",
         "optimizer",
@@ -245,6 +294,54 @@ pub fn model_card(
     render(CARD_TEMPLATE, &v)
 }
 
+/// The card's results section: which split chose the epoch, and the test figures of that model
+/// (reported once), else what there is.
+fn results_section(o: &Outcome) -> String {
+    let chosen = match o.selected_on {
+        Selection::Validation => format!(
+            "Epoch {} was chosen by its validation top-1; the validation images are {}.",
+            o.epoch, o.validation_source
+        ),
+        Selection::LastEpoch => format!(
+            "Epoch {} is the last one, kept as is: no validation split chose it.",
+            o.epoch
+        ),
+    };
+    let table = |r: &EvalResult, split: &str| {
+        format!(
+            "| metric | value |\n|---|---|\n| top-1 accuracy | {} % |\n| top-5 accuracy | {} % |\n| negative log-likelihood | {:.4} |\n| expected calibration error (15 bins) | {} % |\n| {split} images | {} |\n",
+            pct(r.top1),
+            pct(r.top5),
+            r.nll,
+            pct(r.ece),
+            r.n
+        )
+    };
+    match (&o.test, &o.validation) {
+        (Some(t), v) => {
+            let val = match v {
+                Some(v) => format!(" (its validation top-1: {} %)", pct(v.top1)),
+                None => String::new(),
+            };
+            format!(
+                "## Results (test split)\n\n{chosen} The test split played no part in training or \
+                 in that choice: it was evaluated once, on the chosen model{val}.\n\n{}",
+                table(t, "test")
+            )
+        }
+        (None, Some(v)) => format!(
+            "## Results (validation split)\n\n{chosen} The data has no test split, so these are \
+             the validation figures of the chosen epoch, which are optimistic: the same images \
+             chose it.\n\n{}",
+            table(v, "validation")
+        ),
+        (None, None) => format!(
+            "## Results\n\n{chosen} The data has neither a validation nor a test split: nothing \
+             was evaluated.\n"
+        ),
+    }
+}
+
 /// Writes `config.json`, `README.md`, `training_args.json`, `curves.png` and
 /// `reliability.png` into `out` (the run folder that already holds `model.safetensors`).
 pub fn write_model_folder(
@@ -253,6 +350,7 @@ pub fn write_model_folder(
     prov: &Provenance,
     args: &serde_json::Value,
     fit: &FitSummary,
+    outcome: &Outcome,
 ) -> Result<()> {
     let config = serde_json::to_string_pretty(cfg).map_err(candle_core::Error::wrap)?;
     atomic_write_bytes(&out.join("config.json"), config.as_bytes())?;
@@ -264,7 +362,7 @@ pub fn write_model_folder(
     )?;
     atomic_write_bytes(
         &out.join("README.md"),
-        model_card(cfg, prov, args, &fit.best, fit.best_epoch)?.as_bytes(),
+        model_card(cfg, prov, args, outcome)?.as_bytes(),
     )?;
     let h = &fit.history;
     let col = |f: fn(&crate::train::EpochMetrics) -> Option<f64>| {
@@ -275,13 +373,14 @@ pub fn write_model_folder(
     crate::plot::curves(
         &out.join("curves.png"),
         &col(|m| Some(m.train_loss)),
-        &col(|m| m.nll),
-        &col(|m| m.top1.map(|v| 100.0 * v)),
-        &col(|m| m.top5.map(|v| 100.0 * v)),
+        &col(|m| m.val_nll),
+        &col(|m| m.val_top1.map(|v| 100.0 * v)),
+        &col(|m| m.val_top5.map(|v| 100.0 * v)),
     )?;
-    crate::plot::reliability(
-        &out.join("reliability.png"),
-        &fit.best.reliability,
-        fit.best.ece,
-    )
+    match outcome.reported() {
+        Some((r, _)) => {
+            crate::plot::reliability(&out.join("reliability.png"), &r.reliability, r.ece)
+        }
+        None => Ok(()),
+    }
 }

@@ -11,27 +11,49 @@ pub const ECE_BINS: usize = 15;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Bin {
     /// Mean confidence of the predictions in the bin.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub confidence: f64,
     /// Their accuracy.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub accuracy: f64,
     /// How many.
     pub count: usize,
 }
 
-/// The metrics of one evaluation.
+/// JSON has no NaN: serde_json writes it as `null`; read `null` back as NaN.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn vec_f64_or_nan<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<f64>, D::Error> {
+    Ok(Vec::<Option<f64>>::deserialize(d)?
+        .into_iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
+}
+
+/// The metrics of one evaluation. Undefined figures (the accuracy of a class without images,
+/// the mean confidence of no prediction) are NaN, written `null` in JSON and read back as NaN.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
     /// Evaluated images.
     pub n: usize,
     /// Top-1 accuracy in [0, 1].
+    #[serde(deserialize_with = "f64_or_nan")]
     pub top1: f64,
     /// Top-5 accuracy.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub top5: f64,
     /// Mean negative log-likelihood of the true class.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub nll: f64,
     /// Expected calibration error over [`ECE_BINS`] equal-width confidence bins.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub ece: f64,
     /// Accuracy per class (NaN for a class without images).
+    #[serde(deserialize_with = "vec_f64_or_nan")]
     pub per_class_accuracy: Vec<f64>,
     /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<u32>>,
@@ -41,10 +63,10 @@ pub struct EvalResult {
     pub reliability: Vec<Bin>,
     /// Mean top probability of the correct predictions (NaN when none): how sure the model is
     /// when right.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "f64_or_nan")]
     pub mean_confidence_correct: f64,
     /// Mean top probability of the wrong predictions (NaN when none): overconfidence shows here.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "f64_or_nan")]
     pub mean_confidence_wrong: f64,
 }
 

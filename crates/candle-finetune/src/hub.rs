@@ -402,3 +402,159 @@ impl HubOptions {
         Some(t).filter(|t| !t.is_empty())
     }
 }
+
+/// The files of a dataset repository at one commit, as [`HubOptions::list_dataset`] found them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoListing {
+    /// `owner/name`.
+    pub repo: String,
+    /// The revision asked for (branch, tag, `refs/convert/parquet` or commit).
+    pub revision: String,
+    /// The commit it resolved to; every file is read at this commit.
+    pub commit: String,
+    /// Repository-relative paths (`/`-separated), sorted.
+    pub files: Vec<String>,
+}
+
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl HubOptions {
+    /// The Hub cache root in effect, as hf-hub resolves it: [`HubOptions::cache_dir`], else
+    /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+    ///
+    /// ```
+    /// let o = candle_finetune::hub::HubOptions { cache_dir: Some("/c".into()), ..Default::default() };
+    /// assert_eq!(o.cache_root().unwrap(), std::path::Path::new("/c"));
+    /// ```
+    pub fn cache_root(&self) -> Result<PathBuf> {
+        let mut b = hf_hub::HFClient::builder();
+        if let Some(dir) = &self.cache_dir {
+            b = b.cache_dir(dir);
+        }
+        if let Some(e) = &self.endpoint {
+            b = b.endpoint(e);
+        }
+        Ok(b.build()
+            .map_err(hub_err("cannot create the Hub client"))?
+            .cache_dir()
+            .to_path_buf())
+    }
+
+    /// Lists dataset repo `repo` at `revision`: online through the Hub API (the repo info's
+    /// `siblings` at that revision, else the recursive tree listing), recording the commit under
+    /// `refs/<revision>` in the cache as the download client does; offline
+    /// ([`HubOptions::offline`]) from the cache's snapshot of that commit, which holds the files
+    /// an earlier run fetched.
+    ///
+    /// ```no_run
+    /// let opts = candle_finetune::hub::HubOptions::from_env();
+    /// let l = opts.list_dataset("uoft-cs/cifar100", "main").unwrap();
+    /// assert!(l.files.iter().any(|f| f.ends_with(".parquet")));
+    /// ```
+    pub fn list_dataset(&self, repo: &str, revision: &str) -> Result<RepoListing> {
+        let (owner, name) = split_repo(repo)?;
+        let root = repo_cache_dir(&self.cache_root()?, RepoKind::Dataset, repo)?;
+        if self.offline {
+            return list_snapshot(&root, repo, revision);
+        }
+        let client = self.client()?;
+        let handle = client.dataset(owner, name);
+        let context = format!("cannot list dataset repo {repo} at {revision}");
+        let info = handle
+            .info()
+            .revision(revision)
+            .send()
+            .map_err(|e| list_err(&context, e))?;
+        let commit = info.sha.filter(|s| is_commit(s)).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{context}: the answer names no commit"))
+        })?;
+        let mut files: Vec<String> = match info.siblings {
+            Some(s) => s.into_iter().map(|s| s.rfilename).collect(),
+            None => handle
+                .list_tree()
+                .revision(commit.clone())
+                .recursive(true)
+                .send()
+                .map_err(|e| list_err(&context, e))?
+                .into_iter()
+                .filter_map(|e| match e {
+                    hf_hub::repository::RepoTreeEntry::File { path, .. } => Some(path),
+                    _ => None,
+                })
+                .collect(),
+        };
+        files.sort();
+        if revision != commit {
+            // As hf-hub does after a download at a branch: later offline runs resolve it here.
+            let r = root.join("refs").join(revision);
+            std::fs::create_dir_all(r.parent().expect("a ref has a parent"))?;
+            crate::files::atomic_write_bytes(&r, commit.as_bytes())?;
+        }
+        Ok(RepoListing {
+            repo: repo.into(),
+            revision: revision.into(),
+            commit,
+            files,
+        })
+    }
+}
+
+fn list_err(context: &str, e: hf_hub::HFError) -> candle_core::Error {
+    let hint = match &e {
+        hf_hub::HFError::Request { .. } => OFFLINE_HINT,
+        _ => "",
+    };
+    let base = hub_err(context)(e);
+    candle_core::Error::Msg(format!("{base}{hint}"))
+}
+
+/// The files of the cached snapshot of `revision` (a commit, or a ref recorded in `refs/`).
+fn list_snapshot(root: &Path, repo: &str, revision: &str) -> Result<RepoListing> {
+    let mode = " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)";
+    let commit = if is_commit(revision) {
+        revision.to_string()
+    } else {
+        let r = root.join("refs").join(revision);
+        match std::fs::read_to_string(&r) {
+            Ok(c) if is_commit(c.trim()) => c.trim().to_string(),
+            _ => bail!(
+                "cannot list dataset repo {repo} at {revision}{mode}: the cache has no ref \
+                 {}{FILL_CACHE_HINT}",
+                r.display()
+            ),
+        }
+    };
+    let snap = root.join("snapshots").join(&commit);
+    if !snap.is_dir() {
+        bail!(
+            "cannot list dataset repo {repo} at {revision}{mode}: no snapshot {}{FILL_CACHE_HINT}",
+            snap.display()
+        );
+    }
+    let mut files = Vec::new();
+    let mut stack = vec![snap.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                let rel = p.strip_prefix(&snap).expect("walked under the snapshot");
+                let parts: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                files.push(parts.join("/"));
+            }
+        }
+    }
+    files.sort();
+    Ok(RepoListing {
+        repo: repo.into(),
+        revision: revision.into(),
+        commit,
+        files,
+    })
+}

@@ -85,7 +85,7 @@ pub fn curves(
             .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE));
         c.draw_series(LineSeries::new(series(test_nll), &RED))
             .map_err(err)?
-            .label("test NLL")
+            .label("validation NLL")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED));
         c.configure_series_labels()
             .border_style(BLACK)
@@ -93,7 +93,7 @@ pub fn curves(
             .draw()
             .map_err(err)?;
         let mut a = ChartBuilder::on(&right)
-            .caption("test accuracy (%)", ("sans-serif", 22))
+            .caption("validation accuracy (%)", ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(35)
             .y_label_area_size(50)

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_finetune::ablation::{ablate_smoothing, link_into_card, Ablation};
 use candle_finetune::eval::{Accumulator, EvalResult};
-use candle_finetune::recipe::TrainCars;
+use candle_finetune::recipe::FineTune;
 use candle_finetune::train::{Group, Optimizer, Rule};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -135,7 +135,7 @@ fn smoothing_lowers_the_calibration_error_under_label_noise() -> Result<()> {
 #[test]
 fn the_ablation_runs_each_smoothing_and_compares_them() {
     let out = tempfile::tempdir().unwrap();
-    let (base, _cache) = TrainCars {
+    let (base, _cache) = FineTune {
         out: out.path().join("ablation"),
         ..Default::default()
     }
@@ -184,8 +184,29 @@ fn the_ablation_runs_each_smoothing_and_compares_them() {
             "{}",
             r.folder
         );
+        // The row holds the test figures of the epoch chosen on validation: the run's eval.json.
         assert_eq!(r.top1_by_epoch.len(), 2);
-        assert!(r.top1_by_epoch.contains(&r.top1));
+        let best = r
+            .top1_by_epoch
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f64::MIN),
+                |b, (i, &v)| if v > b.1 { (i + 1, v) } else { b },
+            );
+        assert_eq!(r.best_epoch, best.0, "{:?}", r.top1_by_epoch);
+        let eval: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+        assert_eq!(
+            (
+                eval["split"].as_str(),
+                eval["selected_on"].as_str(),
+                r.split.as_str()
+            ),
+            (Some("test"), Some("validation"), "test")
+        );
+        assert_eq!(eval["top1"].as_f64(), Some(r.top1));
+        assert_eq!(eval["epoch"].as_u64(), Some(r.best_epoch as u64));
         // The card carries the comparison, with files that travel with the folder.
         let card = std::fs::read_to_string(run.join("README.md")).unwrap();
         assert!(card.contains("## Label smoothing ablation"), "{}", r.folder);

@@ -1,9 +1,10 @@
 //! The published model's template folder (models/resnet18-stanford-cars) and the card renderer.
 
-use candle_finetune::card::{model_card, render, Provenance, CARD_TEMPLATE};
+use candle_finetune::card::{model_card, render, Outcome, Provenance, CARD_TEMPLATE};
 use candle_finetune::config::ModelConfig;
 use candle_finetune::data::{DatasetInfo, STANFORD_CARS_CLASSES_JSON};
 use candle_finetune::eval::EvalResult;
+use candle_finetune::train::Selection;
 use candle_resnet::resnet::Arch;
 use std::collections::BTreeMap;
 
@@ -47,7 +48,7 @@ fn template_config_matches_the_class_list() {
 #[test]
 fn card_template_names_every_section_the_hub_needs() {
     for needle in [
-        "## Results",
+        "{{results}}",
         "## Recipe",
         "## Intended use",
         "## Licence",
@@ -100,13 +101,76 @@ fn card_for(dataset: DatasetInfo, classes: &[String]) -> String {
         dataset,
     };
     let args = serde_json::json!({"label_smoothing": 0.1, "epochs": 3, "smoke": false});
-    let best = EvalResult {
+    let test = EvalResult {
         top1: 0.5,
         top5: 0.9,
         n: 10,
         ..Default::default()
     };
-    model_card(&cfg, &prov, &args, &best, 2).unwrap()
+    let outcome = Outcome {
+        test: Some(test),
+        validation: Some(EvalResult {
+            top1: 0.625,
+            n: 8,
+            ..Default::default()
+        }),
+        epoch: 2,
+        selected_on: Selection::Validation,
+        validation_source: "the dataset's validation split (8 images)".into(),
+    };
+    model_card(&cfg, &prov, &args, &outcome).unwrap()
+}
+
+#[test]
+fn the_card_says_what_chose_the_epoch_and_reports_test_once() {
+    let classes: Vec<String> = vec!["a".into(), "b".into()];
+    let card = card_for(DatasetInfo::local("x"), &classes);
+    assert!(card.contains("## Results (test split)"), "{card}");
+    assert!(
+        card.contains("Epoch 2 was chosen by its validation top-1")
+            && card.contains("evaluated once, on the chosen model (its validation top-1: 62.50 %)")
+            && card.contains("| top-1 accuracy | 50.00 % |")
+            && card.contains("| test images | 10 |"),
+        "{card}"
+    );
+    assert!(!card.contains("chosen by its test"), "{card}");
+    // Without a test split: the validation figures, said to be optimistic; model-index on
+    // the validation split.
+    let cfg = ModelConfig::new(Arch::ResNet18, &classes, &Default::default());
+    let prov = Provenance {
+        base_model: "b".into(),
+        base_model_hub_id: None,
+        dataset: DatasetInfo::local("x"),
+    };
+    let v = EvalResult {
+        top1: 0.75,
+        n: 4,
+        ..Default::default()
+    };
+    let o = Outcome {
+        test: None,
+        validation: Some(v),
+        epoch: 3,
+        selected_on: Selection::Validation,
+        validation_source: "10 % held out".into(),
+    };
+    let card = model_card(&cfg, &prov, &serde_json::json!({}), &o).unwrap();
+    assert!(
+        card.contains("## Results (validation split)") && card.contains("optimistic"),
+        "{card}"
+    );
+    assert!(front_matter(&card).contains("split: validation"));
+    // The last epoch kept, nothing evaluated.
+    let o = Outcome {
+        test: None,
+        validation: None,
+        epoch: 5,
+        selected_on: Selection::LastEpoch,
+        validation_source: "none".into(),
+    };
+    let card = model_card(&cfg, &prov, &serde_json::json!({}), &o).unwrap();
+    assert!(card.contains("Epoch 5 is the last one") && card.contains("nothing was evaluated"));
+    assert!(!front_matter(&card).contains("accuracy"));
 }
 
 fn front_matter(card: &str) -> &str {

@@ -1,8 +1,11 @@
-//! The train-cars recipe end to end, as `cargo xtask train-cars` runs it: the offline smoke run,
-//! and a local image folder with local weights whose model folder must describe that data.
+//! The fine-tuning recipe end to end, as `cargo xtask train` / `train-cars` run it: the offline
+//! smoke run, and a local image folder with local weights whose model folder must describe that
+//! data.
 
+use candle_finetune::data::DataSource;
 use candle_finetune::pretrained::WeightsSource;
-use candle_finetune::recipe::{DataSource, ScheduleKind, TrainCars};
+use candle_finetune::recipe::FineTune;
+use candle_finetune::train::{ScheduleKind, TrainConfig};
 use candle_nn::{VarBuilder, VarMap};
 use image::{Rgb, RgbImage};
 
@@ -20,7 +23,7 @@ const FILES: [&str; 8] = [
 #[test]
 fn smoke_run_writes_the_whole_model_folder_offline() {
     let out = tempfile::tempdir().unwrap();
-    let (recipe, cache) = TrainCars {
+    let (recipe, cache) = FineTune {
         out: out.path().join("smoke"),
         ..Default::default()
     }
@@ -36,8 +39,32 @@ fn smoke_run_writes_the_whole_model_folder_offline() {
             .unwrap_or(0);
         assert!(len > 0, "{f} missing or empty");
     }
+    // The epoch is chosen on 10 % of train held out (the smoke data has no validation split);
+    // the 36 test images are evaluated once, for that epoch.
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.out.join("eval.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            eval["split"].as_str(),
+            eval["selected_on"].as_str(),
+            eval["images"].as_u64()
+        ),
+        (Some("test"), Some("validation"), Some(36)),
+        "{eval}"
+    );
+    assert_eq!(eval["epoch"].as_u64(), Some(report.fit.best_epoch as u64));
+    assert_eq!(report.test.as_ref().unwrap().n, 36);
+    let val = report.fit.best.as_ref().unwrap();
+    assert_eq!(val.n, 10, "10 % of 96 training images, stratified over 6 classes");
+    let metrics = std::fs::read_to_string(report.out.join("metrics.jsonl")).unwrap();
+    for l in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(m["val_top1"].is_number(), "{l}");
+    }
     let card = std::fs::read_to_string(report.out.join("README.md")).unwrap();
     assert!(card.contains("Smoke run") && card.contains("generated smoke-test shapes"));
+    assert!(card.contains("chosen by its validation top-1") && card.contains("evaluated once"));
     assert!(
         !card.contains("Stanford"),
         "the smoke data is not Stanford Cars"
@@ -75,13 +102,16 @@ fn a_local_dataset_and_weights_file_give_a_card_about_that_data() {
     .unwrap();
     candle_resnet::export::export_safetensors(&vm, 0, &weights).unwrap();
     let out = dir.path().join("run");
-    let report = TrainCars {
+    let report = FineTune {
         data: DataSource::Dir(data.clone()),
         weights: WeightsSource::File(weights),
-        epochs: 1,
-        batch_size: 4,
-        lr: 0.01,
-        schedule: ScheduleKind::Cosine,
+        train: TrainConfig {
+            epochs: 1,
+            batch_size: 4,
+            lr: 0.01,
+            schedule: ScheduleKind::Cosine,
+            ..Default::default()
+        },
         image_size: Some(32),
         out: out.clone(),
         ..Default::default()

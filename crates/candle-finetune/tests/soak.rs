@@ -258,7 +258,7 @@ fn live_heap_stays_flat_over_hundreds_of_steps() {
         &model,
         &vm,
         &train,
-        &test,
+        Some(&test),
         &cfg,
         &Device::Cpu,
         dir.path(),

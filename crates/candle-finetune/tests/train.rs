@@ -6,7 +6,7 @@ use candle_finetune::data::{
     parquet::write_shard, Dataset, Loader, LoaderConfig, Preprocess, Transform,
 };
 use candle_finetune::eval::Accumulator;
-use candle_finetune::train::{fit, Checkpoint, Decay, TrainConfig};
+use candle_finetune::train::{fit, Checkpoint, ScheduleKind, TrainConfig};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::resnet::resnet18;
 use image::{ImageFormat, Rgb, RgbImage};
@@ -108,7 +108,7 @@ fn config(epochs: usize) -> TrainConfig {
         batch_size: 16,
         lr: 0.02,
         warmup_epochs: 0.5,
-        decay: Decay::Cosine { min_lr: 0.0 },
+        schedule: ScheduleKind::Cosine,
         seed: 3,
         ..Default::default()
     }
@@ -124,40 +124,36 @@ fn learns_a_learnable_dataset_from_random_init() {
         &m,
         &vm,
         &train,
-        &test,
+        Some(&test),
         &config(6),
         &Device::Cpu,
         &out,
         false,
     )
     .unwrap();
-    let top1: Vec<Option<f64>> = s.history.iter().map(|h| h.top1).collect();
-    assert!(s.best.top1 >= 0.9, "test top-1 per epoch: {top1:?}");
+    let top1: Vec<Option<f64>> = s.history.iter().map(|h| h.val_top1).collect();
+    assert!(
+        s.best.as_ref().unwrap().top1 >= 0.9,
+        "validation top-1 per epoch: {top1:?}"
+    );
     assert!(s.history.last().unwrap().train_loss < s.history[0].train_loss);
     // The run folder.
     for f in [
         "checkpoint-last.safetensors",
         "checkpoint-best.safetensors",
         "model.safetensors",
-        "eval.json",
         "metrics.jsonl",
     ] {
         assert!(out.join(f).exists(), "{f}");
     }
+    // The test evaluation (eval.json) is the recipe's, once, after the run: not fit's.
+    assert!(!out.join("eval.json").exists());
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 6);
-    let eval: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
-    for k in ["top1", "top5", "nll", "ece"] {
-        assert!(eval[k].is_number(), "{k}");
+    for l in lines.lines() {
+        let m: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(m["val_top1"].is_number(), "{l}");
     }
-    // What was evaluated and what chose the epoch.
-    assert_eq!(
-        (&eval["split"], &eval["selected_on"]),
-        (&serde_json::json!("test"), &serde_json::json!("test"))
-    );
-    assert_eq!(eval["images"], eval["n"]);
-    assert!(eval["epoch"].as_u64().unwrap() >= 1);
 }
 
 #[test]
@@ -169,7 +165,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
         &m,
         &vm,
         &train,
-        &test,
+        Some(&test),
         &config(2),
         &Device::Cpu,
         &dir.path().join("a"),
@@ -187,7 +183,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
         &m,
         &vm,
         &train,
-        &test,
+        Some(&test),
         &interrupted,
         &Device::Cpu,
         &out,
@@ -201,7 +197,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
         &m2,
         &vm2,
         &train,
-        &test,
+        Some(&test),
         &config(2),
         &Device::Cpu,
         &out,
@@ -212,7 +208,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     joined.extend(&rest.step_losses);
     assert_eq!(joined, full.step_losses, "per-step losses");
     assert_eq!(rest.history.len(), 2);
-    assert_eq!(rest.history[1].top1, full.history[1].top1);
+    assert_eq!(rest.history[1].val_top1, full.history[1].val_top1);
 }
 
 fn resnet18_fresh() -> (VarMap, candle_resnet::resnet::ResNet) {
@@ -231,16 +227,35 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         stop_after_epoch: Some(1),
         ..config(3)
     };
-    fit(&m, &vm, &train, &test, &first, &Device::Cpu, &out, false).unwrap();
+    fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &first,
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
     let before = std::fs::read(out.join("checkpoint-last.safetensors")).unwrap();
     // The same run resumed with a learning rate that diverges (lr may change on resume).
     let wild = TrainConfig {
         lr: 1e35,
         ..config(3)
     };
-    let e = fit(&m, &vm, &train, &test, &wild, &Device::Cpu, &out, true)
-        .unwrap_err()
-        .to_string();
+    let e = fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &wild,
+        &Device::Cpu,
+        &out,
+        true,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("the loss became") && e.contains("checkpoint-last"),
         "{e}"
@@ -394,7 +409,7 @@ fn gradient_accumulation_takes_one_step_per_group_of_batches() {
         &m,
         &vm,
         &train,
-        &test,
+        Some(&test),
         &cfg,
         &Device::Cpu,
         &dir.path().join("acc"),
@@ -418,8 +433,18 @@ fn eval_every_skips_test_passes_but_always_evaluates_the_last_epoch() {
         ..config(3)
     };
     let out = dir.path().join("every2");
-    let s = fit(&m, &vm, &train, &test, &cfg, &Device::Cpu, &out, false).unwrap();
-    let evaluated: Vec<bool> = s.history.iter().map(|h| h.top1.is_some()).collect();
+    let s = fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &cfg,
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
+    let evaluated: Vec<bool> = s.history.iter().map(|h| h.val_top1.is_some()).collect();
     assert_eq!(evaluated, [false, true, true]);
     assert!(s.best_epoch == 2 || s.best_epoch == 3, "{}", s.best_epoch);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -427,14 +452,45 @@ fn eval_every_skips_test_passes_but_always_evaluates_the_last_epoch() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(lines[0]["top1"].is_null() && lines[1]["top1"].is_number());
+    assert!(lines[0]["val_top1"].is_null() && lines[1]["val_top1"].is_number());
     assert_eq!(lines[2]["skipped_images"], 0);
     let zero = TrainConfig {
         eval_every: 0,
         ..config(1)
     };
-    let e = fit(&m, &vm, &train, &test, &zero, &Device::Cpu, &out, false).unwrap_err();
+    let e = fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &zero,
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("eval_every"), "{e}");
+}
+
+#[test]
+fn without_a_validation_split_the_last_epoch_is_kept_and_nothing_is_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _test) = loaders(dir.path());
+    let (vm, m) = model();
+    let cfg = TrainConfig {
+        max_batches_per_epoch: Some(1),
+        ..config(3)
+    };
+    let out = dir.path().join("last");
+    let s = fit(&m, &vm, &train, None, &cfg, &Device::Cpu, &out, false).unwrap();
+    assert_eq!(
+        (s.best_epoch, s.selected_on, s.best.is_none()),
+        (3, candle_finetune::train::Selection::LastEpoch, true)
+    );
+    assert!(s.history.iter().all(|h| h.val_top1.is_none()));
+    // The kept checkpoint is the last epoch's.
+    let best = Checkpoint::load(&out.join("checkpoint-best.safetensors")).unwrap();
+    assert_eq!(best.meta.epoch, 3);
 }
 
 #[test]
@@ -479,7 +535,7 @@ fn undecodable_images_are_skipped_and_counted_in_the_metrics() {
         &m,
         &vm,
         &train,
-        &test,
+        Some(&test),
         &config(1),
         &Device::Cpu,
         &out,
@@ -488,13 +544,17 @@ fn undecodable_images_are_skipped_and_counted_in_the_metrics() {
     .unwrap();
     let h = &s.history[0];
     assert_eq!(
-        (h.skipped_train, h.skipped_test, h.skipped_images),
+        (h.skipped_train, h.skipped_validation, h.skipped_images),
         (2, 2, 4)
     );
     let line: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap()).unwrap();
     assert_eq!(line["skipped_images"], 4);
-    assert_eq!(s.best.n, 8, "only decodable test images are scored");
+    assert_eq!(
+        s.best.as_ref().unwrap().n,
+        8,
+        "only decodable test images are scored"
+    );
 }
 
 /// A classifier without batch norm (flatten + one linear layer named like ResNet's head), so
@@ -585,7 +645,7 @@ fn accumulated_gradient_equals_one_large_batch() {
             &a,
             &vm_a,
             &small,
-            &test,
+            Some(&test),
             &grouped,
             &Device::Cpu,
             &out.join("a"),
@@ -596,7 +656,7 @@ fn accumulated_gradient_equals_one_large_batch() {
             &b,
             &vm_b,
             &whole,
-            &test,
+            Some(&test),
             &cfg,
             &Device::Cpu,
             &out.join("b"),
@@ -646,15 +706,34 @@ fn resuming_with_other_settings_or_data_is_an_error() {
         stop_after_epoch: Some(1),
         ..config(2)
     };
-    fit(&m, &vm, &train, &test, &first, &Device::Cpu, &out, false).unwrap();
+    fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &first,
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
     let other = TrainConfig {
         label_smoothing: 0.3,
         accum_steps: 2,
         ..config(2)
     };
-    let e = fit(&m, &vm, &train, &test, &other, &Device::Cpu, &out, true)
-        .unwrap_err()
-        .to_string();
+    let e = fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &other,
+        &Device::Cpu,
+        &out,
+        true,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("cannot resume")
             && e.contains("label_smoothing: 0.1 -> 0.3")
@@ -662,11 +741,30 @@ fn resuming_with_other_settings_or_data_is_an_error() {
         "{e}"
     );
     // Other data: the test split as training data.
-    let e = fit(&m, &vm, &test, &test, &config(2), &Device::Cpu, &out, true)
-        .unwrap_err()
-        .to_string();
+    let e = fit(
+        &m,
+        &vm,
+        &test,
+        Some(&test),
+        &config(2),
+        &Device::Cpu,
+        &out,
+        true,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("other data (96 images"), "{e}");
     // The same settings and data resume.
-    let rest = fit(&m, &vm, &train, &test, &config(2), &Device::Cpu, &out, true).unwrap();
+    let rest = fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &config(2),
+        &Device::Cpu,
+        &out,
+        true,
+    )
+    .unwrap();
     assert_eq!(rest.history.len(), 2);
 }

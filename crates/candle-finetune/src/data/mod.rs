@@ -1,16 +1,22 @@
-//! Image-classification data: Hub parquet datasets (Stanford Cars first), local parquet files
-//! and image folders behind one [`Dataset`] type; decoding, transforms and a parallel,
-//! prefetching [`Loader`].
+//! Image-classification data: any Hub parquet dataset ([`DataSource`]: the repo listed at a
+//! pinned revision, its splits ([`layout`]) and columns ([`features`]) found from what it
+//! declares), local parquet files and image folders behind one [`Dataset`] type; the validation
+//! split ([`holdout`]); decoding, transforms and a parallel, prefetching [`Loader`].
 
 mod decode;
+pub mod features;
+pub mod holdout;
 mod info;
+pub mod layout;
 mod loader;
 pub mod parquet;
+mod source;
 mod transform;
 
 pub use decode::{check_jpeg_structure, check_png_structure, decode_rgb};
 pub use info::{DatasetInfo, DATASET_INFO_FILE};
 pub use loader::{Batch, EpochIter, EpochReport, Loader, LoaderConfig};
+pub use source::{DataSource, SplitData};
 pub use transform::{
     center_crop_box, random_resized_crop_box, sample_rng, CropBox, Interpolation, Preprocess,
     PreprocessOverrides, Transform,
@@ -37,12 +43,14 @@ pub const STANFORD_CARS_CLASSES_JSON: &str =
 pub enum Split {
     /// Training images.
     Train,
-    /// Test images.
+    /// Validation images: what chooses the epoch.
+    Validation,
+    /// Test images: evaluated once, for the chosen model.
     Test,
 }
 
 impl Split {
-    /// `train` or `test`.
+    /// `train`, `validation` or `test`.
     ///
     /// ```
     /// assert_eq!(candle_finetune::data::Split::Test.name(), "test");
@@ -50,20 +58,9 @@ impl Split {
     pub fn name(self) -> &'static str {
         match self {
             Split::Train => "train",
+            Split::Validation => "validation",
             Split::Test => "test",
         }
-    }
-
-    /// The shard names of a split in the Stanford Cars mirror.
-    ///
-    /// ```
-    /// let s = candle_finetune::data::Split::Train.stanford_cars_shards();
-    /// assert_eq!(s, ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]);
-    /// ```
-    pub fn stanford_cars_shards(self) -> Vec<String> {
-        (0..2)
-            .map(|i| format!("data/{}-{i:05}-of-00002.parquet", self.name()))
-            .collect()
     }
 }
 
@@ -148,8 +145,9 @@ impl Dataset {
         c
     }
 
-    /// Reads parquet shards in the `datasets` layout. Class names come from the shards'
-    /// `huggingface` metadata (they must agree); without metadata, classes are named by index.
+    /// Reads parquet shards in the `datasets` layout, the columns chosen from the first shard
+    /// ([`features::resolve`] with no overrides); classes named by the ClassLabel, else by
+    /// index.
     ///
     /// ```
     /// use candle_finetune::data::{parquet::write_shard, Dataset};
@@ -159,26 +157,44 @@ impl Dataset {
     /// assert_eq!(Dataset::from_parquet(&[p]).unwrap().len(), 1);
     /// ```
     pub fn from_parquet(paths: &[PathBuf]) -> Result<Self> {
+        let Some(first) = paths.first() else {
+            bail!("dataset: no parquet files given");
+        };
+        let (stored, declared) = parquet::inspect(first).map_err(candle_core::Error::Msg)?;
+        let columns = features::resolve(
+            &stored,
+            declared.as_ref(),
+            &features::ColumnChoice::default(),
+        )?;
+        Self::from_parquet_columns(paths, &columns)
+    }
+
+    /// Reads the image and class columns of `columns` from parquet shards. Classes are named by
+    /// [`features::Columns::class_names`], else "0".."max label"; a label outside them is an
+    /// error naming the file and row.
+    pub fn from_parquet_columns(paths: &[PathBuf], columns: &features::Columns) -> Result<Self> {
         if paths.is_empty() {
             bail!("dataset: no parquet files given");
         }
         let mut ds = Dataset::default();
         let mut max_label = -1i64;
         for p in paths {
-            let shard = parquet::read_shard(p).map_err(candle_core::Error::Msg)?;
-            if !shard.class_names.is_empty() {
-                if ds.class_names.is_empty() {
-                    ds.class_names = shard.class_names.clone();
-                } else if ds.class_names != shard.class_names {
-                    bail!(
-                        "dataset: {} lists different class names than the shards before it",
-                        p.display()
-                    );
-                }
-            }
+            let shard = parquet::read_shard(p, columns).map_err(candle_core::Error::Msg)?;
+            let limit = columns
+                .class_names
+                .as_ref()
+                .map_or(u32::MAX as i64, |n| n.len() as i64 - 1);
             for (i, r) in shard.rows.into_iter().enumerate() {
-                if r.label < 0 || r.label > u32::MAX as i64 {
-                    bail!("dataset: {} row {i} has label {}", p.display(), r.label);
+                if r.label < 0 || r.label > limit {
+                    match &columns.class_names {
+                        Some(n) => bail!(
+                            "dataset: {} row {i} has label {}, outside the {} classes",
+                            p.display(),
+                            r.label,
+                            n.len()
+                        ),
+                        None => bail!("dataset: {} row {i} has label {}", p.display(), r.label),
+                    }
                 }
                 max_label = max_label.max(r.label);
                 ds.samples.push(Sample {
@@ -187,36 +203,11 @@ impl Dataset {
                 });
             }
         }
-        if ds.class_names.is_empty() {
-            ds.class_names = (0..=max_label).map(|i| i.to_string()).collect();
-        } else if max_label >= ds.class_names.len() as i64 {
-            bail!(
-                "dataset: label {max_label} is out of range for {} class names",
-                ds.class_names.len()
-            );
-        }
+        ds.class_names = match &columns.class_names {
+            Some(n) => n.clone(),
+            None => (0..=max_label).map(|i| i.to_string()).collect(),
+        };
         Ok(ds)
-    }
-
-    /// Fetches shards of a Hub dataset repo into the Hub cache (or finds them there) and reads them.
-    ///
-    /// ```no_run
-    /// use candle_finetune::{data::{Dataset, Split, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION}, hub::HubOptions};
-    /// let test = Dataset::from_hub(&HubOptions::from_env(), DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION,
-    ///     &Split::Test.stanford_cars_shards()).unwrap();
-    /// assert_eq!(test.len(), 8041);
-    /// ```
-    pub fn from_hub(
-        opts: &HubOptions,
-        repo: &str,
-        revision: &str,
-        shards: &[String],
-    ) -> Result<Self> {
-        let paths = shards
-            .iter()
-            .map(|s| opts.dataset_file(repo, revision, s))
-            .collect::<Result<Vec<_>>>()?;
-        Self::from_parquet(&paths)
     }
 
     /// A split of Stanford Cars from [`DEFAULT_DATASET_REPO`] at [`DEFAULT_DATASET_REVISION`].
@@ -227,13 +218,9 @@ impl Dataset {
     /// assert_eq!(train.num_classes(), 196);
     /// ```
     pub fn stanford_cars(opts: &HubOptions, split: Split) -> Result<Self> {
-        Self::from_hub(
-            opts,
-            DEFAULT_DATASET_REPO,
-            DEFAULT_DATASET_REVISION,
-            &split.stanford_cars_shards(),
-        )?
-        .with_stanford_cars_names()
+        DataSource::default()
+            .load(opts, &features::ColumnChoice::default(), split)?
+            .with_stanford_cars_names()
     }
 
     /// Names the classes with the 196 Stanford Cars names of

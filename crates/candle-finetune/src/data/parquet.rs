@@ -1,9 +1,12 @@
 //! Reading and writing image-classification parquet shards in the Hugging Face `datasets`
-//! layout: a struct column `image {bytes: binary, path: string}`, an integer `label`, and the
-//! class names in the `huggingface` schema metadata (`info.features.label.names`).
+//! layout: an image column (a struct `{bytes: binary, path: string}`, or binary), an integer
+//! class column, and the features (Image, ClassLabel names) in the `huggingface` schema
+//! metadata. Which columns to read: [`super::features`].
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type};
+use arrow_array::types::{
+    Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+};
 use arrow_array::{
     Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, StringArray, StructArray,
 };
@@ -13,6 +16,8 @@ use parquet::arrow::ArrowWriter;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+
+use super::features::{self, Columns, Features};
 
 /// One row of a shard: encoded image bytes and class index.
 #[derive(Debug, Clone)]
@@ -28,91 +33,114 @@ pub struct Row {
 pub struct Shard {
     /// Rows in file order.
     pub rows: Vec<Row>,
-    /// Class names from the `huggingface` metadata.
+    /// Class names (those of the [`Columns`] read with; empty if none).
     pub class_names: Vec<String>,
 }
 
-fn class_names_from_json(json: &str) -> Result<Vec<String>, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("huggingface metadata: {e}"))?;
-    let names = v
-        .pointer("/info/features/label/names")
-        .or_else(|| v.pointer("/features/label/names"))
-        .and_then(|n| n.as_array());
-    Ok(names
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-/// Reads a shard. Errors name the file and the problem (not parquet, missing column, wrong type).
+/// The columns a shard stores (by arrow type) and the features its `huggingface` metadata
+/// declares, if any.
 ///
 /// ```
+/// use candle_finetune::data::parquet::{inspect, write_shard};
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("s.parquet");
+/// write_shard(&p, &[(b"x".to_vec(), 0)], &["a".into()]).unwrap();
+/// let (stored, declared) = inspect(&p).unwrap();
+/// assert_eq!(stored.len(), 2);
+/// assert!(declared.is_some());
+/// ```
+pub fn inspect(path: &Path) -> Result<(Features, Option<Features>), String> {
+    let ctx = |e: &dyn std::fmt::Display| format!("parquet {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| ctx(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| ctx(&e))?;
+    let declared = hf_metadata(&builder)
+        .map(|json| features::from_hf_metadata(&json).map_err(|e| ctx(&e)))
+        .transpose()?
+        .flatten();
+    Ok((features::from_schema(builder.schema()), declared))
+}
+
+fn hf_metadata<T>(builder: &parquet::arrow::arrow_reader::ArrowReaderBuilder<T>) -> Option<String> {
+    builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == "huggingface").cloned())
+        .and_then(|k| k.value)
+        .or_else(|| builder.schema().metadata().get("huggingface").cloned())
+}
+
+fn labels_of(col: &ArrayRef) -> Option<Vec<Option<i64>>> {
+    macro_rules! ints {
+        ($($t:ty),*) => {
+            $(if let Some(a) = col.as_primitive_opt::<$t>() {
+                return Some(a.iter().map(|v| v.and_then(|v| i64::try_from(v).ok().or(Some(-1)))).collect());
+            })*
+        };
+    }
+    ints!(Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type);
+    None
+}
+
+/// Reads a shard's images and labels from the image and label columns of `columns` (class names
+/// are not read here: see [`Columns::class_names`]). Errors name the file and the problem (not
+/// parquet, missing column, wrong type, null label).
+///
+/// ```
+/// use candle_finetune::data::features::Columns;
 /// use candle_finetune::data::parquet::{read_shard, write_shard};
 /// let dir = tempfile::tempdir().unwrap();
 /// let p = dir.path().join("train-00000-of-00001.parquet");
 /// write_shard(&p, &[(b"abc".to_vec(), 1)], &["a".into(), "b".into()]).unwrap();
-/// let s = read_shard(&p).unwrap();
-/// assert_eq!((s.rows.len(), s.rows[0].label, s.class_names.len()), (1, 1, 2));
+/// let cols = Columns { image: "image".into(), label: "label".into(), class_names: None };
+/// let s = read_shard(&p, &cols).unwrap();
+/// assert_eq!((s.rows.len(), s.rows[0].label), (1, 1));
 /// ```
-pub fn read_shard(path: &Path) -> Result<Shard, String> {
+pub fn read_shard(path: &Path, columns: &Columns) -> Result<Shard, String> {
     let ctx = |e: &dyn std::fmt::Display| format!("parquet {}: {e}", path.display());
     let file = std::fs::File::open(path).map_err(|e| ctx(&e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| ctx(&e))?;
-    let mut class_names = Vec::new();
-    let kv = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .cloned()
-        .unwrap_or_default();
-    let hf = kv
-        .iter()
-        .find(|k| k.key == "huggingface")
-        .and_then(|k| k.value.clone())
-        .or_else(|| builder.schema().metadata().get("huggingface").cloned());
-    if let Some(json) = hf {
-        class_names = class_names_from_json(&json).map_err(|e| ctx(&e))?;
-    }
-    let reader = builder.build().map_err(|e| ctx(&e))?;
+    let class_names = columns.class_names.clone().unwrap_or_default();
+    // Read only the two columns (a dataset may carry many others).
+    let schema = builder.parquet_schema();
+    let wanted: Vec<usize> = (0..schema.num_columns())
+        .filter(|&i| {
+            let root = schema.get_column_root(i).name();
+            root == columns.image || root == columns.label
+        })
+        .collect();
+    let mask = parquet::arrow::ProjectionMask::leaves(schema, wanted);
+    let reader = builder.with_projection(mask).build().map_err(|e| ctx(&e))?;
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| ctx(&e))?;
         let image = batch
-            .column_by_name("image")
-            .ok_or_else(|| ctx(&"no `image` column"))?;
+            .column_by_name(&columns.image)
+            .ok_or_else(|| ctx(&format!("no `{}` column", columns.image)))?;
         let bytes_col: ArrayRef = match image.data_type() {
             DataType::Struct(_) => image
                 .as_struct()
                 .column_by_name("bytes")
                 .cloned()
-                .ok_or_else(|| ctx(&"`image` struct has no `bytes` field"))?,
+                .ok_or_else(|| ctx(&format!("`{}` struct has no `bytes` field", columns.image)))?,
             DataType::Binary | DataType::LargeBinary => image.clone(),
             other => {
                 return Err(ctx(&format!(
-                    "`image` column has type {other}, expected struct or binary"
+                    "`{}` column has type {other}, expected struct or binary",
+                    columns.image
                 )))
             }
         };
         let label = batch
-            .column_by_name("label")
-            .ok_or_else(|| ctx(&"no `label` column"))?;
-        let labels: Vec<Option<i64>> = match label.data_type() {
-            DataType::Int64 => label.as_primitive::<Int64Type>().iter().collect(),
-            DataType::Int32 => label
-                .as_primitive::<Int32Type>()
-                .iter()
-                .map(|v| v.map(i64::from))
-                .collect(),
-            other => {
-                return Err(ctx(&format!(
-                    "`label` column has type {other}, expected an integer"
-                )))
-            }
-        };
+            .column_by_name(&columns.label)
+            .ok_or_else(|| ctx(&format!("no `{}` column", columns.label)))?;
+        let labels = labels_of(label).ok_or_else(|| {
+            ctx(&format!(
+                "`{}` column has type {}, expected an integer",
+                columns.label,
+                label.data_type()
+            ))
+        })?;
         for (i, label) in labels.into_iter().enumerate() {
             let bytes: &[u8] = match bytes_col.data_type() {
                 DataType::Binary => {

@@ -17,9 +17,9 @@ pub struct CheckpointMeta {
     pub epoch: usize,
     /// Optimizer steps taken.
     pub step: u64,
-    /// Best epoch so far (1-based).
+    /// The chosen epoch so far (1-based): best on validation, or the last without one.
     pub best_epoch: usize,
-    /// Its evaluation.
+    /// Its validation evaluation.
     pub best: Option<EvalResult>,
     /// Metrics of every completed epoch.
     pub history: Vec<EpochMetrics>,
@@ -129,14 +129,21 @@ impl Checkpoint {
         Ok(Self { meta, tensors })
     }
 
-    /// Puts weights and optimizer state back. Every model variable must be in the checkpoint.
-    pub fn restore(&self, varmap: &VarMap, opt: &mut Optimizer) -> Result<()> {
+    /// Puts the weights back (not the optimizer state): e.g. the chosen epoch's, to evaluate
+    /// it on the test split. Every model variable must be in the checkpoint.
+    pub fn restore_weights(&self, varmap: &VarMap) -> Result<()> {
         for (k, v) in varmap.data().lock().expect("VarMap lock poisoned").iter() {
             let Some(t) = self.tensors.get(&format!("model.{k}")) else {
                 bail!("checkpoint: model variable {k} is missing");
             };
             v.set(&t.detach().to_dtype(v.dtype())?.to_device(v.device())?)?;
         }
+        Ok(())
+    }
+
+    /// Puts weights and optimizer state back. Every model variable must be in the checkpoint.
+    pub fn restore(&self, varmap: &VarMap, opt: &mut Optimizer) -> Result<()> {
+        self.restore_weights(varmap)?;
         let state: HashMap<String, Tensor> = self
             .tensors
             .iter()

@@ -26,65 +26,124 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Optimizer choice of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum OptimizerKind {
     /// SGD with momentum (the torchvision recipe).
+    #[default]
     Sgd,
     /// AdamW.
     #[cfg_attr(feature = "clap", value(name = "adamw"))]
     AdamW,
 }
 
-/// Hyper-parameters of a run. Defaults are the torchvision ResNet-18 fine-tuning anchor recipe
-/// (SGD 0.1, momentum 0.9, wd 1e-4, batch 128) with label smoothing 0.1 and a cosine schedule.
+/// The learning-rate decay after the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum ScheduleKind {
+    /// Multiply by [`TrainConfig::gamma`] every [`TrainConfig::step_epochs`] epochs (the
+    /// torchvision anchor recipe: /10 every 30).
+    #[default]
+    Step,
+    /// Cosine to [`TrainConfig::min_lr`] over the run.
+    Cosine,
+}
+
+// `clap` takes each default from `TrainConfig::default()`: the defaults are written once.
+#[cfg(feature = "clap")]
+fn defaults() -> TrainConfig {
+    TrainConfig::default()
+}
+
+/// The hyper-parameters of a run: the one place they and their defaults are declared. With the
+/// `clap` feature it is a `clap::Args` (flags `--epochs`, `--lr`, ...) that command lines
+/// flatten. Defaults: the torchvision ResNet anchor recipe (SGD 0.1, momentum 0.9, wd 1e-4,
+/// batch 128, 90 epochs, /10 every 30, no warmup) with label smoothing 0.1.
+///
+/// ```
+/// let cfg = candle_finetune::train::TrainConfig { epochs: 30, ..Default::default() };
+/// assert_eq!((cfg.lr, cfg.step_epochs), (0.1, 30));
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct TrainConfig {
     /// Epochs.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().epochs))]
     pub epochs: usize,
     /// Images per micro-batch.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().batch_size))]
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().accum_steps))]
     pub accum_steps: usize,
     /// Peak learning rate.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().lr))]
     pub lr: f64,
     /// Optimizer.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = defaults().optimizer))]
     pub optimizer: OptimizerKind,
     /// SGD momentum.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().momentum))]
     pub momentum: f64,
-    /// Nesterov momentum.
+    /// Nesterov momentum (SGD).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub nesterov: bool,
-    /// Weight decay (not applied to batch norms and biases).
+    /// Weight decay (not on batch norms and biases).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().weight_decay))]
     pub weight_decay: f64,
-    /// Decoupled weight decay for SGD.
+    /// Decoupled weight decay for SGD (`w -= lr * wd * w` apart from the gradient, as AdamW).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub decoupled_wd: bool,
-    /// Label smoothing of the loss.
+    /// AdamW's beta1.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().adam_beta1))]
+    pub adam_beta1: f64,
+    /// AdamW's beta2.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().adam_beta2))]
+    pub adam_beta2: f64,
+    /// AdamW's epsilon.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().adam_eps))]
+    pub adam_eps: f64,
+    /// Label smoothing of the cross-entropy, in [0, 1].
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().label_smoothing))]
     pub label_smoothing: f64,
     /// Linear warmup, in epochs.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().warmup_epochs))]
     pub warmup_epochs: f64,
-    /// Decay after the warmup.
-    pub decay: Decay,
+    /// Learning-rate decay after the warmup.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = defaults().schedule))]
+    pub schedule: ScheduleKind,
+    /// Epochs between two decays of the step schedule.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().step_epochs))]
+    pub step_epochs: usize,
+    /// Factor of each decay of the step schedule.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().gamma))]
+    pub gamma: f64,
+    /// Final learning rate of the cosine schedule.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().min_lr))]
+    pub min_lr: f64,
     /// Learning-rate multiplier of the backbone (1: same as the head).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().backbone_lr_mult))]
     pub backbone_lr_mult: f64,
-    /// Train the head only.
+    /// Train the new head only.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub freeze_backbone: bool,
-    /// Seed of the data order, augmentations and the new head.
+    /// Seed of the data order, augmentations, the validation hold-out and the new head.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().seed))]
     pub seed: u64,
     /// Stop each epoch after this many micro-batches (smoke runs).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub max_batches_per_epoch: Option<usize>,
     /// End this invocation after completing this epoch (1-based), keeping the schedule of the
     /// whole run: for time-boxed jobs continued later with `--resume`.
-    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub stop_after_epoch: Option<usize>,
-    /// Evaluate on the test split every this many epochs (and always after the last one); the
-    /// best model is chosen among evaluated epochs.
-    #[serde(default = "one")]
+    /// Evaluate on the validation split every this many epochs (and always after the last
+    /// one); the model is chosen among evaluated epochs.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().eval_every))]
     pub eval_every: usize,
-}
-
-fn one() -> usize {
-    1
 }
 
 impl Default for TrainConfig {
@@ -99,9 +158,15 @@ impl Default for TrainConfig {
             nesterov: false,
             weight_decay: 1e-4,
             decoupled_wd: false,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
             label_smoothing: 0.1,
-            warmup_epochs: 1.0,
-            decay: Decay::Cosine { min_lr: 0.0 },
+            warmup_epochs: 0.0,
+            schedule: ScheduleKind::Step,
+            step_epochs: 30,
+            gamma: 0.1,
+            min_lr: 0.0,
             backbone_lr_mult: 1.0,
             freeze_backbone: false,
             seed: 0,
@@ -109,6 +174,77 @@ impl Default for TrainConfig {
             stop_after_epoch: None,
             eval_every: 1,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The decay for epochs of `steps_per_epoch` optimizer steps.
+    ///
+    /// ```
+    /// use candle_finetune::train::{Decay, TrainConfig};
+    /// assert_eq!(TrainConfig::default().decay(10), Decay::Step { every: 300, gamma: 0.1 });
+    /// ```
+    pub fn decay(&self, steps_per_epoch: usize) -> Decay {
+        match self.schedule {
+            ScheduleKind::Cosine => Decay::Cosine {
+                min_lr: self.min_lr,
+            },
+            ScheduleKind::Step => Decay::Step {
+                every: (self.step_epochs.max(1) * steps_per_epoch.max(1)) as u64,
+                gamma: self.gamma,
+            },
+        }
+    }
+
+    /// Checks the values: positive counts, finite rates, smoothing in [0, 1], betas in [0, 1).
+    ///
+    /// ```
+    /// use candle_finetune::train::TrainConfig;
+    /// assert!(TrainConfig::default().validate().is_ok());
+    /// let e = TrainConfig { label_smoothing: 1.5, ..Default::default() }.validate().unwrap_err();
+    /// assert!(e.to_string().contains("label_smoothing"));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("accum_steps", self.accum_steps),
+            ("eval_every", self.eval_every),
+            ("step_epochs", self.step_epochs),
+        ] {
+            if v == 0 {
+                bail!("train: {name} must be positive");
+            }
+        }
+        for (name, v) in [
+            ("lr", self.lr),
+            ("momentum", self.momentum),
+            ("weight_decay", self.weight_decay),
+            ("adam_eps", self.adam_eps),
+            ("warmup_epochs", self.warmup_epochs),
+            ("gamma", self.gamma),
+            ("min_lr", self.min_lr),
+            ("backbone_lr_mult", self.backbone_lr_mult),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("train: {name} must be a finite number >= 0, not {v}");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            bail!(
+                "train: label_smoothing must lie in [0, 1], not {}",
+                self.label_smoothing
+            );
+        }
+        for (name, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("train: {name} must lie in [0, 1), not {v}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -121,18 +257,19 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Learning rate at the end of the epoch.
     pub lr: f64,
-    /// Test top-1 (`None`: the epoch was not evaluated, see [`TrainConfig::eval_every`]).
-    #[serde(default)]
-    pub top1: Option<f64>,
-    /// Test top-5.
-    #[serde(default)]
-    pub top5: Option<f64>,
-    /// Test NLL.
-    #[serde(default)]
-    pub nll: Option<f64>,
-    /// Test ECE.
-    #[serde(default)]
-    pub ece: Option<f64>,
+    /// Validation top-1 (`None`: not evaluated this epoch, see [`TrainConfig::eval_every`], or
+    /// no validation split).
+    #[serde(default, alias = "top1")]
+    pub val_top1: Option<f64>,
+    /// Validation top-5.
+    #[serde(default, alias = "top5")]
+    pub val_top5: Option<f64>,
+    /// Validation NLL.
+    #[serde(default, alias = "nll")]
+    pub val_nll: Option<f64>,
+    /// Validation ECE.
+    #[serde(default, alias = "ece")]
+    pub val_ece: Option<f64>,
     /// Training images per second.
     pub images_per_s: f64,
     /// Seconds the training loop waited for the loader's next batch this epoch (0 when loading
@@ -142,14 +279,39 @@ pub struct EpochMetrics {
     /// CPU milliseconds the loader spent per training image (read, decode, transform).
     #[serde(default)]
     pub loader_ms_per_image: f64,
-    /// Undecodable images skipped this epoch (train + test).
+    /// Undecodable images skipped this epoch (train + validation).
     pub skipped_images: usize,
     /// Of those, training images.
     #[serde(default)]
     pub skipped_train: usize,
-    /// Of those, test images.
-    #[serde(default)]
-    pub skipped_test: usize,
+    /// Of those, validation images.
+    #[serde(default, alias = "skipped_test")]
+    pub skipped_validation: usize,
+}
+
+/// What chose the model a run keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    /// The evaluated epoch of best validation top-1.
+    #[default]
+    Validation,
+    /// No validation split: the last epoch.
+    LastEpoch,
+}
+
+impl Selection {
+    /// `validation` or `last-epoch`, as `eval.json` and the card write it.
+    ///
+    /// ```
+    /// assert_eq!(candle_finetune::train::Selection::LastEpoch.name(), "last-epoch");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::Validation => "validation",
+            Selection::LastEpoch => "last-epoch",
+        }
+    }
 }
 
 /// What a [`fit_with`] observer sees after every optimizer step.
@@ -176,10 +338,12 @@ pub struct FitSummary {
     pub step_losses: Vec<f64>,
     /// Every epoch so far (including epochs restored from a checkpoint).
     pub history: Vec<EpochMetrics>,
-    /// Evaluation of the best epoch.
-    pub best: EvalResult,
-    /// The best epoch (1-based).
+    /// Validation evaluation of the chosen epoch (`None` without a validation split).
+    pub best: Option<EvalResult>,
+    /// The chosen epoch (1-based; 0 before any epoch completed).
     pub best_epoch: usize,
+    /// What chose it.
+    pub selected_on: Selection,
 }
 
 /// Files of a run directory.
@@ -194,11 +358,11 @@ impl RunPaths {
     pub fn last(&self) -> PathBuf {
         self.dir.join("checkpoint-last.safetensors")
     }
-    /// Best checkpoint by test top-1.
+    /// Checkpoint of the chosen epoch (best validation top-1, or the last epoch).
     pub fn best(&self) -> PathBuf {
         self.dir.join("checkpoint-best.safetensors")
     }
-    /// Exported best model (torchvision names).
+    /// Exported chosen model (torchvision names).
     pub fn model(&self) -> PathBuf {
         self.dir.join("model.safetensors")
     }
@@ -206,7 +370,7 @@ impl RunPaths {
     pub fn metrics(&self) -> PathBuf {
         self.dir.join("metrics.jsonl")
     }
-    /// Evaluation of the best model.
+    /// Test evaluation of the chosen model (written by the recipe, once).
     pub fn eval(&self) -> PathBuf {
         self.dir.join("eval.json")
     }
@@ -303,9 +467,9 @@ fn optimizer(cfg: &TrainConfig, varmap: &VarMap) -> Result<Optimizer> {
             decoupled: cfg.decoupled_wd,
         },
         OptimizerKind::AdamW => Rule::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_eps,
         },
     };
     Optimizer::new(rule, groups)
@@ -322,11 +486,12 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
     Ok(())
 }
 
-/// Fine-tunes `model` (variables in `varmap`) for `cfg.epochs` epochs, evaluating on `test`
-/// every [`TrainConfig::eval_every`] epochs and after the last. Writes into `out`:
-/// `checkpoint-last.safetensors` every epoch (atomic), `checkpoint-best.safetensors`,
-/// `model.safetensors` (torchvision names) and `eval.json` for the best test top-1, and
-/// `metrics.jsonl`. With `resume`, continues from `checkpoint-last.safetensors` so that the
+/// Fine-tunes `model` (variables in `varmap`) for `cfg.epochs` epochs, evaluating on
+/// `validation` every [`TrainConfig::eval_every`] epochs and after the last; the kept model is
+/// the evaluated epoch of best validation top-1, or the last epoch when `validation` is `None`.
+/// The test split plays no part here: evaluate the kept model on it once, afterwards. Writes
+/// into `out`: `checkpoint-last.safetensors` every epoch (atomic), `checkpoint-best.safetensors`
+/// and `model.safetensors` (torchvision names) for the kept epoch, and `metrics.jsonl`. With `resume`, continues from `checkpoint-last.safetensors` so that the
 /// remaining steps are exactly those of an uninterrupted run (on CPU). A non-finite loss stops the
 /// run with an error and leaves the last checkpoint as it was.
 #[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
@@ -334,7 +499,7 @@ pub fn fit<M: Classifier>(
     model: &M,
     varmap: &VarMap,
     train: &Loader,
-    test: &Loader,
+    validation: Option<&Loader>,
     cfg: &TrainConfig,
     device: &Device,
     out: &Path,
@@ -344,7 +509,7 @@ pub fn fit<M: Classifier>(
         model,
         varmap,
         train,
-        test,
+        validation,
         cfg,
         device,
         out,
@@ -361,16 +526,14 @@ pub fn fit_with<M: Classifier>(
     model: &M,
     varmap: &VarMap,
     train: &Loader,
-    test: &Loader,
+    validation: Option<&Loader>,
     cfg: &TrainConfig,
     device: &Device,
     out: &Path,
     resume: bool,
     observer: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
 ) -> Result<FitSummary> {
-    if cfg.accum_steps == 0 || cfg.epochs == 0 || cfg.eval_every == 0 {
-        bail!("train: epochs, accum_steps and eval_every must be positive");
-    }
+    cfg.validate()?;
     std::fs::create_dir_all(out)?;
     let paths = RunPaths {
         dir: out.to_path_buf(),
@@ -384,9 +547,16 @@ pub fn fit_with<M: Classifier>(
         base_lr: cfg.lr,
         warmup: (cfg.warmup_epochs * steps_per_epoch as f64).round() as u64,
         total: (cfg.epochs * steps_per_epoch) as u64,
-        decay: cfg.decay,
+        decay: cfg.decay(steps_per_epoch),
     };
-    let mut summary = FitSummary::default();
+    let selected_on = match validation {
+        Some(_) => Selection::Validation,
+        None => Selection::LastEpoch,
+    };
+    let mut summary = FitSummary {
+        selected_on,
+        ..Default::default()
+    };
     let mut start_epoch = 0;
     let mut step: u64 = 0;
     let data_signature = checkpoint::DataSignature {
@@ -433,9 +603,7 @@ pub fn fit_with<M: Classifier>(
         step = ck.meta.step;
         summary.history = ck.meta.history.clone();
         summary.best_epoch = ck.meta.best_epoch;
-        if let Some(best) = ck.meta.best.clone() {
-            summary.best = best;
-        }
+        summary.best = ck.meta.best.clone();
         if start_epoch >= cfg.epochs {
             return Ok(summary);
         }
@@ -576,26 +744,27 @@ pub fn fit_with<M: Classifier>(
         }
         let ips = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let evaluate_now = (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs;
-        let (res, test_skipped) = if evaluate_now {
-            let (r, s) = evaluate(model, test, device)?;
-            (Some(r), s)
-        } else {
-            (None, 0)
+        let (res, val_skipped) = match validation {
+            Some(v) if evaluate_now => {
+                let (r, s) = evaluate(model, v, device)?;
+                (Some(r), s)
+            }
+            _ => (None, 0),
         };
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / loss_n.max(1) as f64,
             lr,
-            top1: res.as_ref().map(|r| r.top1),
-            top5: res.as_ref().map(|r| r.top5),
-            nll: res.as_ref().map(|r| r.nll),
-            ece: res.as_ref().map(|r| r.ece),
+            val_top1: res.as_ref().map(|r| r.top1),
+            val_top5: res.as_ref().map(|r| r.top5),
+            val_nll: res.as_ref().map(|r| r.nll),
+            val_ece: res.as_ref().map(|r| r.ece),
             images_per_s: ips,
             data_wait_s,
             loader_ms_per_image: 1e3 * train_report.busy_s / train_report.images.max(1) as f64,
-            skipped_images: train_report.skipped.len() + test_skipped,
+            skipped_images: train_report.skipped.len() + val_skipped,
             skipped_train: train_report.skipped.len(),
-            skipped_test: test_skipped,
+            skipped_validation: val_skipped,
         };
         let run_eta = eta(
             run_start.elapsed().as_secs_f64(),
@@ -611,41 +780,32 @@ pub fn fit_with<M: Classifier>(
             &serde_json::to_string(&m).map_err(candle_core::Error::wrap)?,
         )?;
         summary.history.push(m);
-        let improved = match &res {
-            Some(r) => summary.best_epoch == 0 || r.top1 > summary.best.top1,
-            None => false,
+        // Chosen on validation only; without a validation split every epoch replaces the last.
+        let improved = match (&res, selected_on) {
+            (_, Selection::LastEpoch) => true,
+            (Some(r), Selection::Validation) => {
+                summary.best.as_ref().is_none_or(|b| r.top1 > b.top1)
+            }
+            (None, Selection::Validation) => false,
         };
-        if let (true, Some(r)) = (improved, &res) {
-            summary.best = r.clone();
+        if improved {
+            summary.best = res.clone();
             summary.best_epoch = epoch + 1;
         }
         let meta = CheckpointMeta {
             epoch: epoch + 1,
             step,
             best_epoch: summary.best_epoch,
-            best: (summary.best_epoch > 0).then(|| summary.best.clone()),
+            best: summary.best.clone(),
             history: summary.history.clone(),
             config: cfg.clone(),
             data: Some(data_signature.clone()),
         };
         let ck = Checkpoint::capture(varmap, &opt, meta)?;
         ck.save(&paths.last())?;
-        if let (true, Some(r)) = (improved, &res) {
+        if improved {
             ck.save(&paths.best())?;
             candle_resnet::export::export_safetensors(varmap, step as i64, &paths.model())?;
-            // What was evaluated and what chose the epoch, beside the figures. (The epoch is
-            // still chosen on the test split: there is no validation split yet.)
-            let mut v = serde_json::to_value(r).map_err(candle_core::Error::wrap)?;
-            v["split"] = serde_json::json!("test");
-            v["selected_on"] = serde_json::json!("test");
-            v["images"] = serde_json::json!(r.n);
-            v["epoch"] = serde_json::json!(epoch + 1);
-            crate::files::atomic_write_bytes(
-                &paths.eval(),
-                serde_json::to_string_pretty(&v)
-                    .map_err(candle_core::Error::wrap)?
-                    .as_bytes(),
-            )?;
         }
     }
     Ok(summary)
@@ -662,9 +822,9 @@ fn eta(secs: f64, done: u64, remaining: u64) -> String {
 
 /// The line printed after every epoch.
 fn epoch_line(m: &EpochMetrics, epochs: usize, run_eta: &str) -> String {
-    let test = match (m.top1, m.top5, m.nll, m.ece) {
+    let val = match (m.val_top1, m.val_top5, m.val_nll, m.val_ece) {
         (Some(t1), Some(t5), Some(nll), Some(ece)) => format!(
-            "test top-1 {:.2}% top-5 {:.2}% NLL {nll:.4} ECE {:.2}%",
+            "validation top-1 {:.2}% top-5 {:.2}% NLL {nll:.4} ECE {:.2}%",
             100.0 * t1,
             100.0 * t5,
             100.0 * ece
@@ -672,7 +832,7 @@ fn epoch_line(m: &EpochMetrics, epochs: usize, run_eta: &str) -> String {
         _ => "not evaluated".into(),
     };
     format!(
-        "epoch {}/{epochs}: train loss {:.4}, {test}, {:.1} img/s (waited {:.1} s for data, loader {:.2} ms/image), skipped images {} (train {}, test {}), run ETA {run_eta}",
-        m.epoch, m.train_loss, m.images_per_s, m.data_wait_s, m.loader_ms_per_image, m.skipped_images, m.skipped_train, m.skipped_test
+        "epoch {}/{epochs}: train loss {:.4}, {val}, {:.1} img/s (waited {:.1} s for data, loader {:.2} ms/image), skipped images {} (train {}, validation {}), run ETA {run_eta}",
+        m.epoch, m.train_loss, m.images_per_s, m.data_wait_s, m.loader_ms_per_image, m.skipped_images, m.skipped_train, m.skipped_validation
     )
 }

@@ -1,0 +1,496 @@
+//! The fine-tuning recipe as one value, [`FineTune`]: where the data and the weights come from,
+//! the hyper-parameters ([`TrainConfig`]), how the validation split is made, the device and the
+//! output folder. [`FineTune::run`] does everything `cargo xtask train` does (open the data,
+//! fine-tune, choose the epoch on validation, evaluate it once on test, write the Hub-ready model
+//! folder); [`cars`] is the Stanford Cars preset behind `cargo xtask train-cars`. Command lines,
+//! `--smoke` runs and the tests all go through it.
+
+pub mod cars;
+
+use crate::card::{write_model_folder, Outcome, Provenance};
+use crate::config::ModelConfig;
+use crate::data::features::ColumnChoice;
+use crate::data::{
+    holdout, DataSource, Dataset, DatasetInfo, Loader, LoaderConfig, Preprocess,
+    PreprocessOverrides, Transform,
+};
+use crate::eval::EvalResult;
+use crate::hub::HubOptions;
+use crate::pretrained::WeightsSource;
+use crate::train::{self, Checkpoint, FitSummary, RunPaths, TrainConfig};
+use candle_core::{bail, Device, Result};
+use candle_resnet::resnet::Arch;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The share of the training images held out for validation when the data has no validation
+/// split.
+pub const DEFAULT_VALIDATION_FRACTION: f64 = 0.1;
+
+/// Where the model trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum DeviceKind {
+    /// The CPU (fused CPU kernels).
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (build with the `cuda` feature).
+    Cuda,
+    /// The first Metal GPU (build with the `metal` feature).
+    Metal,
+}
+
+impl DeviceKind {
+    /// The candle device, or an error saying which feature to build with.
+    ///
+    /// ```
+    /// assert!(candle_finetune::recipe::DeviceKind::Cpu.device().unwrap().is_cpu());
+    /// ```
+    pub fn device(self) -> Result<Device> {
+        let with = |feature: &'static str| {
+            move |e: candle_core::Error| {
+                candle_core::Error::Msg(format!(
+                    "no {feature} device ({e}); build with --features {feature}"
+                ))
+            }
+        };
+        match self {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cuda => Device::new_cuda(0).map_err(with("cuda")),
+            DeviceKind::Metal => Device::new_metal(0).map_err(with("metal")),
+        }
+    }
+}
+
+/// Everything a fine-tuning run needs. [`Default`] is the Stanford Cars job of [`cars`]:
+/// ImageNet ResNet-18 from `timm/resnet18.tv_in1k`, Stanford Cars from the Hub, the
+/// [`TrainConfig`] defaults (the torchvision anchor recipe with label smoothing 0.1), 10 % of
+/// train held out for validation, on the CPU, into `out/resnet18-stanford-cars`.
+///
+/// ```no_run
+/// use candle_finetune::{data::DataSource, recipe::FineTune, train::TrainConfig};
+/// let run = FineTune {
+///     data: DataSource::Hub { repo: "me/flowers".into(), revision: "main".into(), config: None },
+///     out: "out/flowers".into(),
+///     train: TrainConfig { epochs: 30, ..Default::default() },
+///     ..Default::default()
+/// };
+/// let report = run.run().unwrap();
+/// if let Some(t) = &report.test { println!("test top-1 {:.2}%", 100.0 * t.top1) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct FineTune {
+    /// How to reach the Hub (and its cache).
+    pub hub: HubOptions,
+    /// The images.
+    pub data: DataSource,
+    /// Image / class columns and class names, when the data's own declarations do not do.
+    pub columns: ColumnChoice,
+    /// Share of the training images held out for validation when the data has no validation
+    /// split (stratified by class, seeded by [`TrainConfig::seed`]); 0: train on all of train
+    /// and keep the last epoch. Must lie in [0, 1).
+    pub validation_fraction: f64,
+    /// Name of the dataset for the card (overrides [`DataSource::info`]).
+    pub dataset_name: Option<String>,
+    /// Licence of the dataset for the card (overrides [`DataSource::info`]).
+    pub dataset_license: Option<String>,
+    /// A complete description of the data for the card (overrides everything else).
+    pub dataset_info: Option<DatasetInfo>,
+    /// The initial weights (`Hub` also reads the repo's timm `config.json` for preprocessing).
+    pub weights: WeightsSource,
+    /// The architecture (must match the weights).
+    pub arch: Arch,
+    /// Input side (default: the weights' config, else 224).
+    pub image_size: Option<u32>,
+    /// Replacements for the base model's preprocessing (crop fraction, filter, mean, std); the
+    /// rest comes from its `config.json` (`pretrained_cfg`).
+    pub preprocess: PreprocessOverrides,
+    /// The hyper-parameters.
+    pub train: TrainConfig,
+    /// Device.
+    pub device: DeviceKind,
+    /// Output folder (the Hub-ready model folder).
+    pub out: PathBuf,
+    /// Continue from `out/checkpoint-last.safetensors`.
+    pub resume: bool,
+    /// Marks the card as a smoke run (set by [`FineTune::smoke`]).
+    pub smoke: bool,
+    /// The command that reproduces the run, for the card (`cargo xtask train-cars` for the
+    /// preset, `cargo xtask train` otherwise).
+    pub command: String,
+}
+
+impl Default for FineTune {
+    fn default() -> Self {
+        cars::stanford_cars()
+    }
+}
+
+/// What [`FineTune::run`] returns.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The training summary (losses, history, the chosen epoch and its validation figures).
+    pub fit: FitSummary,
+    /// The chosen model on the test split, evaluated once (`None`: the data has no test split).
+    pub test: Option<EvalResult>,
+    /// The model folder's config.
+    pub config: ModelConfig,
+    /// The folder written.
+    pub out: PathBuf,
+}
+
+impl RunReport {
+    /// The figures a run reports: test when the data has a test split, else validation.
+    pub fn reported(&self) -> Option<&EvalResult> {
+        self.test.as_ref().or(self.fit.best.as_ref())
+    }
+}
+
+/// A smoke run's temporary Hub cache; keep it alive while the run reads from it.
+pub struct SmokeCache {
+    dir: tempfile::TempDir,
+}
+
+impl SmokeCache {
+    /// The cache root.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The training and validation images of a run, and where the validation images came from.
+#[derive(Debug, Clone)]
+pub struct TrainValidation {
+    /// Images trained on.
+    pub train: Dataset,
+    /// Images that choose the epoch (`None`: keep the last epoch).
+    pub validation: Option<Dataset>,
+    /// For the card and `eval.json`: "the dataset's validation split", "10% of train held
+    /// out ...", or "none".
+    pub source: String,
+}
+
+/// Splits off the validation images: the data's own validation split when it has one, else
+/// `fraction` of `train` held out by [`holdout::stratified`] with `seed`.
+///
+/// ```
+/// use candle_finetune::data::{Dataset, ImageData, Sample};
+/// let samples = (0..20).map(|i| Sample { image: ImageData::Encoded(vec![].into()), label: i % 2 }).collect();
+/// let train = Dataset { samples, class_names: vec!["a".into(), "b".into()] };
+/// let tv = candle_finetune::recipe::train_validation(train, None, 0.1, 0).unwrap();
+/// assert_eq!((tv.train.len(), tv.validation.unwrap().len()), (18, 2));
+/// ```
+pub fn train_validation(
+    train: Dataset,
+    validation: Option<Dataset>,
+    fraction: f64,
+    seed: u64,
+) -> Result<TrainValidation> {
+    if !(0.0..1.0).contains(&fraction) {
+        bail!("validation fraction {fraction} is outside [0, 1)");
+    }
+    if let Some(v) = validation {
+        if v.is_empty() {
+            bail!("the data's validation split has no images");
+        }
+        let source = format!("the dataset's validation split ({} images)", v.len());
+        return Ok(TrainValidation {
+            train,
+            validation: Some(v),
+            source,
+        });
+    }
+    if fraction == 0.0 {
+        return Ok(TrainValidation {
+            train,
+            validation: None,
+            source: "none (validation fraction 0: the last epoch is kept)".into(),
+        });
+    }
+    let (t, v) = holdout::stratified(&train, fraction, seed)?;
+    if v.is_empty() {
+        bail!(
+            "holding out {fraction} of {} training images leaves no validation image; raise              --validation-fraction or set it to 0 to keep the last epoch",
+            train.len()
+        );
+    }
+    let source = format!(
+        "{} % of the training images held out (stratified by class, seed {seed}; {} images)",
+        100.0 * fraction,
+        v.len()
+    );
+    Ok(TrainValidation {
+        train: t,
+        validation: Some(v),
+        source,
+    })
+}
+
+impl FineTune {
+    /// Turns this run into the offline smoke run: a generated dataset (96 train / 36 test JPEGs,
+    /// six classes) and random weights written into a temporary Hub cache under the real names,
+    /// read back offline; 2 epochs at 64 px (or `image_size`), batch <= 16, cosine, lr 0.01;
+    /// output `out/smoke` unless an output folder was set.
+    pub fn smoke(mut self) -> Result<(Self, SmokeCache)> {
+        let dir = tempfile::tempdir()?;
+        let size = self.image_size.unwrap_or(64);
+        let (ntrain, ntest) = crate::smoke::seed_dataset(dir.path(), 16, 6)?;
+        crate::smoke::seed_weights(dir.path(), size)?;
+        eprintln!(
+            "smoke: {ntrain} train / {ntest} test generated images and random weights in the Hub cache {}",
+            dir.path().display()
+        );
+        self.hub = HubOptions {
+            cache_dir: Some(dir.path().to_path_buf()),
+            offline: true,
+            ..Default::default()
+        };
+        self.data = DataSource::default();
+        self.weights = WeightsSource::default();
+        // Generated pictures stored under the mirror's name: not Stanford Cars.
+        self.dataset_info = Some(DatasetInfo::local("generated smoke-test shapes"));
+        self.train.epochs = 2;
+        self.train.batch_size = self.train.batch_size.min(16);
+        self.train.lr = 0.01;
+        self.train.schedule = train::ScheduleKind::Cosine;
+        self.image_size = Some(size);
+        if self.out == cars::stanford_cars().out {
+            self.out = "out/smoke".into();
+        }
+        self.smoke = true;
+        Ok((self, SmokeCache { dir }))
+    }
+
+    /// The card's description of the data (`card` and `commit`: what opening the data found).
+    pub fn dataset_info(
+        &self,
+        card: Option<&serde_json::Value>,
+        commit: Option<&str>,
+    ) -> Result<DatasetInfo> {
+        if let Some(i) = &self.dataset_info {
+            return Ok(i.clone());
+        }
+        Ok(self.data.info(card, commit)?.with_overrides(
+            self.dataset_name.as_deref(),
+            self.dataset_license.as_deref(),
+        ))
+    }
+
+    /// The weights file, its preprocessing and the card's name for it (never a local path).
+    fn resolve_weights(&self) -> Result<(PathBuf, Preprocess, String, Option<String>)> {
+        match &self.weights {
+            WeightsSource::File(f) => Ok((
+                self.hub.resolve(&self.weights)?,
+                // timm's config.json beside the weights, as in a Hub snapshot; else ImageNet's.
+                match f
+                    .parent()
+                    .map(|d| d.join("config.json"))
+                    .filter(|c| c.is_file())
+                {
+                    Some(c) => Preprocess::from_timm_config(&std::fs::read_to_string(&c)?)
+                        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", c.display())))?,
+                    None => Preprocess::default(),
+                },
+                format!(
+                    "local file {}",
+                    f.file_name().unwrap_or_default().to_string_lossy()
+                ),
+                None,
+            )),
+            WeightsSource::Hub { repo, revision, .. } => {
+                let w = self.hub.resolve(&self.weights)?;
+                let pre = match self.hub.model_file(repo, revision, "config.json") {
+                    Ok(c) => Preprocess::from_timm_config(&std::fs::read_to_string(c)?)
+                        .map_err(candle_core::Error::Msg)?,
+                    Err(e) => {
+                        eprintln!("note: no config.json in {repo} ({e}); using ImageNet defaults");
+                        Preprocess::default()
+                    }
+                };
+                Ok((w, pre, format!("{repo}@{revision}"), Some(repo.clone())))
+            }
+        }
+    }
+
+    /// Runs the recipe: opens the data and the weights, fine-tunes with [`train::fit`] choosing
+    /// the epoch on validation, evaluates that model once on the test split, and writes the
+    /// model folder (`model.safetensors`, `config.json`, `README.md`, `eval.json`,
+    /// `metrics.jsonl`, plots, `training_args.json`, checkpoints) into [`FineTune::out`].
+    pub fn run(&self) -> Result<RunReport> {
+        self.train.validate()?;
+        let dev = self.device.device()?;
+        let (weights, pre, base, base_hub) = self.resolve_weights()?;
+        let overrides = PreprocessOverrides {
+            size: self.image_size.or(self.preprocess.size),
+            ..self.preprocess.clone()
+        };
+        let pre = pre
+            .with_overrides(&overrides)
+            .map_err(candle_core::Error::Msg)?;
+        let data = self.data.open(&self.hub, &self.columns)?;
+        let test_ds = data.test.clone().map(Arc::new);
+        let info = self.dataset_info(data.card.as_ref(), data.commit.as_deref())?;
+        let tv = train_validation(
+            data.train.clone(),
+            data.validation.clone(),
+            self.validation_fraction,
+            self.train.seed,
+        )?;
+        let train_ds = Arc::new(tv.train);
+        let val_ds = tv.validation.map(Arc::new);
+        let cfg = &self.train;
+        eprintln!("fine-tuning settings:");
+        eprintln!(
+            "  data       {} ({}): {} train / {} validation / {} test images, {} classes",
+            info.name,
+            data.origin,
+            train_ds.len(),
+            val_ds.as_ref().map_or(0, |v| v.len()),
+            test_ds.as_ref().map_or(0, |t| t.len()),
+            train_ds.num_classes()
+        );
+        if let Some(c) = &data.columns {
+            eprintln!("  columns    image {:?}, class {:?}", c.image, c.label);
+        }
+        eprintln!("  validation {}", tv.source);
+        eprintln!("  weights    {base} ({}), preprocessing {pre:?}", self.arch);
+        eprintln!(
+            "  device     {:?}, output {}",
+            self.device,
+            self.out.display()
+        );
+        eprintln!(
+            "  recipe     {}",
+            serde_json::to_string(cfg).map_err(candle_core::Error::wrap)?
+        );
+        if test_ds.is_none() {
+            eprintln!("note: the data has no test split; the validation figures are reported");
+        }
+        let (varmap, model) =
+            crate::pretrained::pretrained(self.arch, train_ds.num_classes(), &weights, &dev)?;
+        train::reinit_head(&varmap, cfg.seed)?;
+        let lcfg = LoaderConfig {
+            batch_size: cfg.batch_size,
+            shuffle: true,
+            drop_last: false,
+            seed: cfg.seed,
+            prefetch: 3,
+        };
+        let eval_loader = |ds: Arc<Dataset>| {
+            Loader::new(
+                ds,
+                Transform {
+                    pre: pre.clone(),
+                    train: false,
+                },
+                LoaderConfig {
+                    shuffle: false,
+                    ..lcfg.clone()
+                },
+            )
+        };
+        let train_loader = Loader::new(
+            train_ds.clone(),
+            Transform {
+                pre: pre.clone(),
+                train: true,
+            },
+            lcfg.clone(),
+        )?;
+        let val_loader = val_ds.map(eval_loader).transpose()?;
+        let fit = train::fit(
+            &model,
+            &varmap,
+            &train_loader,
+            val_loader.as_ref(),
+            cfg,
+            &dev,
+            &self.out,
+            self.resume,
+        )?;
+        if fit.best_epoch == 0 {
+            bail!("train: no epoch completed");
+        }
+        let finished = fit.history.len() >= cfg.epochs;
+        // The kept model, evaluated once on the test split.
+        let paths = RunPaths {
+            dir: self.out.clone(),
+        };
+        Checkpoint::load(&paths.best())?.restore_weights(&varmap)?;
+        let test = match (&test_ds, finished) {
+            (Some(t), true) => {
+                let (r, skipped) = train::evaluate(&model, &eval_loader(t.clone())?, &dev)?;
+                if skipped > 0 {
+                    eprintln!("note: {skipped} undecodable test images were skipped");
+                }
+                Some(r)
+            }
+            _ => None,
+        };
+        let outcome = Outcome {
+            test: test.clone(),
+            validation: fit.best.clone(),
+            epoch: fit.best_epoch,
+            selected_on: fit.selected_on,
+            validation_source: tv.source.clone(),
+        };
+        if finished {
+            outcome.write_eval_json(&paths.eval())?;
+        }
+        let config = ModelConfig::new(self.arch, &train_ds.class_names, &pre)
+            .with_license(info.license.clone());
+        let prov = Provenance {
+            base_model: base,
+            base_model_hub_id: base_hub,
+            dataset: info,
+        };
+        let mut args = serde_json::to_value(cfg).map_err(candle_core::Error::wrap)?;
+        args["arch"] = serde_json::json!(self.arch.name());
+        args["image_size"] = serde_json::json!(pre.size);
+        // The preprocessing trained and evaluated with (the base model's, then the flags').
+        args["preprocess"] = serde_json::json!(pre);
+        // Never a local path: this goes to the Hub.
+        args["data"] = serde_json::json!(match &self.data {
+            DataSource::Dir(_) => format!("local data ({})", prov.dataset.name),
+            DataSource::Hub { .. } => data.origin.clone(),
+        });
+        args["validation"] = serde_json::json!(tv.source);
+        args["validation_fraction"] = serde_json::json!(self.validation_fraction);
+        if let Some(c) = &data.columns {
+            args["image_column"] = serde_json::json!(c.image);
+            args["label_column"] = serde_json::json!(c.label);
+        }
+        args["command"] = serde_json::json!(self.command);
+        args["smoke"] = serde_json::json!(self.smoke);
+        write_model_folder(&self.out, &config, &prov, &args, &fit, &outcome)?;
+        match (&test, &fit.best) {
+            (Some(t), _) => eprintln!(
+                "epoch {} (chosen on {}): test top-1 {:.2}%, top-5 {:.2}%, ECE {:.2}% on {} images; model folder {}",
+                fit.best_epoch,
+                fit.selected_on.name(),
+                100.0 * t.top1,
+                100.0 * t.top5,
+                100.0 * t.ece,
+                t.n,
+                self.out.display()
+            ),
+            (None, Some(v)) => eprintln!(
+                "epoch {} (chosen on validation): validation top-1 {:.2}%; no test split; model folder {}",
+                fit.best_epoch,
+                100.0 * v.top1,
+                self.out.display()
+            ),
+            (None, None) => eprintln!(
+                "epoch {} kept; nothing evaluated (no validation or test split); model folder {}",
+                fit.best_epoch,
+                self.out.display()
+            ),
+        }
+        Ok(RunReport {
+            fit,
+            test,
+            config,
+            out: self.out.clone(),
+        })
+    }
+}
