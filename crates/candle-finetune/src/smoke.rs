@@ -191,3 +191,94 @@ pub fn seed_weights(cache: &Path, size: u32) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// The shape of a generated Hub dataset repo ([`dataset_repo_files`]): what the `datasets`
+/// library writes for a dataset such as CIFAR-100.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoSpec {
+    /// Training shards (`data/train-0000k-of-0000N.parquet`).
+    pub train_shards: usize,
+    /// Images per training shard.
+    pub train_per_shard: usize,
+    /// Validation images (`data/validation-00000-of-00001.parquet`; 0: no validation split).
+    pub validation: usize,
+    /// Test images (`data/test-00000-of-00001.parquet`; 0: no test split).
+    pub test: usize,
+    /// Picture size multiplier (1: about 96 x 64 pixels).
+    pub scale: u32,
+    /// Rows per parquet row group (0: one group per shard).
+    pub rows_per_group: usize,
+}
+
+/// The files of a generated dataset repo in the common Hub shape: shards of [`SMOKE_CLASSES`]
+/// pictures with the image in column `img`, the class in the ClassLabel column `fine_label`
+/// beside a plain integer column `coarse_label`, and a `README.md` whose YAML declares the
+/// splits (`configs: data_files`), the features (`dataset_info`) and the licence (`cc-by-4.0`).
+///
+/// ```
+/// use candle_finetune::smoke::{dataset_repo_files, RepoSpec};
+/// let files = dataset_repo_files(&RepoSpec { train_shards: 3, train_per_shard: 4, validation: 2,
+///     test: 2, scale: 1, rows_per_group: 0 }).unwrap();
+/// let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+/// assert!(names.contains(&"data/train-00002-of-00003.parquet") && names.contains(&"README.md"));
+/// ```
+pub fn dataset_repo_files(spec: &RepoSpec) -> Result<Vec<(String, Vec<u8>)>> {
+    use crate::data::parquet::{write_shard_with, ShardLayout};
+    let names: Vec<String> = SMOKE_CLASSES.iter().map(|s| s.to_string()).collect();
+    let layout = ShardLayout {
+        image_column: "img".into(),
+        label_column: "fine_label".into(),
+        extra_integer_column: Some("coarse_label".into()),
+        rows_per_group: spec.rows_per_group,
+    };
+    let dir = tempfile::tempdir()?;
+    let mut files = Vec::new();
+    let mut shard = |name: String, n: usize, salt: u64| -> Result<()> {
+        let ds = generated_dataset(n, spec.scale, salt);
+        let rows: Vec<(Vec<u8>, i64)> = ds
+            .samples
+            .iter()
+            .map(|s| match &s.image {
+                crate::data::ImageData::Encoded(b) => (b.to_vec(), s.label as i64),
+                crate::data::ImageData::File(_) => unreachable!("generated in memory"),
+            })
+            .collect();
+        let p = dir.path().join("shard.parquet");
+        write_shard_with(&p, &rows, &names, &layout).map_err(candle_core::Error::Msg)?;
+        files.push((name, std::fs::read(&p)?));
+        Ok(())
+    };
+    let t = spec.train_shards;
+    for k in 0..t {
+        shard(
+            format!("data/train-{k:05}-of-{t:05}.parquet"),
+            spec.train_per_shard,
+            10 + k as u64,
+        )?;
+    }
+    let mut data_files = vec![("train", "data/train-*")];
+    if spec.validation > 0 {
+        shard(
+            "data/validation-00000-of-00001.parquet".into(),
+            spec.validation,
+            2,
+        )?;
+        data_files.push(("validation", "data/validation-*"));
+    }
+    if spec.test > 0 {
+        shard("data/test-00000-of-00001.parquet".into(), spec.test, 3)?;
+        data_files.push(("test", "data/test-*"));
+    }
+    let mut card =
+        String::from("---\nlicense: cc-by-4.0\nconfigs:\n- config_name: default\n  data_files:\n");
+    for (split, path) in data_files {
+        card += &format!("  - split: {split}\n    path: {path}\n");
+    }
+    card += "dataset_info:\n  features:\n  - name: img\n    dtype: image\n  - name: fine_label\n    dtype:\n      class_label:\n        names:\n";
+    for (i, n) in names.iter().enumerate() {
+        card += &format!("          '{i}': {n}\n");
+    }
+    card += "  - name: coarse_label\n    dtype: int64\n---\n\n# Generated shapes\n\nPictures of coloured squares and discs, generated for tests.\n";
+    files.push(("README.md".into(), card.into_bytes()));
+    Ok(files)
+}

@@ -56,7 +56,10 @@ fn smoke_run_writes_the_whole_model_folder_offline() {
     assert_eq!(eval["epoch"].as_u64(), Some(report.fit.best_epoch as u64));
     assert_eq!(report.test.as_ref().unwrap().n, 36);
     let val = report.fit.best.as_ref().unwrap();
-    assert_eq!(val.n, 10, "10 % of 96 training images, stratified over 6 classes");
+    assert_eq!(
+        val.n, 10,
+        "10 % of 96 training images, stratified over 6 classes"
+    );
     let metrics = std::fs::read_to_string(report.out.join("metrics.jsonl")).unwrap();
     for l in metrics.lines() {
         let m: serde_json::Value = serde_json::from_str(l).unwrap();

@@ -176,8 +176,34 @@ pub fn read_shard(path: &Path, columns: &Columns) -> Result<Shard, String> {
     Ok(Shard { rows, class_names })
 }
 
-/// Writes a shard in the `datasets` layout (snappy-compressed), with `class_names` as the
-/// `label` ClassLabel in the `huggingface` metadata. Atomic.
+/// How [`write_shard_with`] lays a shard out, as the `datasets` library would write it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardLayout {
+    /// The image column (a struct `{bytes, path}`, declared an `Image` feature).
+    pub image_column: String,
+    /// The class column (int64, declared a `ClassLabel` with the class names).
+    pub label_column: String,
+    /// An extra plain int64 column (declared a `Value`), holding `label / 5` (as CIFAR-100's
+    /// coarse label groups five fine classes): a second integer beside the class.
+    pub extra_integer_column: Option<String>,
+    /// Rows per row group (0: one group).
+    pub rows_per_group: usize,
+}
+
+impl Default for ShardLayout {
+    /// `image` and `label`, no extra column, one row group.
+    fn default() -> Self {
+        Self {
+            image_column: "image".into(),
+            label_column: "label".into(),
+            extra_integer_column: None,
+            rows_per_group: 0,
+        }
+    }
+}
+
+/// Writes a shard in the `datasets` layout (snappy-compressed): `image {bytes, path}` and
+/// `label`, with `class_names` as the `label` ClassLabel in the `huggingface` metadata. Atomic.
 ///
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
@@ -190,21 +216,62 @@ pub fn write_shard(
     rows: &[(Vec<u8>, i64)],
     class_names: &[String],
 ) -> Result<(), String> {
-    let hf = serde_json::json!({
-        "info": {"features": {
-            "image": {"_type": "Image"},
-            "label": {"names": class_names, "_type": "ClassLabel"}
-        }}
-    });
+    write_shard_with(path, rows, class_names, &ShardLayout::default())
+}
+
+/// [`write_shard`] with other column names, an extra integer column and row groups.
+///
+/// ```
+/// use candle_finetune::data::parquet::{inspect, write_shard_with, ShardLayout};
+/// use candle_finetune::data::features::Feature;
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("s.parquet");
+/// let layout = ShardLayout { image_column: "img".into(), label_column: "fine_label".into(),
+///     extra_integer_column: Some("coarse_label".into()), rows_per_group: 1 };
+/// write_shard_with(&p, &[(b"x".to_vec(), 3), (b"y".to_vec(), 7)], &(0..10).map(|i| i.to_string()).collect::<Vec<_>>(), &layout).unwrap();
+/// let (stored, declared) = inspect(&p).unwrap();
+/// assert_eq!(stored.len(), 3);
+/// assert!(declared.unwrap().contains(&("coarse_label".to_string(), Feature::Integer)));
+/// ```
+pub fn write_shard_with(
+    path: &Path,
+    rows: &[(Vec<u8>, i64)],
+    class_names: &[String],
+    layout: &ShardLayout,
+) -> Result<(), String> {
+    let mut features = serde_json::Map::new();
+    features.insert(
+        layout.image_column.clone(),
+        serde_json::json!({"_type": "Image"}),
+    );
+    features.insert(
+        layout.label_column.clone(),
+        serde_json::json!({"names": class_names, "_type": "ClassLabel"}),
+    );
+    if let Some(x) = &layout.extra_integer_column {
+        features.insert(
+            x.clone(),
+            serde_json::json!({"dtype": "int64", "_type": "Value"}),
+        );
+    }
+    let hf = serde_json::json!({ "info": { "features": features } });
     let image_fields = Fields::from(vec![
         Field::new("bytes", DataType::Binary, true),
         Field::new("path", DataType::Utf8, true),
     ]);
+    let mut fields = vec![
+        Field::new(
+            &layout.image_column,
+            DataType::Struct(image_fields.clone()),
+            true,
+        ),
+        Field::new(&layout.label_column, DataType::Int64, true),
+    ];
+    if let Some(x) = &layout.extra_integer_column {
+        fields.push(Field::new(x, DataType::Int64, true));
+    }
     let schema = Arc::new(Schema::new_with_metadata(
-        vec![
-            Field::new("image", DataType::Struct(image_fields.clone()), true),
-            Field::new("label", DataType::Int64, true),
-        ],
+        fields,
         HashMap::from([("huggingface".to_string(), hf.to_string())]),
     ));
     let bytes = BinaryArray::from_iter_values(rows.iter().map(|r| r.0.as_slice()));
@@ -215,11 +282,20 @@ pub fn write_shard(
         None,
     );
     let labels = Int64Array::from_iter_values(rows.iter().map(|r| r.1));
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(image), Arc::new(labels)])
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(image), Arc::new(labels)];
+    if layout.extra_integer_column.is_some() {
+        columns.push(Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.1 / 5),
+        )));
+    }
+    let batch = RecordBatch::try_new(schema.clone(), columns)
         .map_err(|e| format!("parquet {}: {e}", path.display()))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::SNAPPY)
-        .build();
+    let mut props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY);
+    if layout.rows_per_group > 0 {
+        props = props.set_max_row_group_size(layout.rows_per_group);
+    }
+    let props = props.build();
     crate::files::atomic_write(path, |tmp| {
         let f = std::fs::File::create(tmp)?;
         let mut w = ArrowWriter::try_new(f, schema.clone(), Some(props.clone()))
