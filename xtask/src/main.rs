@@ -10,6 +10,7 @@ mod bench_linear;
 mod bench_resnet;
 mod bench_xent;
 mod cars;
+mod fake_hub;
 mod fuzz_xent;
 mod gpu_check;
 mod soak;
@@ -40,8 +41,12 @@ enum Cmd {
     Predict(cars::PredictArgs),
     /// Publish the train-cars model folder to the Hugging Face Hub in one commit.
     PublishCars(cars::PublishArgs),
-    /// Fetch both splits into the Hub cache, decode every image, print counts.
+    /// Fetch every split into the Hub cache, decode every image, print counts.
     DownloadCars(cars::DownloadArgs),
+    /// Serve a generated dataset repo (three train shards, validation, test, `img` /
+    /// `fine_label` columns, splits in the card's YAML) and random ResNet-18 weights on a
+    /// loopback fake of the Hub API, to try `train --dataset-repo` without the network.
+    FakeHub(fake_hub::Args),
     /// Fused cross-entropy forward+backward vs the candle-nn composition (and PyTorch): time and
     /// peak RSS, one process per measurement.
     BenchXent(bench_xent::Args),
@@ -139,6 +144,7 @@ fn main() -> Result<()> {
         Cmd::Predict(args) => cars::predict(args),
         Cmd::PublishCars(args) => cars::publish_cars(args),
         Cmd::DownloadCars(args) => cars::download_cars(args),
+        Cmd::FakeHub(args) => fake_hub::run(args),
         Cmd::BenchXent(args) => bench_xent::run(args),
         Cmd::FuzzXent(args) => fuzz_xent::run(args),
         Cmd::BenchLinear(args) => bench_linear::run(args),

@@ -151,23 +151,20 @@ pub fn seed_dataset(
     Ok(counts)
 }
 
-/// Writes random 1000-class ResNet-18 weights and a timm-style `config.json` (at `size` pixels)
-/// as `timm/resnet18.tv_in1k` at the pinned revision into `cache`.
-pub fn seed_weights(cache: &Path, size: u32) -> Result<()> {
-    let work = cache.join("smoke-src");
-    std::fs::create_dir_all(&work)?;
+/// The files of a model repo holding random 1000-class ResNet-18 weights (`model.safetensors`,
+/// torchvision names) and a timm-style `config.json` at `size` pixels: a stand-in for
+/// `timm/resnet18.tv_in1k` that needs no download.
+///
+/// ```
+/// let files = candle_finetune::smoke::weights_repo_files(64).unwrap();
+/// assert_eq!(files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), ["model.safetensors", "config.json"]);
+/// ```
+pub fn weights_repo_files(size: u32) -> Result<Vec<(String, Vec<u8>)>> {
+    let work = tempfile::tempdir()?;
     let vm = VarMap::new();
     candle_resnet::resnet::resnet18(1000, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    let w = work.join("model.safetensors");
+    let w = work.path().join("model.safetensors");
     candle_resnet::export::export_safetensors(&vm, 0, &w)?;
-    seed_cache(
-        cache,
-        RepoKind::Model,
-        DEFAULT_REPO,
-        DEFAULT_REVISION,
-        DEFAULT_FILE,
-        &w,
-    )?;
     let cfg = serde_json::json!({
         "architecture": "resnet18",
         "num_classes": 1000,
@@ -176,19 +173,32 @@ pub fn seed_weights(cache: &Path, size: u32) -> Result<()> {
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]
         }
     });
-    let c = work.join("config.json");
-    std::fs::write(
-        &c,
-        serde_json::to_vec_pretty(&cfg).map_err(candle_core::Error::wrap)?,
-    )?;
-    seed_cache(
-        cache,
-        RepoKind::Model,
-        DEFAULT_REPO,
-        DEFAULT_REVISION,
-        "config.json",
-        &c,
-    )?;
+    Ok(vec![
+        (DEFAULT_FILE.to_string(), std::fs::read(&w)?),
+        (
+            "config.json".to_string(),
+            serde_json::to_vec_pretty(&cfg).map_err(candle_core::Error::wrap)?,
+        ),
+    ])
+}
+
+/// Writes [`weights_repo_files`] as `timm/resnet18.tv_in1k` at the pinned revision into
+/// `cache`.
+pub fn seed_weights(cache: &Path, size: u32) -> Result<()> {
+    let work = cache.join("smoke-src");
+    std::fs::create_dir_all(&work)?;
+    for (name, bytes) in weights_repo_files(size)? {
+        let local = work.join(&name);
+        std::fs::write(&local, bytes)?;
+        seed_cache(
+            cache,
+            RepoKind::Model,
+            DEFAULT_REPO,
+            DEFAULT_REVISION,
+            &name,
+            &local,
+        )?;
+    }
     Ok(())
 }
 
