@@ -245,14 +245,13 @@ pub fn dataset_repo_files(spec: &RepoSpec) -> Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
     let mut shard = |name: String, n: usize, salt: u64| -> Result<()> {
         let ds = generated_dataset(n, spec.scale, salt);
-        let rows: Vec<(Vec<u8>, i64)> = ds
-            .samples
-            .iter()
-            .map(|s| match &s.image {
-                crate::data::ImageData::Encoded(b) => (b.to_vec(), s.label as i64),
-                crate::data::ImageData::File(_) => unreachable!("generated in memory"),
+        let rows: Vec<(Vec<u8>, i64)> = (0..ds.len())
+            .map(|i| {
+                ds.encoded(i)
+                    .map(|b| (b.to_vec(), ds.samples[i].label as i64))
+                    .map_err(candle_core::Error::Msg)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let p = dir.path().join("shard.parquet");
         write_shard_with(&p, &rows, &names, &layout).map_err(candle_core::Error::Msg)?;
         files.push((name, std::fs::read(&p)?));

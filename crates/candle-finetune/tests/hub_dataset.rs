@@ -167,13 +167,8 @@ fn a_repo_without_parquet_is_read_from_its_parquet_conversion() {
     let dir = tempfile::tempdir().unwrap();
     let shard = |n: usize, salt: u64| {
         let ds = candle_finetune::smoke::generated_dataset(n, 1, salt);
-        let rows: Vec<(Vec<u8>, i64)> = ds
-            .samples
-            .iter()
-            .map(|s| match &s.image {
-                candle_finetune::data::ImageData::Encoded(b) => (b.to_vec(), s.label as i64),
-                _ => unreachable!(),
-            })
+        let rows: Vec<(Vec<u8>, i64)> = (0..ds.len())
+            .map(|i| (ds.encoded(i).unwrap().to_vec(), ds.samples[i].label as i64))
             .collect();
         let p = dir.path().join(format!("{salt}.parquet"));
         write_shard(&p, &rows, &SMOKE_CLASSES.map(String::from)).unwrap();

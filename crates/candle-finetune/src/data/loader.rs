@@ -3,7 +3,6 @@
 
 use super::{Dataset, Transform};
 use candle_core::{bail, Device, Result, Tensor};
-use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -133,13 +132,14 @@ impl Loader {
         }
     }
 
-    /// The sample order of an epoch.
+    /// The sample order of an epoch ([`super::Dataset::order`] when shuffling, else index
+    /// order).
     pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
         if self.cfg.shuffle {
-            idx.shuffle(&mut super::sample_rng(self.cfg.seed, epoch, u64::MAX));
+            self.dataset.order(self.cfg.seed, epoch)
+        } else {
+            (0..self.dataset.len()).collect()
         }
-        idx
     }
 
     /// Starts producing the batches of `epoch` in the background.

@@ -11,6 +11,7 @@ pub mod layout;
 mod loader;
 pub mod parquet;
 mod source;
+pub mod stream;
 mod transform;
 
 pub use decode::{check_jpeg_structure, check_png_structure, decode_rgb};
@@ -37,6 +38,9 @@ pub const DEFAULT_DATASET_REVISION: &str = "9abf6cf7d6dfa7b95152a0d6e791ea9435b4
 /// the published model's `models/resnet18-stanford-cars/classes.json`).
 pub const STANFORD_CARS_CLASSES_JSON: &str =
     include_str!("../../assets/stanford_cars_classes.json");
+
+/// About how many images one window of [`Dataset::order`] shuffles together.
+pub const ORDER_WINDOW_IMAGES: usize = 4096;
 
 /// A dataset split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,10 +71,20 @@ impl Split {
 /// Where a sample's encoded image lives.
 #[derive(Debug, Clone)]
 pub enum ImageData {
-    /// Encoded bytes held in memory (parquet).
+    /// Encoded bytes held in memory.
     Encoded(Arc<[u8]>),
     /// A file on disk (image folder).
     File(PathBuf),
+    /// Row `row` of row group `group` of a parquet file, read when needed
+    /// ([`stream::ParquetFile::image`]).
+    Parquet {
+        /// The file.
+        file: Arc<stream::ParquetFile>,
+        /// Row group.
+        group: u32,
+        /// Row within the group.
+        row: u32,
+    },
 }
 
 /// One labelled image.
@@ -169,38 +183,70 @@ impl Dataset {
         Self::from_parquet_columns(paths, &columns)
     }
 
-    /// Reads the image and class columns of `columns` from parquet shards. Classes are named by
+    /// Reads parquet shards with the image and class columns of `columns`: the labels now, the
+    /// images when the loader wants them (see [`stream`]), through a cache of
+    /// [`stream::DEFAULT_CACHE_BYTES`]. Classes are named by
     /// [`features::Columns::class_names`], else "0".."max label"; a label outside them is an
     /// error naming the file and row.
     pub fn from_parquet_columns(paths: &[PathBuf], columns: &features::Columns) -> Result<Self> {
+        let cache = stream::RowGroupCache::new(stream::DEFAULT_CACHE_BYTES);
+        Self::from_parquet_streaming(paths, columns, &cache)
+    }
+
+    /// [`Dataset::from_parquet_columns`] reading images through `cache` (one cache for the
+    /// splits of a dataset keeps their sum bounded).
+    pub fn from_parquet_streaming(
+        paths: &[PathBuf],
+        columns: &features::Columns,
+        cache: &Arc<stream::RowGroupCache>,
+    ) -> Result<Self> {
         if paths.is_empty() {
             bail!("dataset: no parquet files given");
         }
         let mut ds = Dataset::default();
         let mut max_label = -1i64;
+        let limit = columns
+            .class_names
+            .as_ref()
+            .map_or(u32::MAX as i64, |n| n.len() as i64 - 1);
         for p in paths {
-            let shard = parquet::read_shard(p, columns).map_err(candle_core::Error::Msg)?;
-            let limit = columns
-                .class_names
-                .as_ref()
-                .map_or(u32::MAX as i64, |n| n.len() as i64 - 1);
-            for (i, r) in shard.rows.into_iter().enumerate() {
-                if r.label < 0 || r.label > limit {
-                    match &columns.class_names {
-                        Some(n) => bail!(
-                            "dataset: {} row {i} has label {}, outside the {} classes",
-                            p.display(),
-                            r.label,
-                            n.len()
-                        ),
-                        None => bail!("dataset: {} row {i} has label {}", p.display(), r.label),
+            let file = stream::ParquetFile::open(p, &columns.image, cache.clone())
+                .map_err(candle_core::Error::Msg)?;
+            let labels =
+                parquet::read_labels(p, &columns.label).map_err(candle_core::Error::Msg)?;
+            let rows: usize = file.group_rows.iter().sum();
+            if rows != labels.len() {
+                bail!(
+                    "dataset: {} has {rows} rows in its row groups but {} labels",
+                    p.display(),
+                    labels.len()
+                );
+            }
+            let mut i = 0;
+            for (g, &n) in file.group_rows.iter().enumerate() {
+                for r in 0..n {
+                    let label = labels[i];
+                    if label < 0 || label > limit {
+                        match &columns.class_names {
+                            Some(names) => bail!(
+                                "dataset: {} row {i} has label {label}, outside the {} classes",
+                                p.display(),
+                                names.len()
+                            ),
+                            None => bail!("dataset: {} row {i} has label {label}", p.display()),
+                        }
                     }
+                    max_label = max_label.max(label);
+                    ds.samples.push(Sample {
+                        image: ImageData::Parquet {
+                            file: file.clone(),
+                            group: g as u32,
+                            row: r as u32,
+                        },
+                        label: label as u32,
+                    });
+                    i += 1;
                 }
-                max_label = max_label.max(r.label);
-                ds.samples.push(Sample {
-                    image: ImageData::Encoded(r.bytes),
-                    label: r.label as u32,
-                });
             }
         }
         ds.class_names = match &columns.class_names {
@@ -208,6 +254,94 @@ impl Dataset {
             None => (0..=max_label).map(|i| i.to_string()).collect(),
         };
         Ok(ds)
+    }
+
+    /// The encoded bytes of sample `i` (read from its file or parquet row group if need be).
+    ///
+    /// ```
+    /// use candle_finetune::data::{Dataset, ImageData, Sample};
+    /// let ds = Dataset { samples: vec![Sample { image: ImageData::Encoded(vec![7u8].into()), label: 0 }], class_names: vec!["a".into()] };
+    /// assert_eq!(&*ds.encoded(0).unwrap(), &[7u8]);
+    /// ```
+    pub fn encoded(&self, i: usize) -> std::result::Result<Arc<[u8]>, String> {
+        let s = self
+            .samples
+            .get(i)
+            .ok_or_else(|| format!("sample {i} out of range"))?;
+        match &s.image {
+            ImageData::Encoded(b) => Ok(b.clone()),
+            ImageData::File(p) => std::fs::read(p)
+                .map(Arc::from)
+                .map_err(|e| format!("{}: {e}", p.display())),
+            ImageData::Parquet { file, group, row } => file.image(*group as usize, *row as usize),
+        }
+    }
+
+    /// The sample order of an epoch: a permutation of `0..len` drawn from `(seed, epoch)`.
+    /// Images that live in parquet row groups are ordered a window of row groups at a time
+    /// (the row groups shuffled, then the images of each window shuffled; a window holds
+    /// about [`ORDER_WINDOW_IMAGES`] images and at most a quarter of the cache's bytes), so
+    /// that streaming reads each row group about once an epoch; other images are shuffled
+    /// as a whole.
+    ///
+    /// ```
+    /// use candle_finetune::data::{Dataset, ImageData, Sample};
+    /// let samples = (0..10).map(|i| Sample { image: ImageData::Encoded(vec![].into()), label: i % 2 }).collect();
+    /// let ds = Dataset { samples, class_names: vec!["a".into(), "b".into()] };
+    /// let mut o = ds.order(1, 0);
+    /// assert_ne!(o, (0..10).collect::<Vec<_>>());
+    /// o.sort();
+    /// assert_eq!(o, (0..10).collect::<Vec<_>>());
+    /// ```
+    pub fn order(&self, seed: u64, epoch: u64) -> Vec<usize> {
+        use rand::seq::SliceRandom;
+        let mut rng = sample_rng(seed, epoch, u64::MAX);
+        // Units: a parquet row group's samples, or one sample.
+        let mut units: Vec<(Vec<usize>, usize)> = Vec::new(); // (indices, bytes)
+        let mut by_group: std::collections::HashMap<(usize, u32), usize> =
+            std::collections::HashMap::new();
+        let mut capacity = usize::MAX;
+        for (i, s) in self.samples.iter().enumerate() {
+            match &s.image {
+                ImageData::Parquet { file, group, .. } => {
+                    capacity = capacity.min(file.cache_capacity());
+                    let key = (file.id(), *group);
+                    match by_group.get(&key) {
+                        Some(&u) => units[u].0.push(i),
+                        None => {
+                            by_group.insert(key, units.len());
+                            let bytes = file.group_bytes.get(*group as usize).copied().unwrap_or(0);
+                            units.push((vec![i], bytes));
+                        }
+                    }
+                }
+                _ => units.push((vec![i], 0)),
+            }
+        }
+        units.shuffle(&mut rng);
+        let max_bytes = if capacity == usize::MAX {
+            usize::MAX
+        } else {
+            capacity / 4
+        };
+        let mut out = Vec::with_capacity(self.len());
+        let mut window: Vec<usize> = Vec::new();
+        let mut window_bytes = 0usize;
+        for (idx, bytes) in units {
+            let full = !window.is_empty()
+                && (window.len() >= ORDER_WINDOW_IMAGES
+                    || window_bytes.saturating_add(bytes) > max_bytes);
+            if full {
+                window.shuffle(&mut rng);
+                out.append(&mut window);
+                window_bytes = 0;
+            }
+            window.extend(idx);
+            window_bytes = window_bytes.saturating_add(bytes);
+        }
+        window.shuffle(&mut rng);
+        out.append(&mut window);
+        out
     }
 
     /// A split of Stanford Cars from [`DEFAULT_DATASET_REPO`] at [`DEFAULT_DATASET_REVISION`].
@@ -349,6 +483,12 @@ impl Dataset {
             ImageData::File(p) => {
                 let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
                 decode_rgb(&bytes).map_err(|e| format!("{}: {e}", p.display()))
+            }
+            ImageData::Parquet { file, group, row } => {
+                let bytes = file.image(*group as usize, *row as usize)?;
+                decode_rgb(&bytes).map_err(|e| {
+                    format!("{} row group {group} row {row}: {e}", file.path().display())
+                })
             }
         }
     }

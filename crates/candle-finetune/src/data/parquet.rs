@@ -82,6 +82,49 @@ fn labels_of(col: &ArrayRef) -> Option<Vec<Option<i64>>> {
     None
 }
 
+/// Reads only the class column of a shard, every row in order (nulls are an error naming the
+/// row).
+///
+/// ```
+/// use candle_finetune::data::parquet::{read_labels, write_shard};
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("s.parquet");
+/// write_shard(&p, &[(b"a".to_vec(), 1), (b"b".to_vec(), 0)], &["x".into(), "y".into()]).unwrap();
+/// assert_eq!(read_labels(&p, "label").unwrap(), [1, 0]);
+/// assert!(read_labels(&p, "nope").unwrap_err().contains("no `nope` column"));
+/// ```
+pub fn read_labels(path: &Path, label_column: &str) -> Result<Vec<i64>, String> {
+    let ctx = |e: &dyn std::fmt::Display| format!("parquet {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| ctx(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| ctx(&e))?;
+    let schema = builder.parquet_schema();
+    let wanted: Vec<usize> = (0..schema.num_columns())
+        .filter(|&i| schema.get_column_root(i).name() == label_column)
+        .collect();
+    if wanted.is_empty() {
+        return Err(ctx(&format!("no `{label_column}` column")));
+    }
+    let mask = parquet::arrow::ProjectionMask::leaves(schema, wanted);
+    let reader = builder.with_projection(mask).build().map_err(|e| ctx(&e))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| ctx(&e))?;
+        let col = batch
+            .column_by_name(label_column)
+            .ok_or_else(|| ctx(&format!("no `{label_column}` column")))?;
+        let labels = labels_of(col).ok_or_else(|| {
+            ctx(&format!(
+                "`{label_column}` column has type {}, expected an integer",
+                col.data_type()
+            ))
+        })?;
+        for l in labels {
+            out.push(l.ok_or_else(|| ctx(&format!("row {} has a null label", out.len())))?);
+        }
+    }
+    Ok(out)
+}
+
 /// Reads a shard's images and labels from the image and label columns of `columns` (class names
 /// are not read here: see [`Columns::class_names`]). Errors name the file and the problem (not
 /// parquet, missing column, wrong type, null label).

@@ -3,6 +3,7 @@
 
 use super::features::{self, ColumnChoice, Columns};
 use super::layout::{self, SplitFiles};
+use super::stream::{RowGroupCache, DEFAULT_CACHE_BYTES};
 use super::{parquet, Dataset, DatasetInfo, Split, DEFAULT_DATASET_REPO, DEFAULT_DATASET_REVISION};
 use crate::hub::HubOptions;
 use candle_core::{bail, Result};
@@ -125,10 +126,12 @@ fn read_parquet_splits(
     let declared = declared.or_else(|| card.and_then(|c| features::from_card(c, config)));
     let columns = features::resolve(&stored, declared.as_ref(), choice)
         .map_err(|e| candle_core::Error::Msg(format!("{e} (in {})", first.display())))?;
+    // One cache for every split: the images held in memory stay within one bound.
+    let cache = RowGroupCache::new(DEFAULT_CACHE_BYTES);
     let mut out: [Option<Dataset>; 3] = [None, None, None];
     for (slot, p) in out.iter_mut().zip(&paths) {
         if !p.is_empty() {
-            *slot = Some(Dataset::from_parquet_columns(p, &columns)?);
+            *slot = Some(Dataset::from_parquet_streaming(p, &columns, &cache)?);
         }
     }
     if columns.class_names.is_none() {
