@@ -133,6 +133,10 @@ pub struct TrainArgs {
     /// last epoch.
     #[arg(long, default_value_t = DEFAULT_VALIDATION_FRACTION)]
     validation_fraction: f64,
+    /// MiB of parquet images kept in memory while training reads them (row groups are read
+    /// as needed; memory stays flat however large the dataset).
+    #[arg(long, default_value_t = candle_finetune::data::stream::DEFAULT_CACHE_BYTES >> 20)]
+    parquet_cache_mb: usize,
     /// Hub repo of the pretrained weights.
     #[arg(long, default_value = DEFAULT_REPO)]
     weights_repo: String,
@@ -199,6 +203,7 @@ impl TrainArgs {
             data,
             columns: self.data.columns()?,
             validation_fraction: self.validation_fraction,
+            parquet_cache_bytes: self.parquet_cache_mb.max(1) << 20,
             dataset_name: self.data.dataset_name.clone(),
             dataset_license: self.data.dataset_license.clone(),
             dataset_info: None,

@@ -120,6 +120,7 @@ fn read_parquet_splits(
     card: Option<&Value>,
     config: Option<&str>,
     choice: &ColumnChoice,
+    cache_bytes: usize,
 ) -> Result<([Option<Dataset>; 3], Columns)> {
     let first = paths[0].first().expect("checked: training files exist");
     let (stored, declared) = parquet::inspect(first).map_err(candle_core::Error::Msg)?;
@@ -127,7 +128,7 @@ fn read_parquet_splits(
     let columns = features::resolve(&stored, declared.as_ref(), choice)
         .map_err(|e| candle_core::Error::Msg(format!("{e} (in {})", first.display())))?;
     // One cache for every split: the images held in memory stay within one bound.
-    let cache = RowGroupCache::new(DEFAULT_CACHE_BYTES);
+    let cache = RowGroupCache::new(cache_bytes);
     let mut out: [Option<Dataset>; 3] = [None, None, None];
     for (slot, p) in out.iter_mut().zip(&paths) {
         if !p.is_empty() {
@@ -181,10 +182,21 @@ impl DataSource {
     /// [`HubOptions::list_dataset`]), split by [`layout::resolve`], downloaded at the listed
     /// commit into the Hub cache (or found there) and read with the columns of
     /// [`features::resolve`]. A repo without parquet files is read from its parquet conversion
-    /// ([`PARQUET_CONVERSION`]). No training files is an error naming what was found.
+    /// ([`PARQUET_CONVERSION`]). No training files is an error naming what was found. Parquet
+    /// images are read as needed through a cache of [`DEFAULT_CACHE_BYTES`].
     pub fn open(&self, opts: &HubOptions, choice: &ColumnChoice) -> Result<SplitData> {
+        self.open_with_cache(opts, choice, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`DataSource::open`] with the parquet image cache bounded to `cache_bytes`.
+    pub fn open_with_cache(
+        &self,
+        opts: &HubOptions,
+        choice: &ColumnChoice,
+        cache_bytes: usize,
+    ) -> Result<SplitData> {
         match self {
-            DataSource::Dir(dir) => self.open_dir(dir, choice),
+            DataSource::Dir(dir) => self.open_dir(dir, choice, cache_bytes),
             DataSource::Hub {
                 repo,
                 revision,
@@ -249,8 +261,13 @@ impl DataSource {
                     fetch(&splits.validation)?,
                     fetch(&splits.test)?,
                 ];
-                let ([train, validation, test], columns) =
-                    read_parquet_splits(paths, card.as_ref(), config.as_deref(), choice)?;
+                let ([train, validation, test], columns) = read_parquet_splits(
+                    paths,
+                    card.as_ref(),
+                    config.as_deref(),
+                    choice,
+                    cache_bytes,
+                )?;
                 Ok(SplitData {
                     train: train.expect("training files exist"),
                     validation,
@@ -264,7 +281,7 @@ impl DataSource {
         }
     }
 
-    fn open_dir(&self, dir: &Path, choice: &ColumnChoice) -> Result<SplitData> {
+    fn open_dir(&self, dir: &Path, choice: &ColumnChoice, cache_bytes: usize) -> Result<SplitData> {
         let files = walk(dir)?;
         let readme = dir.join("README.md");
         let card = card_of(readme.is_file().then_some(readme))?;
@@ -278,7 +295,7 @@ impl DataSource {
                 abs(&splits.test),
             ];
             let ([train, validation, test], columns) =
-                read_parquet_splits(paths, card.as_ref(), None, choice)?;
+                read_parquet_splits(paths, card.as_ref(), None, choice, cache_bytes)?;
             return Ok(SplitData {
                 train: train.expect("training files exist"),
                 validation,

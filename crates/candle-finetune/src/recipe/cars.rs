@@ -30,6 +30,7 @@ pub fn stanford_cars() -> FineTune {
         data: DataSource::stanford_cars(),
         columns: ColumnChoice::default(),
         validation_fraction: DEFAULT_VALIDATION_FRACTION,
+        parquet_cache_bytes: crate::data::stream::DEFAULT_CACHE_BYTES,
         dataset_name: None,
         dataset_license: None,
         dataset_info: None,

@@ -90,6 +90,9 @@ pub struct FineTune {
     /// split (stratified by class, seeded by [`TrainConfig::seed`]); 0: train on all of train
     /// and keep the last epoch. Must lie in [0, 1).
     pub validation_fraction: f64,
+    /// Bound in bytes of the cache of parquet images read as training needs them (see
+    /// [`crate::data::stream`]); resident memory does not grow with the dataset past it.
+    pub parquet_cache_bytes: usize,
     /// Name of the dataset for the card (overrides [`DataSource::info`]).
     pub dataset_name: Option<String>,
     /// Licence of the dataset for the card (overrides [`DataSource::info`]).
@@ -327,7 +330,9 @@ impl FineTune {
         let pre = pre
             .with_overrides(&overrides)
             .map_err(candle_core::Error::Msg)?;
-        let data = self.data.open(&self.hub, &self.columns)?;
+        let data = self
+            .data
+            .open_with_cache(&self.hub, &self.columns, self.parquet_cache_bytes)?;
         let test_ds = data.test.clone().map(Arc::new);
         let info = self.dataset_info(data.card.as_ref(), data.commit.as_deref())?;
         let tv = train_validation(
