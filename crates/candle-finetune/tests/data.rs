@@ -462,3 +462,112 @@ fn zero_image_size_is_an_error_and_the_report_survives_the_end() {
     let report = it.finish();
     assert_eq!((report.images, report.skipped.len()), (3, 1));
 }
+
+#[test]
+fn local_folders_have_validation_splits_in_parquet_and_image_folders() {
+    use candle_finetune::data::features::ColumnChoice;
+    use candle_finetune::data::DataSource;
+    use candle_finetune::hub::HubOptions;
+    // Parquet named by split, under data/.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let names: Vec<String> = ["a", "b"].map(String::from).to_vec();
+    for (split, n) in [("train", 6), ("validation", 3), ("test", 2)] {
+        let rows: Vec<(Vec<u8>, i64)> = (0..n)
+            .map(|i| {
+                (
+                    encode(&picture(20, 20, i as u8), ImageFormat::Png),
+                    (i % 2) as i64,
+                )
+            })
+            .collect();
+        write_shard(
+            &dir.path()
+                .join(format!("data/{split}-00000-of-00001.parquet")),
+            &rows,
+            &names,
+        )
+        .unwrap();
+    }
+    let d = DataSource::Dir(dir.path().into())
+        .open(&HubOptions::default(), &ColumnChoice::default())
+        .unwrap();
+    assert_eq!(
+        (
+            d.train.len(),
+            d.validation.as_ref().map(|v| v.len()),
+            d.test.as_ref().map(|t| t.len())
+        ),
+        (6, Some(3), Some(2))
+    );
+    assert_eq!(d.train.class_names, names);
+    // Image folders: train/, val/ (a validation name), test/; a class missing from val is fine,
+    // the labels follow train's class order.
+    let dir = tempfile::tempdir().unwrap();
+    for (split, classes) in [
+        ("train", vec!["cat", "dog"]),
+        ("val", vec!["dog"]),
+        ("test", vec!["cat", "dog"]),
+    ] {
+        for c in classes {
+            let d = dir.path().join(split).join(c);
+            std::fs::create_dir_all(&d).unwrap();
+            picture(16, 16, 1).save(d.join("0.png")).unwrap();
+        }
+    }
+    let d = DataSource::Dir(dir.path().into())
+        .open(&HubOptions::default(), &ColumnChoice::default())
+        .unwrap();
+    let val = d.validation.unwrap();
+    assert_eq!(
+        (val.len(), val.samples[0].label),
+        (1, 1),
+        "dog is class 1 of train"
+    );
+    assert_eq!(d.test.unwrap().len(), 2);
+    // A class in val that train does not have is an error naming it.
+    std::fs::create_dir_all(dir.path().join("val/bird")).unwrap();
+    picture(16, 16, 2)
+        .save(dir.path().join("val/bird/0.png"))
+        .unwrap();
+    let e = DataSource::Dir(dir.path().into())
+        .open(&HubOptions::default(), &ColumnChoice::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bird"), "{e}");
+}
+
+#[test]
+fn the_validation_choice_follows_the_data_and_the_fraction() {
+    use candle_finetune::data::holdout::stratified;
+    use candle_finetune::recipe::train_validation;
+    let ds = candle_finetune::smoke::generated_dataset(60, 1, 0); // 10 per class
+                                                                  // The data's own validation split wins over any fraction.
+    let own = candle_finetune::smoke::generated_dataset(12, 1, 1);
+    let tv = train_validation(ds.clone(), Some(own), 0.5, 0).unwrap();
+    assert_eq!((tv.train.len(), tv.validation.unwrap().len()), (60, 12));
+    assert!(tv.source.contains("validation split"));
+    // A fraction: stratified, seeded (the same images for the same seed), disjoint.
+    let (t1, v1) = stratified(&ds, 0.2, 9).unwrap();
+    let (_, v2) = stratified(&ds, 0.2, 9).unwrap();
+    let (_, v3) = stratified(&ds, 0.2, 10).unwrap();
+    let key = |d: &candle_finetune::data::Dataset| {
+        (0..d.len())
+            .map(|i| d.encoded(i).unwrap().to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(key(&v1), key(&v2));
+    assert_ne!(key(&v1), key(&v3));
+    assert_eq!(v1.class_counts(), [2; 6]);
+    assert_eq!(t1.len() + v1.len(), 60);
+    assert!(key(&v1).iter().all(|b| !key(&t1).contains(b)));
+    // Zero: everything trains, nothing chooses.
+    let tv = train_validation(ds.clone(), None, 0.0, 0).unwrap();
+    assert!(tv.validation.is_none() && tv.train.len() == 60);
+    // Out of range, and a fraction that leaves no image.
+    assert!(train_validation(ds.clone(), None, 1.0, 0).is_err());
+    assert!(train_validation(ds.clone(), None, -0.1, 0).is_err());
+    let one = candle_finetune::smoke::generated_dataset(1, 1, 0);
+    let e = train_validation(one, None, 0.1, 0).unwrap_err().to_string();
+    assert!(e.contains("--validation-fraction"), "{e}");
+}
