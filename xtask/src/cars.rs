@@ -235,6 +235,7 @@ impl TrainArgs {
             }),
             resume: self.resume,
             smoke: false,
+            stop: None,
             command: if cars {
                 "cargo xtask train-cars".into()
             } else {
@@ -245,8 +246,22 @@ impl TrainArgs {
 }
 
 /// `cargo xtask train` (`cars`: false) and `train-cars` (`cars`: true).
+/// A flag SIGTERM and SIGINT (preemption, Ctrl-C) set: the run writes a recovery checkpoint at
+/// its next optimizer step and exits; a second signal exits at once.
+fn stop_on_signals() -> Result<Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [SIGTERM, SIGINT] {
+        // Registered first: when the flag is already set (a second signal), exit now.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    Ok(stop)
+}
+
 pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
-    let recipe = a.recipe(cars)?;
+    let mut recipe = a.recipe(cars)?;
+    recipe.stop = Some(stop_on_signals()?);
     let report = if a.smoke {
         let (recipe, _cache) = recipe.smoke()?; // the cache lives until the run ends
         recipe.run()?

@@ -211,6 +211,136 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     assert_eq!(rest.history[1].val_top1, full.history[1].val_top1);
 }
 
+#[test]
+fn a_run_stopped_mid_epoch_resumes_from_its_recovery_checkpoint_bit_for_bit() {
+    use candle_finetune::train::fit_with;
+    use std::ops::ControlFlow;
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let steps_per_epoch = train.num_batches() as u64;
+    assert!(steps_per_epoch >= 3, "{steps_per_epoch}");
+    let (vm, m) = model();
+    let full = fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &config(2),
+        &Device::Cpu,
+        &dir.path().join("a"),
+        false,
+    )
+    .unwrap();
+    let weights = |vm: &VarMap| {
+        let d = vm.data().lock().unwrap();
+        let mut v: Vec<(String, Vec<f32>)> = d
+            .iter()
+            .map(|(k, t)| {
+                let x = t
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                (k.clone(), x)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let full_weights = weights(&vm);
+    // Stopped (as on SIGTERM) one step into the second epoch, then twice more, each time by a
+    // fresh model resuming from the folder.
+    let out = dir.path().join("b");
+    let mut losses = Vec::new();
+    let mut resume = false;
+    let mut stops = vec![steps_per_epoch + 1, 1, 2];
+    let last = loop {
+        let (vm, m) = if resume { resnet18_fresh() } else { model() };
+        let stop_after = stops.first().copied();
+        let mut taken = 0u64;
+        let s = fit_with(
+            &m,
+            &vm,
+            &train,
+            Some(&test),
+            &config(2),
+            &Device::Cpu,
+            &out,
+            resume,
+            &mut |_| {
+                taken += 1;
+                match stop_after {
+                    Some(n) if taken >= n => ControlFlow::Break(()),
+                    _ => ControlFlow::Continue(()),
+                }
+            },
+        )
+        .unwrap();
+        losses.extend(s.step_losses.clone());
+        if !s.interrupted {
+            break (s, vm);
+        }
+        stops.remove(0);
+        // The recovery checkpoint says where the epoch stands.
+        let ck = Checkpoint::load(&out.join("checkpoint-last.safetensors")).unwrap();
+        let p = ck.meta.partial.expect("a mid-epoch checkpoint");
+        assert_eq!(ck.meta.step, losses.len() as u64);
+        assert_eq!(
+            p.batches as u64,
+            ck.meta.step - ck.meta.epoch as u64 * steps_per_epoch
+        );
+        resume = true;
+    };
+    let (s, vm) = last;
+    assert_eq!(
+        losses, full.step_losses,
+        "per-step losses across three stops"
+    );
+    assert_eq!(
+        s.history.iter().map(|h| h.train_loss).collect::<Vec<_>>(),
+        full.history
+            .iter()
+            .map(|h| h.train_loss)
+            .collect::<Vec<_>>(),
+        "the epochs' mean losses, sums carried over the stops"
+    );
+    assert_eq!(weights(&vm), full_weights, "final weights");
+}
+
+#[test]
+fn recovery_checkpoints_every_n_steps_and_resume_without_one_starts_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let (vm, m) = model();
+    let out = dir.path().join("fresh");
+    // --resume with nothing to resume: a fresh run, said so, not an error.
+    let cfg = TrainConfig {
+        checkpoint_every_steps: Some(2),
+        max_batches_per_epoch: Some(3),
+        ..config(1)
+    };
+    let s = fit(&m, &vm, &train, Some(&test), &cfg, &Device::Cpu, &out, true).unwrap();
+    assert_eq!(s.history.len(), 1);
+    // At the end the epoch's own checkpoint replaces the recovery one.
+    let ck = Checkpoint::load(&out.join("checkpoint-last.safetensors")).unwrap();
+    assert!(ck.meta.partial.is_none() && ck.meta.epoch == 1);
+    // The interval is not part of what must match on resume; zero is refused.
+    assert!(TrainConfig {
+        checkpoint_every_steps: Some(0),
+        ..config(1)
+    }
+    .validate()
+    .is_err());
+    assert!(config(1)
+        .resume_differences(&TrainConfig {
+            checkpoint_every_steps: Some(5),
+            checkpoint_every_minutes: 1.0,
+            ..config(1)
+        })
+        .is_empty());
+}
+
 fn resnet18_fresh() -> (VarMap, candle_resnet::resnet::ResNet) {
     let vm = VarMap::new();
     let m = resnet18(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();

@@ -44,6 +44,9 @@ pub struct Batch {
     pub labels: Tensor,
     /// Dataset index of each image.
     pub indices: Vec<usize>,
+    /// Position of the batch in its epoch (0-based; a batch whose every image was undecodable
+    /// is not sent, so positions can skip).
+    pub position: usize,
 }
 
 /// What an epoch skipped: `(dataset index, reason)` for every image that could not be decoded.
@@ -122,6 +125,11 @@ impl Loader {
         &self.dataset
     }
 
+    /// Images per batch.
+    pub fn batch_size(&self) -> usize {
+        self.cfg.batch_size
+    }
+
     /// Batches per epoch (before any skipped image).
     pub fn num_batches(&self) -> usize {
         let n = self.dataset.len();
@@ -144,8 +152,15 @@ impl Loader {
 
     /// Starts producing the batches of `epoch` in the background.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` after its first `skip` (which are not read): where a run resumed
+    /// mid-epoch continues, with the same images and augmentations as an uninterrupted epoch.
+    pub fn epoch_from(&self, epoch: u64, skip: usize) -> EpochIter {
         let (tx, rx) = sync_channel(self.cfg.prefetch);
-        let order = self.order(epoch);
+        let mut order = self.order(epoch);
+        order.drain(..(skip * self.cfg.batch_size).min(order.len()));
         let ds = self.dataset.clone();
         let t = self.transform.clone();
         let cfg = self.cfg.clone();
@@ -155,7 +170,8 @@ impl Loader {
                 let mut report = EpochReport::default();
                 let s = t.pre.size as usize;
                 let per = 3 * s * s;
-                for chunk in order.chunks(cfg.batch_size) {
+                for (position, chunk) in order.chunks(cfg.batch_size).enumerate() {
+                    let position = position + skip;
                     if cfg.drop_last && chunk.len() < cfg.batch_size {
                         break;
                     }
@@ -196,6 +212,7 @@ impl Loader {
                             images: Tensor::from_vec(buf, (kept.len(), 3, s, s), &Device::Cpu)?,
                             labels: Tensor::new(labels.as_slice(), &Device::Cpu)?,
                             indices: kept,
+                            position,
                         })
                     })();
                     if tx.send(batch).is_err() {

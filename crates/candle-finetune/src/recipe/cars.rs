@@ -47,6 +47,7 @@ pub fn stanford_cars() -> FineTune {
         out: PathBuf::from(DEFAULT_OUT),
         resume: false,
         smoke: false,
+        stop: None,
         command: "cargo xtask train-cars".into(),
     }
 }

@@ -118,6 +118,10 @@ pub struct FineTune {
     pub resume: bool,
     /// Marks the card as a smoke run (set by [`FineTune::smoke`]).
     pub smoke: bool,
+    /// Set to ask the run to stop (e.g. from a SIGTERM handler): it writes a recovery
+    /// checkpoint at the next optimizer step and returns ([`FitSummary::interrupted`]);
+    /// `resume` continues it.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The command that reproduces the run, for the card (`cargo xtask train-cars` for the
     /// preset, `cargo xtask train` otherwise).
     pub command: String,
@@ -403,7 +407,8 @@ impl FineTune {
             lcfg.clone(),
         )?;
         let val_loader = val_ds.map(eval_loader).transpose()?;
-        let fit = train::fit(
+        let stop = self.stop.clone();
+        let fit = train::fit_with(
             &model,
             &varmap,
             &train_loader,
@@ -412,7 +417,31 @@ impl FineTune {
             &dev,
             &self.out,
             self.resume,
+            &mut |_| match &stop {
+                Some(s) if s.load(std::sync::atomic::Ordering::SeqCst) => {
+                    std::ops::ControlFlow::Break(())
+                }
+                _ => std::ops::ControlFlow::Continue(()),
+            },
         )?;
+        let config = ModelConfig::new(self.arch, &train_ds.class_names, &pre)
+            .with_license(info.license.clone());
+        if fit.interrupted {
+            eprintln!(
+                "stopped; {} holds the run's state: continue it with --resume",
+                RunPaths {
+                    dir: self.out.clone()
+                }
+                .last()
+                .display()
+            );
+            return Ok(RunReport {
+                fit,
+                test: None,
+                config,
+                out: self.out.clone(),
+            });
+        }
         if fit.best_epoch == 0 {
             bail!("train: no epoch completed");
         }
@@ -442,8 +471,6 @@ impl FineTune {
         if finished {
             outcome.write_eval_json(&paths.eval())?;
         }
-        let config = ModelConfig::new(self.arch, &train_ds.class_names, &pre)
-            .with_license(info.license.clone());
         let prov = Provenance {
             base_model: base,
             base_model_hub_id: base_hub,

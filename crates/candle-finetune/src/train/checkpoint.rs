@@ -28,6 +28,28 @@ pub struct CheckpointMeta {
     /// The training data the run saw (absent in checkpoints written before it was recorded).
     #[serde(default)]
     pub data: Option<DataSignature>,
+    /// Where in epoch `epoch + 1` a recovery checkpoint was taken (`None`: at an epoch's end).
+    #[serde(default)]
+    pub partial: Option<PartialEpoch>,
+}
+
+/// The state of an epoch interrupted at an optimizer step: what resuming it needs to continue
+/// exactly as the uninterrupted epoch would (the data order and augmentations derive from the
+/// seed, the epoch and the sample index).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Micro-batches of the epoch done (the loader skips them).
+    pub batches: usize,
+    /// Sum of the step losses so far this epoch.
+    pub loss_sum: f64,
+    /// Optimizer steps so far this epoch.
+    pub steps: usize,
+    /// Training images so far this epoch.
+    pub images: usize,
+    /// Undecodable training images skipped so far this epoch.
+    pub skipped: usize,
+    /// Seconds spent in the epoch so far (for its images/s).
+    pub seconds: f64,
 }
 
 /// What identifies a run's training data for `--resume`: its image count and class names.
@@ -43,7 +65,7 @@ impl TrainConfig {
     /// The settings in which `self` (a checkpoint's) and `now` differ such that resuming would
     /// not continue the same run: every field but the learning rate (lowering it after a
     /// divergence is what the non-finite-loss error suggests), `eval_every` and
-    /// `stop_after_epoch`. Each as `name: checkpoint -> now`.
+    /// `stop_after_epoch` and the checkpoint intervals. Each as `name: checkpoint -> now`.
     ///
     /// ```
     /// use candle_finetune::train::TrainConfig;
@@ -60,7 +82,16 @@ impl TrainConfig {
             return vec!["the configuration".into()];
         };
         a.iter()
-            .filter(|(k, _)| !["lr", "eval_every", "stop_after_epoch"].contains(&k.as_str()))
+            .filter(|(k, _)| {
+                ![
+                    "lr",
+                    "eval_every",
+                    "stop_after_epoch",
+                    "checkpoint_every_steps",
+                    "checkpoint_every_minutes",
+                ]
+                .contains(&k.as_str())
+            })
             .filter(|(k, v)| b.get(k.as_str()) != Some(v))
             .map(|(k, v)| {
                 let w = b.get(k.as_str()).cloned().unwrap_or_default();

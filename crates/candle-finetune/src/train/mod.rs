@@ -8,7 +8,7 @@ mod optim;
 mod schedule;
 
 pub use accumulate::GradAccumulator;
-pub use checkpoint::{Checkpoint, CheckpointMeta, DataSignature};
+pub use checkpoint::{Checkpoint, CheckpointMeta, DataSignature, PartialEpoch};
 pub use optim::{Group, Optimizer, Rule};
 pub use schedule::{Decay, Schedule};
 
@@ -144,6 +144,15 @@ pub struct TrainConfig {
     /// one); the model is chosen among evaluated epochs.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().eval_every))]
     pub eval_every: usize,
+    /// Also write a recovery checkpoint (`checkpoint-last`, mid-epoch) every this many
+    /// optimizer steps.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub checkpoint_every_steps: Option<u64>,
+    /// Write a recovery checkpoint when this many minutes have passed since the last
+    /// checkpoint (0: only at epoch ends and every `checkpoint_every_steps`): a killed run loses
+    /// at most about this much work.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().checkpoint_every_minutes))]
+    pub checkpoint_every_minutes: f64,
 }
 
 impl Default for TrainConfig {
@@ -173,6 +182,8 @@ impl Default for TrainConfig {
             max_batches_per_epoch: None,
             stop_after_epoch: None,
             eval_every: 1,
+            checkpoint_every_steps: None,
+            checkpoint_every_minutes: 5.0,
         }
     }
 }
@@ -225,10 +236,14 @@ impl TrainConfig {
             ("gamma", self.gamma),
             ("min_lr", self.min_lr),
             ("backbone_lr_mult", self.backbone_lr_mult),
+            ("checkpoint_every_minutes", self.checkpoint_every_minutes),
         ] {
             if !v.is_finite() || v < 0.0 {
                 bail!("train: {name} must be a finite number >= 0, not {v}");
             }
+        }
+        if self.checkpoint_every_steps == Some(0) {
+            bail!("train: checkpoint_every_steps must be positive");
         }
         if !(0.0..=1.0).contains(&self.label_smoothing) {
             bail!(
@@ -344,6 +359,9 @@ pub struct FitSummary {
     pub best_epoch: usize,
     /// What chose it.
     pub selected_on: Selection,
+    /// The run stopped early (the observer asked, e.g. on SIGTERM): a recovery checkpoint holds
+    /// its state, `--resume` continues it.
+    pub interrupted: bool,
 }
 
 /// Files of a run directory.
@@ -563,6 +581,17 @@ pub fn fit_with<M: Classifier>(
         images: train.dataset().len(),
         classes: train.dataset().class_names.clone(),
     };
+    let mut partial: Option<PartialEpoch> = None;
+    let resume = resume && {
+        let found = paths.last().exists();
+        if !found {
+            eprintln!(
+                "resume: no checkpoint in {} yet; starting from the beginning",
+                paths.dir.display()
+            );
+        }
+        found
+    };
     if resume {
         let ck = Checkpoint::load(&paths.last())?;
         // Another configuration or other data would not continue this run but start a
@@ -571,8 +600,8 @@ pub fn fit_with<M: Classifier>(
         if !diff.is_empty() {
             bail!(
                 "train: cannot resume from {}: the run there used other settings ({}); resume \
-                 with the same ones (only lr, eval_every and stop_after_epoch may change) or \
-                 write to another folder",
+                 with the same ones (only lr, eval_every, stop_after_epoch and the checkpoint \
+                 intervals may change) or write to another folder",
                 paths.last().display(),
                 diff.join(", ")
             );
@@ -604,6 +633,22 @@ pub fn fit_with<M: Classifier>(
         summary.history = ck.meta.history.clone();
         summary.best_epoch = ck.meta.best_epoch;
         summary.best = ck.meta.best.clone();
+        partial = ck.meta.partial.clone();
+        // metrics.jsonl says what the checkpoint says: a line appended by an epoch that was
+        // killed before its checkpoint is dropped (that epoch runs again).
+        let mut lines = String::new();
+        for m in &summary.history {
+            lines += &serde_json::to_string(m).map_err(candle_core::Error::wrap)?;
+            lines.push('\n');
+        }
+        crate::files::atomic_write_bytes(&paths.metrics(), lines.as_bytes())?;
+        if let Some(p) = &partial {
+            eprintln!(
+                "resume: epoch {}, after batch {} (step {step})",
+                start_epoch + 1,
+                p.batches
+            );
+        }
         if start_epoch >= cfg.epochs {
             return Ok(summary);
         }
@@ -620,6 +665,8 @@ pub fn fit_with<M: Classifier>(
     };
     let mut acc = GradAccumulator::new(names);
     let run_start = Instant::now();
+    let mut last_checkpoint = Instant::now();
+    let (train_len, train_batch) = (train.dataset().len(), train.batch_size());
     let first_step = step;
     let total_steps = schedule.total;
     for epoch in start_epoch..end {
@@ -633,21 +680,45 @@ pub fn fit_with<M: Classifier>(
             .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
-        let mut it = train.epoch(epoch as u64);
-        let (mut loss_sum, mut loss_n, mut images) = (0.0, 0usize, 0usize);
+        // A recovery checkpoint of this epoch: continue after its last batch, with its sums.
+        let resumed = partial.take().unwrap_or(PartialEpoch {
+            batches: 0,
+            loss_sum: 0.0,
+            steps: 0,
+            images: 0,
+            skipped: 0,
+            seconds: 0.0,
+        });
+        let first_batch = resumed.batches.min(batches);
+        bar.set_position(first_batch as u64);
+        let mut it = train.epoch_from(epoch as u64, first_batch);
+        let (mut loss_sum, mut loss_n, mut images) =
+            (resumed.loss_sum, resumed.steps, resumed.images);
         let mut step_loss = 0.0;
         let mut group_images = 0usize;
         let mut lr = schedule.lr(step);
         let mut stop = false;
         let mut data_wait_s = 0.0;
-        for bi in 0.. {
-            if bi >= batches {
-                break;
-            }
+        let mut skipped_before = resumed.skipped;
+        let seconds_before = resumed.seconds;
+        let mut next_position = first_batch;
+        let mut epoch_done = first_batch >= batches;
+        loop {
             let waited = Instant::now();
             let Some(batch) = it.next() else { break };
             data_wait_s += waited.elapsed().as_secs_f64();
             let batch = batch?;
+            let bi = batch.position;
+            if bi >= batches {
+                break;
+            }
+            // Images that could not be decoded (the loader leaves them out, and whole batches
+            // of them).
+            let chunk = |c: usize| train_len.min((c + 1) * train_batch) - c * train_batch;
+            skipped_before += (next_position..bi).map(chunk).sum::<usize>();
+            skipped_before += chunk(bi).saturating_sub(batch.indices.len());
+            next_position = bi + 1;
+            epoch_done = bi + 1 == batches;
             let x = batch.images.to_device(device)?;
             let y = batch.labels.to_device(device)?;
             // On a rayon worker: the kernels' parallel loops then run in place instead of
@@ -719,6 +790,34 @@ pub fn fit_with<M: Classifier>(
                 if observer(&event).is_break() {
                     stop = true;
                 }
+                // A recovery checkpoint at this step boundary: every N steps, every T minutes,
+                // or because the run is asked to stop.
+                let due = cfg.checkpoint_every_steps.is_some_and(|n| step % n == 0)
+                    || (cfg.checkpoint_every_minutes > 0.0
+                        && last_checkpoint.elapsed().as_secs_f64()
+                            >= 60.0 * cfg.checkpoint_every_minutes)
+                    || stop;
+                if due && bi + 1 < batches {
+                    let meta = CheckpointMeta {
+                        epoch,
+                        step,
+                        best_epoch: summary.best_epoch,
+                        best: summary.best.clone(),
+                        history: summary.history.clone(),
+                        config: cfg.clone(),
+                        data: Some(data_signature.clone()),
+                        partial: Some(PartialEpoch {
+                            batches: bi + 1,
+                            loss_sum,
+                            steps: loss_n,
+                            images,
+                            skipped: skipped_before,
+                            seconds: seconds_before + t0.elapsed().as_secs_f64(),
+                        }),
+                    };
+                    Checkpoint::capture(varmap, &opt, meta)?.save(&paths.last())?;
+                    last_checkpoint = Instant::now();
+                }
             }
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
             let run_eta = eta(
@@ -739,10 +838,12 @@ pub fn fit_with<M: Classifier>(
         }
         let train_report = it.stop();
         bar.finish_and_clear();
-        if stop {
+        if stop && !epoch_done {
+            // The recovery checkpoint of this step holds the run's state.
+            summary.interrupted = true;
             return Ok(summary);
         }
-        let ips = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let ips = images as f64 / (seconds_before + t0.elapsed().as_secs_f64()).max(1e-9);
         let evaluate_now = (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs;
         let (res, val_skipped) = match validation {
             Some(v) if evaluate_now => {
@@ -762,8 +863,8 @@ pub fn fit_with<M: Classifier>(
             images_per_s: ips,
             data_wait_s,
             loader_ms_per_image: 1e3 * train_report.busy_s / train_report.images.max(1) as f64,
-            skipped_images: train_report.skipped.len() + val_skipped,
-            skipped_train: train_report.skipped.len(),
+            skipped_images: skipped_before + val_skipped,
+            skipped_train: skipped_before,
             skipped_validation: val_skipped,
         };
         let run_eta = eta(
@@ -800,12 +901,22 @@ pub fn fit_with<M: Classifier>(
             history: summary.history.clone(),
             config: cfg.clone(),
             data: Some(data_signature.clone()),
+            partial: None,
         };
         let ck = Checkpoint::capture(varmap, &opt, meta)?;
-        ck.save(&paths.last())?;
+        // The chosen model first, the run's state last: a kill between the two redoes the
+        // epoch on resume, which writes the same chosen model again.
         if improved {
             ck.save(&paths.best())?;
             candle_resnet::export::export_safetensors(varmap, step as i64, &paths.model())?;
+        }
+        ck.save(&paths.last())?;
+        last_checkpoint = Instant::now();
+        let stop_now = stop;
+        if stop_now {
+            // Asked to stop at the epoch's last step: the epoch's checkpoint holds the run.
+            summary.interrupted = epoch + 1 < cfg.epochs;
+            return Ok(summary);
         }
     }
     Ok(summary)
