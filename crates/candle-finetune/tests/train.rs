@@ -316,12 +316,42 @@ fn recovery_checkpoints_every_n_steps_and_resume_without_one_starts_over() {
     let out = dir.path().join("fresh");
     // --resume with nothing to resume: a fresh run, said so, not an error.
     let cfg = TrainConfig {
-        checkpoint_every_steps: Some(2),
+        checkpoint_every_steps: Some(1),
         max_batches_per_epoch: Some(3),
+        keep_checkpoints: 2,
         ..config(1)
     };
+    // What writes killed mid-way leave behind (the atomic write's and safetensors' temporary
+    // files) is cleared; other files stay.
+    std::fs::create_dir_all(&out).unwrap();
+    for f in [
+        ".checkpoint-last.safetensors.tmp-1",
+        ".tmpAb12Cd",
+        "notes.txt",
+    ] {
+        std::fs::write(out.join(f), b"half a checkpoint").unwrap();
+    }
     let s = fit(&m, &vm, &train, Some(&test), &cfg, &Device::Cpu, &out, true).unwrap();
     assert_eq!(s.history.len(), 1);
+    assert!(!out.join(".tmpAb12Cd").exists());
+    assert!(!out.join(".checkpoint-last.safetensors.tmp-1").exists());
+    assert!(out.join("notes.txt").exists());
+    // Steps 1, 2 (recovery) and 3 (the epoch's end) were checkpointed; the newest two kept.
+    let mut kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-step-"))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            "checkpoint-step-00000002.safetensors",
+            "checkpoint-step-00000003.safetensors"
+        ]
+    );
+    let two = Checkpoint::load(&out.join(&kept[0])).unwrap();
+    assert_eq!((two.meta.step, two.meta.partial.is_some()), (2, true));
     // At the end the epoch's own checkpoint replaces the recovery one.
     let ck = Checkpoint::load(&out.join("checkpoint-last.safetensors")).unwrap();
     assert!(ck.meta.partial.is_none() && ck.meta.epoch == 1);

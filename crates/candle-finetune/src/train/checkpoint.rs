@@ -89,6 +89,7 @@ impl TrainConfig {
                     "stop_after_epoch",
                     "checkpoint_every_steps",
                     "checkpoint_every_minutes",
+                    "keep_checkpoints",
                 ]
                 .contains(&k.as_str())
             })

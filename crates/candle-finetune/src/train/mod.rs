@@ -153,6 +153,10 @@ pub struct TrainConfig {
     /// at most about this much work.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().checkpoint_every_minutes))]
     pub checkpoint_every_minutes: f64,
+    /// Besides `checkpoint-last`, keep the newest this many checkpoints as
+    /// `checkpoint-step-NNNNNNNN.safetensors` (hard links, older ones pruned; 0: none).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().keep_checkpoints))]
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainConfig {
@@ -184,6 +188,7 @@ impl Default for TrainConfig {
             eval_every: 1,
             checkpoint_every_steps: None,
             checkpoint_every_minutes: 5.0,
+            keep_checkpoints: 0,
         }
     }
 }
@@ -392,6 +397,42 @@ impl RunPaths {
     pub fn eval(&self) -> PathBuf {
         self.dir.join("eval.json")
     }
+
+    /// A kept checkpoint of step `step`.
+    pub fn step(&self, step: u64) -> PathBuf {
+        self.dir
+            .join(format!("checkpoint-step-{step:08}.safetensors"))
+    }
+
+    /// Keeps [`RunPaths::last`] also as [`RunPaths::step`] (a hard link: `last` is replaced by
+    /// rename, never rewritten in place; a copy where links are not possible) and deletes all
+    /// but the newest `keep` of those; `keep` 0 deletes none and keeps none.
+    pub fn keep_last(&self, step: u64, keep: usize) -> Result<()> {
+        if keep == 0 {
+            return Ok(());
+        }
+        let to = self.step(step);
+        if !to.exists() && std::fs::hard_link(self.last(), &to).is_err() {
+            crate::files::atomic_write(&to, |tmp| {
+                std::fs::copy(self.last(), tmp)?;
+                Ok(())
+            })?;
+        }
+        let mut kept: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("checkpoint-step-") && n.ends_with(".safetensors")
+                })
+            })
+            .collect();
+        kept.sort();
+        let drop = kept.len().saturating_sub(keep);
+        for p in &kept[..drop] {
+            std::fs::remove_file(p)?;
+        }
+        Ok(())
+    }
 }
 
 /// Re-draws the `fc` head from `seed` with PyTorch's `nn.Linear` initialisation, so a seeded run
@@ -581,6 +622,7 @@ pub fn fit_with<M: Classifier>(
         images: train.dataset().len(),
         classes: train.dataset().class_names.clone(),
     };
+    remove_stale_temporaries(out);
     let mut partial: Option<PartialEpoch> = None;
     let resume = resume && {
         let found = paths.last().exists();
@@ -816,6 +858,7 @@ pub fn fit_with<M: Classifier>(
                         }),
                     };
                     Checkpoint::capture(varmap, &opt, meta)?.save(&paths.last())?;
+                    paths.keep_last(step, cfg.keep_checkpoints)?;
                     last_checkpoint = Instant::now();
                 }
             }
@@ -911,6 +954,7 @@ pub fn fit_with<M: Classifier>(
             candle_resnet::export::export_safetensors(varmap, step as i64, &paths.model())?;
         }
         ck.save(&paths.last())?;
+        paths.keep_last(step, cfg.keep_checkpoints)?;
         last_checkpoint = Instant::now();
         let stop_now = stop;
         if stop_now {
@@ -920,6 +964,26 @@ pub fn fit_with<M: Classifier>(
         }
     }
     Ok(summary)
+}
+
+/// Deletes what writes killed mid-way left in a run folder: `.NAME.tmp-PID` files of this
+/// crate's atomic writes (of other processes) and `.tmpXXXXXX` files of the safetensors
+/// writer. A checkpoint of ~90 MB each, they would pile up under repeated preemption.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let ours = format!(".tmp-{}", std::process::id());
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let atomic = name.starts_with('.') && name.contains(".tmp-") && !name.ends_with(&ours);
+        let safetensors_tmp = name.len() == 10
+            && name.starts_with(".tmp")
+            && name[4..].chars().all(|c| c.is_ascii_alphanumeric());
+        if (atomic || safetensors_tmp) && e.path().is_file() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// `h:mm:ss` left for `remaining` steps at the rate of the `done` steps taken in `secs`.
