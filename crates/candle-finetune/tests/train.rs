@@ -928,3 +928,105 @@ fn resuming_with_other_settings_or_data_is_an_error() {
     .unwrap();
     assert_eq!(rest.history.len(), 2);
 }
+
+#[test]
+fn mixup_and_cutmix_train_on_soft_targets_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let mixed = TrainConfig {
+        mixup_alpha: 0.4,
+        cutmix_alpha: 1.0,
+        max_batches_per_epoch: Some(3),
+        ..config(2)
+    };
+    // The training loader mixes; batches carry soft targets that are distributions.
+    let mixing = Loader::new(
+        train.dataset().clone(),
+        Transform {
+            pre: Preprocess {
+                size: 32,
+                crop_pct: 1.0,
+                ..Default::default()
+            },
+            train: true,
+        },
+        LoaderConfig {
+            batch_size: 16,
+            mixup: mixed.mixup(4),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let b = mixing.epoch(0).next().unwrap().unwrap();
+    let t = b.targets.expect("soft targets").to_vec2::<f32>().unwrap();
+    assert!(t.iter().all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+    assert!(
+        t.iter()
+            .any(|r| r.iter().filter(|v| **v > 0.1).count() == 2),
+        "mixed rows"
+    );
+    let run = |cfg: &TrainConfig, out: &str, resume: bool| {
+        let (vm, m) = if resume { resnet18_fresh() } else { model() };
+        let l = Loader::new(
+            train.dataset().clone(),
+            Transform {
+                pre: Preprocess {
+                    size: 32,
+                    crop_pct: 1.0,
+                    ..Default::default()
+                },
+                train: true,
+            },
+            LoaderConfig {
+                batch_size: 16,
+                seed: cfg.seed,
+                mixup: cfg.mixup(4),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fit(
+            &m,
+            &vm,
+            &l,
+            Some(&test),
+            cfg,
+            &Device::Cpu,
+            &dir.path().join(out),
+            resume,
+        )
+        .unwrap()
+    };
+    let full = run(&mixed, "full", false);
+    let plain = run(
+        &TrainConfig {
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            ..mixed.clone()
+        },
+        "plain",
+        false,
+    );
+    assert_ne!(
+        full.step_losses, plain.step_losses,
+        "mixing changes the losses"
+    );
+    let first = run(
+        &TrainConfig {
+            stop_after_epoch: Some(1),
+            ..mixed.clone()
+        },
+        "resumed",
+        false,
+    );
+    let rest = run(&mixed, "resumed", true);
+    let mut joined = first.step_losses.clone();
+    joined.extend(&rest.step_losses);
+    assert_eq!(joined, full.step_losses, "the same draws after a resume");
+    // Bad settings are errors.
+    let bad = TrainConfig {
+        mixup_prob: 1.5,
+        ..mixed
+    };
+    assert!(bad.validate().is_err());
+}

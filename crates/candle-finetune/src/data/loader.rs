@@ -8,8 +8,12 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// The `index` stream of [`super::sample_rng`] the batches' mixup draws come from (apart from
+/// the per-image augmentations, which use the image's index).
+const MIXUP_STREAM: u64 = 1 << 62;
+
 /// Batching options.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoaderConfig {
     /// Images per batch.
     pub batch_size: usize,
@@ -21,6 +25,9 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Batches prepared ahead of the consumer.
     pub prefetch: usize,
+    /// Mixup / CutMix applied to each batch on the loader's thread (draws from `seed`, the
+    /// epoch and the batch's position); batches then carry soft [`Batch::targets`].
+    pub mixup: Option<super::mixup::Mixup>,
 }
 
 impl Default for LoaderConfig {
@@ -31,6 +38,7 @@ impl Default for LoaderConfig {
             drop_last: false,
             seed: 0,
             prefetch: 2,
+            mixup: None,
         }
     }
 }
@@ -44,6 +52,9 @@ pub struct Batch {
     pub labels: Tensor,
     /// Dataset index of each image.
     pub indices: Vec<usize>,
+    /// Soft targets `(N, classes)` f32 when the loader mixes (Mixup / CutMix, label smoothing
+    /// included); `None`: train on [`Batch::labels`].
+    pub targets: Option<Tensor>,
     /// Position of the batch in its epoch (0-based; a batch whose every image was undecodable
     /// is not sent, so positions can skip).
     pub position: usize,
@@ -208,9 +219,27 @@ impl Loader {
                     report.images += kept.len();
                     let labels: Vec<u32> = kept.iter().map(|&i| ds.samples[i].label).collect();
                     let batch = (|| -> Result<Batch> {
+                        let targets = match &cfg.mixup {
+                            Some(m) => {
+                                let mut rng = super::sample_rng(
+                                    cfg.seed,
+                                    epoch,
+                                    MIXUP_STREAM + position as u64,
+                                );
+                                let plan = m.plan(kept.len(), s, s, &mut rng)?;
+                                let t = m.apply(&plan, &mut buf, &labels, (3, s, s))?;
+                                Some(Tensor::from_vec(
+                                    t,
+                                    (kept.len(), m.num_classes),
+                                    &Device::Cpu,
+                                )?)
+                            }
+                            None => None,
+                        };
                         Ok(Batch {
                             images: Tensor::from_vec(buf, (kept.len(), 3, s, s), &Device::Cpu)?,
                             labels: Tensor::new(labels.as_slice(), &Device::Cpu)?,
+                            targets,
                             indices: kept,
                             position,
                         })

@@ -9,6 +9,7 @@ pub mod holdout;
 mod info;
 pub mod layout;
 mod loader;
+pub mod mixup;
 pub mod parquet;
 mod source;
 pub mod stream;

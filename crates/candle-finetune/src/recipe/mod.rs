@@ -384,6 +384,7 @@ impl FineTune {
             drop_last: false,
             seed: cfg.seed,
             prefetch: 3,
+            mixup: cfg.mixup(train_ds.num_classes()),
         };
         let eval_loader = |ds: Arc<Dataset>| {
             Loader::new(
@@ -394,6 +395,7 @@ impl FineTune {
                 },
                 LoaderConfig {
                     shuffle: false,
+                    mixup: None,
                     ..lcfg.clone()
                 },
             )

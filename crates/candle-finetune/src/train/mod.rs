@@ -153,6 +153,25 @@ pub struct TrainConfig {
     /// at most about this much work.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().checkpoint_every_minutes))]
     pub checkpoint_every_minutes: f64,
+    /// Mixup alpha (timm's `--mixup`); mixup is on when > 0.
+    #[cfg_attr(feature = "clap", arg(long = "mixup", default_value_t = defaults().mixup_alpha))]
+    pub mixup_alpha: f64,
+    /// CutMix alpha (timm's `--cutmix`); CutMix is on when > 0.
+    #[cfg_attr(feature = "clap", arg(long = "cutmix", default_value_t = defaults().cutmix_alpha))]
+    pub cutmix_alpha: f64,
+    /// CutMix box sides as MIN,MAX fractions of the image instead of from lambda (turns CutMix
+    /// on; timm's `--cutmix-minmax`).
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ',', num_args = 2))]
+    pub cutmix_minmax: Option<Vec<f64>>,
+    /// Probability of mixing a batch / pair / image (timm's `--mixup-prob`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().mixup_prob))]
+    pub mixup_prob: f64,
+    /// Probability of CutMix instead of mixup when both are on (timm's `--mixup-switch-prob`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().mixup_switch_prob))]
+    pub mixup_switch_prob: f64,
+    /// One mixing draw per batch, pair or image (timm's `--mixup-mode`).
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = defaults().mixup_mode))]
+    pub mixup_mode: crate::data::mixup::MixMode,
     /// Besides `checkpoint-last`, keep the newest this many checkpoints as
     /// `checkpoint-step-NNNNNNNN.safetensors` (hard links, older ones pruned; 0: none).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().keep_checkpoints))]
@@ -189,11 +208,45 @@ impl Default for TrainConfig {
             checkpoint_every_steps: None,
             checkpoint_every_minutes: 5.0,
             keep_checkpoints: 0,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            cutmix_minmax: None,
+            mixup_prob: 1.0,
+            mixup_switch_prob: 0.5,
+            mixup_mode: crate::data::mixup::MixMode::Batch,
         }
     }
 }
 
 impl TrainConfig {
+    /// The Mixup / CutMix of this configuration for `num_classes` classes (label smoothing
+    /// folded into its soft targets); `None` when neither is on.
+    ///
+    /// ```
+    /// use candle_finetune::train::TrainConfig;
+    /// assert!(TrainConfig::default().mixup(10).is_none());
+    /// let m = TrainConfig { mixup_alpha: 0.2, ..Default::default() }.mixup(10).unwrap();
+    /// assert_eq!((m.label_smoothing, m.num_classes), (0.1, 10));
+    /// ```
+    pub fn mixup(&self, num_classes: usize) -> Option<crate::data::mixup::Mixup> {
+        let m = crate::data::mixup::Mixup {
+            mixup_alpha: self.mixup_alpha,
+            cutmix_alpha: self.cutmix_alpha,
+            cutmix_minmax: self
+                .cutmix_minmax
+                .as_ref()
+                .filter(|v| v.len() == 2)
+                .map(|v| [v[0], v[1]]),
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+            mode: self.mixup_mode,
+            correct_lam: true,
+            label_smoothing: self.label_smoothing,
+            num_classes,
+        };
+        m.enabled().then_some(m)
+    }
+
     /// The decay for epochs of `steps_per_epoch` optimizer steps.
     ///
     /// ```
@@ -246,6 +299,12 @@ impl TrainConfig {
             if !v.is_finite() || v < 0.0 {
                 bail!("train: {name} must be a finite number >= 0, not {v}");
             }
+        }
+        if self.cutmix_minmax.as_ref().is_some_and(|v| v.len() != 2) {
+            bail!("train: cutmix_minmax takes two numbers, MIN,MAX");
+        }
+        if let Some(m) = self.mixup(1) {
+            m.validate()?;
         }
         if self.checkpoint_every_steps == Some(0) {
             bail!("train: checkpoint_every_steps must be positive");
@@ -698,6 +757,7 @@ pub fn fit_with<M: Classifier>(
         let _ = std::fs::remove_file(paths.metrics());
     }
     let loss_fn = candle_xent::CrossEntropyLoss::new().label_smoothing(cfg.label_smoothing);
+    let soft_loss = candle_xent::CrossEntropyLoss::new();
     let end = cfg
         .stop_after_epoch
         .map_or(cfg.epochs, |e| e.min(cfg.epochs));
@@ -762,7 +822,11 @@ pub fn fit_with<M: Classifier>(
             next_position = bi + 1;
             epoch_done = bi + 1 == batches;
             let x = batch.images.to_device(device)?;
-            let y = batch.labels.to_device(device)?;
+            // Mixed batches train on their soft targets (smoothing already in them).
+            let (y, loss_fn) = match &batch.targets {
+                Some(t) => (t.to_device(device)?, &soft_loss),
+                None => (batch.labels.to_device(device)?, &loss_fn),
+            };
             // On a rayon worker: the kernels' parallel loops then run in place instead of
             // waking the pool and sleeping (candle_resnet::threads::on_worker).
             let (loss, v) =
