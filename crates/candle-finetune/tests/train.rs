@@ -1030,3 +1030,137 @@ fn mixup_and_cutmix_train_on_soft_targets_and_resume_exactly() {
     };
     assert!(bad.validate().is_err());
 }
+
+#[test]
+fn the_weight_ema_is_evaluated_chosen_when_better_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let cfg = TrainConfig {
+        model_ema: true,
+        model_ema_decay: 0.9,
+        max_batches_per_epoch: Some(3),
+        ..config(2)
+    };
+    let (vm, m) = model();
+    let full = fit(
+        &m,
+        &vm,
+        &train,
+        Some(&test),
+        &cfg,
+        &Device::Cpu,
+        &dir.path().join("full"),
+        false,
+    )
+    .unwrap();
+    assert!(full.history.iter().all(|h| h.ema_val_top1.is_some()));
+    // The chosen model is the better of the two on validation.
+    let last = &full.history[full.best_epoch - 1];
+    let (raw, ema) = (last.val_top1.unwrap(), last.ema_val_top1.unwrap());
+    assert_eq!(full.best_is_ema, ema > raw, "raw {raw} ema {ema}");
+    let best = Checkpoint::load(&dir.path().join("full/checkpoint-best.safetensors")).unwrap();
+    assert_eq!(best.meta.best_is_ema, full.best_is_ema);
+    assert!(!best.ema_values().is_empty());
+    // Stopped after epoch 1 and resumed by a fresh model: the same losses and the same EMA.
+    let (vm1, m1) = model();
+    let out = dir.path().join("resumed");
+    let first = fit(
+        &m1,
+        &vm1,
+        &train,
+        Some(&test),
+        &TrainConfig {
+            stop_after_epoch: Some(1),
+            ..cfg.clone()
+        },
+        &Device::Cpu,
+        &out,
+        false,
+    )
+    .unwrap();
+    let (vm2, m2) = resnet18_fresh();
+    let rest = fit(
+        &m2,
+        &vm2,
+        &train,
+        Some(&test),
+        &cfg,
+        &Device::Cpu,
+        &out,
+        true,
+    )
+    .unwrap();
+    let mut joined = first.step_losses.clone();
+    joined.extend(&rest.step_losses);
+    assert_eq!(joined, full.step_losses);
+    let a = Checkpoint::load(&dir.path().join("full/checkpoint-last.safetensors")).unwrap();
+    let b = Checkpoint::load(&out.join("checkpoint-last.safetensors")).unwrap();
+    let flat = |v: Vec<(String, candle_core::Tensor)>| {
+        let mut v: Vec<(String, Vec<f32>)> = v
+            .into_iter()
+            .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    assert_eq!(
+        flat(a.ema_values()),
+        flat(b.ema_values()),
+        "EMA after a resume"
+    );
+}
+
+#[test]
+fn gradient_clipping_bounds_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let fc = |vm: &VarMap| {
+        vm.data().lock().unwrap()["fc.weight"]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let moved = |clip: Option<f64>, out: &str| {
+        let (vm, m) = model();
+        let before = fc(&vm);
+        let cfg = TrainConfig {
+            clip_grad: clip,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            max_batches_per_epoch: Some(1),
+            ..config(1)
+        };
+        fit(
+            &m,
+            &vm,
+            &train,
+            Some(&test),
+            &cfg,
+            &Device::Cpu,
+            &dir.path().join(out),
+            false,
+        )
+        .unwrap();
+        let after = fc(&vm);
+        before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let free = moved(None, "free");
+    let clipped = moved(Some(1e-3), "clipped");
+    // One SGD step moves the head by lr * its gradient; clipped, the whole gradient has norm
+    // 1e-3, so the head moves by at most lr * 1e-3 (warmup lr at step 0 is below the peak).
+    assert!(free > 1e-4, "{free}");
+    assert!(clipped <= 0.02 * 1e-3 * (1.0 + 1e-4), "{clipped}");
+    assert!(TrainConfig {
+        clip_grad: Some(0.0),
+        ..config(1)
+    }
+    .validate()
+    .is_err());
+}

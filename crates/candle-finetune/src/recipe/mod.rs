@@ -452,7 +452,7 @@ impl FineTune {
         let paths = RunPaths {
             dir: self.out.clone(),
         };
-        Checkpoint::load(&paths.best())?.restore_weights(&varmap)?;
+        Checkpoint::load(&paths.best())?.restore_chosen(&varmap)?;
         let test = match (&test_ds, finished) {
             (Some(t), true) => {
                 let (r, skipped) = train::evaluate(&model, &eval_loader(t.clone())?, &dev)?;

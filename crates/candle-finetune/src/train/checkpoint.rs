@@ -31,6 +31,9 @@ pub struct CheckpointMeta {
     /// Where in epoch `epoch + 1` a recovery checkpoint was taken (`None`: at an epoch's end).
     #[serde(default)]
     pub partial: Option<PartialEpoch>,
+    /// The chosen epoch's model is the weight EMA (`ema.*`), not the trained weights.
+    #[serde(default)]
+    pub best_is_ema: bool,
 }
 
 /// The state of an epoch interrupted at an optimizer step: what resuming it needs to continue
@@ -110,6 +113,44 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Captures the current state and the weight EMA's values (`ema.*`), if any.
+    pub fn capture_with_ema(
+        varmap: &VarMap,
+        opt: &Optimizer,
+        meta: CheckpointMeta,
+        ema: Option<&super::Ema>,
+    ) -> Result<Self> {
+        let mut ck = Self::capture(varmap, opt, meta)?;
+        if let Some(e) = ema {
+            for (k, v) in e.values() {
+                ck.tensors.insert(format!("ema.{k}"), v.clone());
+            }
+        }
+        Ok(ck)
+    }
+
+    /// The weight EMA's values stored in the checkpoint (empty: none).
+    pub fn ema_values(&self) -> Vec<(String, Tensor)> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("ema.").map(|k| (k.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// Puts the chosen model into `varmap`: the EMA's values when
+    /// [`CheckpointMeta::best_is_ema`], else the trained weights.
+    pub fn restore_chosen(&self, varmap: &VarMap) -> Result<()> {
+        if self.meta.best_is_ema {
+            let v = self.ema_values();
+            if v.is_empty() {
+                bail!("checkpoint: the chosen model is the EMA, but no ema.* values are stored");
+            }
+            super::ema::set(varmap, &v)
+        } else {
+            self.restore_weights(varmap)
+        }
+    }
+
     /// Captures the current state.
     pub fn capture(varmap: &VarMap, opt: &Optimizer, meta: CheckpointMeta) -> Result<Self> {
         let mut tensors = HashMap::new();

@@ -3,12 +3,14 @@
 
 mod accumulate;
 mod checkpoint;
+mod ema;
 mod fused;
 mod optim;
 mod schedule;
 
 pub use accumulate::GradAccumulator;
 pub use checkpoint::{Checkpoint, CheckpointMeta, DataSignature, PartialEpoch};
+pub use ema::Ema;
 pub use optim::{Group, Optimizer, Rule};
 pub use schedule::{Decay, Schedule};
 
@@ -172,6 +174,20 @@ pub struct TrainConfig {
     /// One mixing draw per batch, pair or image (timm's `--mixup-mode`).
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = defaults().mixup_mode))]
     pub mixup_mode: crate::data::mixup::MixMode,
+    /// Keep an exponential moving average of the weights (timm's `--model-ema`, ModelEmaV3); it
+    /// is evaluated beside the trained weights and chosen when better on validation.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub model_ema: bool,
+    /// Decay of the weight EMA (timm's `--model-ema-decay`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().model_ema_decay))]
+    pub model_ema_decay: f64,
+    /// Warm the EMA's decay up over the first steps (timm's `--model-ema-warmup`).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub model_ema_warmup: bool,
+    /// Clip the gradient to this global L2 norm before each step (timm's `--clip-grad`, norm
+    /// mode).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub clip_grad: Option<f64>,
     /// Besides `checkpoint-last`, keep the newest this many checkpoints as
     /// `checkpoint-step-NNNNNNNN.safetensors` (hard links, older ones pruned; 0: none).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().keep_checkpoints))]
@@ -214,6 +230,10 @@ impl Default for TrainConfig {
             mixup_prob: 1.0,
             mixup_switch_prob: 0.5,
             mixup_mode: crate::data::mixup::MixMode::Batch,
+            model_ema: false,
+            model_ema_decay: 0.9998,
+            model_ema_warmup: false,
+            clip_grad: None,
         }
     }
 }
@@ -309,6 +329,17 @@ impl TrainConfig {
         if self.checkpoint_every_steps == Some(0) {
             bail!("train: checkpoint_every_steps must be positive");
         }
+        if !(0.0..=1.0).contains(&self.model_ema_decay) {
+            bail!(
+                "train: model_ema_decay must lie in [0, 1], not {}",
+                self.model_ema_decay
+            );
+        }
+        if let Some(c) = self.clip_grad {
+            if !(c.is_finite() && c > 0.0) {
+                bail!("train: clip_grad must be a positive number, not {c}");
+            }
+        }
         if !(0.0..=1.0).contains(&self.label_smoothing) {
             bail!(
                 "train: label_smoothing must lie in [0, 1], not {}",
@@ -349,6 +380,9 @@ pub struct EpochMetrics {
     /// Validation ECE.
     #[serde(default, alias = "ece")]
     pub val_ece: Option<f64>,
+    /// Validation top-1 of the weight EMA (`None`: no EMA or not evaluated).
+    #[serde(default)]
+    pub ema_val_top1: Option<f64>,
     /// Training images per second.
     pub images_per_s: f64,
     /// Seconds the training loop waited for the loader's next batch this epoch (0 when loading
@@ -426,6 +460,8 @@ pub struct FitSummary {
     /// The run stopped early (the observer asked, e.g. on SIGTERM): a recovery checkpoint holds
     /// its state, `--resume` continues it.
     pub interrupted: bool,
+    /// The chosen model is the weight EMA.
+    pub best_is_ema: bool,
 }
 
 /// Files of a run directory.
@@ -734,6 +770,7 @@ pub fn fit_with<M: Classifier>(
         summary.history = ck.meta.history.clone();
         summary.best_epoch = ck.meta.best_epoch;
         summary.best = ck.meta.best.clone();
+        summary.best_is_ema = ck.meta.best_is_ema;
         partial = ck.meta.partial.clone();
         // metrics.jsonl says what the checkpoint says: a line appended by an epoch that was
         // killed before its checkpoint is dropped (that epoch runs again).
@@ -756,6 +793,21 @@ pub fn fit_with<M: Classifier>(
     } else {
         let _ = std::fs::remove_file(paths.metrics());
     }
+    // The weight EMA: from the checkpoint when resuming, else the model as it starts.
+    let mut ema = if cfg.model_ema {
+        let stored = if resume {
+            Checkpoint::load(&paths.last())?.ema_values()
+        } else {
+            Vec::new()
+        };
+        Some(if stored.is_empty() {
+            Ema::new(varmap, cfg.model_ema_decay, cfg.model_ema_warmup)?
+        } else {
+            Ema::from_values(cfg.model_ema_decay, cfg.model_ema_warmup, stored)
+        })
+    } else {
+        None
+    };
     let loss_fn = candle_xent::CrossEntropyLoss::new().label_smoothing(cfg.label_smoothing);
     let soft_loss = candle_xent::CrossEntropyLoss::new();
     let end = cfg
@@ -873,6 +925,9 @@ pub fn fit_with<M: Classifier>(
                         *g = (&*g * k)?;
                     }
                 }
+                if let Some(max) = cfg.clip_grad {
+                    clip_grad_norm(&mut grads, max)?;
+                }
                 candle_resnet::threads::on_cpu_worker(device, || opt.step_with(&grads, lr))?;
                 let mean = if cfg.accum_steps == 1 {
                     step_loss
@@ -885,6 +940,9 @@ pub fn fit_with<M: Classifier>(
                 loss_n += 1;
                 step_loss = 0.0;
                 step += 1;
+                if let Some(e) = ema.as_mut() {
+                    e.update(varmap, step)?;
+                }
                 let event = StepEvent {
                     epoch: epoch + 1,
                     step,
@@ -920,8 +978,10 @@ pub fn fit_with<M: Classifier>(
                             skipped: skipped_before,
                             seconds: seconds_before + t0.elapsed().as_secs_f64(),
                         }),
+                        best_is_ema: summary.best_is_ema,
                     };
-                    Checkpoint::capture(varmap, &opt, meta)?.save(&paths.last())?;
+                    Checkpoint::capture_with_ema(varmap, &opt, meta, ema.as_ref())?
+                        .save(&paths.last())?;
                     paths.keep_last(step, cfg.keep_checkpoints)?;
                     last_checkpoint = Instant::now();
                 }
@@ -959,6 +1019,16 @@ pub fn fit_with<M: Classifier>(
             }
             _ => (None, 0),
         };
+        // The EMA evaluated on the same images, its values swapped into the model for it.
+        let res_ema = match (validation, &ema) {
+            (Some(v), Some(e)) if evaluate_now => {
+                let saved = e.swap_in(varmap)?;
+                let r = evaluate(model, v, device);
+                Ema::restore(varmap, &saved)?;
+                Some(r?.0)
+            }
+            _ => None,
+        };
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / loss_n.max(1) as f64,
@@ -967,6 +1037,7 @@ pub fn fit_with<M: Classifier>(
             val_top5: res.as_ref().map(|r| r.top5),
             val_nll: res.as_ref().map(|r| r.nll),
             val_ece: res.as_ref().map(|r| r.ece),
+            ema_val_top1: res_ema.as_ref().map(|r| r.top1),
             images_per_s: ips,
             data_wait_s,
             loader_ms_per_image: 1e3 * train_report.busy_s / train_report.images.max(1) as f64,
@@ -988,8 +1059,13 @@ pub fn fit_with<M: Classifier>(
             &serde_json::to_string(&m).map_err(candle_core::Error::wrap)?,
         )?;
         summary.history.push(m);
-        // Chosen on validation only; without a validation split every epoch replaces the last.
-        let improved = match (&res, selected_on) {
+        // Chosen on validation only; without a validation split every epoch replaces the last
+        // (its EMA when there is one). The EMA is the candidate when it validates better.
+        let (candidate, candidate_is_ema) = match (res, res_ema) {
+            (Some(r), Some(e)) if e.top1 > r.top1 => (Some(e), true),
+            (r, _) => (r, ema.is_some() && selected_on == Selection::LastEpoch),
+        };
+        let improved = match (&candidate, selected_on) {
             (_, Selection::LastEpoch) => true,
             (Some(r), Selection::Validation) => {
                 summary.best.as_ref().is_none_or(|b| r.top1 > b.top1)
@@ -997,8 +1073,9 @@ pub fn fit_with<M: Classifier>(
             (None, Selection::Validation) => false,
         };
         if improved {
-            summary.best = res.clone();
+            summary.best = candidate.clone();
             summary.best_epoch = epoch + 1;
+            summary.best_is_ema = candidate_is_ema;
         }
         let meta = CheckpointMeta {
             epoch: epoch + 1,
@@ -1009,13 +1086,28 @@ pub fn fit_with<M: Classifier>(
             config: cfg.clone(),
             data: Some(data_signature.clone()),
             partial: None,
+            best_is_ema: summary.best_is_ema,
         };
-        let ck = Checkpoint::capture(varmap, &opt, meta)?;
+        let ck = Checkpoint::capture_with_ema(varmap, &opt, meta, ema.as_ref())?;
         // The chosen model first, the run's state last: a kill between the two redoes the
         // epoch on resume, which writes the same chosen model again.
         if improved {
             ck.save(&paths.best())?;
-            candle_resnet::export::export_safetensors(varmap, step as i64, &paths.model())?;
+            match (&ema, summary.best_is_ema) {
+                (Some(e), true) => {
+                    let saved = e.swap_in(varmap)?;
+                    let r = candle_resnet::export::export_safetensors(
+                        varmap,
+                        step as i64,
+                        &paths.model(),
+                    );
+                    Ema::restore(varmap, &saved)?;
+                    r?;
+                }
+                _ => {
+                    candle_resnet::export::export_safetensors(varmap, step as i64, &paths.model())?
+                }
+            }
         }
         ck.save(&paths.last())?;
         paths.keep_last(step, cfg.keep_checkpoints)?;
@@ -1028,6 +1120,26 @@ pub fn fit_with<M: Classifier>(
         }
     }
     Ok(summary)
+}
+
+/// Scales `grads` so that their global L2 norm is at most `max` (torch's `clip_grad_norm_`:
+/// coefficient `max / (norm + 1e-6)`, applied when below 1).
+fn clip_grad_norm(grads: &mut std::collections::HashMap<String, Tensor>, max: f64) -> Result<()> {
+    let mut sq = 0f64;
+    for g in grads.values() {
+        sq += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    let coef = max / (sq.sqrt() + 1e-6);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes what writes killed mid-way left in a run folder: `.NAME.tmp-PID` files of this
@@ -1069,6 +1181,10 @@ fn epoch_line(m: &EpochMetrics, epochs: usize, run_eta: &str) -> String {
             100.0 * ece
         ),
         _ => "not evaluated".into(),
+    };
+    let val = match m.ema_val_top1 {
+        Some(e) => format!("{val} (EMA top-1 {:.2}%)", 100.0 * e),
+        None => val,
     };
     format!(
         "epoch {}/{epochs}: train loss {:.4}, {val}, {:.1} img/s (waited {:.1} s for data, loader {:.2} ms/image), skipped images {} (train {}, validation {}), run ETA {run_eta}",
