@@ -533,24 +533,7 @@ fn list_snapshot(root: &Path, repo: &str, revision: &str) -> Result<RepoListing>
             snap.display()
         );
     }
-    let mut files = Vec::new();
-    let mut stack = vec![snap.clone()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir)? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.is_file() {
-                let rel = p.strip_prefix(&snap).expect("walked under the snapshot");
-                let parts: Vec<String> = rel
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .collect();
-                files.push(parts.join("/"));
-            }
-        }
-    }
-    files.sort();
+    let files = crate::files::relative_files(&snap, |_| true)?;
     Ok(RepoListing {
         repo: repo.into(),
         revision: revision.into(),

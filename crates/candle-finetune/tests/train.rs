@@ -939,35 +939,9 @@ fn mixup_and_cutmix_train_on_soft_targets_and_resume_exactly() {
         max_batches_per_epoch: Some(3),
         ..config(2)
     };
-    // The training loader mixes; batches carry soft targets that are distributions.
-    let mixing = Loader::new(
-        train.dataset().clone(),
-        Transform {
-            pre: Preprocess {
-                size: 32,
-                crop_pct: 1.0,
-                ..Default::default()
-            },
-            train: true,
-        },
-        LoaderConfig {
-            batch_size: 16,
-            mixup: mixed.mixup(4),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let b = mixing.epoch(0).next().unwrap().unwrap();
-    let t = b.targets.expect("soft targets").to_vec2::<f32>().unwrap();
-    assert!(t.iter().all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
-    assert!(
-        t.iter()
-            .any(|r| r.iter().filter(|v| **v > 0.1).count() == 2),
-        "mixed rows"
-    );
-    let run = |cfg: &TrainConfig, out: &str, resume: bool| {
-        let (vm, m) = if resume { resnet18_fresh() } else { model() };
-        let l = Loader::new(
+    // The training loader of a configuration (mixing when it says so).
+    let loader_of = |cfg: &TrainConfig| {
+        Loader::new(
             train.dataset().clone(),
             Transform {
                 pre: Preprocess {
@@ -984,7 +958,20 @@ fn mixup_and_cutmix_train_on_soft_targets_and_resume_exactly() {
                 ..Default::default()
             },
         )
-        .unwrap();
+        .unwrap()
+    };
+    // Mixed batches carry soft targets that are distributions.
+    let b = loader_of(&mixed).epoch(0).next().unwrap().unwrap();
+    let t = b.targets.expect("soft targets").to_vec2::<f32>().unwrap();
+    assert!(t.iter().all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+    assert!(
+        t.iter()
+            .any(|r| r.iter().filter(|v| **v > 0.1).count() == 2),
+        "mixed rows"
+    );
+    let run = |cfg: &TrainConfig, out: &str, resume: bool| {
+        let (vm, m) = if resume { resnet18_fresh() } else { model() };
+        let l = loader_of(cfg);
         fit(
             &m,
             &vm,

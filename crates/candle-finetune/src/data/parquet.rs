@@ -82,6 +82,48 @@ fn labels_of(col: &ArrayRef) -> Option<Vec<Option<i64>>> {
     None
 }
 
+/// The encoded images of column `image_column` of a record batch: a struct's `bytes` field
+/// or a binary column; a null image is empty bytes (it fails to decode, and is skipped, later).
+pub(crate) fn image_bytes(
+    batch: &RecordBatch,
+    image_column: &str,
+) -> Result<Vec<Arc<[u8]>>, String> {
+    let col = batch
+        .column_by_name(image_column)
+        .ok_or_else(|| format!("no `{image_column}` column"))?;
+    let bytes: ArrayRef = match col.data_type() {
+        DataType::Struct(_) => col
+            .as_struct()
+            .column_by_name("bytes")
+            .cloned()
+            .ok_or_else(|| format!("`{image_column}` struct has no `bytes` field"))?,
+        DataType::Binary | DataType::LargeBinary => col.clone(),
+        other => {
+            return Err(format!(
+                "`{image_column}` column has type {other}, expected struct or binary"
+            ))
+        }
+    };
+    fn all<O: arrow_array::OffsetSizeTrait>(
+        a: &arrow_array::GenericBinaryArray<O>,
+    ) -> Vec<Arc<[u8]>> {
+        (0..a.len())
+            .map(|i| {
+                if a.is_null(i) {
+                    Arc::from(&[][..])
+                } else {
+                    Arc::from(a.value(i))
+                }
+            })
+            .collect()
+    }
+    match bytes.data_type() {
+        DataType::Binary => Ok(all(bytes.as_binary::<i32>())),
+        DataType::LargeBinary => Ok(all(bytes.as_binary::<i64>())),
+        other => Err(format!("image bytes have type {other}, expected binary")),
+    }
+}
+
 /// Reads only the class column of a shard, every row in order (nulls are an error naming the
 /// row).
 ///
@@ -157,23 +199,7 @@ pub fn read_shard(path: &Path, columns: &Columns) -> Result<Shard, String> {
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| ctx(&e))?;
-        let image = batch
-            .column_by_name(&columns.image)
-            .ok_or_else(|| ctx(&format!("no `{}` column", columns.image)))?;
-        let bytes_col: ArrayRef = match image.data_type() {
-            DataType::Struct(_) => image
-                .as_struct()
-                .column_by_name("bytes")
-                .cloned()
-                .ok_or_else(|| ctx(&format!("`{}` struct has no `bytes` field", columns.image)))?,
-            DataType::Binary | DataType::LargeBinary => image.clone(),
-            other => {
-                return Err(ctx(&format!(
-                    "`{}` column has type {other}, expected struct or binary",
-                    columns.image
-                )))
-            }
-        };
+        let images = image_bytes(&batch, &columns.image).map_err(|e| ctx(&e))?;
         let label = batch
             .column_by_name(&columns.label)
             .ok_or_else(|| ctx(&format!("no `{}` column", columns.label)))?;
@@ -184,36 +210,10 @@ pub fn read_shard(path: &Path, columns: &Columns) -> Result<Shard, String> {
                 label.data_type()
             ))
         })?;
-        for (i, label) in labels.into_iter().enumerate() {
-            let bytes: &[u8] = match bytes_col.data_type() {
-                DataType::Binary => {
-                    let a = bytes_col.as_binary::<i32>();
-                    if a.is_null(i) {
-                        &[]
-                    } else {
-                        a.value(i)
-                    }
-                }
-                DataType::LargeBinary => {
-                    let a = bytes_col.as_binary::<i64>();
-                    if a.is_null(i) {
-                        &[]
-                    } else {
-                        a.value(i)
-                    }
-                }
-                other => {
-                    return Err(ctx(&format!(
-                        "image bytes have type {other}, expected binary"
-                    )))
-                }
-            };
+        for (bytes, label) in images.into_iter().zip(labels) {
             let label =
                 label.ok_or_else(|| ctx(&format!("row {} has a null label", rows.len())))?;
-            rows.push(Row {
-                bytes: Arc::from(bytes),
-                label,
-            });
+            rows.push(Row { bytes, label });
         }
     }
     Ok(Shard { rows, class_names })

@@ -78,27 +78,9 @@ impl SplitData {
 }
 
 fn walk(dir: &Path) -> Result<Vec<String>> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d)
-            .map_err(|e| candle_core::Error::Msg(format!("data folder {}: {e}", d.display())))?;
-        for e in entries {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "parquet" || e == "md") {
-                let rel = p.strip_prefix(dir).expect("walked under the folder");
-                let parts: Vec<String> = rel
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .collect();
-                files.push(parts.join("/"));
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
+    crate::files::relative_files(dir, |p| {
+        p.extension().is_some_and(|e| e == "parquet" || e == "md")
+    })
 }
 
 fn card_of(readme: Option<PathBuf>) -> Result<Option<Value>> {

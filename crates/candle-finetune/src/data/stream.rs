@@ -5,9 +5,6 @@
 //! ([`super::Dataset::order`]) visits row groups in a shuffled order, a window of them at a time,
 //! shuffling the images within each window, so that each row group is read about once an epoch.
 
-use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef};
-use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
@@ -261,50 +258,9 @@ impl ParquetFile {
         let mut out = Vec::new();
         for batch in reader {
             let batch = batch.map_err(|e| ctx(&e))?;
-            let col = batch
-                .column_by_name(&self.image_column)
-                .ok_or_else(|| ctx(&format!("no `{}` column", self.image_column)))?;
-            let bytes: ArrayRef = match col.data_type() {
-                DataType::Struct(_) => col
-                    .as_struct()
-                    .column_by_name("bytes")
-                    .cloned()
-                    .ok_or_else(|| {
-                        ctx(&format!(
-                            "`{}` struct has no `bytes` field",
-                            self.image_column
-                        ))
-                    })?,
-                _ => col.clone(),
-            };
-            match bytes.data_type() {
-                DataType::Binary => {
-                    let a = bytes.as_binary::<i32>();
-                    out.extend((0..a.len()).map(|i| {
-                        if a.is_null(i) {
-                            Arc::from(&[][..])
-                        } else {
-                            Arc::from(a.value(i))
-                        }
-                    }));
-                }
-                DataType::LargeBinary => {
-                    let a = bytes.as_binary::<i64>();
-                    out.extend((0..a.len()).map(|i| {
-                        if a.is_null(i) {
-                            Arc::from(&[][..])
-                        } else {
-                            Arc::from(a.value(i))
-                        }
-                    }));
-                }
-                other => {
-                    return Err(ctx(&format!(
-                        "`{}` has type {other}, expected binary image bytes",
-                        self.image_column
-                    )))
-                }
-            }
+            out.extend(
+                super::parquet::image_bytes(&batch, &self.image_column).map_err(|e| ctx(&e))?,
+            );
         }
         Ok(Arc::new(out))
     }
