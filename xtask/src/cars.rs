@@ -513,3 +513,53 @@ pub fn ablate_smoothing(a: AblateArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Line {
+        #[command(flatten)]
+        a: TrainArgs,
+    }
+
+    #[test]
+    fn timm_flag_names_parse_into_the_train_config() {
+        let l = Line::try_parse_from([
+            "train",
+            "--mixup",
+            "0.2",
+            "--cutmix",
+            "1.0",
+            "--cutmix-minmax",
+            "0.2,0.8",
+            "--mixup-mode",
+            "elem",
+            "--model-ema",
+            "--model-ema-decay",
+            "0.999",
+            "--clip-grad",
+            "1.5",
+            "--checkpoint-every-steps",
+            "50",
+        ])
+        .unwrap();
+        let t = &l.a.train;
+        assert_eq!(
+            (t.mixup_alpha, t.cutmix_alpha, t.cutmix_minmax.clone()),
+            (0.2, 1.0, Some(vec![0.2, 0.8]))
+        );
+        assert_eq!(t.mixup_mode, candle_finetune::data::mixup::MixMode::Elem);
+        assert!(t.model_ema && t.model_ema_decay == 0.999 && t.clip_grad == Some(1.5));
+        assert_eq!(t.checkpoint_every_steps, Some(50));
+        t.validate().unwrap();
+        // The defaults are TrainConfig's own.
+        let d = Line::try_parse_from(["train"]).unwrap();
+        assert_eq!(d.a.train, TrainConfig::default());
+        // One number is not a box range.
+        let one = Line::try_parse_from(["train", "--cutmix-minmax", "0.2"]).unwrap();
+        assert!(one.a.train.validate().is_err());
+    }
+}

@@ -163,7 +163,7 @@ pub struct TrainConfig {
     pub cutmix_alpha: f64,
     /// CutMix box sides as MIN,MAX fractions of the image instead of from lambda (turns CutMix
     /// on; timm's `--cutmix-minmax`).
-    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ',', num_args = 2))]
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ','))]
     pub cutmix_minmax: Option<Vec<f64>>,
     /// Probability of mixing a batch / pair / image (timm's `--mixup-prob`).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().mixup_prob))]
