@@ -12,6 +12,10 @@ use std::thread::JoinHandle;
 /// the per-image augmentations, which use the image's index).
 const MIXUP_STREAM: u64 = 1 << 62;
 
+/// The `index` stream of [`super::sample_rng`] the random erasing of image `i` draws from
+/// (`ERASING_STREAM + i`).
+const ERASING_STREAM: u64 = 1 << 61;
+
 /// Batching options.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderConfig {
@@ -28,6 +32,9 @@ pub struct LoaderConfig {
     /// Mixup / CutMix applied to each batch on the loader's thread (draws from `seed`, the
     /// epoch and the batch's position); batches then carry soft [`Batch::targets`].
     pub mixup: Option<super::mixup::Mixup>,
+    /// Random erasing of each image after its transform (draws from `seed`, the epoch and the
+    /// image's index).
+    pub erasing: Option<super::erasing::RandomErasing>,
 }
 
 impl Default for LoaderConfig {
@@ -39,6 +46,7 @@ impl Default for LoaderConfig {
             seed: 0,
             prefetch: 2,
             mixup: None,
+            erasing: None,
         }
     }
 }
@@ -194,7 +202,20 @@ impl Loader {
                             let t0 = std::time::Instant::now();
                             let r = ds
                                 .load_image(i)
-                                .and_then(|img| t.apply(&img, cfg.seed, epoch, i as u64, out));
+                                .and_then(|img| t.apply(&img, cfg.seed, epoch, i as u64, out))
+                                .and_then(|()| match &cfg.erasing {
+                                    Some(e) => {
+                                        let mut rng = super::sample_rng(
+                                            cfg.seed,
+                                            epoch,
+                                            ERASING_STREAM + i as u64,
+                                        );
+                                        let boxes = e.plan(s, s, &mut rng);
+                                        e.apply(&boxes, out, (3, s, s), &mut rng)
+                                            .map_err(|e| e.to_string())
+                                    }
+                                    None => Ok(()),
+                                });
                             (r, t0.elapsed().as_secs_f64())
                         })
                         .collect();

@@ -4,6 +4,7 @@
 //! split ([`holdout`]); decoding, transforms and a parallel, prefetching [`Loader`].
 
 mod decode;
+pub mod erasing;
 pub mod features;
 pub mod holdout;
 mod info;

@@ -385,6 +385,7 @@ impl FineTune {
             seed: cfg.seed,
             prefetch: 3,
             mixup: cfg.mixup(train_ds.num_classes()),
+            erasing: cfg.erasing(),
         };
         let eval_loader = |ds: Arc<Dataset>| {
             Loader::new(
@@ -396,6 +397,7 @@ impl FineTune {
                 LoaderConfig {
                     shuffle: false,
                     mixup: None,
+                    erasing: None,
                     ..lcfg.clone()
                 },
             )

@@ -174,6 +174,15 @@ pub struct TrainConfig {
     /// One mixing draw per batch, pair or image (timm's `--mixup-mode`).
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = defaults().mixup_mode))]
     pub mixup_mode: crate::data::mixup::MixMode,
+    /// Probability of randomly erasing a box of each training image (timm's `--reprob`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().reprob))]
+    pub reprob: f64,
+    /// Fill of erased boxes (timm's `--remode`).
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = defaults().remode))]
+    pub remode: crate::data::erasing::EraseMode,
+    /// Boxes per erased image (timm's `--recount`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().recount))]
+    pub recount: usize,
     /// Keep an exponential moving average of the weights (timm's `--model-ema`, ModelEmaV3); it
     /// is evaluated beside the trained weights and chosen when better on validation.
     #[cfg_attr(feature = "clap", arg(long))]
@@ -230,6 +239,9 @@ impl Default for TrainConfig {
             mixup_prob: 1.0,
             mixup_switch_prob: 0.5,
             mixup_mode: crate::data::mixup::MixMode::Batch,
+            reprob: 0.0,
+            remode: crate::data::erasing::EraseMode::Pixel,
+            recount: 1,
             model_ema: false,
             model_ema_decay: 0.9998,
             model_ema_warmup: false,
@@ -265,6 +277,19 @@ impl TrainConfig {
             num_classes,
         };
         m.enabled().then_some(m)
+    }
+
+    /// The random erasing of this configuration (`None` when `reprob` is 0).
+    ///
+    /// ```
+    /// use candle_finetune::train::TrainConfig;
+    /// assert!(TrainConfig::default().erasing().is_none());
+    /// assert_eq!(TrainConfig { reprob: 0.25, ..Default::default() }.erasing().unwrap().count, 1);
+    /// ```
+    pub fn erasing(&self) -> Option<crate::data::erasing::RandomErasing> {
+        (self.reprob > 0.0).then(|| {
+            crate::data::erasing::RandomErasing::timm(self.reprob, self.remode, self.recount)
+        })
     }
 
     /// The decay for epochs of `steps_per_epoch` optimizer steps.
@@ -325,6 +350,13 @@ impl TrainConfig {
         }
         if let Some(m) = self.mixup(1) {
             m.validate()?;
+        }
+        if !(0.0..=1.0).contains(&self.reprob) || self.recount == 0 {
+            bail!(
+                "train: reprob must lie in [0, 1] and recount be at least 1, not {} and {}",
+                self.reprob,
+                self.recount
+            );
         }
         if self.checkpoint_every_steps == Some(0) {
             bail!("train: checkpoint_every_steps must be positive");
