@@ -256,6 +256,7 @@ pub fn model_card(
         _ => arg("schedule"),
     };
     v.insert("decay", decay);
+    v.insert("regularisation", regularisation(args));
     v.insert(
         "command",
         match args.get("command").and_then(|c| c.as_str()) {
@@ -292,6 +293,59 @@ pub fn model_card(
         serde_json::to_string_pretty(args).map_err(candle_core::Error::wrap)?,
     );
     render(CARD_TEMPLATE, &v)
+}
+
+/// The recipe's mixing, weight EMA, random erasing and gradient clipping in words ("none" when
+/// none is on), from the training arguments.
+fn regularisation(args: &serde_json::Value) -> String {
+    let num = |k: &str| args.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let text = |k: &str| {
+        args.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+            .to_string()
+    };
+    let mut parts = Vec::new();
+    let (mixup, cutmix) = (num("mixup_alpha"), num("cutmix_alpha"));
+    let minmax = args.get("cutmix_minmax").filter(|v| !v.is_null());
+    if mixup > 0.0 || cutmix > 0.0 || minmax.is_some() {
+        let mut m = Vec::new();
+        if mixup > 0.0 {
+            m.push(format!("mixup alpha {mixup}"));
+        }
+        if cutmix > 0.0 || minmax.is_some() {
+            m.push(match minmax {
+                Some(r) => format!("CutMix box {r}"),
+                None => format!("CutMix alpha {cutmix}"),
+            });
+        }
+        parts.push(format!(
+            "{} (probability {}, switch {}, per {})",
+            m.join(" + "),
+            num("mixup_prob"),
+            num("mixup_switch_prob"),
+            text("mixup_mode")
+        ));
+    }
+    if args.get("model_ema").and_then(|v| v.as_bool()) == Some(true) {
+        parts.push(format!("weight EMA decay {}", num("model_ema_decay")));
+    }
+    if num("reprob") > 0.0 {
+        parts.push(format!(
+            "random erasing {} ({}, {} box)",
+            num("reprob"),
+            text("remode"),
+            num("recount")
+        ));
+    }
+    if let Some(c) = args.get("clip_grad").and_then(|v| v.as_f64()) {
+        parts.push(format!("gradient norm clipped to {c}"));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join("; ")
+    }
 }
 
 /// The card's results section: which split chose the epoch, and the test figures of that model

@@ -134,6 +134,10 @@ fn the_card_says_what_chose_the_epoch_and_reports_test_once() {
         "{card}"
     );
     assert!(!card.contains("chosen by its test"), "{card}");
+    assert!(
+        card.contains("| mixing, EMA, erasing, clipping | none |"),
+        "{card}"
+    );
     // Without a test split: the validation figures, said to be optimistic; model-index on
     // the validation split.
     let cfg = ModelConfig::new(Arch::ResNet18, &classes, &Default::default());
@@ -154,9 +158,17 @@ fn the_card_says_what_chose_the_epoch_and_reports_test_once() {
         selected_on: Selection::Validation,
         validation_source: "10 % held out".into(),
     };
-    let card = model_card(&cfg, &prov, &serde_json::json!({}), &o).unwrap();
+    let args = serde_json::json!({"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mixup_prob": 1.0,
+        "mixup_switch_prob": 0.5, "mixup_mode": "batch", "model_ema": true,
+        "model_ema_decay": 0.9998, "reprob": 0.25, "remode": "pixel", "recount": 1,
+        "clip_grad": 1.0});
+    let card = model_card(&cfg, &prov, &args, &o).unwrap();
     assert!(
         card.contains("## Results (validation split)") && card.contains("optimistic"),
+        "{card}"
+    );
+    assert!(
+        card.contains("mixup alpha 0.2 + CutMix alpha 1 (probability 1, switch 0.5, per batch); weight EMA decay 0.9998; random erasing 0.25 (pixel, 1 box); gradient norm clipped to 1"),
         "{card}"
     );
     assert!(front_matter(&card).contains("split: validation"));
