@@ -751,6 +751,8 @@ pub fn fit_with<M: Classifier>(
     };
     remove_stale_temporaries(out);
     let mut partial: Option<PartialEpoch> = None;
+    // The weight EMA's values in the checkpoint resumed from (read with it, once).
+    let mut stored_ema: Vec<(String, Tensor)> = Vec::new();
     let resume = resume && {
         let found = paths.last().exists();
         if !found {
@@ -797,6 +799,7 @@ pub fn fit_with<M: Classifier>(
             }
         }
         ck.restore(varmap, &mut opt)?;
+        stored_ema = ck.ema_values();
         start_epoch = ck.meta.epoch;
         step = ck.meta.step;
         summary.history = ck.meta.history.clone();
@@ -827,15 +830,10 @@ pub fn fit_with<M: Classifier>(
     }
     // The weight EMA: from the checkpoint when resuming, else the model as it starts.
     let mut ema = if cfg.model_ema {
-        let stored = if resume {
-            Checkpoint::load(&paths.last())?.ema_values()
-        } else {
-            Vec::new()
-        };
-        Some(if stored.is_empty() {
+        Some(if stored_ema.is_empty() {
             Ema::new(varmap, cfg.model_ema_decay, cfg.model_ema_warmup)?
         } else {
-            Ema::from_values(cfg.model_ema_decay, cfg.model_ema_warmup, stored)
+            Ema::from_values(cfg.model_ema_decay, cfg.model_ema_warmup, stored_ema)
         })
     } else {
         None
