@@ -501,9 +501,12 @@ impl FineTune {
         write_model_folder(&self.out, &config, &prov, &args, &fit, &outcome)?;
         match (&test, &fit.best) {
             (Some(t), _) => eprintln!(
-                "epoch {} (chosen on {}): test top-1 {:.2}%, top-5 {:.2}%, ECE {:.2}% on {} images; model folder {}",
+                "epoch {} ({}): test top-1 {:.2}%, top-5 {:.2}%, ECE {:.2}% on {} images; model folder {}",
                 fit.best_epoch,
-                fit.selected_on.name(),
+                match fit.selected_on {
+                    train::Selection::Validation => "chosen on validation",
+                    train::Selection::LastEpoch => "the last, no validation split",
+                },
                 100.0 * t.top1,
                 100.0 * t.top5,
                 100.0 * t.ece,
