@@ -544,9 +544,30 @@ mod tests {
             "1.5",
             "--checkpoint-every-steps",
             "50",
+            "--aa",
+            "rand-m7-n3",
+            "--color-jitter",
+            "0.4,0.3,0.2,0.1",
+            "--scale",
+            "0.35,1",
+            "--ratio",
+            "0.5,2",
+            "--hflip",
+            "0.25",
         ])
         .unwrap();
         let t = &l.a.train;
+        let a = t.augment().unwrap();
+        assert_eq!(
+            a.auto_augment,
+            Some(candle_finetune::data::augment::AutoAugment::RandAugment {
+                num_ops: 3,
+                magnitude: 7,
+                bins: 31
+            })
+        );
+        assert_eq!((a.scale, a.ratio, a.hflip), ([0.35, 1.0], [0.5, 2.0], 0.25));
+        assert_eq!(a.color_jitter.unwrap().hue, Some([-0.1, 0.1]));
         assert_eq!(
             (t.mixup_alpha, t.cutmix_alpha, t.cutmix_minmax.clone()),
             (0.2, 1.0, Some(vec![0.2, 0.8]))

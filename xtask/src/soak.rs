@@ -127,15 +127,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     let train = Loader::new(
         train_ds.clone(),
-        Transform {
-            pre: pre.clone(),
-            train: true,
-        },
+        Transform::for_training(pre.clone()),
         lcfg.clone(),
     )?;
     let test = Loader::new(
         test_ds,
-        Transform { pre, train: false },
+        Transform::for_eval(pre),
         LoaderConfig {
             shuffle: false,
             ..lcfg

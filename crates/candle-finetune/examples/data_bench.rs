@@ -41,10 +41,7 @@ fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args().nth(1).map_or(Ok(256), |s| s.parse())?;
     let jpegs: Vec<Vec<u8>> = (0..n as u32).into_par_iter().map(photo).collect();
     let mean_kb = jpegs.iter().map(|j| j.len()).sum::<usize>() as f64 / n as f64 / 1024.0;
-    let t = Transform {
-        pre: Preprocess::default(),
-        train: true,
-    };
+    let t = Transform::for_training(Preprocess::default());
     let run = |threads: usize| -> anyhow::Result<f64> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

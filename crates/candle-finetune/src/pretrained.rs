@@ -231,10 +231,7 @@ impl Pretrained {
     /// The eval transform of this model's config (resize, center crop, normalise), the one
     /// evaluation and [`Pretrained::predict`] apply.
     pub fn transform(&self) -> crate::data::Transform {
-        crate::data::Transform {
-            pre: self.config.preprocess(),
-            train: false,
-        }
+        crate::data::Transform::for_eval(self.config.preprocess())
     }
 
     /// The `k` most probable classes of each encoded image (JPEG or PNG bytes), as

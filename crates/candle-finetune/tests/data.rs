@@ -142,13 +142,10 @@ fn image_folder_decodes_grey_and_palette_and_skips_broken_files() {
     assert!(ds.load_image(2).unwrap_err().contains("empty"));
     assert!(ds.load_image(4).unwrap_err().contains("truncated"));
 
-    let t = Transform {
-        pre: Preprocess {
-            size: 16,
-            ..Default::default()
-        },
-        train: true,
-    };
+    let t = Transform::for_training(Preprocess {
+        size: 16,
+        ..Default::default()
+    });
     let loader = Loader::new(
         ds,
         t,
@@ -191,7 +188,7 @@ fn eval_transform_is_resize_then_exact_center_crop() {
             mean: [0.0; 3],
             std: [1.0; 3],
         };
-        let t = Transform { pre, train: false };
+        let t = Transform::for_eval(pre);
         let mut out = vec![0f32; 3 * 16];
         t.apply(&img, 0, 0, 0, &mut out).unwrap();
         for y in 0..4 {
@@ -229,7 +226,7 @@ fn train_transform_crops_flips_and_is_reproducible() {
         std: [1.0; 3],
         ..Default::default()
     };
-    let t = Transform { pre, train: true };
+    let t = Transform::for_training(pre);
     let mut flips = [0, 0];
     for index in 0..40u64 {
         let (b, flip) = t.geometry(60, 40, 3, 1, index);
@@ -308,13 +305,10 @@ fn batches_do_not_depend_on_the_thread_count() {
             .build()
             .unwrap();
         pool.install(|| {
-            let t = Transform {
-                pre: Preprocess {
-                    size: 20,
-                    ..Default::default()
-                },
-                train: true,
-            };
+            let t = Transform::for_training(Preprocess {
+                size: 20,
+                ..Default::default()
+            });
             let l = Loader::new(
                 ds.clone(),
                 t,
@@ -406,13 +400,10 @@ fn drop_last_and_unshuffled_order() {
         .unwrap();
     }
     let ds = Arc::new(Dataset::from_image_folder(dir.path()).unwrap());
-    let t = Transform {
-        pre: Preprocess {
-            size: 8,
-            ..Default::default()
-        },
-        train: false,
-    };
+    let t = Transform::for_eval(Preprocess {
+        size: 8,
+        ..Default::default()
+    });
     let cfg = LoaderConfig {
         batch_size: 2,
         shuffle: false,
@@ -441,12 +432,11 @@ fn zero_image_size_is_an_error_and_the_report_survives_the_end() {
     }
     std::fs::write(dir.path().join("k").join("bad.png"), b"not a png").unwrap();
     let ds = Arc::new(Dataset::from_image_folder(dir.path()).unwrap());
-    let t = |size| Transform {
-        pre: Preprocess {
+    let t = |size| {
+        Transform::for_eval(Preprocess {
             size,
             ..Default::default()
-        },
-        train: false,
+        })
     };
     let cfg = LoaderConfig {
         batch_size: 2,

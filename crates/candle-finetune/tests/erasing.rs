@@ -139,13 +139,10 @@ fn the_loader_erases_deterministically() {
     let batch = |erasing: Option<RandomErasing>| {
         let l = Loader::new(
             ds.clone(),
-            Transform {
-                pre: Preprocess {
-                    size: 24,
-                    ..Default::default()
-                },
-                train: true,
-            },
+            Transform::for_training(Preprocess {
+                size: 24,
+                ..Default::default()
+            }),
             LoaderConfig {
                 batch_size: 8,
                 erasing,

@@ -226,16 +226,13 @@ fn live_heap_stays_flat_over_hundreds_of_steps() {
     };
     let train = Loader::new(
         tiny_dataset(64),
-        Transform {
-            pre: pre.clone(),
-            train: true,
-        },
+        Transform::for_training(pre.clone()),
         lcfg.clone(),
     )
     .unwrap();
     let test = Loader::new(
         tiny_dataset(8),
-        Transform { pre, train: false },
+        Transform::for_eval(pre),
         LoaderConfig {
             shuffle: false,
             ..lcfg

@@ -89,13 +89,10 @@ fn a_shuffled_epoch_reads_each_row_group_about_once() {
     assert_ne!(order, ds.order(5, 1), "each epoch its own order");
     let loader = Loader::new(
         ds.clone(),
-        Transform {
-            pre: candle_finetune::data::Preprocess {
-                size: 16,
-                ..Default::default()
-            },
-            train: true,
-        },
+        Transform::for_training(candle_finetune::data::Preprocess {
+            size: 16,
+            ..Default::default()
+        }),
         LoaderConfig {
             batch_size: 10,
             ..Default::default()

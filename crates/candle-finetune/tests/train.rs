@@ -66,18 +66,10 @@ fn loaders(dir: &std::path::Path) -> (Loader, Loader) {
         ..Default::default()
     };
     (
-        Loader::new(
-            train,
-            Transform {
-                pre: pre.clone(),
-                train: true,
-            },
-            cfg.clone(),
-        )
-        .unwrap(),
+        Loader::new(train, Transform::for_training(pre.clone()), cfg.clone()).unwrap(),
         Loader::new(
             test,
-            Transform { pre, train: false },
+            Transform::for_eval(pre),
             LoaderConfig {
                 shuffle: false,
                 ..cfg
@@ -681,14 +673,11 @@ fn undecodable_images_are_skipped_and_counted_in_the_metrics() {
     };
     let train = Loader::new(
         ds.clone(),
-        Transform {
-            pre: pre.clone(),
-            train: true,
-        },
+        Transform::for_training(pre.clone()),
         lcfg.clone(),
     )
     .unwrap();
-    let test = Loader::new(ds, Transform { pre, train: false }, lcfg).unwrap();
+    let test = Loader::new(ds, Transform::for_eval(pre), lcfg).unwrap();
     let (vm, m) = model();
     let out = dir.path().join("skips");
     let s = fit(
@@ -761,10 +750,7 @@ fn accumulated_gradient_equals_one_large_batch() {
     let loader = |batch_size| {
         Loader::new(
             data.clone(),
-            Transform {
-                pre: pre.clone(),
-                train: true,
-            },
+            Transform::for_training(pre.clone()),
             LoaderConfig {
                 batch_size,
                 seed: 7,
@@ -775,10 +761,7 @@ fn accumulated_gradient_equals_one_large_batch() {
     };
     let test = Loader::new(
         data.clone(),
-        Transform {
-            pre: pre.clone(),
-            train: false,
-        },
+        Transform::for_eval(pre.clone()),
         LoaderConfig {
             batch_size: 24,
             shuffle: false,
@@ -943,14 +926,11 @@ fn mixup_and_cutmix_train_on_soft_targets_and_resume_exactly() {
     let loader_of = |cfg: &TrainConfig| {
         Loader::new(
             train.dataset().clone(),
-            Transform {
-                pre: Preprocess {
-                    size: 32,
-                    crop_pct: 1.0,
-                    ..Default::default()
-                },
-                train: true,
-            },
+            Transform::for_training(Preprocess {
+                size: 32,
+                crop_pct: 1.0,
+                ..Default::default()
+            }),
             LoaderConfig {
                 batch_size: 16,
                 seed: cfg.seed,

@@ -107,7 +107,7 @@ impl std::fmt::Display for EpochReport {
 ///     image::RgbImage::new(40, 30).save(dir.path().join("a").join(format!("{i}.png"))).unwrap();
 /// }
 /// let ds = Arc::new(Dataset::from_image_folder(dir.path()).unwrap());
-/// let t = Transform { pre: Preprocess { size: 16, ..Default::default() }, train: true };
+/// let t = Transform::for_training(Preprocess { size: 16, ..Default::default() });
 /// let loader = Loader::new(ds, t, LoaderConfig { batch_size: 2, ..Default::default() }).unwrap();
 /// let mut epoch = loader.epoch(0);
 /// let sizes: Vec<usize> = epoch.by_ref().map(|b| b.unwrap().indices.len()).collect();

@@ -3,10 +3,12 @@
 //! declares), local parquet files and image folders behind one [`Dataset`] type; the validation
 //! split ([`holdout`]); decoding, transforms and a parallel, prefetching [`Loader`].
 
+pub mod augment;
 mod decode;
 pub mod erasing;
 pub mod features;
 pub mod holdout;
+pub mod imageops;
 mod info;
 pub mod layout;
 mod loader;
@@ -21,8 +23,8 @@ pub use info::{DatasetInfo, DATASET_INFO_FILE};
 pub use loader::{Batch, EpochIter, EpochReport, Loader, LoaderConfig};
 pub use source::{DataSource, SplitData};
 pub use transform::{
-    center_crop_box, random_resized_crop_box, sample_rng, CropBox, Interpolation, Preprocess,
-    PreprocessOverrides, Transform,
+    center_crop_box, random_resized_crop_box, random_resized_crop_box_in, sample_rng, CropBox,
+    Interpolation, Preprocess, PreprocessOverrides, Transform,
 };
 
 use crate::hub::HubOptions;

@@ -6,6 +6,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::augment::Augment;
+
 /// Resampling filter of the resize step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -219,8 +221,8 @@ pub struct CropBox {
     pub height: f64,
 }
 
-/// torchvision's `RandomResizedCrop.get_params` (scale 0.08-1, ratio 3/4-4/3): ten tries at a
-/// random area and log-uniform aspect ratio, then a center crop clamped to the ratio range.
+/// torchvision's `RandomResizedCrop.get_params` with its defaults (scale 0.08-1, ratio
+/// 3/4-4/3): see [`random_resized_crop_box_in`].
 ///
 /// ```
 /// use rand::SeedableRng;
@@ -229,12 +231,40 @@ pub struct CropBox {
 /// assert!(b.left + b.width <= 600.0 && b.top + b.height <= 400.0);
 /// ```
 pub fn random_resized_crop_box(width: u32, height: u32, rng: &mut impl Rng) -> CropBox {
+    random_resized_crop_box_in(width, height, [0.08, 1.0], [3.0 / 4.0, 4.0 / 3.0], rng)
+}
+
+/// torchvision's `RandomResizedCrop.get_params`: ten tries at an area uniform in `scale` (of
+/// the image's) and an aspect ratio log-uniform in `ratio`, then a center crop clamped to the
+/// ratio range. `scale` and `ratio` are `[min, max]` with `0 < min <= max`
+/// ([`super::augment::Augment::validate`] checks them).
+///
+/// ```
+/// use rand::SeedableRng;
+/// let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+/// let b = candle_finetune::data::random_resized_crop_box_in(600, 400, [1.0, 1.0], [1.5, 1.5], &mut rng);
+/// assert_eq!((b.width, b.height), (600.0, 400.0));
+/// ```
+pub fn random_resized_crop_box_in(
+    width: u32,
+    height: u32,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    rng: &mut impl Rng,
+) -> CropBox {
     let (w, h) = (width as f64, height as f64);
     let area = w * h;
-    let (lr0, lr1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    let (lr0, lr1) = (ratio[0].ln(), ratio[1].ln());
+    let mut uniform = |lo: f64, hi: f64| {
+        if hi > lo {
+            rng.random_range(lo..hi)
+        } else {
+            lo
+        }
+    };
     for _ in 0..10 {
-        let target = area * rng.random_range(0.08..1.0);
-        let aspect = rng.random_range(lr0..lr1).exp();
+        let target = area * uniform(scale[0], scale[1]);
+        let aspect = uniform(lr0, lr1).exp();
         let cw = (target * aspect).sqrt().round();
         let ch = (target / aspect).sqrt().round();
         if cw > 0.0 && cw <= w && ch > 0.0 && ch <= h {
@@ -248,11 +278,11 @@ pub fn random_resized_crop_box(width: u32, height: u32, rng: &mut impl Rng) -> C
             };
         }
     }
-    let ratio = w / h;
-    let (cw, ch) = if ratio < 3.0 / 4.0 {
-        (w, (w / (3.0 / 4.0)).round())
-    } else if ratio > 4.0 / 3.0 {
-        ((h * 4.0 / 3.0).round(), h)
+    let in_ratio = w / h;
+    let (cw, ch) = if in_ratio < ratio[0] {
+        (w, (w / ratio[0]).round())
+    } else if in_ratio > ratio[1] {
+        ((h * ratio[1]).round(), h)
     } else {
         (w, h)
     };
@@ -307,14 +337,24 @@ pub fn center_crop_box(width: u32, height: u32, resize: u32, size: u32) -> (Crop
     )
 }
 
-/// Train (random resized crop + horizontal flip) or eval (resize + center crop) transform;
-/// both normalise to `(x / 255 - mean) / std` and return CHW f32.
+/// Train (random resized crop, horizontal flip, then the pixel ops of [`Augment`]) or eval
+/// (resize + center crop) transform; both normalise to `(x / 255 - mean) / std` and return CHW
+/// f32.
+///
+/// ```
+/// use candle_finetune::data::{augment::Augment, Preprocess, Transform};
+/// let t = Transform::for_training(Preprocess::default())
+///     .with_augment(Augment { hflip: 0.0, ..Default::default() });
+/// assert!(t.train && !Transform::for_eval(Preprocess::default()).train);
+/// ```
 #[derive(Debug, Clone)]
 pub struct Transform {
     /// Preprocessing parameters.
     pub pre: Preprocess,
     /// Train mode (random) or eval mode (deterministic).
     pub train: bool,
+    /// The random part of train mode (unused in eval mode).
+    pub aug: Augment,
 }
 
 /// The RNG of one sample in one epoch: results do not depend on thread count or order.
@@ -335,10 +375,34 @@ pub fn sample_rng(seed: u64, epoch: u64, index: u64) -> ChaCha8Rng {
 }
 
 impl Transform {
+    /// The training transform of `pre` with torchvision's default crop and flip.
+    pub fn for_training(pre: Preprocess) -> Self {
+        Self {
+            pre,
+            train: true,
+            aug: Augment::default(),
+        }
+    }
+
+    /// The evaluation transform of `pre` (resize, center crop).
+    pub fn for_eval(pre: Preprocess) -> Self {
+        Self {
+            pre,
+            train: false,
+            aug: Augment::default(),
+        }
+    }
+
+    /// This transform with the augmentation `aug`.
+    pub fn with_augment(mut self, aug: Augment) -> Self {
+        self.aug = aug;
+        self
+    }
+
     /// The crop box and flip of a sample (train: from [`sample_rng`]; eval: center, no flip).
     ///
     /// ```
-    /// let t = candle_finetune::data::Transform { pre: Default::default(), train: false };
+    /// let t = candle_finetune::data::Transform::for_eval(Default::default());
     /// let (b, flip) = t.geometry(600, 400, 0, 0, 7);
     /// assert!(!flip && b.width < 600.0);
     /// ```
@@ -352,19 +416,24 @@ impl Transform {
     ) -> (CropBox, bool) {
         if self.train {
             let mut rng = sample_rng(seed, epoch, index);
-            let b = random_resized_crop_box(width, height, &mut rng);
-            let flip = rng.random_bool(0.5);
-            (b, flip)
+            self.geometry_from(width, height, &mut rng)
         } else {
             let (b, _, _) = center_crop_box(width, height, self.pre.eval_resize(), self.pre.size);
             (b, false)
         }
     }
 
-    /// Crops, resizes, flips and normalises `img` into `out` (3 x size x size, CHW).
+    /// The train-mode crop box and flip drawn from `rng` (which the pixel ops continue).
+    fn geometry_from(&self, width: u32, height: u32, rng: &mut ChaCha8Rng) -> (CropBox, bool) {
+        let b = random_resized_crop_box_in(width, height, self.aug.scale, self.aug.ratio, rng);
+        let flip = rng.random_bool(self.aug.hflip.clamp(0.0, 1.0));
+        (b, flip)
+    }
+
+    /// Crops, resizes, flips, augments and normalises `img` into `out` (3 x size x size, CHW).
     ///
     /// ```
-    /// let t = candle_finetune::data::Transform { pre: Default::default(), train: true };
+    /// let t = candle_finetune::data::Transform::for_training(Default::default());
     /// let img = image::RgbImage::from_pixel(600, 400, image::Rgb([255, 0, 0]));
     /// let mut out = vec![0f32; 3 * 224 * 224];
     /// t.apply(&img, 0, 0, 0, &mut out).unwrap();
@@ -390,7 +459,12 @@ impl Transform {
                 3 * s * s
             ));
         }
-        let (b, flip) = self.geometry(w, h, seed, epoch, index);
+        let mut rng = sample_rng(seed, epoch, index);
+        let (b, mut flip) = if self.train {
+            self.geometry_from(w, h, &mut rng)
+        } else {
+            self.geometry(w, h, seed, epoch, index)
+        };
         let src = fr::images::ImageRef::new(w, h, img.as_raw(), fr::PixelType::U8x3)
             .map_err(|e| e.to_string())?;
         let mut dst = fr::images::Image::new(s, s, fr::PixelType::U8x3);
@@ -400,7 +474,21 @@ impl Transform {
         fr::Resizer::new()
             .resize(&src, &mut dst, &opts)
             .map_err(|e| e.to_string())?;
-        let px = dst.buffer();
+        let pixel_ops = self.train && self.aug.has_pixel_ops();
+        let augmented;
+        let px = if pixel_ops {
+            let mut img = RgbImage::from_raw(s, s, dst.into_vec())
+                .ok_or("resized image has the wrong size")?;
+            if flip {
+                super::imageops::flip_horizontal(&mut img);
+                flip = false;
+            }
+            self.aug.apply_pixel_ops(&mut img, &mut rng);
+            augmented = img;
+            augmented.as_raw().as_slice()
+        } else {
+            dst.buffer()
+        };
         let plane = (s * s) as usize;
         let scale: [f32; 3] = [0, 1, 2].map(|c| 1.0 / (255.0 * self.pre.std[c]));
         let shift: [f32; 3] = [0, 1, 2].map(|c| -self.pre.mean[c] / self.pre.std[c]);

@@ -390,10 +390,7 @@ impl FineTune {
         let eval_loader = |ds: Arc<Dataset>| {
             Loader::new(
                 ds,
-                Transform {
-                    pre: pre.clone(),
-                    train: false,
-                },
+                Transform::for_eval(pre.clone()),
                 LoaderConfig {
                     shuffle: false,
                     mixup: None,
@@ -404,10 +401,7 @@ impl FineTune {
         };
         let train_loader = Loader::new(
             train_ds.clone(),
-            Transform {
-                pre: pre.clone(),
-                train: true,
-            },
+            Transform::for_training(pre.clone()).with_augment(cfg.augment()?),
             lcfg.clone(),
         )?;
         let val_loader = val_ds.map(eval_loader).transpose()?;

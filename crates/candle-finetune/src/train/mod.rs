@@ -183,6 +183,24 @@ pub struct TrainConfig {
     /// Boxes per erased image (timm's `--recount`).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().recount))]
     pub recount: usize,
+    /// Area range of the random resized crop as MIN,MAX fractions of the image (timm's
+    /// `--scale`).
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ',', num_args = 1, default_values_t = defaults().scale))]
+    pub scale: Vec<f64>,
+    /// Aspect-ratio range of the random resized crop as MIN,MAX (timm's `--ratio`).
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ',', num_args = 1, default_values_t = defaults().ratio))]
+    pub ratio: Vec<f64>,
+    /// Probability of a horizontal flip (timm's `--hflip`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().hflip))]
+    pub hflip: f64,
+    /// Auto-augment policy with torchvision's definitions (timm's `--aa`): `ta_wide`
+    /// (TrivialAugmentWide), `ra` (RandAugment, 2 ops at magnitude 9) or `rand-mM-nN`.
+    #[cfg_attr(feature = "clap", arg(long = "aa"))]
+    pub auto_augment: Option<String>,
+    /// Colour jitter (timm's `--color-jitter`): one value for brightness, contrast and
+    /// saturation, or B,C,S or B,C,S,HUE; off unless given.
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ','))]
+    pub color_jitter: Option<Vec<f64>>,
     /// Keep an exponential moving average of the weights (timm's `--model-ema`, ModelEmaV3); it
     /// is evaluated beside the trained weights and chosen when better on validation.
     #[cfg_attr(feature = "clap", arg(long))]
@@ -239,6 +257,11 @@ impl Default for TrainConfig {
             mixup_prob: 1.0,
             mixup_switch_prob: 0.5,
             mixup_mode: crate::data::mixup::MixMode::Batch,
+            scale: vec![0.08, 1.0],
+            ratio: vec![3.0 / 4.0, 4.0 / 3.0],
+            hflip: 0.5,
+            auto_augment: None,
+            color_jitter: None,
             reprob: 0.0,
             remode: crate::data::erasing::EraseMode::Pixel,
             recount: 1,
@@ -290,6 +313,50 @@ impl TrainConfig {
         (self.reprob > 0.0).then(|| {
             crate::data::erasing::RandomErasing::timm(self.reprob, self.remode, self.recount)
         })
+    }
+
+    /// The training augmentation of this configuration: crop range, flip, auto-augment, colour
+    /// jitter; an error names the value that is not valid.
+    ///
+    /// ```
+    /// use candle_finetune::train::TrainConfig;
+    /// let a = TrainConfig { auto_augment: Some("ta_wide".into()), ..Default::default() }.augment().unwrap();
+    /// assert!(a.auto_augment.is_some() && a.color_jitter.is_none());
+    /// assert!(TrainConfig { scale: vec![0.5], ..Default::default() }.augment().is_err());
+    /// ```
+    pub fn augment(&self) -> Result<crate::data::augment::Augment> {
+        use crate::data::augment::{Augment, AutoAugment, ColorJitter};
+        let pair = |name: &str, v: &[f64]| match *v {
+            [a, b] => Ok([a, b]),
+            _ => Err(candle_core::Error::Msg(format!(
+                "train: {name} takes two values MIN,MAX, got {v:?}"
+            ))),
+        };
+        let auto_augment = match &self.auto_augment {
+            None => None,
+            Some(s) if s.is_empty() || s == "none" => None,
+            Some(s) => Some(
+                s.parse::<AutoAugment>()
+                    .map_err(|e| candle_core::Error::Msg(format!("train: {e}")))?,
+            ),
+        };
+        let color_jitter = match &self.color_jitter {
+            None => None,
+            Some(v) => {
+                ColorJitter::timm(v).map_err(|e| candle_core::Error::Msg(format!("train: {e}")))?
+            }
+        };
+        let a = Augment {
+            scale: pair("scale", &self.scale)?,
+            ratio: pair("ratio", &self.ratio)?,
+            hflip: self.hflip,
+            auto_augment,
+            color_jitter,
+            fill: [0; 3],
+        };
+        a.validate()
+            .map_err(|e| candle_core::Error::Msg(format!("train: {e}")))?;
+        Ok(a)
     }
 
     /// The decay for epochs of `steps_per_epoch` optimizer steps.
@@ -358,6 +425,7 @@ impl TrainConfig {
                 self.recount
             );
         }
+        self.augment()?;
         if self.checkpoint_every_steps == Some(0) {
             bail!("train: checkpoint_every_steps must be positive");
         }
