@@ -257,6 +257,7 @@ pub fn model_card(
     };
     v.insert("decay", decay);
     v.insert("regularisation", regularisation(args));
+    v.insert("train_transform", train_transform(args));
     v.insert(
         "command",
         match args.get("command").and_then(|c| c.as_str()) {
@@ -341,11 +342,61 @@ fn regularisation(args: &serde_json::Value) -> String {
     if let Some(c) = args.get("clip_grad").and_then(|v| v.as_f64()) {
         parts.push(format!("gradient norm clipped to {c}"));
     }
+    if num("drop_path") > 0.0 {
+        parts.push(format!("drop path {}", num("drop_path")));
+    }
     if parts.is_empty() {
         "none".into()
     } else {
         parts.join("; ")
     }
+}
+
+/// The training transform of the run's arguments: crop range, flip, auto-augment, jitter
+/// (arguments written before these settings existed read as the defaults).
+fn train_transform(args: &serde_json::Value) -> String {
+    let list = |k: &str| -> Option<Vec<f64>> {
+        args.get(k)?
+            .as_array()?
+            .iter()
+            .map(|v| v.as_f64())
+            .collect()
+    };
+    let range = |v: Option<Vec<f64>>, default: &str| match v.as_deref() {
+        Some([a, b]) => format!("{}-{}", trim(*a), trim(*b)),
+        _ => default.to_string(),
+    };
+    let mut t = format!(
+        "RandomResizedCrop (scale {}, ratio {}) + horizontal flip {}",
+        range(list("scale"), "0.08-1"),
+        range(list("ratio"), "0.75-1.333"),
+        args.get("hflip").and_then(|v| v.as_f64()).unwrap_or(0.5)
+    );
+    if let Some(a) = args.get("auto_augment").and_then(|v| v.as_str()) {
+        if !a.is_empty() && a != "none" {
+            let name = match a.parse::<crate::data::augment::AutoAugment>() {
+                Ok(crate::data::augment::AutoAugment::TrivialAugmentWide { .. }) => {
+                    "TrivialAugmentWide".to_string()
+                }
+                Ok(crate::data::augment::AutoAugment::RandAugment {
+                    num_ops, magnitude, ..
+                }) => format!("RandAugment ({num_ops} ops, magnitude {magnitude})"),
+                Err(_) => a.to_string(),
+            };
+            t.push_str(&format!(" + {name}"));
+        }
+    }
+    if let Some(j) = list("color_jitter") {
+        let j: Vec<String> = j.iter().map(|v| trim(*v)).collect();
+        t.push_str(&format!(" + ColorJitter {}", j.join(", ")));
+    }
+    t
+}
+
+/// A number with at most 3 decimals, trailing zeros dropped.
+fn trim(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// The card's results section: which split chose the epoch, and the test figures of that model

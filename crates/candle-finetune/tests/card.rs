@@ -135,7 +135,7 @@ fn the_card_says_what_chose_the_epoch_and_reports_test_once() {
     );
     assert!(!card.contains("chosen by its test"), "{card}");
     assert!(
-        card.contains("| mixing, EMA, erasing, clipping | none |"),
+        card.contains("| mixing, EMA, erasing, clipping, drop path | none |"),
         "{card}"
     );
     // Without a test split: the validation figures, said to be optimistic; model-index on
@@ -161,14 +161,19 @@ fn the_card_says_what_chose_the_epoch_and_reports_test_once() {
     let args = serde_json::json!({"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mixup_prob": 1.0,
         "mixup_switch_prob": 0.5, "mixup_mode": "batch", "model_ema": true,
         "model_ema_decay": 0.9998, "reprob": 0.25, "remode": "pixel", "recount": 1,
-        "clip_grad": 1.0});
+        "clip_grad": 1.0, "drop_path": 0.05, "scale": [0.25, 1.0], "ratio": [0.75, 1.3333333333333333],
+        "hflip": 0.5, "auto_augment": "ta_wide", "color_jitter": [0.4]});
     let card = model_card(&cfg, &prov, &args, &o).unwrap();
+    assert!(
+        card.contains("train: RandomResizedCrop (scale 0.25-1, ratio 0.75-1.333) + horizontal flip 0.5 + TrivialAugmentWide + ColorJitter 0.4; eval:"),
+        "{card}"
+    );
     assert!(
         card.contains("## Results (validation split)") && card.contains("optimistic"),
         "{card}"
     );
     assert!(
-        card.contains("mixup alpha 0.2 + CutMix alpha 1 (probability 1, switch 0.5, per batch); weight EMA decay 0.9998; random erasing 0.25 (pixel, 1 box); gradient norm clipped to 1"),
+        card.contains("mixup alpha 0.2 + CutMix alpha 1 (probability 1, switch 0.5, per batch); weight EMA decay 0.9998; random erasing 0.25 (pixel, 1 box); gradient norm clipped to 1; drop path 0.05"),
         "{card}"
     );
     assert!(front_matter(&card).contains("split: validation"));

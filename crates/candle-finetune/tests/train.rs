@@ -998,6 +998,90 @@ fn mixup_and_cutmix_train_on_soft_targets_and_resume_exactly() {
     assert!(bad.validate().is_err());
 }
 
+/// TrivialAugmentWide, colour jitter and drop path change training, and a resumed run draws
+/// what the uninterrupted one drew (the augmentation from the images' streams, the drop-path
+/// masks from the noise key of each batch).
+#[test]
+fn augmentation_and_drop_path_train_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = loaders(dir.path());
+    let aug = TrainConfig {
+        auto_augment: Some("ta_wide".into()),
+        color_jitter: Some(vec![0.3]),
+        drop_path: 0.2,
+        max_batches_per_epoch: Some(3),
+        ..config(2)
+    };
+    let run = |cfg: &TrainConfig, out: &str, resume: bool| {
+        let (vm, m) = if resume { resnet18_fresh() } else { model() };
+        let m = m.with_drop_path(cfg.drop_path).unwrap();
+        let l = Loader::new(
+            train.dataset().clone(),
+            Transform::for_training(Preprocess {
+                size: 32,
+                crop_pct: 1.0,
+                ..Default::default()
+            })
+            .with_augment(cfg.augment().unwrap()),
+            LoaderConfig {
+                batch_size: 16,
+                seed: cfg.seed,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fit(
+            &m,
+            &vm,
+            &l,
+            Some(&test),
+            cfg,
+            &Device::Cpu,
+            &dir.path().join(out),
+            resume,
+        )
+        .unwrap()
+    };
+    let full = run(&aug, "full", false);
+    let no_drop = run(
+        &TrainConfig {
+            drop_path: 0.0,
+            ..aug.clone()
+        },
+        "no-drop",
+        false,
+    );
+    let no_aug = run(
+        &TrainConfig {
+            auto_augment: None,
+            color_jitter: None,
+            ..aug.clone()
+        },
+        "no-aug",
+        false,
+    );
+    assert_ne!(
+        full.step_losses, no_drop.step_losses,
+        "drop path changes the losses"
+    );
+    assert_ne!(
+        full.step_losses, no_aug.step_losses,
+        "augmentation changes the losses"
+    );
+    let first = run(
+        &TrainConfig {
+            stop_after_epoch: Some(1),
+            ..aug.clone()
+        },
+        "resumed",
+        false,
+    );
+    let rest = run(&aug, "resumed", true);
+    let mut joined = first.step_losses.clone();
+    joined.extend(&rest.step_losses);
+    assert_eq!(joined, full.step_losses, "the same draws after a resume");
+}
+
 #[test]
 fn the_weight_ema_is_evaluated_chosen_when_better_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,7 +11,9 @@ use crate::batchnorm::BatchNorm2d;
 use crate::ops::maxpool::MaxPool2d;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The supported architectures.
 ///
@@ -225,7 +227,8 @@ impl Block {
         Ok(Self { convs, downsample })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `drop`: the drop-path rate of this block and the key of this forward's draws.
+    fn forward_t(&self, x: &Tensor, train: bool, drop: Option<(f64, u64)>) -> Result<Tensor> {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, (c, bn)) in self.convs.iter().enumerate() {
@@ -236,12 +239,60 @@ impl Block {
                 bn.forward_t(&z, train)?
             };
         }
+        if let (true, Some((rate, key))) = (train, drop) {
+            if rate > 0.0 {
+                let mask = drop_path_mask(y.dim(0)?, rate, key);
+                let mask = Tensor::from_vec(mask, (y.dim(0)?, 1, 1, 1), y.device())?
+                    .to_dtype(y.dtype())?;
+                y = y.broadcast_mul(&mask)?;
+            }
+        }
         let shortcut = match &self.downsample {
             Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train)?,
             None => x.clone(),
         };
         crate::ops::relu::add_relu(&y, &shortcut)
     }
+}
+
+/// The per-sample multipliers of drop path (stochastic depth) at `rate` for `batch` samples,
+/// drawn from `key`: 0 with probability `rate`, else `1 / (1 - rate)` (timm's `drop_path`,
+/// `scale_by_keep`); all 0 at rate 1.
+///
+/// ```
+/// let m = candle_resnet::resnet::drop_path_mask(1000, 0.25, 7);
+/// let dropped = m.iter().filter(|&&v| v == 0.0).count();
+/// assert!((200..300).contains(&dropped));
+/// assert!(m.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+/// assert_eq!(m, candle_resnet::resnet::drop_path_mask(1000, 0.25, 7));
+/// ```
+pub fn drop_path_mask(batch: usize, rate: f64, key: u64) -> Vec<f32> {
+    let keep = 1.0 - rate;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+    (0..batch)
+        .map(|_| {
+            if keep > 0.0 && rng.random_bool(keep.clamp(0.0, 1.0)) {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// timm's drop-path rate of each residual block for a network rate `rate`: linear in the block's
+/// index, 0 for the first block and `rate` for the last (`rate * i / (blocks - 1)`).
+///
+/// ```
+/// use candle_resnet::resnet::{drop_path_rates, Arch};
+/// let r = drop_path_rates(Arch::ResNet18, 0.1);
+/// assert_eq!((r.len(), r[0], r[7]), (8, 0.0, 0.1));
+/// ```
+pub fn drop_path_rates(arch: Arch, rate: f64) -> Vec<f64> {
+    let n: usize = arch.blocks().iter().sum();
+    (0..n)
+        .map(|i| rate * i as f64 / (n.max(2) - 1) as f64)
+        .collect()
 }
 
 /// A torchvision ResNet: `(N, 3, H, W)` images to `(N, num_classes)` logits.
@@ -267,6 +318,10 @@ pub struct ResNet {
     layers: Vec<Vec<Block>>,
     fc: Linear,
     num_classes: usize,
+    /// Drop-path rate of each block, in order ([`drop_path_rates`]); empty: none.
+    drop_path: Vec<f64>,
+    /// Key of the next training forward's drop-path draws ([`ResNet::set_noise_key`]).
+    noise_key: std::sync::Arc<AtomicU64>,
 }
 
 impl ResNet {
@@ -315,7 +370,47 @@ impl ResNet {
             layers,
             fc,
             num_classes,
+            drop_path: Vec::new(),
+            noise_key: Default::default(),
         })
+    }
+
+    /// This model with drop path (stochastic depth, timm's `drop_path_rate`): in training, each
+    /// residual block's branch is dropped per sample at the block's rate of
+    /// [`drop_path_rates`] (the survivors scaled by `1 / keep`); evaluation is unchanged. The
+    /// draws of a training forward come from the key set by [`ResNet::set_noise_key`].
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let m = candle_resnet::resnet::resnet18(3, vb).unwrap().with_drop_path(0.1).unwrap();
+    /// assert_eq!(m.drop_path_rate(), 0.1);
+    /// assert!(candle_resnet::resnet::resnet18(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap().with_drop_path(1.5).is_err());
+    /// ```
+    pub fn with_drop_path(mut self, rate: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&rate) {
+            bail!("resnet: the drop-path rate must lie in [0, 1), got {rate}");
+        }
+        self.drop_path = if rate > 0.0 {
+            drop_path_rates(self.arch, rate)
+        } else {
+            Vec::new()
+        };
+        Ok(self)
+    }
+
+    /// The network's drop-path rate (that of its last block; 0: off).
+    pub fn drop_path_rate(&self) -> f64 {
+        self.drop_path.last().copied().unwrap_or(0.0)
+    }
+
+    /// Sets the key the next training forwards draw their drop-path masks from: a trainer sets
+    /// it before each step (from its seed, epoch and batch) so that runs and resumed runs draw
+    /// the same masks. Without drop path it has no effect.
+    pub fn set_noise_key(&self, key: u64) {
+        self.noise_key.store(key, Ordering::Relaxed);
     }
 
     /// The architecture.
@@ -360,10 +455,15 @@ impl ResNet {
         }
         let mut y = self.bn1.forward_t_relu(&self.conv1.forward(x)?, train)?;
         y = self.pool.forward(&y)?;
-        for layer in &self.layers {
-            for b in layer {
-                y = b.forward_t(&y, train)?;
-            }
+        let key = self.noise_key.load(Ordering::Relaxed);
+        for (i, b) in self.layers.iter().flatten().enumerate() {
+            // One stream per block: splitmix-style mixing of the step's key and the block.
+            let drop = self.drop_path.get(i).map(|&rate| {
+                let k =
+                    (key ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(i as u64);
+                (rate, k)
+            });
+            y = b.forward_t(&y, train, drop)?;
         }
         y.mean((2, 3))
     }

@@ -377,6 +377,7 @@ impl FineTune {
         }
         let (varmap, model) =
             crate::pretrained::pretrained(self.arch, train_ds.num_classes(), &weights, &dev)?;
+        let model = model.with_drop_path(cfg.drop_path)?;
         train::reinit_head(&varmap, cfg.seed)?;
         let lcfg = LoaderConfig {
             batch_size: cfg.batch_size,

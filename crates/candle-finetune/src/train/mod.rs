@@ -201,6 +201,10 @@ pub struct TrainConfig {
     /// saturation, or B,C,S or B,C,S,HUE; off unless given.
     #[cfg_attr(feature = "clap", arg(long, value_delimiter = ','))]
     pub color_jitter: Option<Vec<f64>>,
+    /// Drop-path (stochastic depth) rate of the ResNet's last block, linear from 0 at the
+    /// first (timm's `--drop-path`).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().drop_path))]
+    pub drop_path: f64,
     /// Keep an exponential moving average of the weights (timm's `--model-ema`, ModelEmaV3); it
     /// is evaluated beside the trained weights and chosen when better on validation.
     #[cfg_attr(feature = "clap", arg(long))]
@@ -262,6 +266,7 @@ impl Default for TrainConfig {
             hflip: 0.5,
             auto_augment: None,
             color_jitter: None,
+            drop_path: 0.0,
             reprob: 0.0,
             remode: crate::data::erasing::EraseMode::Pixel,
             recount: 1,
@@ -426,6 +431,12 @@ impl TrainConfig {
             );
         }
         self.augment()?;
+        if !(0.0..1.0).contains(&self.drop_path) {
+            bail!(
+                "train: drop_path must lie in [0, 1), not {}",
+                self.drop_path
+            );
+        }
         if self.checkpoint_every_steps == Some(0) {
             bail!("train: checkpoint_every_steps must be positive");
         }
@@ -658,6 +669,10 @@ pub trait Classifier: Sync {
     fn logits(&self, images: &Tensor, train: bool) -> Result<Tensor>;
     /// Number of classes.
     fn num_classes(&self) -> usize;
+    /// The key the next training forwards draw their randomness from (drop path); the trainer
+    /// sets it before each micro-batch from the seed, the epoch and the batch, so a resumed run
+    /// draws what the uninterrupted one would. Models without randomness ignore it.
+    fn set_noise_key(&self, _key: u64) {}
 }
 
 impl Classifier for ResNet {
@@ -667,7 +682,14 @@ impl Classifier for ResNet {
     fn num_classes(&self) -> usize {
         ResNet::num_classes(self)
     }
+    fn set_noise_key(&self, key: u64) {
+        ResNet::set_noise_key(self, key)
+    }
 }
+
+/// The `index` stream of [`crate::data::sample_rng`] (at the epoch) the model's noise key of
+/// micro-batch `b` comes from (`NOISE_STREAM + b`).
+const NOISE_STREAM: u64 = 1 << 60;
 
 /// Evaluates `model` (eval mode) on every batch of `loader` (its epoch 0).
 pub fn evaluate<M: Classifier>(
@@ -979,6 +1001,10 @@ pub fn fit_with<M: Classifier>(
             };
             // On a rayon worker: the kernels' parallel loops then run in place instead of
             // waking the pool and sleeping (candle_resnet::threads::on_worker).
+            model.set_noise_key(
+                crate::data::sample_rng(cfg.seed, epoch as u64, NOISE_STREAM + bi as u64)
+                    .random::<u64>(),
+            );
             let (loss, v) =
                 candle_resnet::threads::on_cpu_worker(device, || -> Result<(Tensor, f64)> {
                     let logits = model.logits(&x, true)?;
