@@ -492,19 +492,50 @@ pub struct AblateArgs {
     train: TrainArgs,
 }
 
-/// `cargo xtask ablate-smoothing`: the train-cars recipe once per smoothing value, compared.
-pub fn ablate_smoothing(a: AblateArgs) -> Result<()> {
-    let mut base = a.train.recipe(true)?;
-    if a.train.out.is_none() {
-        base.out = PathBuf::from("out/ablate-smoothing");
+#[derive(clap::Args, Debug)]
+pub struct AblateRecipesArgs {
+    /// Recipes, comma-separated; each joins ingredients with + (smoothing, mixup, cutmix, ema,
+    /// ta, ra, jitter, erasing, droppath, clip) or is `none`. An ingredient runs at the value
+    /// its flag gives (e.g. --mixup 0.8), else at its default. One full run each.
+    #[arg(long, value_delimiter = ',', default_values_t = candle_finetune::ablation::DEFAULT_RECIPES.map(String::from))]
+    recipes: Vec<String>,
+    /// The train-cars flags (data, weights, recipe; --smoke for the offline generated run).
+    /// --out is the ablation folder here; it defaults to out/ablate.
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+/// The recipe of the ablation commands: the train-cars flags, `default_out` unless --out is
+/// given, the smoke data when --smoke (its cache lives as long as the returned guard).
+fn ablation_base(train: &TrainArgs, default_out: &str) -> Result<(FineTune, Option<impl Sized>)> {
+    let mut base = train.recipe(true)?;
+    if train.out.is_none() {
+        base.out = PathBuf::from(default_out);
     }
-    let out = base.out.clone();
-    let (base, _cache) = if a.train.smoke {
-        let (b, c) = base.smoke()?; // the cache lives until the runs end
+    Ok(if train.smoke {
+        let (b, c) = base.smoke()?;
         (b, Some(c))
     } else {
         (base, None)
-    };
+    })
+}
+
+/// `cargo xtask ablate`: the recipe once per named variant, compared.
+pub fn ablate_recipes(a: AblateRecipesArgs) -> Result<()> {
+    let (base, _cache) = ablation_base(&a.train, "out/ablate")?;
+    let ablation = candle_finetune::ablation::ablate_recipes(&base, &a.recipes)?;
+    println!("{}", candle_finetune::ablation::markdown(&ablation));
+    eprintln!(
+        "ablation written to {} (ablation.md, ablation.json, ablation-reliability.png, ablation-curves.png)",
+        base.out.display()
+    );
+    Ok(())
+}
+
+/// `cargo xtask ablate-smoothing`: the train-cars recipe once per smoothing value, compared.
+pub fn ablate_smoothing(a: AblateArgs) -> Result<()> {
+    let (base, _cache) = ablation_base(&a.train, "out/ablate-smoothing")?;
+    let out = base.out.clone();
     let ablation = candle_finetune::ablation::ablate_smoothing(&base, &a.eps)?;
     println!("{}", candle_finetune::ablation::markdown(&ablation));
     eprintln!(

@@ -35,6 +35,11 @@ enum Cmd {
     /// value (--eps 0,0.05,0.1,0.2), then a comparison of accuracy and calibration
     /// (ablation.md/json, reliability diagrams side by side, test curves overlaid)
     AblateSmoothing(Box<cars::AblateArgs>),
+    /// Compare named recipes with the same data, seed and budget (--recipes
+    /// none,smoothing,mixup+cutmix,...; ingredients smoothing, mixup, cutmix, ema, ta, ra,
+    /// jitter, erasing, droppath, clip joined with +): the same comparison files as
+    /// ablate-smoothing
+    Ablate(Box<cars::AblateRecipesArgs>),
     /// Evaluate a model folder or Hub repo on the test split.
     EvalCars(cars::EvalArgs),
     /// Top-5 classes of images, with a model folder or a published Hub repo.
@@ -140,6 +145,7 @@ fn main() -> Result<()> {
         Cmd::Train(args) => cars::train(*args, false),
         Cmd::TrainCars(args) => cars::train(*args, true),
         Cmd::AblateSmoothing(args) => cars::ablate_smoothing(*args),
+        Cmd::Ablate(args) => cars::ablate_recipes(*args),
         Cmd::EvalCars(args) => cars::eval_cars(args),
         Cmd::Predict(args) => cars::predict(args),
         Cmd::PublishCars(args) => cars::publish_cars(args),

@@ -36,19 +36,17 @@ pub struct Args {
     accum_steps: usize,
     /// Optimizer.
     #[arg(long, value_enum, default_value = "sgd")]
-    optimizer: Opt,
+    optimizer: OptimizerKind,
+    /// Every regulariser of the recipe on: mixup 0.2 + CutMix 1.0, TrivialAugmentWide, colour
+    /// jitter 0.4, random erasing 0.25, weight EMA, gradient clipping at 1, drop path 0.05.
+    #[arg(long)]
+    all_options: bool,
     /// Sample the resident memory every this many optimizer steps.
     #[arg(long, default_value_t = 5)]
     every: u64,
     /// Output folder: soak.json, soak.png and the run's files.
     #[arg(long, default_value = "out/soak")]
     out: PathBuf,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum Opt {
-    Sgd,
-    Adamw,
 }
 
 #[derive(Serialize)]
@@ -67,6 +65,7 @@ struct Report {
     batch_size: usize,
     accum_steps: usize,
     optimizer: String,
+    all_options: bool,
     steps: u64,
     epochs_started: usize,
     seconds: f64,
@@ -120,6 +119,31 @@ pub fn run(a: Args) -> Result<()> {
         size: a.image_size,
         ..Default::default()
     };
+    let cfg = TrainConfig {
+        epochs: 1000, // the time budget ends the run
+        batch_size: a.batch_size,
+        accum_steps: a.accum_steps,
+        lr: 0.02,
+        optimizer: a.optimizer,
+        ..Default::default()
+    };
+    let cfg = if a.all_options {
+        TrainConfig {
+            mixup_alpha: 0.2,
+            cutmix_alpha: 1.0,
+            auto_augment: Some("ta_wide".into()),
+            color_jitter: Some(vec![0.4]),
+            reprob: 0.25,
+            model_ema: true,
+            model_ema_warmup: true,
+            clip_grad: Some(1.0),
+            drop_path: 0.05,
+            ..cfg
+        }
+    } else {
+        cfg
+    };
+    cfg.validate()?;
     let lcfg = LoaderConfig {
         batch_size: a.batch_size,
         prefetch: 3,
@@ -127,8 +151,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     let train = Loader::new(
         train_ds.clone(),
-        Transform::for_training(pre.clone()),
-        lcfg.clone(),
+        Transform::for_training(pre.clone()).with_augment(cfg.augment()?),
+        LoaderConfig {
+            mixup: cfg.mixup(train_ds.num_classes()),
+            erasing: cfg.erasing(),
+            ..lcfg.clone()
+        },
     )?;
     let test = Loader::new(
         test_ds,
@@ -139,21 +167,12 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     let vm = VarMap::new();
-    let model = Arch::ResNet18.build(
-        train_ds.num_classes(),
-        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-    )?;
-    let cfg = TrainConfig {
-        epochs: 1000, // the time budget ends the run
-        batch_size: a.batch_size,
-        accum_steps: a.accum_steps,
-        lr: 0.02,
-        optimizer: match a.optimizer {
-            Opt::Sgd => OptimizerKind::Sgd,
-            Opt::Adamw => OptimizerKind::AdamW,
-        },
-        ..Default::default()
-    };
+    let model = Arch::ResNet18
+        .build(
+            train_ds.num_classes(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )?
+        .with_drop_path(cfg.drop_path)?;
     let (rss0, _) = rss_mib();
     let mut samples = vec![Sample {
         step: 0,
@@ -200,6 +219,7 @@ pub fn run(a: Args) -> Result<()> {
         batch_size: a.batch_size,
         accum_steps: a.accum_steps,
         optimizer: format!("{:?}", a.optimizer).to_lowercase(),
+        all_options: a.all_options,
         steps: last.0,
         epochs_started: last.1,
         seconds: samples.last().map_or(0.0, |s| s.elapsed_s),
@@ -222,8 +242,16 @@ pub fn run(a: Args) -> Result<()> {
     candle_finetune::plot::line(
         &a.out.join("soak.png"),
         &format!(
-            "resident memory, ResNet-18 {} px batch {} ({} steps, {} epochs started)",
-            a.image_size, a.batch_size, report.steps, report.epochs_started
+            "resident memory, ResNet-18 {} px batch {}{} ({} steps, {} epochs started)",
+            a.image_size,
+            a.batch_size,
+            if a.all_options {
+                ", every regulariser"
+            } else {
+                ""
+            },
+            report.steps,
+            report.epochs_started
         ),
         "optimizer step",
         "RSS (MiB)",

@@ -1,8 +1,10 @@
-//! What label smoothing buys: the same recipe, seed and data trained once per smoothing value,
-//! compared on accuracy and calibration (`cargo xtask ablate-smoothing`).
+//! What a recipe change buys: the same data, seed and budget trained once per variant, compared
+//! on accuracy and calibration. `cargo xtask ablate-smoothing` varies the label smoothing;
+//! `cargo xtask ablate` compares named recipes (`none`, `smoothing`, `mixup+cutmix`, ...; see
+//! [`recipe_variants`]).
 //!
-//! Each run is [`FineTune::run`] with only `label_smoothing` and the output folder changed
-//! (`OUT/eps-<value>/`, a complete model folder). Each run's epoch is chosen on validation and
+//! Each run is [`FineTune::run`] with only its training settings and the output folder changed
+//! (`OUT/<variant>/`, a complete model folder). Each run's epoch is chosen on validation and
 //! its model evaluated once on test; the comparison is of those test figures, in `OUT`:
 //! `ablation.json` and `ablation.md` (top-1, top-5, NLL, ECE, mean top probability on correct
 //! and on wrong predictions), `ablation-reliability.png` (the reliability diagrams side by side)
@@ -13,6 +15,7 @@
 use crate::eval::{Bin, EvalResult};
 use crate::files::atomic_write_bytes;
 use crate::recipe::{FineTune, RunReport};
+use crate::train::TrainConfig;
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -20,9 +23,159 @@ use std::path::{Path, PathBuf};
 /// The smoothing values compared by default.
 pub const DEFAULT_EPS: [f64; 4] = [0.0, 0.05, 0.1, 0.2];
 
+/// The recipes `cargo xtask ablate` compares by default.
+pub const DEFAULT_RECIPES: [&str; 5] = [
+    "none",
+    "smoothing",
+    "mixup+cutmix",
+    "smoothing+mixup+cutmix",
+    "smoothing+mixup+cutmix+ema",
+];
+
+/// The ingredients a recipe name joins with `+`, each with what it turns on when the command
+/// line leaves that setting off.
+pub const INGREDIENTS: [(&str, &str); 11] = [
+    ("smoothing", "label smoothing 0.1"),
+    ("mixup", "mixup alpha 0.2"),
+    ("cutmix", "CutMix alpha 1.0"),
+    ("ema", "weight EMA (decay 0.9998 unless given)"),
+    ("ta", "TrivialAugmentWide"),
+    ("ra", "RandAugment, 2 ops at magnitude 9"),
+    ("jitter", "colour jitter 0.4"),
+    ("erasing", "random erasing 0.25"),
+    ("droppath", "drop path 0.05"),
+    ("clip", "gradient clipping at norm 1"),
+    ("none", "nothing (alone: the plain recipe)"),
+];
+
+/// One run of an ablation: a name, its folder and its training settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Name in the table (`smoothing+mixup`, `eps 0.1`).
+    pub name: String,
+    /// Folder of its run, under the ablation folder.
+    pub folder: String,
+    /// Its training settings.
+    pub train: TrainConfig,
+}
+
+/// One variant per smoothing value: `base` with `label_smoothing` replaced.
+///
+/// ```
+/// let v = candle_finetune::ablation::smoothing_variants(&Default::default(), &[0.0, 0.1]).unwrap();
+/// assert_eq!((v[1].folder.as_str(), v[1].train.label_smoothing), ("eps-0.1", 0.1));
+/// assert!(candle_finetune::ablation::smoothing_variants(&Default::default(), &[0.1, 0.1]).is_err());
+/// ```
+pub fn smoothing_variants(base: &TrainConfig, eps: &[f64]) -> Result<Vec<Variant>> {
+    if eps.is_empty() {
+        bail!("ablate-smoothing: no smoothing values given");
+    }
+    for (i, &e) in eps.iter().enumerate() {
+        if !(0.0..=1.0).contains(&e) {
+            bail!("ablate-smoothing: label smoothing must be in [0, 1], got {e}");
+        }
+        if eps[..i].contains(&e) {
+            bail!("ablate-smoothing: smoothing {e} is listed twice");
+        }
+    }
+    Ok(eps
+        .iter()
+        .map(|&e| Variant {
+            name: format!("label smoothing {e}"),
+            folder: format!("eps-{e}"),
+            train: TrainConfig {
+                label_smoothing: e,
+                ..base.clone()
+            },
+        })
+        .collect())
+}
+
+/// One variant per recipe name: `base` with every ingredient of [`INGREDIENTS`] turned off,
+/// then the named ones turned on, each at the value `base` gives it or, where `base` leaves it
+/// off, at the value [`INGREDIENTS`] states. Names join ingredients with `+`.
+///
+/// ```
+/// use candle_finetune::{ablation::recipe_variants, train::TrainConfig};
+/// let base = TrainConfig { mixup_alpha: 0.8, ..Default::default() };
+/// let v = recipe_variants(&base, &["none".into(), "smoothing+mixup".into()]).unwrap();
+/// assert_eq!((v[0].train.label_smoothing, v[0].train.mixup_alpha), (0.0, 0.0));
+/// assert_eq!((v[1].train.label_smoothing, v[1].train.mixup_alpha), (0.1, 0.8));
+/// assert!(recipe_variants(&base, &["smoothing+dropout".into()]).unwrap_err().to_string().contains("dropout"));
+/// ```
+pub fn recipe_variants(base: &TrainConfig, names: &[String]) -> Result<Vec<Variant>> {
+    if names.is_empty() {
+        bail!("ablate: no recipes given");
+    }
+    let off = TrainConfig {
+        label_smoothing: 0.0,
+        mixup_alpha: 0.0,
+        cutmix_alpha: 0.0,
+        cutmix_minmax: None,
+        model_ema: false,
+        auto_augment: None,
+        color_jitter: None,
+        reprob: 0.0,
+        drop_path: 0.0,
+        clip_grad: None,
+        ..base.clone()
+    };
+    let or = |given: f64, default: f64| if given > 0.0 { given } else { default };
+    let mut out: Vec<Variant> = Vec::new();
+    for name in names {
+        let mut t = off.clone();
+        let mut parts: Vec<&str> = name.split('+').map(str::trim).collect();
+        parts.sort();
+        parts.dedup();
+        for p in &parts {
+            match *p {
+                "none" if parts.len() == 1 => {}
+                "smoothing" => t.label_smoothing = or(base.label_smoothing, 0.1),
+                "mixup" => t.mixup_alpha = or(base.mixup_alpha, 0.2),
+                "cutmix" => {
+                    t.cutmix_alpha = or(base.cutmix_alpha, 1.0);
+                    t.cutmix_minmax = base.cutmix_minmax.clone();
+                }
+                "ema" => t.model_ema = true,
+                "ta" | "ra" if t.auto_augment.is_some() => {
+                    bail!("ablate: recipe {name:?} names two auto-augment policies (ta, ra)")
+                }
+                "ta" => t.auto_augment = Some("ta_wide".into()),
+                "ra" => t.auto_augment = Some("ra".into()),
+                "jitter" => t.color_jitter = Some(base.color_jitter.clone().unwrap_or(vec![0.4])),
+                "erasing" => t.reprob = or(base.reprob, 0.25),
+                "droppath" => t.drop_path = or(base.drop_path, 0.05),
+                "clip" => t.clip_grad = Some(base.clip_grad.unwrap_or(1.0)),
+                other => {
+                    let known: Vec<&str> = INGREDIENTS.iter().map(|i| i.0).collect();
+                    bail!(
+                        "ablate: recipe {name:?}: {other:?} is not an ingredient ({}; join them \
+                         with +, `none` alone)",
+                        known.join(", ")
+                    )
+                }
+            }
+        }
+        t.validate()?;
+        let folder = format!("recipe-{}", name.replace('+', "-").replace(' ', ""));
+        if out.iter().any(|v| v.train == t) {
+            bail!("ablate: recipe {name:?} is listed twice (or equals another)");
+        }
+        out.push(Variant {
+            name: name.clone(),
+            folder,
+            train: t,
+        });
+    }
+    Ok(out)
+}
+
 /// One run of the ablation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AblationRow {
+    /// Name of the run's variant (`label smoothing 0.1`, `smoothing+mixup`).
+    #[serde(default)]
+    pub recipe: String,
     /// Label smoothing of the run.
     pub eps: f64,
     /// Its model folder, relative to the ablation folder (`eps-0.1`).
@@ -52,18 +205,20 @@ pub struct AblationRow {
 }
 
 impl AblationRow {
-    fn new(eps: f64, folder: String, report: &RunReport) -> Result<Self> {
+    fn new(v: &Variant, report: &RunReport) -> Result<Self> {
         let (b, split): (&EvalResult, &str) = match (&report.test, &report.fit.best) {
             (Some(t), _) => (t, "test"),
             (None, Some(v)) => (v, "validation"),
             (None, None) => bail!(
-                "ablate-smoothing: the run of smoothing {eps} evaluated nothing (the data has \
-                 no validation and no test split)"
+                "ablation: the run {:?} evaluated nothing (the data has no validation and no \
+                 test split)",
+                v.name
             ),
         };
         Ok(Self {
-            eps,
-            folder,
+            recipe: v.name.clone(),
+            eps: v.train.label_smoothing,
+            folder: v.folder.clone(),
             best_epoch: report.fit.best_epoch,
             top1: b.top1,
             top5: b.top5,
@@ -86,10 +241,18 @@ impl AblationRow {
 /// The comparison `ablation.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ablation {
+    /// What was varied (`Label smoothing ablation`, `Recipe ablation`): the title of the
+    /// cards' section.
+    #[serde(default = "default_title")]
+    pub title: String,
     /// The data the runs used (the card's dataset name).
     pub dataset: String,
     /// One row per smoothing value, in the order run.
     pub rows: Vec<AblationRow>,
+}
+
+fn default_title() -> String {
+    "Label smoothing ablation".into()
 }
 
 /// An ablation over `eps` of the recipe `base` (its `label_smoothing` and `out` are replaced).
@@ -105,34 +268,49 @@ pub struct Ablation {
 /// }
 /// ```
 pub fn ablate_smoothing(base: &FineTune, eps: &[f64]) -> Result<Ablation> {
-    if eps.is_empty() {
-        bail!("ablate-smoothing: no smoothing values given");
-    }
-    for (i, &e) in eps.iter().enumerate() {
-        if !(0.0..=1.0).contains(&e) {
-            bail!("ablate-smoothing: label smoothing must be in [0, 1], got {e}");
-        }
-        if eps[..i].contains(&e) {
-            bail!("ablate-smoothing: smoothing {e} is listed twice");
-        }
+    let variants = smoothing_variants(&base.train, eps)?;
+    ablate(base, &variants, "Label smoothing ablation")
+}
+
+/// An ablation over named recipes ([`recipe_variants`]) of `base`.
+///
+/// ```no_run
+/// use candle_finetune::ablation::{ablate_recipes, DEFAULT_RECIPES};
+/// use candle_finetune::{recipe::FineTune, train::TrainConfig};
+/// let base = FineTune { train: TrainConfig { epochs: 30, ..Default::default() },
+///     out: "out/ablate".into(), ..Default::default() };
+/// let names: Vec<String> = DEFAULT_RECIPES.iter().map(|s| s.to_string()).collect();
+/// let a = ablate_recipes(&base, &names).unwrap();
+/// println!("{}", candle_finetune::ablation::markdown(&a));
+/// ```
+pub fn ablate_recipes(base: &FineTune, names: &[String]) -> Result<Ablation> {
+    let variants = recipe_variants(&base.train, names)?;
+    ablate(base, &variants, "Recipe ablation")
+}
+
+/// Runs `base` once per variant (its training settings and output folder replaced: `base.out`
+/// is the ablation folder), then writes and links the comparison titled `title`.
+pub fn ablate(base: &FineTune, variants: &[Variant], title: &str) -> Result<Ablation> {
+    if variants.is_empty() {
+        bail!("ablation: nothing to compare");
     }
     let root = base.out.clone();
     std::fs::create_dir_all(&root)?;
     let dataset = base.dataset_info(None, None)?.name;
     let mut rows = Vec::new();
-    for &e in eps {
-        let folder = format!("eps-{e}");
-        eprintln!(
-            "ablate-smoothing: label smoothing {e} -> {}",
-            root.join(&folder).display()
-        );
+    for v in variants {
+        eprintln!("ablation: {} -> {}", v.name, root.join(&v.folder).display());
         let mut run = base.clone();
-        run.train.label_smoothing = e;
-        run.out = root.join(&folder);
+        run.train = v.train.clone();
+        run.out = root.join(&v.folder);
         let report = run.run()?;
-        rows.push(AblationRow::new(e, folder, &report)?);
+        rows.push(AblationRow::new(v, &report)?);
     }
-    let ablation = Ablation { dataset, rows };
+    let ablation = Ablation {
+        title: title.into(),
+        dataset,
+        rows,
+    };
     write(&root, &ablation)?;
     for r in &ablation.rows {
         link_into_card(&root.join(&r.folder), &root)?;
@@ -158,15 +336,21 @@ pub fn markdown(a: &Ablation) -> String {
         }
     });
     let mut s = format!(
-        "Label smoothing ablation on {}: the same recipe, seed and data for each value; each \
-         run's epoch chosen on validation, its model evaluated once on the {split} split.\n\n\
-         | label smoothing | top-1 % | top-5 % | NLL | ECE % | mean top prob., correct | mean top prob., wrong | chosen epoch |\n\
-         |---|---|---|---|---|---|---|---|\n",
-        a.dataset
+        "{} on {}: the same data, seed and budget for each run; each run's epoch chosen on \
+         validation, its model evaluated once on the {split} split.\n\n\
+         | run | label smoothing | top-1 % | top-5 % | NLL | ECE % | mean top prob., correct | mean top prob., wrong | chosen epoch |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        a.title, a.dataset
     );
     for r in &a.rows {
+        let name = if r.recipe.is_empty() {
+            format!("label smoothing {}", r.eps)
+        } else {
+            r.recipe.clone()
+        };
         s += &format!(
-            "| {} | {} | {} | {:.4} | {} | {:.3} | {:.3} | {} |\n",
+            "| {} | {} | {} | {} | {:.4} | {} | {:.3} | {:.3} | {} |\n",
+            name,
             r.eps,
             pct(r.top1),
             pct(r.top5),
@@ -180,6 +364,15 @@ pub fn markdown(a: &Ablation) -> String {
     s
 }
 
+/// A row's name in the plots.
+fn label(r: &AblationRow) -> String {
+    if r.recipe.is_empty() || r.recipe.starts_with("label smoothing") {
+        format!("eps {}", r.eps)
+    } else {
+        r.recipe.clone()
+    }
+}
+
 /// Writes `ablation.json`, `ablation.md` and the two plots into `dir`.
 fn write(dir: &Path, a: &Ablation) -> Result<()> {
     let json = serde_json::to_string_pretty(a).map_err(candle_core::Error::wrap)?;
@@ -188,7 +381,7 @@ fn write(dir: &Path, a: &Ablation) -> Result<()> {
     let panels: Vec<(String, Vec<Bin>, f64)> = a
         .rows
         .iter()
-        .map(|r| (format!("eps {}", r.eps), r.reliability.clone(), r.ece))
+        .map(|r| (label(r), r.reliability.clone(), r.ece))
         .collect();
     crate::plot::reliability_panels(&dir.join("ablation-reliability.png"), &panels)?;
     let series: Vec<(String, Vec<(f64, f64)>)> = a
@@ -201,7 +394,7 @@ fn write(dir: &Path, a: &Ablation) -> Result<()> {
                 .enumerate()
                 .map(|(i, v)| ((i + 1) as f64, 100.0 * v))
                 .collect();
-            (format!("eps {}", r.eps), pts)
+            (label(r), pts)
         })
         .collect();
     crate::plot::lines(
@@ -245,7 +438,8 @@ pub fn link_into_card(model_dir: &Path, ablation_dir: &Path) -> Result<()> {
         ))
     })?;
     let section = format!(
-        "{BEGIN}\n## Label smoothing ablation\n\n{}\n![reliability diagrams](ablation-reliability.png)\n\n![validation top-1 by epoch](ablation-curves.png)\n{END}\n",
+        "{BEGIN}\n## {}\n\n{}\n![reliability diagrams](ablation-reliability.png)\n\n![validation top-1 by epoch](ablation-curves.png)\n{END}\n",
+        a.title,
         markdown(&a)
     );
     let new = match (card.find(BEGIN), card.find(END)) {

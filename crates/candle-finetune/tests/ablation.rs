@@ -229,3 +229,75 @@ fn the_ablation_runs_each_smoothing_and_compares_them() {
     let e = ablate_smoothing(&base, &[1.5]).unwrap_err().to_string();
     assert!(e.contains("[0, 1]"), "{e}");
 }
+
+/// Each ingredient turns on its own setting (at the command line's value when it gives one),
+/// every other regulariser is off, and bad names are errors naming the part.
+#[test]
+fn recipe_names_map_to_settings() {
+    use candle_finetune::ablation::{recipe_variants, DEFAULT_RECIPES, INGREDIENTS};
+    use candle_finetune::train::TrainConfig;
+    let base = TrainConfig {
+        label_smoothing: 0.3,
+        reprob: 0.0,
+        clip_grad: Some(2.0),
+        auto_augment: Some("ra".into()),
+        ..Default::default()
+    };
+    let names: Vec<String> = DEFAULT_RECIPES.iter().map(|s| s.to_string()).collect();
+    let v = recipe_variants(&base, &names).unwrap();
+    assert_eq!(v.len(), 5);
+    // `none`: every regulariser off, even those the command line turned on.
+    let none = &v[0].train;
+    assert_eq!(
+        (
+            none.label_smoothing,
+            none.clip_grad,
+            none.auto_augment.clone()
+        ),
+        (0.0, None, None)
+    );
+    assert_eq!(v[1].train.label_smoothing, 0.3, "the command line's value");
+    assert_eq!(
+        (
+            v[2].train.mixup_alpha,
+            v[2].train.cutmix_alpha,
+            v[2].train.label_smoothing
+        ),
+        (0.2, 1.0, 0.0)
+    );
+    assert!(v[4].train.model_ema && v[4].train.label_smoothing == 0.3);
+    assert_eq!(v[4].folder, "recipe-smoothing-mixup-cutmix-ema");
+    let all: Vec<String> = vec![INGREDIENTS
+        .iter()
+        .map(|i| i.0)
+        .filter(|i| *i != "none" && *i != "ra")
+        .collect::<Vec<_>>()
+        .join("+")];
+    let t = &recipe_variants(&TrainConfig::default(), &all).unwrap()[0].train;
+    assert_eq!(
+        (
+            t.reprob,
+            t.drop_path,
+            t.clip_grad,
+            t.auto_augment.as_deref()
+        ),
+        (0.25, 0.05, Some(1.0), Some("ta_wide"))
+    );
+    assert_eq!(t.color_jitter, Some(vec![0.4]));
+    let err = |n: &str| {
+        recipe_variants(&TrainConfig::default(), &[n.to_string()])
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err("smoothing+dropout").contains("\"dropout\""));
+    assert!(err("ta+ra").contains("two auto-augment"));
+    assert!(err("none+mixup").contains("none"));
+    let twice = recipe_variants(
+        &TrainConfig::default(),
+        &["mixup+smoothing".into(), "smoothing+mixup".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(twice.contains("twice"), "{twice}");
+    assert!(recipe_variants(&TrainConfig::default(), &[]).is_err());
+}
