@@ -21,6 +21,7 @@ them when the loss check did not run). Exit status non-zero when 1 or 3 fails.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +66,27 @@ def smoke(a, log):
     return dict(passed=ok, steps=len(dev), first_rel_diff=rel[0], max_rel_diff=max(rel),
                 tolerance=dict(first=LOSS_TOL_FIRST, all=LOSS_TOL_ALL),
                 device_losses=dev, cpu_losses=cpu)
+
+
+BF16_TOL_FIRST = 2e-2  # bf16 carries 8 bits; the CPU test measures 0.1 % on its first step
+
+
+def smoke_bf16(a, log, f32_losses):
+    """train-cars --smoke --amp bf16 on the device against the device's f32 run: the first step
+    (same weights, only the precision differs) within BF16_TOL_FIRST, every loss finite."""
+    path = os.path.join(a.out, f"smoke-steps-{a.device}-bf16.json")
+    p = run([a.xtask, "train-cars", "--smoke", "--device", a.device, "--amp", "bf16", "--out",
+             os.path.join(a.out, f"smoke-{a.device}-bf16"), "--step-losses", path], log, 600)
+    if p.returncode != 0:
+        return dict(passed=False, error="train-cars --smoke --amp bf16 failed: "
+                    f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+    bf = json.load(open(path))
+    if not f32_losses or len(bf) != len(f32_losses):
+        return dict(passed=False, error=f"{len(bf)} bf16 steps vs {len(f32_losses or [])} f32")
+    rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(bf, f32_losses)]
+    ok = rel[0] <= BF16_TOL_FIRST and all(math.isfinite(x) for x in bf)
+    return dict(passed=ok, steps=len(bf), first_rel_diff=rel[0], max_rel_diff=max(rel),
+                tolerance=dict(first=BF16_TOL_FIRST), bf16_losses=bf)
 
 
 def steps(a, log):
@@ -126,6 +148,9 @@ def main():
     res["smoke"] = smoke(a, log)
     print(f"smoke: {json.dumps({k: v for k, v in res['smoke'].items() if 'losses' not in k})}",
           flush=True)
+    res["smoke_bf16"] = smoke_bf16(a, log, res["smoke"].get("device_losses"))
+    print(f"smoke bf16: {json.dumps({k: v for k, v in res['smoke_bf16'].items() if 'losses' not in k})}",
+          flush=True)
     res["steps"] = steps(a, log)
     for r in res["steps"]:
         print(json.dumps(r), flush=True)
@@ -133,7 +158,7 @@ def main():
     print(f"memory: {json.dumps({k: v for k, v in res['memory'].items() if k != 'used_mib'})}",
           flush=True)
     res["seconds"] = time.time() - t0
-    passed = res["smoke"]["passed"] and res["memory"]["passed"]
+    passed = res["smoke"]["passed"] and res["smoke_bf16"]["passed"] and res["memory"]["passed"]
     res["passed"] = passed
     path = os.path.join(a.out, "results.json")
     allres = json.load(open(path)) if os.path.exists(path) else {}
@@ -148,6 +173,13 @@ def main():
                   f"step {s['first_rel_diff']:.1e} relative (<= {LOSS_TOL_FIRST}), worst "
                   f"{s['max_rel_diff']:.1e} (<= {LOSS_TOL_ALL}): "
                   f"{'passed' if s['passed'] else 'FAILED'}.")
+    b = res["smoke_bf16"]
+    if "error" in b:
+        md.append(f"train-cars --smoke --amp bf16: FAILED: {b['error']}")
+    else:
+        md.append(f"train-cars --smoke --amp bf16 vs f32 on {a.device}: first step "
+                  f"{b['first_rel_diff']:.1e} relative (<= {BF16_TOL_FIRST}), worst "
+                  f"{b['max_rel_diff']:.1e}: {'passed' if b['passed'] else 'FAILED'}.")
     md += ["", "| impl | batch | dtype | images/s | median step s | device MiB | note |",
            "|---|---|---|---|---|---|---|"]
     for r in res["steps"]:

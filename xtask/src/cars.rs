@@ -587,6 +587,8 @@ mod tests {
             "0.25",
             "--drop-path",
             "0.05",
+            "--amp",
+            "bf16",
         ])
         .unwrap();
         let t = &l.a.train;
@@ -602,6 +604,7 @@ mod tests {
         assert_eq!((a.scale, a.ratio, a.hflip), ([0.35, 1.0], [0.5, 2.0], 0.25));
         assert_eq!(a.color_jitter.unwrap().hue, Some([-0.1, 0.1]));
         assert_eq!(t.drop_path, 0.05);
+        assert_eq!(t.amp, candle_finetune::train::Amp::Bf16);
         assert_eq!(
             (t.mixup_alpha, t.cutmix_alpha, t.cutmix_minmax.clone()),
             (0.2, 1.0, Some(vec![0.2, 0.8]))

@@ -259,6 +259,13 @@ pub fn model_card(
     v.insert("regularisation", regularisation(args));
     v.insert("train_transform", train_transform(args));
     v.insert(
+        "precision",
+        match args.get("amp").and_then(|v| v.as_str()) {
+            Some("bf16") => "bf16 mixed precision (f32 master weights, loss and optimizer)".into(),
+            _ => "f32".to_string(),
+        },
+    );
+    v.insert(
         "command",
         match args.get("command").and_then(|c| c.as_str()) {
             Some(c) if !c.is_empty() => c.to_string(),

@@ -134,6 +134,7 @@ fn the_card_says_what_chose_the_epoch_and_reports_test_once() {
         "{card}"
     );
     assert!(!card.contains("chosen by its test"), "{card}");
+    assert!(card.contains("| precision | f32 |"), "{card}");
     assert!(
         card.contains("| mixing, EMA, erasing, clipping, drop path | none |"),
         "{card}"
@@ -162,8 +163,12 @@ fn the_card_says_what_chose_the_epoch_and_reports_test_once() {
         "mixup_switch_prob": 0.5, "mixup_mode": "batch", "model_ema": true,
         "model_ema_decay": 0.9998, "reprob": 0.25, "remode": "pixel", "recount": 1,
         "clip_grad": 1.0, "drop_path": 0.05, "scale": [0.25, 1.0], "ratio": [0.75, 1.3333333333333333],
-        "hflip": 0.5, "auto_augment": "ta_wide", "color_jitter": [0.4]});
+        "hflip": 0.5, "auto_augment": "ta_wide", "color_jitter": [0.4], "amp": "bf16"});
     let card = model_card(&cfg, &prov, &args, &o).unwrap();
+    assert!(
+        card.contains("| precision | bf16 mixed precision"),
+        "{card}"
+    );
     assert!(
         card.contains("train: RandomResizedCrop (scale 0.25-1, ratio 0.75-1.333) + horizontal flip 0.5 + TrivialAugmentWide + ColorJitter 0.4; eval:"),
         "{card}"

@@ -116,8 +116,16 @@ struct Conv2d {
 }
 
 impl Module for Conv2d {
+    /// The convolution in the input's dtype: an `f32` weight meets a `bf16` input as its
+    /// `bf16` copy (a differentiable cast, so the gradient reaches the `f32` weight in `f32`),
+    /// which is how mixed precision keeps master weights.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::conv::conv2d(x, &self.weight, self.stride, self.padding)
+        if x.dtype() == self.weight.dtype() {
+            crate::ops::conv::conv2d(x, &self.weight, self.stride, self.padding)
+        } else {
+            let w = self.weight.to_dtype(x.dtype())?;
+            crate::ops::conv::conv2d(x, &w, self.stride, self.padding)
+        }
     }
 }
 
@@ -439,7 +447,10 @@ impl ResNet {
         self.num_classes
     }
 
-    /// Pooled backbone features `(N, feature_dim)`, before `fc`.
+    /// Pooled backbone features `(N, feature_dim)`, before `fc`. Half-precision input
+    /// (`bf16`, `f16`) runs the convolutions and batch norms in that precision against the
+    /// model's `f32` weights (mixed precision: batch-norm statistics in `f32`); the pooling and
+    /// the features are `f32`.
     ///
     /// ```
     /// # use candle_core::{DType, Device, Tensor};
@@ -464,6 +475,9 @@ impl ResNet {
                 (rate, k)
             });
             y = b.forward_t(&y, train, drop)?;
+        }
+        if y.dtype() != self.fc.weight().dtype() {
+            y = y.to_dtype(self.fc.weight().dtype())?;
         }
         y.mean((2, 3))
     }

@@ -40,6 +40,31 @@ pub enum OptimizerKind {
     AdamW,
 }
 
+/// Precision of the training forward and backward (`--amp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Amp {
+    /// Everything in `f32`.
+    #[default]
+    F32,
+    /// Mixed precision: the images and the convolutions and batch norms of the training
+    /// forward and backward in `bf16` against `f32` master weights (cast per step, the
+    /// gradient arriving in `f32`), batch-norm statistics, pooled features, head, loss, optimizer
+    /// and evaluation in `f32`.
+    Bf16,
+}
+
+impl Amp {
+    /// The dtype the training images are cast to.
+    pub fn dtype(self) -> DType {
+        match self {
+            Amp::F32 => DType::F32,
+            Amp::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// The learning-rate decay after the warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -201,6 +226,10 @@ pub struct TrainConfig {
     /// saturation, or B,C,S or B,C,S,HUE; off unless given.
     #[cfg_attr(feature = "clap", arg(long, value_delimiter = ','))]
     pub color_jitter: Option<Vec<f64>>,
+    /// Precision of the training forward and backward: f32, or bf16 mixed precision with
+    /// f32 master weights (timm's `--amp --amp-dtype bfloat16`).
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = defaults().amp))]
+    pub amp: Amp,
     /// Drop-path (stochastic depth) rate of the ResNet's last block, linear from 0 at the
     /// first (timm's `--drop-path`).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().drop_path))]
@@ -267,6 +296,7 @@ impl Default for TrainConfig {
             auto_augment: None,
             color_jitter: None,
             drop_path: 0.0,
+            amp: Amp::F32,
             reprob: 0.0,
             remode: crate::data::erasing::EraseMode::Pixel,
             recount: 1,
@@ -993,7 +1023,7 @@ pub fn fit_with<M: Classifier>(
             skipped_before += chunk(bi).saturating_sub(batch.indices.len());
             next_position = bi + 1;
             epoch_done = bi + 1 == batches;
-            let x = batch.images.to_device(device)?;
+            let x = batch.images.to_device(device)?.to_dtype(cfg.amp.dtype())?;
             // Mixed batches train on their soft targets (smoothing already in them).
             let (y, loss_fn) = match &batch.targets {
                 Some(t) => (t.to_device(device)?, &soft_loss),

@@ -23,7 +23,7 @@
 //! the GEMM itself. f64 keeps the im2col path either way.
 
 use super::storage::contiguous_slice;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -925,6 +925,22 @@ pub fn conv2d_with(
             crop,
         };
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    } else if x.device().is_cpu()
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+    {
+        // candle's CPU convolution has no half-precision matmul. Half inputs are exact in
+        // f32, so the f32 convolution rounded back is what a half-precision convolution with
+        // f32 accumulation (oneDNN, cuDNN) computes; the casts carry the gradient both ways.
+        let dt = x.dtype();
+        conv2d_with(
+            &x.to_dtype(DType::F32)?,
+            &w.to_dtype(DType::F32)?,
+            stride,
+            padding,
+            backend,
+        )?
+        .to_dtype(dt)
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
