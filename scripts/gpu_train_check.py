@@ -68,12 +68,17 @@ def smoke(a, log):
                 device_losses=dev, cpu_losses=cpu)
 
 
-BF16_TOL_FIRST = 2e-2  # bf16 carries 8 bits; the CPU test measures 0.1 % on its first step
+# bf16 carries 8 bits. On the smoke run's generated pictures (flat colour fields, so batch
+# norms divide small variances) the CPU measured 5-7 % on the first step and 1.5 % on the mean
+# of the run's losses (`--device cpu --quick`); a lost gradient or a wrong cast shows as far more.
+BF16_TOL_FIRST = 0.1
+BF16_TOL_MEAN = 0.05
 
 
 def smoke_bf16(a, log, f32_losses):
     """train-cars --smoke --amp bf16 on the device against the device's f32 run: the first step
-    (same weights, only the precision differs) within BF16_TOL_FIRST, every loss finite."""
+    (same weights, only the precision differs) within BF16_TOL_FIRST, the mean loss of the run
+    within BF16_TOL_MEAN, every loss finite."""
     path = os.path.join(a.out, f"smoke-steps-{a.device}-bf16.json")
     p = run([a.xtask, "train-cars", "--smoke", "--device", a.device, "--amp", "bf16", "--out",
              os.path.join(a.out, f"smoke-{a.device}-bf16"), "--step-losses", path], log, 600)
@@ -84,9 +89,12 @@ def smoke_bf16(a, log, f32_losses):
     if not f32_losses or len(bf) != len(f32_losses):
         return dict(passed=False, error=f"{len(bf)} bf16 steps vs {len(f32_losses or [])} f32")
     rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(bf, f32_losses)]
-    ok = rel[0] <= BF16_TOL_FIRST and all(math.isfinite(x) for x in bf)
-    return dict(passed=ok, steps=len(bf), first_rel_diff=rel[0], max_rel_diff=max(rel),
-                tolerance=dict(first=BF16_TOL_FIRST), bf16_losses=bf)
+    mean_rel = abs(sum(bf) - sum(f32_losses)) / max(abs(sum(f32_losses)), 1e-12)
+    ok = (rel[0] <= BF16_TOL_FIRST and mean_rel <= BF16_TOL_MEAN
+          and all(math.isfinite(x) for x in bf))
+    return dict(passed=ok, steps=len(bf), first_rel_diff=rel[0], mean_rel_diff=mean_rel,
+                max_rel_diff=max(rel), tolerance=dict(first=BF16_TOL_FIRST, mean=BF16_TOL_MEAN),
+                bf16_losses=bf)
 
 
 def steps(a, log):
@@ -178,7 +186,8 @@ def main():
         md.append(f"train-cars --smoke --amp bf16: FAILED: {b['error']}")
     else:
         md.append(f"train-cars --smoke --amp bf16 vs f32 on {a.device}: first step "
-                  f"{b['first_rel_diff']:.1e} relative (<= {BF16_TOL_FIRST}), worst "
+                  f"{b['first_rel_diff']:.1e} relative (<= {BF16_TOL_FIRST}), mean loss "
+                  f"{b['mean_rel_diff']:.1e} (<= {BF16_TOL_MEAN}), worst step "
                   f"{b['max_rel_diff']:.1e}: {'passed' if b['passed'] else 'FAILED'}.")
     md += ["", "| impl | batch | dtype | images/s | median step s | device MiB | note |",
            "|---|---|---|---|---|---|---|"]
