@@ -2,9 +2,10 @@
 //!
 //! [`Collective`] is what a data-parallel trainer needs of its processes: who am I (`rank`), how
 //! many are we (`world_size`), sum a buffer over all of us, copy one rank's buffer to all, wait
-//! for all. [`Single`] is the one-process world (no dependency, no communication); with the
-//! `mpi` feature [`mpi::Mpi`] runs them over the system's MPI library, the engine `mpirun` and
-//! `srun` launch.
+//! for all. [`Single`] is the one-process world (no dependency, no communication);
+//! [`local::LocalWorld`] makes ranks of threads in one process (for tests and simulations); with
+//! the `mpi` feature `mpi::Mpi` runs them over the system's MPI library, the engine `mpirun`
+//! and `srun` launch.
 //!
 //! On top of the trait, [`all_reduce_mean`] averages gradient tensors in buckets of about
 //! [`DEFAULT_BUCKET_BYTES`] (one collective per bucket rather than per tensor, as PyTorch DDP),
@@ -13,6 +14,7 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
+pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
