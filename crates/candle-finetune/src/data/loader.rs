@@ -35,6 +35,41 @@ pub struct LoaderConfig {
     /// Random erasing of each image after its transform (draws from `seed`, the epoch and the
     /// image's index).
     pub erasing: Option<super::erasing::RandomErasing>,
+    /// This process's part of every batch in data-parallel training: `batch_size` is then the
+    /// global batch, each rank taking its contiguous slice of each (see [`Shard`]).
+    pub shard: Shard,
+}
+
+/// Rank `rank` of `world` data-parallel processes: of every batch of the epoch's order (the
+/// same on every rank), the rank takes images `rank * n / world .. (rank + 1) * n / world`, so
+/// the ranks' batches at one position are disjoint and together are the one-process batch.
+/// The default is the one-process world.
+///
+/// ```
+/// let s = candle_finetune::data::Shard { rank: 1, world: 4 };
+/// assert_eq!(s.range(10), 2..5);
+/// assert_eq!(candle_finetune::data::Shard::default().range(10), 0..10);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank, in `0..world`.
+    pub rank: usize,
+    /// Number of processes.
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { rank: 0, world: 1 }
+    }
+}
+
+impl Shard {
+    /// This rank's slice of a batch of `n` images.
+    pub fn range(&self, n: usize) -> std::ops::Range<usize> {
+        let w = self.world.max(1);
+        self.rank * n / w..(self.rank + 1) * n / w
+    }
 }
 
 impl Default for LoaderConfig {
@@ -47,6 +82,7 @@ impl Default for LoaderConfig {
             prefetch: 2,
             mixup: None,
             erasing: None,
+            shard: Shard::default(),
         }
     }
 }
@@ -123,6 +159,21 @@ pub struct Loader {
 impl Loader {
     /// A loader; `batch_size`, `prefetch` and the transform's image size must be positive.
     pub fn new(dataset: Arc<Dataset>, transform: Transform, cfg: LoaderConfig) -> Result<Self> {
+        if cfg.shard.world == 0 || cfg.shard.rank >= cfg.shard.world {
+            bail!(
+                "loader: rank {} does not exist in a world of {} processes",
+                cfg.shard.rank,
+                cfg.shard.world
+            );
+        }
+        if cfg.batch_size % cfg.shard.world != 0 {
+            bail!(
+                "loader: the global batch size {} is not divisible by the {} data-parallel \
+                 processes (each takes batch_size / world images)",
+                cfg.batch_size,
+                cfg.shard.world
+            );
+        }
         if cfg.batch_size == 0 || cfg.prefetch == 0 {
             bail!("loader: batch_size and prefetch must be positive, got {cfg:?}");
         }
@@ -189,11 +240,12 @@ impl Loader {
                 let mut report = EpochReport::default();
                 let s = t.pre.size as usize;
                 let per = 3 * s * s;
-                for (position, chunk) in order.chunks(cfg.batch_size).enumerate() {
+                for (position, global) in order.chunks(cfg.batch_size).enumerate() {
                     let position = position + skip;
-                    if cfg.drop_last && chunk.len() < cfg.batch_size {
+                    if cfg.drop_last && global.len() < cfg.batch_size {
                         break;
                     }
+                    let chunk = &global[cfg.shard.range(global.len())];
                     let mut buf = vec![0f32; chunk.len() * per];
                     let timed: Vec<(std::result::Result<(), String>, f64)> = buf
                         .par_chunks_mut(per)
@@ -242,11 +294,10 @@ impl Loader {
                     let batch = (|| -> Result<Batch> {
                         let targets = match &cfg.mixup {
                             Some(m) => {
-                                let mut rng = super::sample_rng(
-                                    cfg.seed,
-                                    epoch,
-                                    MIXUP_STREAM + position as u64,
-                                );
+                                // Each rank mixes its own slice with its own draws.
+                                let stream = (position * cfg.shard.world + cfg.shard.rank) as u64;
+                                let mut rng =
+                                    super::sample_rng(cfg.seed, epoch, MIXUP_STREAM + stream);
                                 let plan = m.plan(kept.len(), s, s, &mut rng)?;
                                 let t = m.apply(&plan, &mut buf, &labels, (3, s, s))?;
                                 Some(Tensor::from_vec(

@@ -20,7 +20,7 @@ mod transform;
 
 pub use decode::{check_jpeg_structure, check_png_structure, decode_rgb};
 pub use info::{DatasetInfo, DATASET_INFO_FILE};
-pub use loader::{Batch, EpochIter, EpochReport, Loader, LoaderConfig};
+pub use loader::{Batch, EpochIter, EpochReport, Loader, LoaderConfig, Shard};
 pub use source::{DataSource, SplitData};
 pub use transform::{
     center_crop_box, random_resized_crop_box, random_resized_crop_box_in, sample_rng, CropBox,

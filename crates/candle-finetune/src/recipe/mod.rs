@@ -387,6 +387,7 @@ impl FineTune {
             prefetch: 3,
             mixup: cfg.mixup(train_ds.num_classes()),
             erasing: cfg.erasing(),
+            ..Default::default()
         };
         let eval_loader = |ds: Arc<Dataset>| {
             Loader::new(
