@@ -225,6 +225,7 @@ impl TrainArgs {
                 std: self.std,
             },
             train: self.train.clone(),
+            world: None,
             device: self.device,
             out: self.out.clone().unwrap_or_else(|| {
                 if cars {
@@ -259,15 +260,45 @@ fn stop_on_signals() -> Result<Arc<std::sync::atomic::AtomicBool>> {
     Ok(stop)
 }
 
+/// The data-parallel world when an MPI launcher (`mpirun`, `mpiexec`, `srun`) started this
+/// process as one of several ranks; `None` for a plain start.
+fn launched_world() -> Result<Option<candle_finetune::recipe::World>> {
+    let size = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
+        .unwrap_or(1);
+    if size <= 1 {
+        return Ok(None);
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let mpi = candle_ddp::mpi::Mpi::init()?;
+        Ok(Some(candle_finetune::recipe::World(std::sync::Arc::new(
+            mpi,
+        ))))
+    }
+    #[cfg(not(feature = "mpi"))]
+    anyhow::bail!(
+        "an MPI launcher started this process as one of {size} ranks, but this xtask was built \
+         without MPI: build it with `cargo build --release -p xtask --features mpi` (needs \
+         `apt install libopenmpi-dev libclang-dev`) and launch that binary"
+    )
+}
+
 pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
     let mut recipe = a.recipe(cars)?;
     recipe.stop = Some(stop_on_signals()?);
+    recipe.world = launched_world()?;
+    let rank0 = recipe.world.as_ref().is_none_or(|w| w.0.rank() == 0);
     let report = if a.smoke {
         let (recipe, _cache) = recipe.smoke()?; // the cache lives until the run ends
         recipe.run()?
     } else {
         recipe.run()?
     };
+    if !rank0 {
+        return Ok(());
+    }
     if let Some(dir) = &a.ablation {
         candle_finetune::ablation::link_into_card(&report.out, dir)?;
         eprintln!(

@@ -195,9 +195,14 @@ impl Loader {
         &self.dataset
     }
 
-    /// Images per batch.
+    /// Images per batch (all ranks together when sharded).
     pub fn batch_size(&self) -> usize {
         self.cfg.batch_size
+    }
+
+    /// This loader's data-parallel shard.
+    pub fn shard(&self) -> super::Shard {
+        self.cfg.shard
     }
 
     /// Batches per epoch (before any skipped image).
@@ -285,7 +290,9 @@ impl Loader {
                             Err(why) => report.skipped.push((i, why)),
                         }
                     }
-                    if kept.is_empty() {
+                    // One process skips a position without images; data-parallel ranks keep
+                    // it (an empty batch) so that every rank steps at every position.
+                    if kept.is_empty() && cfg.shard.world == 1 {
                         continue;
                     }
                     buf.truncate(kept.len() * per);
@@ -293,7 +300,7 @@ impl Loader {
                     let labels: Vec<u32> = kept.iter().map(|&i| ds.samples[i].label).collect();
                     let batch = (|| -> Result<Batch> {
                         let targets = match &cfg.mixup {
-                            Some(m) => {
+                            Some(m) if !kept.is_empty() => {
                                 // Each rank mixes its own slice with its own draws.
                                 let stream = (position * cfg.shard.world + cfg.shard.rank) as u64;
                                 let mut rng =
@@ -306,7 +313,7 @@ impl Loader {
                                     &Device::Cpu,
                                 )?)
                             }
-                            None => None,
+                            _ => None,
                         };
                         Ok(Batch {
                             images: Tensor::from_vec(buf, (kept.len(), 3, s, s), &Device::Cpu)?,

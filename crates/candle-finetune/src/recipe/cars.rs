@@ -48,6 +48,7 @@ pub fn stanford_cars() -> FineTune {
         resume: false,
         smoke: false,
         stop: None,
+        world: None,
         command: "cargo xtask train-cars".into(),
     }
 }

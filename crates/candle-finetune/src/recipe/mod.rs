@@ -122,9 +122,23 @@ pub struct FineTune {
     /// checkpoint at the next optimizer step and returns ([`FitSummary::interrupted`]);
     /// `resume` continues it.
     pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The data-parallel world this process is a rank of (`None`: one process). Every rank
+    /// runs the recipe with the same settings; rank 0 prints, evaluates test and writes the
+    /// folder, the others train and return after the fit.
+    pub world: Option<World>,
     /// The command that reproduces the run, for the card (`cargo xtask train-cars` for the
     /// preset, `cargo xtask train` otherwise).
     pub command: String,
+}
+
+/// A shared handle on a data-parallel world ([`candle_ddp::Collective`]).
+#[derive(Clone)]
+pub struct World(pub Arc<dyn candle_ddp::Collective>);
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} of {}", self.0.rank(), self.0.world_size())
+    }
 }
 
 impl Default for FineTune {
@@ -348,32 +362,41 @@ impl FineTune {
         let train_ds = Arc::new(tv.train);
         let val_ds = tv.validation.map(Arc::new);
         let cfg = &self.train;
-        eprintln!("fine-tuning settings:");
-        eprintln!(
-            "  data       {} ({}): {} train / {} validation / {} test images, {} classes",
-            info.name,
-            data.origin,
-            train_ds.len(),
-            val_ds.as_ref().map_or(0, |v| v.len()),
-            test_ds.as_ref().map_or(0, |t| t.len()),
-            train_ds.num_classes()
-        );
-        if let Some(c) = &data.columns {
-            eprintln!("  columns    image {:?}, class {:?}", c.image, c.label);
-        }
-        eprintln!("  validation {}", tv.source);
-        eprintln!("  weights    {base} ({}), preprocessing {pre:?}", self.arch);
-        eprintln!(
-            "  device     {:?}, output {}",
-            self.device,
-            self.out.display()
-        );
-        eprintln!(
-            "  recipe     {}",
-            serde_json::to_string(cfg).map_err(candle_core::Error::wrap)?
-        );
-        if test_ds.is_none() {
-            eprintln!("note: the data has no test split; the validation figures are reported");
+        let (rank, ranks) = self
+            .world
+            .as_ref()
+            .map_or((0, 1), |w| (w.0.rank(), w.0.world_size()));
+        if rank == 0 {
+            eprintln!("fine-tuning settings:");
+            eprintln!(
+                "  data       {} ({}): {} train / {} validation / {} test images, {} classes",
+                info.name,
+                data.origin,
+                train_ds.len(),
+                val_ds.as_ref().map_or(0, |v| v.len()),
+                test_ds.as_ref().map_or(0, |t| t.len()),
+                train_ds.num_classes()
+            );
+            if let Some(c) = &data.columns {
+                eprintln!("  columns    image {:?}, class {:?}", c.image, c.label);
+            }
+            eprintln!("  validation {}", tv.source);
+            eprintln!("  weights    {base} ({}), preprocessing {pre:?}", self.arch);
+            eprintln!(
+                "  device     {:?}, output {}",
+                self.device,
+                self.out.display()
+            );
+            eprintln!(
+                "  recipe     {}",
+                serde_json::to_string(cfg).map_err(candle_core::Error::wrap)?
+            );
+            if test_ds.is_none() {
+                eprintln!("note: the data has no test split; the validation figures are reported");
+            }
+            if ranks > 1 {
+                eprintln!("  data-parallel {ranks} ranks (this is rank 0)");
+            }
         }
         let (varmap, model) =
             crate::pretrained::pretrained(self.arch, train_ds.num_classes(), &weights, &dev)?;
@@ -404,11 +427,16 @@ impl FineTune {
         let train_loader = Loader::new(
             train_ds.clone(),
             Transform::for_training(pre.clone()).with_augment(cfg.augment()?),
-            lcfg.clone(),
+            LoaderConfig {
+                shard: crate::data::Shard { rank, world: ranks },
+                ..lcfg.clone()
+            },
         )?;
         let val_loader = val_ds.map(eval_loader).transpose()?;
         let stop = self.stop.clone();
-        let fit = train::fit_with(
+        let single: Arc<dyn candle_ddp::Collective> = Arc::new(candle_ddp::Single);
+        let world = self.world.as_ref().map_or(&single, |w| &w.0);
+        let fit = train::fit_distributed(
             &model,
             &varmap,
             &train_loader,
@@ -417,6 +445,7 @@ impl FineTune {
             &dev,
             &self.out,
             self.resume,
+            world.as_ref(),
             &mut |_| match &stop {
                 Some(s) if s.load(std::sync::atomic::Ordering::SeqCst) => {
                     std::ops::ControlFlow::Break(())
@@ -426,6 +455,15 @@ impl FineTune {
         )?;
         let config = ModelConfig::new(self.arch, &train_ds.class_names, &pre)
             .with_license(info.license.clone());
+        if rank != 0 {
+            // Rank 0 evaluates test and writes the folder.
+            return Ok(RunReport {
+                fit,
+                test: None,
+                config,
+                out: self.out.clone(),
+            });
+        }
         if fit.interrupted {
             eprintln!(
                 "stopped; {} holds the run's state: continue it with --resume",

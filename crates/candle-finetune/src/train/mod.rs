@@ -839,7 +839,59 @@ pub fn fit_with<M: Classifier>(
     resume: bool,
     observer: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
 ) -> Result<FitSummary> {
+    fit_distributed(
+        model,
+        varmap,
+        train,
+        validation,
+        cfg,
+        device,
+        out,
+        resume,
+        &candle_ddp::Single,
+        observer,
+    )
+}
+
+/// [`fit_with`] as one rank of a data-parallel run over `world` (PyTorch DDP's semantics): every
+/// rank starts from rank 0's parameters and buffers (also after a resume); the training loader
+/// is sharded for this rank ([`crate::data::Shard`], `batch_size` the global batch); each step
+/// averages the gradients over the ranks in ~25 MB buckets, weighted by each rank's images so
+/// the step is that of the global batch; batch norms use each rank's own statistics, their
+/// running statistics follow rank 0's; every rank evaluates the whole validation loader (so all
+/// choose alike); rank 0 alone writes checkpoints and metrics; the ranks' weights are compared
+/// by checksum at the end of every epoch (an error if they differ). Gradient accumulation is
+/// not supported across ranks yet (`accum_steps` must be 1). With [`candle_ddp::Single`] this
+/// is [`fit_with`].
+#[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
+pub fn fit_distributed<M: Classifier>(
+    model: &M,
+    varmap: &VarMap,
+    train: &Loader,
+    validation: Option<&Loader>,
+    cfg: &TrainConfig,
+    device: &Device,
+    out: &Path,
+    resume: bool,
+    world: &dyn candle_ddp::Collective,
+    observer: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+) -> Result<FitSummary> {
     cfg.validate()?;
+    let (rank, ranks) = (world.rank(), world.world_size());
+    let writer = rank == 0;
+    if ranks > 1 {
+        if cfg.accum_steps != 1 {
+            bail!("train: gradient accumulation (accum_steps {}) is not supported with data-parallel ranks yet; raise the global batch instead", cfg.accum_steps);
+        }
+        let want = crate::data::Shard { rank, world: ranks };
+        if train.shard() != want {
+            bail!(
+                "train: the training loader is shard {:?}, but this process is rank {rank} of \
+                 {ranks}: give the loader LoaderConfig {{ shard: {want:?}, .. }}",
+                train.shard()
+            );
+        }
+    }
     std::fs::create_dir_all(out)?;
     let paths = RunPaths {
         dir: out.to_path_buf(),
@@ -934,7 +986,9 @@ pub fn fit_with<M: Classifier>(
             lines += &serde_json::to_string(m).map_err(candle_core::Error::wrap)?;
             lines.push('\n');
         }
-        crate::files::atomic_write_bytes(&paths.metrics(), lines.as_bytes())?;
+        if writer {
+            crate::files::atomic_write_bytes(&paths.metrics(), lines.as_bytes())?;
+        }
         if let Some(p) = &partial {
             eprintln!(
                 "resume: epoch {}, after batch {} (step {step})",
@@ -945,8 +999,12 @@ pub fn fit_with<M: Classifier>(
         if start_epoch >= cfg.epochs {
             return Ok(summary);
         }
-    } else {
+    } else if writer {
         let _ = std::fs::remove_file(paths.metrics());
+    }
+    // Every rank starts from rank 0's values (initialisation or checkpoint alike).
+    if ranks > 1 {
+        sync_from_rank0(world, varmap, None)?;
     }
     // The weight EMA: from the checkpoint when resuming, else the model as it starts.
     let mut ema = if cfg.model_ema {
@@ -967,6 +1025,8 @@ pub fn fit_with<M: Classifier>(
         let d = varmap.data().lock().expect("VarMap lock poisoned");
         d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     };
+    let mut acc_vars = names.clone();
+    acc_vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut acc = GradAccumulator::new(names);
     let run_start = Instant::now();
     let mut last_checkpoint = Instant::now();
@@ -1018,7 +1078,13 @@ pub fn fit_with<M: Classifier>(
             }
             // Images that could not be decoded (the loader leaves them out, and whole batches
             // of them).
-            let chunk = |c: usize| train_len.min((c + 1) * train_batch) - c * train_batch;
+            // (This rank's part of each batch when data-parallel.)
+            let chunk = |c: usize| {
+                train
+                    .shard()
+                    .range(train_len.min((c + 1) * train_batch) - c * train_batch)
+                    .len()
+            };
             skipped_before += (next_position..bi).map(chunk).sum::<usize>();
             skipped_before += chunk(bi).saturating_sub(batch.indices.len());
             next_position = bi + 1;
@@ -1031,17 +1097,30 @@ pub fn fit_with<M: Classifier>(
             };
             // On a rayon worker: the kernels' parallel loops then run in place instead of
             // waking the pool and sleeping (candle_resnet::threads::on_worker).
+            // Each rank draws its own masks (one rank: the stream of the batch).
             model.set_noise_key(
-                crate::data::sample_rng(cfg.seed, epoch as u64, NOISE_STREAM + bi as u64)
-                    .random::<u64>(),
+                crate::data::sample_rng(
+                    cfg.seed,
+                    epoch as u64,
+                    NOISE_STREAM + (bi * ranks + rank) as u64,
+                )
+                .random::<u64>(),
             );
-            let (loss, v) =
-                candle_resnet::threads::on_cpu_worker(device, || -> Result<(Tensor, f64)> {
-                    let logits = model.logits(&x, true)?;
-                    let loss = loss_fn.forward(&logits, &y)?;
-                    let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    Ok((loss, v))
-                })?;
+            let n = batch.indices.len();
+            // A data-parallel rank may have no image at this position (the epoch's last,
+            // small batch); it still takes part in the step.
+            let (loss, v) = if n == 0 {
+                (None, 0.0)
+            } else {
+                let (l, v) =
+                    candle_resnet::threads::on_cpu_worker(device, || -> Result<(Tensor, f64)> {
+                        let logits = model.logits(&x, true)?;
+                        let loss = loss_fn.forward(&logits, &y)?;
+                        let v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                        Ok((loss, v))
+                    })?;
+                (Some(l), v)
+            };
             if !v.is_finite() {
                 bar.abandon();
                 bail!(
@@ -1055,24 +1134,38 @@ pub fn fit_with<M: Classifier>(
             // sizes of its micro-batches and however many the epoch's last group has: each
             // micro-batch's mean loss is weighted by its image count, the sum divided by the
             // group's count at the step.
-            let n = batch.indices.len();
-            candle_resnet::threads::on_cpu_worker(device, || {
-                if cfg.accum_steps == 1 {
-                    acc.add(&loss.backward()?)
-                } else {
-                    acc.add(&(loss * n as f64)?.backward()?)
-                }
-            })?;
-            step_loss += if cfg.accum_steps == 1 {
+            if let Some(loss) = loss {
+                candle_resnet::threads::on_cpu_worker(device, || {
+                    if cfg.accum_steps == 1 {
+                        acc.add(&loss.backward()?)
+                    } else {
+                        acc.add(&(loss * n as f64)?.backward()?)
+                    }
+                })?;
+            }
+            step_loss += if cfg.accum_steps == 1 && ranks == 1 {
                 v
             } else {
                 v * n as f64
             };
             group_images += n;
             images += n;
-            if acc.micro_batches() == cfg.accum_steps || bi + 1 == batches {
+            if ranks > 1 || acc.micro_batches() == cfg.accum_steps || bi + 1 == batches {
                 lr = schedule.lr(step);
                 let mut grads = acc.take();
+                let mut unsynced = Vec::new();
+                if ranks > 1 {
+                    // The global step: gradients averaged over the ranks, weighted by images.
+                    let (total, mean_loss, no_grad) =
+                        reduce_gradients(world, &acc_vars, &mut grads, group_images, step_loss)?;
+                    if total == 0 {
+                        // No rank had an image: no step anywhere (as one process skips it).
+                        (step_loss, group_images) = (0.0, 0);
+                        continue;
+                    }
+                    step_loss = mean_loss;
+                    unsynced = no_grad;
+                }
                 if cfg.accum_steps != 1 {
                     let k = 1.0 / group_images.max(1) as f64;
                     for g in grads.values_mut() {
@@ -1083,7 +1176,11 @@ pub fn fit_with<M: Classifier>(
                     clip_grad_norm(&mut grads, max)?;
                 }
                 candle_resnet::threads::on_cpu_worker(device, || opt.step_with(&grads, lr))?;
-                let mean = if cfg.accum_steps == 1 {
+                if ranks > 1 {
+                    // Buffers (batch-norm running statistics) follow rank 0's, as DDP's.
+                    sync_from_rank0(world, varmap, Some(&unsynced))?;
+                }
+                let mean = if cfg.accum_steps == 1 || ranks > 1 {
                     step_loss
                 } else {
                     step_loss / group_images.max(1) as f64
@@ -1115,7 +1212,7 @@ pub fn fit_with<M: Classifier>(
                         && last_checkpoint.elapsed().as_secs_f64()
                             >= 60.0 * cfg.checkpoint_every_minutes)
                     || stop;
-                if due && bi + 1 < batches {
+                if due && bi + 1 < batches && writer {
                     let meta = CheckpointMeta {
                         epoch,
                         step,
@@ -1204,14 +1301,18 @@ pub fn fit_with<M: Classifier>(
             step - first_step,
             total_steps - step,
         );
-        eprintln!("{}", epoch_line(&m, cfg.epochs, &run_eta));
-        if !train_report.skipped.is_empty() {
-            eprintln!("  train data: {train_report}");
+        if writer {
+            eprintln!("{}", epoch_line(&m, cfg.epochs, &run_eta));
+            if !train_report.skipped.is_empty() {
+                eprintln!("  train data: {train_report}");
+            }
         }
-        append_line(
-            &paths.metrics(),
-            &serde_json::to_string(&m).map_err(candle_core::Error::wrap)?,
-        )?;
+        if writer {
+            append_line(
+                &paths.metrics(),
+                &serde_json::to_string(&m).map_err(candle_core::Error::wrap)?,
+            )?;
+        }
         summary.history.push(m);
         // Chosen on validation only; without a validation split every epoch replaces the last
         // (its EMA when there is one). The EMA is the candidate when it validates better.
@@ -1242,10 +1343,17 @@ pub fn fit_with<M: Classifier>(
             partial: None,
             best_is_ema: summary.best_is_ema,
         };
+        if ranks > 1 && !candle_ddp::consistent(world, checksum(varmap)?)? {
+            bail!(
+                "train: after epoch {} the ranks' weights differ (rank {rank} of {ranks}); the \
+                 data-parallel run is no longer one run",
+                epoch + 1
+            );
+        }
         let ck = Checkpoint::capture_with_ema(varmap, &opt, meta, ema.as_ref())?;
         // The chosen model first, the run's state last: a kill between the two redoes the
         // epoch on resume, which writes the same chosen model again.
-        if improved {
+        if improved && writer {
             ck.save(&paths.best())?;
             match (&ema, summary.best_is_ema) {
                 (Some(e), true) => {
@@ -1263,8 +1371,10 @@ pub fn fit_with<M: Classifier>(
                 }
             }
         }
-        ck.save(&paths.last())?;
-        paths.keep_last(step, cfg.keep_checkpoints)?;
+        if writer {
+            ck.save(&paths.last())?;
+            paths.keep_last(step, cfg.keep_checkpoints)?;
+        }
         last_checkpoint = Instant::now();
         let stop_now = stop;
         if stop_now {
@@ -1274,6 +1384,93 @@ pub fn fit_with<M: Classifier>(
         }
     }
     Ok(summary)
+}
+
+/// Sum of every variable's values, in `f64`, in name order: equal on ranks whose variables
+/// are equal bit for bit (and, in practice, different otherwise).
+fn checksum(varmap: &VarMap) -> Result<f64> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut sum = 0f64;
+    for (k, name) in names.into_iter().enumerate() {
+        let v = data[name]
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        // Weighted by position so that values swapped between tensors still change it.
+        sum += v * (k + 1) as f64;
+    }
+    Ok(sum)
+}
+
+/// Every variable (or, with `only`, the variables at those positions of the name-sorted list)
+/// set to rank 0's values.
+fn sync_from_rank0(
+    world: &dyn candle_ddp::Collective,
+    varmap: &VarMap,
+    only: Option<&[usize]>,
+) -> Result<()> {
+    let mut vars: Vec<(String, candle_core::Var)> = {
+        let d = varmap.data().lock().expect("VarMap lock poisoned");
+        d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let picked: Vec<&candle_core::Var> = match only {
+        Some(idx) => idx.iter().map(|&i| &vars[i].1).collect(),
+        None => vars.iter().map(|v| &v.1).collect(),
+    };
+    if picked.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<Tensor> = picked.iter().map(|v| v.as_tensor().clone()).collect();
+    let synced =
+        candle_ddp::broadcast_tensors(world, &values, 0, candle_ddp::DEFAULT_BUCKET_BYTES)?;
+    for (v, t) in picked.into_iter().zip(synced) {
+        v.set(&t)?;
+    }
+    Ok(())
+}
+
+/// One data-parallel step's reduction: with one small `f64` all-reduce the ranks learn the
+/// global image count, the global loss sum and which variables have a gradient anywhere; then
+/// those gradients (a zero where a rank has none) are averaged in buckets, each rank's weighted
+/// by `images * world / total` so the result is the gradient of the global batch's mean loss.
+/// Returns the global image count, the global mean loss and the positions (in the name-sorted
+/// `vars`) of the variables without a gradient on any rank (buffers).
+fn reduce_gradients(
+    world: &dyn candle_ddp::Collective,
+    vars: &[(String, candle_core::Var)],
+    grads: &mut std::collections::HashMap<String, Tensor>,
+    images: usize,
+    loss_sum: f64,
+) -> Result<(usize, f64, Vec<usize>)> {
+    let mut meta = vec![images as f64, loss_sum];
+    meta.extend(vars.iter().map(|(k, _)| grads.contains_key(k) as u8 as f64));
+    world.all_reduce_sum_f64(&mut meta)?;
+    let total = meta[0] as usize;
+    let mean_loss = meta[1] / total.max(1) as f64;
+    let weight = images as f64 * world.world_size() as f64 / total.max(1) as f64;
+    let (mut ordered, mut at, mut no_grad) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (name, var)) in vars.iter().enumerate() {
+        if meta[2 + i] == 0.0 {
+            no_grad.push(i);
+            continue;
+        }
+        ordered.push(match grads.get(name) {
+            Some(g) if weight == 1.0 => g.clone(),
+            Some(g) => (g * weight)?,
+            None => var.as_tensor().zeros_like()?,
+        });
+        at.push(i);
+    }
+    let mean = candle_ddp::all_reduce_mean(world, &ordered, candle_ddp::DEFAULT_BUCKET_BYTES)?;
+    grads.clear();
+    for (i, g) in at.into_iter().zip(mean) {
+        grads.insert(vars[i].0.clone(), g);
+    }
+    Ok((total, mean_loss, no_grad))
 }
 
 /// Scales `grads` so that their global L2 norm is at most `max` (torch's `clip_grad_norm_`:
