@@ -214,3 +214,55 @@ fn settings_ranks_cannot_share_are_errors() {
     let e = run(&cfg(), Shard::default());
     assert!(e.contains("rank 1 of 2"), "{e}");
 }
+
+/// A stop asked on one rank only (a signal, a time budget) stops every rank at the same step,
+/// rank 0 writing the recovery checkpoint; nobody is left waiting in a collective.
+#[test]
+fn a_stop_on_one_rank_stops_all_at_the_same_step() {
+    let train_ds = Arc::new(candle_finetune::smoke::generated_dataset(45, 1, 11));
+    let classes = train_ds.num_classes();
+    let dir = tempfile::tempdir().unwrap();
+    let ranks = LocalWorld::new(2);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter()
+            .map(|r| {
+                let (train_ds, dir) = (&train_ds, dir.path());
+                s.spawn(move || {
+                    let (vm, m) = model(classes, 0.0);
+                    let shard = Shard {
+                        rank: r.rank(),
+                        world: r.world_size(),
+                    };
+                    let me = r.rank();
+                    fit_distributed(
+                        &m,
+                        &vm,
+                        &loader(train_ds, shard, true),
+                        None,
+                        &cfg(),
+                        &Device::Cpu,
+                        dir,
+                        false,
+                        r,
+                        // Rank 1 alone asks to stop after step 3.
+                        &mut |e| {
+                            if me == 1 && e.step == 3 {
+                                ControlFlow::Break(())
+                            } else {
+                                ControlFlow::Continue(())
+                            }
+                        },
+                    )
+                    .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for s in &results {
+        assert!(s.interrupted);
+        assert_eq!(s.step_losses.len(), 3);
+    }
+    assert!(dir.path().join("checkpoint-last.safetensors").exists());
+}

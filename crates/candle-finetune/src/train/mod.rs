@@ -1205,6 +1205,13 @@ pub fn fit_distributed<M: Classifier>(
                 if observer(&event).is_break() {
                     stop = true;
                 }
+                if ranks > 1 {
+                    // Stop together: a signal or a time budget may reach one rank a step
+                    // before another, and a rank that left would leave the others waiting.
+                    let mut any = [stop as u8 as f64];
+                    world.all_reduce_sum_f64(&mut any)?;
+                    stop = any[0] > 0.0;
+                }
                 // A recovery checkpoint at this step boundary: every N steps, every T minutes,
                 // or because the run is asked to stop.
                 let due = cfg.checkpoint_every_steps.is_some_and(|n| step % n == 0)
