@@ -112,8 +112,9 @@ fn cuda_symbols(bin: &Path) -> Result<Vec<String>> {
 }
 
 fn nvcc_version() -> Result<String> {
-    let out = run_capture(Command::new("nvcc").arg("--version"))
-        .context("nvcc is not on PATH (see ../shared/notes/cuda-build.md or the README)")?;
+    let out = run_capture(Command::new("nvcc").arg("--version")).context(
+        "nvcc is not on PATH (e.g. PyPI's nvidia-cuda-nvcc; see the README's GPU check)",
+    )?;
     Ok(out
         .lines()
         .find(|l| l.contains("release"))

@@ -26,7 +26,8 @@ fn scalar(t: &Tensor) -> f64 {
     flat_f64(t)[0]
 }
 
-/// Values from ../shared/notes/pytorch-semantics.md (PyTorch 2.15) and the seed thread.
+/// Reference values computed with PyTorch 2.15 (`F.cross_entropy`) and the seed thread's
+/// formulas.
 #[test]
 fn seed_thread_and_reference_table() {
     let (x, y) = seed();
