@@ -164,6 +164,75 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Every count and sum of this accumulator as `f64` values, in a fixed order: adding the
+    /// vectors of several accumulators (of the same classes) element-wise and reading the result
+    /// back with [`Accumulator::from_sums`] gives the accumulator of all their images, counts
+    /// exactly (below 2^53) and sums as sums, not averages of averages. How data-parallel ranks
+    /// reduce their shards' evaluations.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_finetune::eval::Accumulator;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let logits = Tensor::new(&[[2f32, 0.], [0., 1.], [3., 0.]], &Device::Cpu)?;
+    /// let mut all = Accumulator::new(2);
+    /// all.add(&logits, &[0, 1, 1])?;
+    /// let (mut a, mut b) = (Accumulator::new(2), Accumulator::new(2));
+    /// a.add(&logits.narrow(0, 0, 1)?, &[0])?;
+    /// b.add(&logits.narrow(0, 1, 2)?, &[1, 1])?;
+    /// let sums: Vec<f64> = a.to_sums().iter().zip(b.to_sums()).map(|(x, y)| x + y).collect();
+    /// let merged = Accumulator::from_sums(2, &sums)?;
+    /// assert_eq!(merged.finish().top1, all.finish().top1);
+    /// # Ok(()) }
+    /// ```
+    pub fn to_sums(&self) -> Vec<f64> {
+        let mut v = vec![
+            self.n as f64,
+            self.top1 as f64,
+            self.top5 as f64,
+            self.nll,
+            self.conf_right,
+            self.conf_wrong,
+        ];
+        for &(c, k, ok) in &self.bins {
+            v.extend([c, k as f64, ok as f64]);
+        }
+        for row in &self.confusion {
+            v.extend(row.iter().map(|&c| c as f64));
+        }
+        v
+    }
+
+    /// The accumulator of [`Accumulator::to_sums`]'s values (summed over shards) for `classes`
+    /// classes; an error when their number does not fit.
+    pub fn from_sums(classes: usize, sums: &[f64]) -> Result<Self> {
+        let want = 6 + 3 * ECE_BINS + classes * classes;
+        if sums.len() != want {
+            candle_core::bail!(
+                "eval: {} sums for {classes} classes, expected {want}",
+                sums.len()
+            );
+        }
+        let mut a = Accumulator::new(classes);
+        a.n = sums[0] as usize;
+        a.top1 = sums[1] as usize;
+        a.top5 = sums[2] as usize;
+        a.nll = sums[3];
+        a.conf_right = sums[4];
+        a.conf_wrong = sums[5];
+        for (i, b) in a.bins.iter_mut().enumerate() {
+            let at = 6 + 3 * i;
+            *b = (sums[at], sums[at + 1] as usize, sums[at + 2] as usize);
+        }
+        let base = 6 + 3 * ECE_BINS;
+        for (r, row) in a.confusion.iter_mut().enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = sums[base + r * classes + c] as u32;
+            }
+        }
+        Ok(a)
+    }
+
     /// The metrics.
     pub fn finish(&self) -> EvalResult {
         let n = self.n.max(1) as f64;

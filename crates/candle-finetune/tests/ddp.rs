@@ -2,7 +2,8 @@
 //! (candle_ddp::local::LocalWorld): with a model without batch norm, 2 ranks with global batch
 //! B train to the weights and losses of 1 process with batch B (f32 round-off) over 24 SGD
 //! steps, an uneven last batch included; both ranks end bit-identical though rank 1 starts from
-//! other weights; rank 0 alone writes files. Removing the gradient averaging fails it (the ranks'
+//! other weights; validation evaluated by shards reports the one-process metrics; rank 0 alone
+//! writes files. Removing the gradient averaging fails it (the ranks'
 //! checksums differ at the first epoch's end).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -136,7 +137,8 @@ fn two_ranks_train_like_one_process_with_the_global_batch() {
                         &m,
                         &vm,
                         &loader(train_ds, shard, true),
-                        Some(&loader(val_ds, Shard::default(), false)),
+                        // Validation by shards, its counts and sums added over the ranks.
+                        Some(&loader(val_ds, shard, false)),
                         &cfg(),
                         &Device::Cpu,
                         &dir.join(format!("ddp-rank{}", r.rank())),
@@ -167,6 +169,18 @@ fn two_ranks_train_like_one_process_with_the_global_batch() {
             "loss {a} vs one process {b}"
         );
     }
+    // The sharded validation reports the whole split's metrics, as one process does.
+    assert_eq!(s0.history.len(), single.history.len());
+    for (a, b) in s0.history.iter().zip(&single.history) {
+        assert_eq!(a.val_top1, b.val_top1, "epoch {}", a.epoch);
+        assert_eq!(a.val_top5, b.val_top5);
+        let (x, y) = (a.val_nll.unwrap(), b.val_nll.unwrap());
+        assert!((x - y).abs() <= 1e-4 * y.abs(), "NLL {x} vs {y}");
+    }
+    assert_eq!(
+        s0.history.iter().map(|m| m.val_nll).collect::<Vec<_>>(),
+        s1.history.iter().map(|m| m.val_nll).collect::<Vec<_>>()
+    );
     // Rank 0 alone writes.
     assert!(dir.path().join("ddp-rank0/metrics.jsonl").exists());
     assert!(dir

@@ -424,6 +424,20 @@ impl FineTune {
                 },
             )
         };
+        // Validation by shards across data-parallel ranks (metrics reduced exactly).
+        let sharded_eval_loader = |ds: Arc<Dataset>| {
+            Loader::new(
+                ds,
+                Transform::for_eval(pre.clone()),
+                LoaderConfig {
+                    shuffle: false,
+                    mixup: None,
+                    erasing: None,
+                    shard: crate::data::Shard { rank, world: ranks },
+                    ..lcfg.clone()
+                },
+            )
+        };
         let train_loader = Loader::new(
             train_ds.clone(),
             Transform::for_training(pre.clone()).with_augment(cfg.augment()?),
@@ -432,7 +446,7 @@ impl FineTune {
                 ..lcfg.clone()
             },
         )?;
-        let val_loader = val_ds.map(eval_loader).transpose()?;
+        let val_loader = val_ds.map(sharded_eval_loader).transpose()?;
         let stop = self.stop.clone();
         let single: Arc<dyn candle_ddp::Collective> = Arc::new(candle_ddp::Single);
         let world = self.world.as_ref().map_or(&single, |w| &w.0);

@@ -727,17 +727,61 @@ pub fn evaluate<M: Classifier>(
     loader: &Loader,
     device: &Device,
 ) -> Result<(EvalResult, usize)> {
+    let (acc, skipped) = evaluate_shard(model, loader, device)?;
+    Ok((acc.finish(), skipped))
+}
+
+/// The accumulator of `loader`'s images (its shard of them when sharded) and the skipped count.
+fn evaluate_shard<M: Classifier>(
+    model: &M,
+    loader: &Loader,
+    device: &Device,
+) -> Result<(Accumulator, usize)> {
     let mut acc = Accumulator::new(model.num_classes());
     let mut epoch = loader.epoch(0);
     for b in epoch.by_ref() {
         let b = b?;
+        if b.indices.is_empty() {
+            continue; // a data-parallel rank's empty part of the last batch
+        }
         let logits = candle_resnet::threads::on_cpu_worker(device, || {
             model.logits(&b.images.to_device(device)?, false)
         })?;
         acc.add(&logits, &b.labels.to_vec1::<u32>()?)?;
     }
     let report = epoch.finish();
-    Ok((acc.finish(), report.skipped.len()))
+    Ok((acc, report.skipped.len()))
+}
+
+/// [`evaluate`] across data-parallel ranks: with a sharded loader each rank evaluates its shard
+/// and the counts and sums are added over the ranks ([`Accumulator::to_sums`]), so every rank
+/// gets the metrics of the whole split; an unsharded loader is evaluated whole by each rank.
+pub fn evaluate_distributed<M: Classifier>(
+    model: &M,
+    loader: &Loader,
+    device: &Device,
+    world: &dyn candle_ddp::Collective,
+) -> Result<(EvalResult, usize)> {
+    let shard = loader.shard();
+    if shard.world == 1 {
+        return evaluate(model, loader, device);
+    }
+    if shard.world != world.world_size() || shard.rank != world.rank() {
+        bail!(
+            "evaluate: the loader is shard {shard:?}, but this process is rank {} of {}",
+            world.rank(),
+            world.world_size()
+        );
+    }
+    let (acc, skipped) = evaluate_shard(model, loader, device)?;
+    let mut sums = acc.to_sums();
+    sums.push(skipped as f64);
+    world.all_reduce_sum_f64(&mut sums)?;
+    let skipped = sums.pop().unwrap_or(0.0) as usize;
+    Ok((
+        Accumulator::from_sums(model.num_classes(), &sums)?.finish(),
+        skipped,
+    ))
 }
 
 fn optimizer(cfg: &TrainConfig, varmap: &VarMap) -> Result<Optimizer> {
@@ -858,8 +902,9 @@ pub fn fit_with<M: Classifier>(
 /// is sharded for this rank ([`crate::data::Shard`], `batch_size` the global batch); each step
 /// averages the gradients over the ranks in ~25 MB buckets, weighted by each rank's images so
 /// the step is that of the global batch; batch norms use each rank's own statistics, their
-/// running statistics follow rank 0's; every rank evaluates the whole validation loader (so all
-/// choose alike); rank 0 alone writes checkpoints and metrics; the ranks' weights are compared
+/// running statistics follow rank 0's; a sharded validation loader is evaluated by shards and
+/// its counts and sums added over the ranks ([`evaluate_distributed`]; an unsharded one whole by
+/// every rank), so all ranks choose alike; rank 0 alone writes checkpoints and metrics; the ranks' weights are compared
 /// by checksum at the end of every epoch (an error if they differ). Gradient accumulation is
 /// not supported across ranks yet (`accum_steps` must be 1). With [`candle_ddp::Single`] this
 /// is [`fit_with`].
@@ -1272,7 +1317,7 @@ pub fn fit_distributed<M: Classifier>(
         let evaluate_now = (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs;
         let (res, val_skipped) = match validation {
             Some(v) if evaluate_now => {
-                let (r, s) = evaluate(model, v, device)?;
+                let (r, s) = evaluate_distributed(model, v, device, world)?;
                 (Some(r), s)
             }
             _ => (None, 0),
@@ -1281,7 +1326,7 @@ pub fn fit_distributed<M: Classifier>(
         let res_ema = match (validation, &ema) {
             (Some(v), Some(e)) if evaluate_now => {
                 let saved = e.swap_in(varmap)?;
-                let r = evaluate(model, v, device);
+                let r = evaluate_distributed(model, v, device, world);
                 Ema::restore(varmap, &saved)?;
                 Some(r?.0)
             }
