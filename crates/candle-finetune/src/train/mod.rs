@@ -905,9 +905,9 @@ pub fn fit_with<M: Classifier>(
 /// running statistics follow rank 0's; a sharded validation loader is evaluated by shards and
 /// its counts and sums added over the ranks ([`evaluate_distributed`]; an unsharded one whole by
 /// every rank), so all ranks choose alike; rank 0 alone writes checkpoints and metrics; the ranks' weights are compared
-/// by checksum at the end of every epoch (an error if they differ). Gradient accumulation is
-/// not supported across ranks yet (`accum_steps` must be 1). With [`candle_ddp::Single`] this
-/// is [`fit_with`].
+/// by checksum at the end of every epoch (an error if they differ). Gradient accumulation
+/// groups `accum_steps` positions on every rank. With [`candle_ddp::Single`] this is
+/// [`fit_with`].
 #[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
 pub fn fit_distributed<M: Classifier>(
     model: &M,
@@ -925,9 +925,6 @@ pub fn fit_distributed<M: Classifier>(
     let (rank, ranks) = (world.rank(), world.world_size());
     let writer = rank == 0;
     if ranks > 1 {
-        if cfg.accum_steps != 1 {
-            bail!("train: gradient accumulation (accum_steps {}) is not supported with data-parallel ranks yet; raise the global batch instead", cfg.accum_steps);
-        }
         let want = crate::data::Shard { rank, world: ranks };
         if train.shard() != want {
             bail!(
@@ -1105,6 +1102,9 @@ pub fn fit_distributed<M: Classifier>(
             (resumed.loss_sum, resumed.steps, resumed.images);
         let mut step_loss = 0.0;
         let mut group_images = 0usize;
+        // Positions in the current group (data-parallel ranks end groups by position, the same
+        // on every rank, not by the micro-batches they happened to get).
+        let mut group_positions = 0usize;
         let mut lr = schedule.lr(step);
         let mut stop = false;
         let mut data_wait_s = 0.0;
@@ -1194,10 +1194,24 @@ pub fn fit_distributed<M: Classifier>(
                 v * n as f64
             };
             group_images += n;
+            group_positions += 1;
             images += n;
-            if ranks > 1 || acc.micro_batches() == cfg.accum_steps || bi + 1 == batches {
+            let group_end = if ranks > 1 {
+                group_positions == cfg.accum_steps
+            } else {
+                acc.micro_batches() == cfg.accum_steps
+            };
+            if group_end || bi + 1 == batches {
                 lr = schedule.lr(step);
                 let mut grads = acc.take();
+                group_positions = 0;
+                if cfg.accum_steps != 1 {
+                    // The mean over this process's images of the group.
+                    let k = 1.0 / group_images.max(1) as f64;
+                    for g in grads.values_mut() {
+                        *g = (&*g * k)?;
+                    }
+                }
                 let mut unsynced = Vec::new();
                 if ranks > 1 {
                     // The global step: gradients averaged over the ranks, weighted by images.
@@ -1210,12 +1224,6 @@ pub fn fit_distributed<M: Classifier>(
                     }
                     step_loss = mean_loss;
                     unsynced = no_grad;
-                }
-                if cfg.accum_steps != 1 {
-                    let k = 1.0 / group_images.max(1) as f64;
-                    for g in grads.values_mut() {
-                        *g = (&*g * k)?;
-                    }
                 }
                 if let Some(max) = cfg.clip_grad {
                     clip_grad_norm(&mut grads, max)?;
