@@ -117,7 +117,7 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        if crate::ops::batchnorm::fused_applies(x) {
+        if crate::ops::fused_applies(x) {
             let (y, st) = crate::ops::batchnorm::batch_norm_train(
                 x,
                 &self.weight,

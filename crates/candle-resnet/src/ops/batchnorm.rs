@@ -167,7 +167,7 @@ fn normalize<T: WithDType>(
                 let (scale, shift) = coef[(t * ppt + k) % g.c];
                 if relu {
                     for (o, &v) in out.iter_mut().zip(xp) {
-                        *o = super::relu::relu1(v * scale + shift);
+                        *o = super::relu1(v * scale + shift);
                     }
                 } else {
                     for (o, &v) in out.iter_mut().zip(xp) {
@@ -397,11 +397,6 @@ impl CustomOp3 for Backward {
             _ => bail!("batch_norm: fused kernels take f32 or f64"),
         })
     }
-}
-
-/// Whether the fused kernels apply (CPU, f32 or f64).
-pub(crate) fn fused_applies(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
 /// Train-mode batch norm of `x (N, C, H, W)`: returns `y` and the detached batch statistics

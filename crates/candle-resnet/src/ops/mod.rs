@@ -9,3 +9,21 @@ pub mod conv;
 pub mod maxpool;
 pub mod relu;
 mod storage;
+
+// Helpers the batch-norm and ReLU kernels share, kept here so neither module depends on the
+// other.
+
+/// Whether the fused kernels apply (CPU, f32 or f64).
+pub(crate) fn fused_applies(x: &candle_core::Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// `max(v, 0)` with NaN passing through, as PyTorch's ReLU (`NaN <= 0` is false).
+#[inline]
+pub(crate) fn relu1<T: candle_core::WithDType>(v: T) -> T {
+    if v <= T::zero() {
+        T::zero()
+    } else {
+        v
+    }
+}

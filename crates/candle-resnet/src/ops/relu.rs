@@ -17,16 +17,6 @@ use rayon::prelude::*;
 /// smallest ResNet activations across threads.
 const CHUNK: usize = 1 << 14;
 
-#[inline]
-pub(crate) fn relu1<T: WithDType>(v: T) -> T {
-    // `NaN <= 0` is false: NaN passes through, as in PyTorch.
-    if v <= T::zero() {
-        T::zero()
-    } else {
-        v
-    }
-}
-
 fn map2<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(CHUNK)
@@ -78,7 +68,7 @@ impl CustomOp1 for Relu {
                 .zip(x.par_chunks(CHUNK))
                 .for_each(|(o, x)| {
                     for (o, &v) in o.iter_mut().zip(x) {
-                        *o = relu1(v);
+                        *o = super::relu1(v);
                     }
                 });
             out
@@ -113,8 +103,8 @@ impl CustomOp2 for AddRelu {
             "add_relu",
             (s1, l1),
             (s2, l2),
-            |a, b| map2(a, b, |a, b| relu1(a + b)),
-            |a, b| map2(a, b, |a, b| relu1(a + b)),
+            |a, b| map2(a, b, |a, b| super::relu1(a + b)),
+            |a, b| map2(a, b, |a, b| super::relu1(a + b)),
         )
     }
     fn bwd(
@@ -172,7 +162,7 @@ impl CustomOp2 for ReluGrad {
 /// # Ok(()) }
 /// ```
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if super::batchnorm::fused_applies(x) {
+    if super::fused_applies(x) {
         x.contiguous()?.apply_op1(Relu)
     } else {
         x.relu()
@@ -192,7 +182,7 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 /// # Ok(()) }
 /// ```
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if super::batchnorm::fused_applies(a)
+    if super::fused_applies(a)
         && a.dtype() == b.dtype()
         && a.device().same_device(b.device())
         && a.shape() == b.shape()
