@@ -199,7 +199,7 @@ pub fn publish_folder(hub: &HubOptions, dir: &Path, opts: &PublishOptions) -> Re
     let mut chosen = None;
     if !lfs.is_empty() {
         for f in &lfs {
-            oids.insert(f.path.clone(), transfer::sha256_file(&f.abs)?);
+            oids.insert(f.path.clone(), crate::hub::sha256_file(&f.abs)?);
         }
         let objects: Vec<(String, u64)> = lfs
             .iter()

@@ -24,7 +24,6 @@ use crate::hub::HubOptions;
 use base64::Engine;
 use candle_core::{bail, Result};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -510,21 +509,6 @@ fn string_map(v: &Value) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// SHA-256 of a file, hex, read in 1 MiB pieces.
-pub(crate) fn sha256_file(path: &std::path::Path) -> Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// The commit entry of a file sent inline.
