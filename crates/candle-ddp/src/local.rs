@@ -12,6 +12,36 @@ enum Payload {
     F64(Vec<f64>),
 }
 
+/// The element types the collectives carry, and their slot in a [`Payload`].
+trait Value: Copy + Default + std::ops::AddAssign {
+    fn wrap(v: Vec<Self>) -> Payload;
+    fn unwrap(p: &Payload) -> Option<&[Self]>;
+}
+
+impl Value for f32 {
+    fn wrap(v: Vec<Self>) -> Payload {
+        Payload::F32(v)
+    }
+    fn unwrap(p: &Payload) -> Option<&[Self]> {
+        match p {
+            Payload::F32(v) => Some(v),
+            Payload::F64(_) => None,
+        }
+    }
+}
+
+impl Value for f64 {
+    fn wrap(v: Vec<Self>) -> Payload {
+        Payload::F64(v)
+    }
+    fn unwrap(p: &Payload) -> Option<&[Self]> {
+        match p {
+            Payload::F64(v) => Some(v),
+            Payload::F32(_) => None,
+        }
+    }
+}
+
 struct Shared {
     size: usize,
     barrier: Barrier,
@@ -75,6 +105,45 @@ impl LocalRank {
     }
 }
 
+impl LocalRank {
+    /// Element-wise sum of every rank's `buf`, added in rank order.
+    fn sum_in_place<T: Value>(&self, buf: &mut [T], what: &str) -> Result<()> {
+        let n = buf.len();
+        let sum = self.exchange(T::wrap(buf.to_vec()), |slots| {
+            let mut acc = vec![T::default(); n];
+            for s in slots {
+                match s.as_ref().and_then(T::unwrap) {
+                    Some(v) if v.len() == n => acc.iter_mut().zip(v).for_each(|(a, b)| *a += *b),
+                    _ => return Err(len_error(what)),
+                }
+            }
+            Ok(acc)
+        })?;
+        buf.copy_from_slice(&sum);
+        Ok(())
+    }
+
+    /// Rank `root`'s `buf` into this rank's.
+    fn broadcast_in_place<T: Value>(&self, buf: &mut [T], root: usize, what: &str) -> Result<()> {
+        check_root(root, self.shared.size)?;
+        let v = self.exchange(T::wrap(buf.to_vec()), |slots| {
+            match slots[root].as_ref().and_then(T::unwrap) {
+                Some(v) => Ok(v.to_vec()),
+                None => Err(len_error(what)),
+            }
+        })?;
+        if v.len() != buf.len() {
+            bail!(
+                "{what}: rank {root} sent {} values, this rank expects {}",
+                v.len(),
+                buf.len()
+            );
+        }
+        buf.copy_from_slice(&v);
+        Ok(())
+    }
+}
+
 fn len_error(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "{what}: the ranks passed buffers of different lengths or types"
@@ -91,73 +160,19 @@ impl Collective for LocalRank {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let n = buf.len();
-        let sum = self.exchange(Payload::F32(buf.to_vec()), |slots| {
-            let mut acc = vec![0f32; n];
-            for s in slots {
-                match s {
-                    Some(Payload::F32(v)) if v.len() == n => {
-                        acc.iter_mut().zip(v).for_each(|(a, b)| *a += b)
-                    }
-                    _ => return Err(len_error("all_reduce_sum")),
-                }
-            }
-            Ok(acc)
-        })?;
-        buf.copy_from_slice(&sum);
-        Ok(())
+        self.sum_in_place(buf, "all_reduce_sum")
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let n = buf.len();
-        let sum = self.exchange(Payload::F64(buf.to_vec()), |slots| {
-            let mut acc = vec![0f64; n];
-            for s in slots {
-                match s {
-                    Some(Payload::F64(v)) if v.len() == n => {
-                        acc.iter_mut().zip(v).for_each(|(a, b)| *a += b)
-                    }
-                    _ => return Err(len_error("all_reduce_sum_f64")),
-                }
-            }
-            Ok(acc)
-        })?;
-        buf.copy_from_slice(&sum);
-        Ok(())
+        self.sum_in_place(buf, "all_reduce_sum_f64")
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        check_root(root, self.shared.size)?;
-        let v = self.exchange(Payload::F32(buf.to_vec()), |slots| match &slots[root] {
-            Some(Payload::F32(v)) => Ok(v.clone()),
-            _ => Err(len_error("broadcast")),
-        })?;
-        if v.len() != buf.len() {
-            bail!(
-                "broadcast: rank {root} sent {} values, this rank expects {}",
-                v.len(),
-                buf.len()
-            );
-        }
-        buf.copy_from_slice(&v);
-        Ok(())
+        self.broadcast_in_place(buf, root, "broadcast")
     }
 
     fn broadcast_f64(&self, buf: &mut [f64], root: usize) -> Result<()> {
-        check_root(root, self.shared.size)?;
-        let v = self.exchange(Payload::F64(buf.to_vec()), |slots| match &slots[root] {
-            Some(Payload::F64(v)) => Ok(v.clone()),
-            _ => Err(len_error("broadcast_f64")),
-        })?;
-        if v.len() != buf.len() {
-            bail!(
-                "broadcast_f64: rank {root} sent {} values, this rank expects {}",
-                v.len(),
-                buf.len()
-            );
-        }
-        buf.copy_from_slice(&v);
-        Ok(())
+        self.broadcast_in_place(buf, root, "broadcast_f64")
     }
 
     fn barrier(&self) -> Result<()> {

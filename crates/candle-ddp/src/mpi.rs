@@ -58,6 +58,27 @@ impl Mpi {
         // A panic while holding the lock leaves the communicator as valid as before.
         self.world.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Element-wise sum over the ranks of `buf`, in `int`-sized chunks.
+    fn sum_in_place<T: Equivalence + Copy>(&self, buf: &mut [T]) -> Result<()> {
+        let w = self.world();
+        for chunk in buf.chunks_mut(CHUNK) {
+            let send = chunk.to_vec();
+            w.all_reduce_into(&send[..], chunk, SystemOperation::sum());
+        }
+        Ok(())
+    }
+
+    /// Rank `root`'s `buf` into every rank's, in `int`-sized chunks.
+    fn broadcast_in_place<T: Equivalence>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        check_root(root, self.size)?;
+        let w = self.world();
+        let p = w.process_at_rank(root as i32);
+        for chunk in buf.chunks_mut(CHUNK) {
+            p.broadcast_into(chunk);
+        }
+        Ok(())
+    }
 }
 
 impl Collective for Mpi {
@@ -70,41 +91,19 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let w = self.world();
-        for chunk in buf.chunks_mut(CHUNK) {
-            let send = chunk.to_vec();
-            w.all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
-        Ok(())
+        self.sum_in_place(buf)
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let w = self.world();
-        for chunk in buf.chunks_mut(CHUNK) {
-            let send = chunk.to_vec();
-            w.all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
-        Ok(())
+        self.sum_in_place(buf)
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        check_root(root, self.size)?;
-        let w = self.world();
-        let p = w.process_at_rank(root as i32);
-        for chunk in buf.chunks_mut(CHUNK) {
-            p.broadcast_into(chunk);
-        }
-        Ok(())
+        self.broadcast_in_place(buf, root)
     }
 
     fn broadcast_f64(&self, buf: &mut [f64], root: usize) -> Result<()> {
-        check_root(root, self.size)?;
-        let w = self.world();
-        let p = w.process_at_rank(root as i32);
-        for chunk in buf.chunks_mut(CHUNK) {
-            p.broadcast_into(chunk);
-        }
-        Ok(())
+        self.broadcast_in_place(buf, root)
     }
 
     fn barrier(&self) -> Result<()> {
