@@ -1044,9 +1044,16 @@ pub fn fit_distributed<M: Classifier>(
     } else if writer {
         let _ = std::fs::remove_file(paths.metrics());
     }
+    // The variables by name: the order every rank packs gradients and values in.
+    let mut vars: Vec<(String, candle_core::Var)> = {
+        let d = varmap.data().lock().expect("VarMap lock poisoned");
+        d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
     // Every rank starts from rank 0's values (initialisation or checkpoint alike).
     if ranks > 1 {
-        sync_from_rank0(world, varmap, None)?;
+        let all: Vec<usize> = (0..vars.len()).collect();
+        sync_from_rank0(world, &vars, &all)?;
     }
     // The weight EMA: from the checkpoint when resuming, else the model as it starts.
     let mut ema = if cfg.model_ema {
@@ -1063,13 +1070,7 @@ pub fn fit_distributed<M: Classifier>(
     let end = cfg
         .stop_after_epoch
         .map_or(cfg.epochs, |e| e.min(cfg.epochs));
-    let names: Vec<(String, candle_core::Var)> = {
-        let d = varmap.data().lock().expect("VarMap lock poisoned");
-        d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    };
-    let mut acc_vars = names.clone();
-    acc_vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut acc = GradAccumulator::new(names);
+    let mut acc = GradAccumulator::new(vars.clone());
     let run_start = Instant::now();
     let mut last_checkpoint = Instant::now();
     let (train_len, train_batch) = (train.dataset().len(), train.batch_size());
@@ -1216,7 +1217,7 @@ pub fn fit_distributed<M: Classifier>(
                 if ranks > 1 {
                     // The global step: gradients averaged over the ranks, weighted by images.
                     let (total, mean_loss, no_grad) =
-                        reduce_gradients(world, &acc_vars, &mut grads, group_images, step_loss)?;
+                        reduce_gradients(world, &vars, &mut grads, group_images, step_loss)?;
                     if total == 0 {
                         // No rank had an image: no step anywhere (as one process skips it).
                         (step_loss, group_images) = (0.0, 0);
@@ -1231,7 +1232,7 @@ pub fn fit_distributed<M: Classifier>(
                 candle_resnet::threads::on_cpu_worker(device, || opt.step_with(&grads, lr))?;
                 if ranks > 1 {
                     // Buffers (batch-norm running statistics) follow rank 0's, as DDP's.
-                    sync_from_rank0(world, varmap, Some(&unsynced))?;
+                    sync_from_rank0(world, &vars, &unsynced)?;
                 }
                 let mean = if cfg.accum_steps == 1 || ranks > 1 {
                     step_loss
@@ -1465,30 +1466,23 @@ fn checksum(varmap: &VarMap) -> Result<f64> {
     Ok(sum)
 }
 
-/// Every variable (or, with `only`, the variables at those positions of the name-sorted list)
-/// set to rank 0's values.
+/// The variables at positions `only` of `vars` set to rank 0's values.
 fn sync_from_rank0(
     world: &dyn candle_ddp::Collective,
-    varmap: &VarMap,
-    only: Option<&[usize]>,
+    vars: &[(String, candle_core::Var)],
+    only: &[usize],
 ) -> Result<()> {
-    let mut vars: Vec<(String, candle_core::Var)> = {
-        let d = varmap.data().lock().expect("VarMap lock poisoned");
-        d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    };
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let picked: Vec<&candle_core::Var> = match only {
-        Some(idx) => idx.iter().map(|&i| &vars[i].1).collect(),
-        None => vars.iter().map(|v| &v.1).collect(),
-    };
-    if picked.is_empty() {
+    if only.is_empty() {
         return Ok(());
     }
-    let values: Vec<Tensor> = picked.iter().map(|v| v.as_tensor().clone()).collect();
+    let values: Vec<Tensor> = only
+        .iter()
+        .map(|&i| vars[i].1.as_tensor().clone())
+        .collect();
     let synced =
         candle_ddp::broadcast_tensors(world, &values, 0, candle_ddp::DEFAULT_BUCKET_BYTES)?;
-    for (v, t) in picked.into_iter().zip(synced) {
-        v.set(&t)?;
+    for (&i, t) in only.iter().zip(synced) {
+        vars[i].1.set(&t)?;
     }
     Ok(())
 }
