@@ -978,24 +978,34 @@ fn mixup_and_cutmix_train_on_soft_targets_and_resume_exactly() {
         full.step_losses, plain.step_losses,
         "mixing changes the losses"
     );
-    let first = run(
-        &TrainConfig {
-            stop_after_epoch: Some(1),
-            ..mixed.clone()
-        },
-        "resumed",
-        false,
-    );
-    let rest = run(&mixed, "resumed", true);
-    let mut joined = first.step_losses.clone();
-    joined.extend(&rest.step_losses);
-    assert_eq!(joined, full.step_losses, "the same draws after a resume");
+    assert_resumes_exactly(&run, &mixed, &full.step_losses);
     // Bad settings are errors.
     let bad = TrainConfig {
         mixup_prob: 1.5,
         ..mixed
     };
     assert!(bad.validate().is_err());
+}
+
+/// `run(cfg, folder, resume)` stopped after epoch 1 into "resumed", then resumed there, has the
+/// step losses `full` of the uninterrupted run, bit for bit.
+fn assert_resumes_exactly(
+    run: &dyn Fn(&TrainConfig, &str, bool) -> candle_finetune::train::FitSummary,
+    cfg: &TrainConfig,
+    full: &[f64],
+) {
+    let first = run(
+        &TrainConfig {
+            stop_after_epoch: Some(1),
+            ..cfg.clone()
+        },
+        "resumed",
+        false,
+    );
+    let rest = run(cfg, "resumed", true);
+    let mut joined = first.step_losses.clone();
+    joined.extend(&rest.step_losses);
+    assert_eq!(joined, full, "the same draws after a resume");
 }
 
 /// TrivialAugmentWide, colour jitter and drop path change training, and a resumed run draws
@@ -1068,18 +1078,7 @@ fn augmentation_and_drop_path_train_and_resume_exactly() {
         full.step_losses, no_aug.step_losses,
         "augmentation changes the losses"
     );
-    let first = run(
-        &TrainConfig {
-            stop_after_epoch: Some(1),
-            ..aug.clone()
-        },
-        "resumed",
-        false,
-    );
-    let rest = run(&aug, "resumed", true);
-    let mut joined = first.step_losses.clone();
-    joined.extend(&rest.step_losses);
-    assert_eq!(joined, full.step_losses, "the same draws after a resume");
+    assert_resumes_exactly(&run, &aug, &full.step_losses);
 }
 
 /// `--amp bf16`: the step runs in bf16 (its loss differs from f32's by a bf16-sized amount), the
