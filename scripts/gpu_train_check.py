@@ -11,9 +11,11 @@ PyTorch with torchvision:
    in the same run.
 3. Device memory after each of 300 steps (batch 32, 224 px): flat after warm-up (growth <= 64
    MiB), or the check fails.
+4. On CUDA, `train-cars --smoke` as a one-rank NCCL world (`CANDLE_DDP=nccl`, the bundle's xtask
+   has the `nccl` feature) against the plain run: the same losses.
 
 Adds a "train" entry to OUT/results.json and a "Training" section to OUT/results.md (creating
-them when the loss check did not run). Exit status non-zero when 1 or 3 fails.
+them when the loss check did not run). Exit status non-zero when 1, 3 or 4 fails.
 
     python3 gpu_train_check.py --xtask ./xtask --torch-bench bench_torch_resnet.py --out OUT
     # without a GPU (checks the script and both sides on the CPU, small sizes):
@@ -97,6 +99,35 @@ def smoke_bf16(a, log, f32_losses):
                 bf16_losses=bf)
 
 
+NCCL_TOL = 1e-4
+
+
+def smoke_nccl(a, log, f32_losses):
+    """train-cars --smoke on the device as a one-rank NCCL world (CANDLE_DDP=nccl: the trainer's
+    collectives through an NCCL communicator on the GPU) against the plain device run: the same
+    losses (a world of one averages nothing) within NCCL_TOL, and the run says it used NCCL."""
+    path = os.path.join(a.out, f"smoke-steps-{a.device}-nccl.json")
+    env = dict(os.environ, CANDLE_DDP="nccl")
+    cmd = [a.xtask, "train-cars", "--smoke", "--device", a.device, "--out",
+           os.path.join(a.out, f"smoke-{a.device}-nccl"), "--step-losses", path]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    with open(log, "a") as f:
+        f.write(f"$ CANDLE_DDP=nccl {' '.join(cmd)}\n{p.stderr[-6000:]}\n{p.stdout[-6000:]}\n"
+                f"(exit {p.returncode}, {time.time() - t0:.1f} s)\n")
+    if p.returncode != 0:
+        return dict(passed=False, error="train-cars --smoke with CANDLE_DDP=nccl failed: "
+                    f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+    if "NCCL" not in p.stderr:
+        return dict(passed=False, error="the run did not report an NCCL world")
+    nc = json.load(open(path))
+    if not f32_losses or len(nc) != len(f32_losses):
+        return dict(passed=False, error=f"{len(nc)} NCCL steps vs {len(f32_losses or [])}")
+    rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(nc, f32_losses)]
+    return dict(passed=max(rel) <= NCCL_TOL, steps=len(nc), max_rel_diff=max(rel),
+                tolerance=NCCL_TOL)
+
+
 def steps(a, log):
     rows = []
     size = 64 if a.quick else 224
@@ -159,6 +190,9 @@ def main():
     res["smoke_bf16"] = smoke_bf16(a, log, res["smoke"].get("device_losses"))
     print(f"smoke bf16: {json.dumps({k: v for k, v in res['smoke_bf16'].items() if 'losses' not in k})}",
           flush=True)
+    if a.device == "cuda":
+        res["smoke_nccl"] = smoke_nccl(a, log, res["smoke"].get("device_losses"))
+        print(f"smoke nccl: {json.dumps(res['smoke_nccl'])}", flush=True)
     res["steps"] = steps(a, log)
     for r in res["steps"]:
         print(json.dumps(r), flush=True)
@@ -166,7 +200,8 @@ def main():
     print(f"memory: {json.dumps({k: v for k, v in res['memory'].items() if k != 'used_mib'})}",
           flush=True)
     res["seconds"] = time.time() - t0
-    passed = res["smoke"]["passed"] and res["smoke_bf16"]["passed"] and res["memory"]["passed"]
+    passed = (res["smoke"]["passed"] and res["smoke_bf16"]["passed"] and res["memory"]["passed"]
+              and res.get("smoke_nccl", {}).get("passed", True))
     res["passed"] = passed
     path = os.path.join(a.out, "results.json")
     allres = json.load(open(path)) if os.path.exists(path) else {}
@@ -189,6 +224,11 @@ def main():
                   f"{b['first_rel_diff']:.1e} relative (<= {BF16_TOL_FIRST}), mean loss "
                   f"{b['mean_rel_diff']:.1e} (<= {BF16_TOL_MEAN}), worst step "
                   f"{b['max_rel_diff']:.1e}: {'passed' if b['passed'] else 'FAILED'}.")
+    n = res.get("smoke_nccl")
+    if n is not None:
+        md.append(f"train-cars --smoke as a one-rank NCCL world: FAILED: {n['error']}" if "error" in n
+                  else f"train-cars --smoke as a one-rank NCCL world vs the plain run: worst step "
+                  f"{n['max_rel_diff']:.1e} (<= {NCCL_TOL}): {'passed' if n['passed'] else 'FAILED'}.")
     md += ["", "| impl | batch | dtype | images/s | median step s | device MiB | note |",
            "|---|---|---|---|---|---|---|"]
     for r in res["steps"]:

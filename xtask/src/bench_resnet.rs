@@ -4,7 +4,7 @@
 //! `--epoch`, whole training epochs end to end (JPEG decoding, augmentation, the prefetching
 //! loader, steps) on a generated image folder that both read.
 
-use crate::{build_xtask_with, run_capture};
+use crate::{build_xtask_with, cell, run_capture};
 use anyhow::Result;
 use serde_json::Value;
 use std::process::Command;
@@ -53,7 +53,7 @@ pub struct Args {
     workers: usize,
 }
 
-fn parse_shape(s: &str) -> Result<(usize, usize)> {
+pub(crate) fn parse_shape(s: &str) -> Result<(usize, usize)> {
     let (size, batch) = s
         .split_once('x')
         .ok_or_else(|| anyhow::anyhow!("shape {s:?} is not SIZExBATCH (e.g. 224x32)"))?;
@@ -125,26 +125,36 @@ pub fn run(a: Args) -> Result<()> {
         }
         rows.extend(torch);
     }
-    println!(
-        "| impl | convolutions | arch | batch | px | threads | s/step | images/s | rounds' images/s | peak RSS MiB | vs PyTorch |"
+    crate::print_markdown_table(
+        &[
+            "impl",
+            "convolutions",
+            "arch",
+            "batch",
+            "px",
+            "threads",
+            "s/step",
+            "images/s",
+            "rounds' images/s",
+            "peak RSS MiB",
+            "vs PyTorch",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                cell(&r["impl"], "?"),
+                cell(&r["conv"], "oneDNN (PyTorch)"),
+                cell(&r["arch"], "?"),
+                cell(&r["batch"], "?"),
+                cell(&r["size"], "?"),
+                cell(&r["threads"], "?"),
+                fixed(&r["median_step_s"], 3),
+                fixed(&r["images_per_s"], 1),
+                cell(&r["images_per_s_range"], ""),
+                fixed(&r["peak_rss_mib"], 0),
+                cell(&r["vs_torch"], ""),
+            ]
+        }),
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r["impl"].as_str().unwrap_or("?"),
-            r["conv"].as_str().unwrap_or("oneDNN (PyTorch)"),
-            r["arch"].as_str().unwrap_or("?"),
-            r["batch"],
-            r["size"],
-            r["threads"],
-            fixed(&r["median_step_s"], 3),
-            fixed(&r["images_per_s"], 1),
-            r["images_per_s_range"].as_str().unwrap_or(""),
-            fixed(&r["peak_rss_mib"], 0),
-            r["vs_torch"].as_str().unwrap_or("")
-        );
-    }
     Ok(())
 }
 
@@ -159,7 +169,7 @@ fn median_run(mut runs: Vec<Value>) -> Option<Value> {
 }
 
 /// A JSON number with `digits` decimals (`?` when absent).
-fn fixed(v: &Value, digits: usize) -> String {
+pub(crate) fn fixed(v: &Value, digits: usize) -> String {
     v.as_f64()
         .map_or_else(|| "?".to_string(), |x| format!("{x:.digits$}"))
 }
@@ -256,22 +266,33 @@ fn run_epochs(a: Args) -> Result<()> {
             rows.push(c);
         }
     }
-    println!("| impl | convolutions | arch | batch | px | threads | epoch images/s | waited for data s | loader ms/image (CPU) | vs PyTorch |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r["impl"].as_str().unwrap_or("?"),
-            r["conv"].as_str().unwrap_or("oneDNN (PyTorch)"),
-            r["arch"].as_str().unwrap_or("?"),
-            r["batch"],
-            r["size"],
-            r["threads"],
-            r["images_per_s"],
-            r["data_wait_s"],
-            r["loader_ms_per_image"],
-            r["vs_torch"].as_str().unwrap_or("")
-        );
-    }
+    crate::print_markdown_table(
+        &[
+            "impl",
+            "convolutions",
+            "arch",
+            "batch",
+            "px",
+            "threads",
+            "epoch images/s",
+            "waited for data s",
+            "loader ms/image (CPU)",
+            "vs PyTorch",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                cell(&r["impl"], "?"),
+                cell(&r["conv"], "oneDNN (PyTorch)"),
+                cell(&r["arch"], "?"),
+                cell(&r["batch"], "?"),
+                cell(&r["size"], "?"),
+                cell(&r["threads"], "?"),
+                cell(&r["images_per_s"], "?"),
+                cell(&r["data_wait_s"], "?"),
+                cell(&r["loader_ms_per_image"], "?"),
+                cell(&r["vs_torch"], ""),
+            ]
+        }),
+    );
     Ok(())
 }

@@ -261,23 +261,65 @@ fn stop_on_signals() -> Result<Arc<std::sync::atomic::AtomicBool>> {
 }
 
 /// The data-parallel world when an MPI launcher (`mpirun`, `mpiexec`, `srun`) started this
-/// process as one of several ranks; `None` for a plain start.
-fn launched_world() -> Result<Option<candle_finetune::recipe::World>> {
+/// process as one of several ranks; `None` for a plain start. With `--device cuda` and the
+/// `nccl` feature the ranks' collectives run over NCCL (one GPU per rank, numbered by the rank
+/// on its machine), MPI only carrying NCCL's id; otherwise over MPI. `CANDLE_DDP=nccl` on a
+/// plain start makes a one-rank NCCL world (a check of the NCCL path on one GPU).
+fn launched_world(
+    device: candle_finetune::recipe::DeviceKind,
+) -> Result<Option<candle_finetune::recipe::World>> {
+    use candle_finetune::recipe::{DeviceKind, World};
     let size = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
         .iter()
         .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
         .unwrap_or(1);
-    if size <= 1 {
+    let nccl_asked = std::env::var("CANDLE_DDP").is_ok_and(|v| v == "nccl");
+    if size <= 1 && !nccl_asked {
         return Ok(None);
     }
-    #[cfg(feature = "mpi")]
-    {
-        let mpi = candle_ddp::mpi::Mpi::init()?;
-        Ok(Some(candle_finetune::recipe::World(std::sync::Arc::new(
-            mpi,
-        ))))
+    let bootstrap: std::sync::Arc<dyn candle_ddp::Collective> = if size <= 1 {
+        std::sync::Arc::new(candle_ddp::Single)
+    } else {
+        mpi_world(size)?
+    };
+    if device == DeviceKind::Cuda && (size > 1 || nccl_asked) {
+        #[cfg(feature = "nccl")]
+        {
+            use candle_ddp::Collective;
+            let gpu = device.device_at(bootstrap.local_rank())?;
+            let nccl = candle_ddp::nccl::Nccl::over(bootstrap, &gpu)?;
+            if nccl.rank() == 0 {
+                eprintln!("data-parallel: NCCL, {} rank(s)", nccl.world_size());
+            }
+            return Ok(Some(World(std::sync::Arc::new(nccl))));
+        }
+        #[cfg(not(feature = "nccl"))]
+        {
+            if nccl_asked {
+                anyhow::bail!(
+                    "CANDLE_DDP=nccl, but this xtask was built without NCCL: build it with \
+                     --features nccl"
+                );
+            }
+            eprintln!(
+                "note: CUDA ranks without the nccl feature: gradients go through host memory \
+                 and MPI (build with --features mpi,nccl for NCCL)"
+            );
+        }
+    } else if nccl_asked {
+        anyhow::bail!("CANDLE_DDP=nccl needs --device cuda");
     }
-    #[cfg(not(feature = "mpi"))]
+    Ok((size > 1).then(|| World(bootstrap)))
+}
+
+/// The MPI world of the launcher that started this process as one of `size` ranks.
+#[cfg(feature = "mpi")]
+fn mpi_world(_size: usize) -> Result<std::sync::Arc<dyn candle_ddp::Collective>> {
+    Ok(std::sync::Arc::new(candle_ddp::mpi::Mpi::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world(size: usize) -> Result<std::sync::Arc<dyn candle_ddp::Collective>> {
     anyhow::bail!(
         "an MPI launcher started this process as one of {size} ranks, but this xtask was built \
          without MPI: build it with `cargo build --release -p xtask --features mpi` (needs \
@@ -288,7 +330,7 @@ fn launched_world() -> Result<Option<candle_finetune::recipe::World>> {
 pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
     let mut recipe = a.recipe(cars)?;
     recipe.stop = Some(stop_on_signals()?);
-    recipe.world = launched_world()?;
+    recipe.world = launched_world(recipe.device)?;
     let rank0 = recipe.world.as_ref().is_none_or(|w| w.0.rank() == 0);
     let report = if a.smoke {
         let (recipe, _cache) = recipe.smoke()?; // the cache lives until the run ends

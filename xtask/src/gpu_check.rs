@@ -48,8 +48,9 @@ pub struct Args {
 
 /// (soname, link name) of every CUDA library a `cuda` build links: cudarc's `dynamic-linking`
 /// set, and cudart for candle-kernels' statically compiled kernels.
-const STUBS: [(&str, &str); 6] = [
+const STUBS: [(&str, &str); 7] = [
     ("libcuda.so.1", "cuda"),
+    ("libnccl.so.2", "nccl"),
     ("libcudart.so.13", "cudart"),
     ("libnvrtc.so.13", "nvrtc"),
     ("libcublas.so.13", "cublas"),
@@ -59,7 +60,9 @@ const STUBS: [(&str, &str); 6] = [
 
 /// The stub library (link name) that provides an undefined symbol, by its prefix.
 fn stub_of(sym: &str) -> Option<&'static str> {
-    if sym.starts_with("cublasLt") {
+    if sym.starts_with("nccl") || sym.starts_with("pnccl") {
+        Some("nccl")
+    } else if sym.starts_with("cublasLt") {
         Some("cublasLt")
     } else if sym.starts_with("cublas") {
         Some("cublas")
@@ -183,7 +186,21 @@ pub fn run(a: Args) -> Result<()> {
         "-p",
         "xtask",
         "--features",
-        "cuda",
+        "cuda,nccl",
+        "--message-format",
+        "json",
+    ];
+    let nccl_args = [
+        "test",
+        "--no-run",
+        "--test",
+        "nccl",
+        "--release",
+        "--locked",
+        "-p",
+        "candle-ddp",
+        "--features",
+        "nccl",
         "--message-format",
         "json",
     ];
@@ -193,7 +210,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut test_json = cargo(&test_args)?;
     let mut bench_json = cargo(&bench_args)?;
     let mut train_json = cargo(&train_args)?;
+    let mut nccl_json = cargo(&nccl_args)?;
     let mut symbols = cuda_symbols(&exe(&test_json, "cuda")?)?;
+    symbols.extend(cuda_symbols(&exe(&nccl_json, "nccl")?)?);
     symbols.extend(cuda_symbols(&exe(&bench_json, "xent_cuda_bench")?)?);
     symbols.extend(cuda_symbols(&exe(&train_json, "xtask")?)?);
     symbols.sort();
@@ -203,6 +222,7 @@ pub fn run(a: Args) -> Result<()> {
         "crates/candle-xent/tests/cuda.rs",
         "crates/candle-xent/examples/xent_cuda_bench.rs",
         "xtask/src/main.rs",
+        "crates/candle-ddp/tests/nccl.rs",
     ] {
         // Relink (cargo does not track the native stubs).
         std::fs::File::options()
@@ -213,10 +233,12 @@ pub fn run(a: Args) -> Result<()> {
     test_json = cargo(&test_args)?;
     bench_json = cargo(&bench_args)?;
     train_json = cargo(&train_args)?;
+    nccl_json = cargo(&nccl_args)?;
     let bins = [
         (&test_json, "cuda", "cuda-tests"),
         (&bench_json, "xent_cuda_bench", "xent_cuda_bench"),
         (&train_json, "xtask", "xtask"),
+        (&nccl_json, "nccl", "nccl-tests"),
     ];
     for (json, target, _) in bins {
         let bin = exe(json, target)?;
@@ -253,7 +275,11 @@ pub fn run(a: Args) -> Result<()> {
     for (json, target, _) in bins {
         // The loader either maps every needed library (then main runs: the test harness lists
         // its tests, xtask prints its help, the bench rejects the argument) or stops with 127.
-        let arg = if target == "cuda" { "--list" } else { "--help" };
+        let arg = if matches!(target, "cuda" | "nccl") {
+            "--list"
+        } else {
+            "--help"
+        };
         let o = Command::new(exe(json, target)?)
             .arg(arg)
             .env("LD_LIBRARY_PATH", &load)

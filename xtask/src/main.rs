@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 mod bench_data;
+mod bench_ddp;
 mod bench_linear;
 mod bench_resnet;
 mod bench_xent;
@@ -65,6 +66,9 @@ enum Cmd {
     /// One ResNet training step (forward, label-smoothed loss, backward, SGD): images/s, candle
     /// vs PyTorch.
     BenchResnet(bench_resnet::Args),
+    /// Data-parallel training steps: one process against MPI ranks on this machine's cores,
+    /// beside PyTorch DDP over gloo with the same split.
+    BenchDdp(bench_ddp::Args),
     /// Train-transform throughput (decode + crop + flip + normalise) on generated JPEGs.
     BenchData(bench_data::Args),
     /// Build (here, without a GPU) the bundle that checks candle-xent's CUDA kernels on a CUDA
@@ -120,6 +124,24 @@ pub fn build_example(package: &str, example: &str) -> Result<PathBuf> {
 /// This workspace's task runner built in release with `feature` of the xtask package turned on
 /// (`None`: the default build), copied to `target/release/xtask-FEATURE` (`xtask-default`) so
 /// that builds with and without the feature can run side by side.
+/// Prints a Markdown table: `header`, its rule, then one line per row.
+pub fn print_markdown_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+    println!("| {} |", header.join(" | "));
+    println!("|{}", "---|".repeat(header.len()));
+    for r in rows {
+        println!("| {} |", r.join(" | "));
+    }
+}
+
+/// A JSON value as a table cell: strings without quotes, `default` when absent.
+pub fn cell(v: &serde_json::Value, default: &str) -> String {
+    match v {
+        serde_json::Value::Null => default.to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 pub fn build_xtask_with(feature: Option<&str>) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "--release", "-p", "xtask"]);
@@ -155,6 +177,7 @@ fn main() -> Result<()> {
         Cmd::FuzzXent(args) => fuzz_xent::run(args),
         Cmd::BenchLinear(args) => bench_linear::run(args),
         Cmd::BenchResnet(args) => bench_resnet::run(args),
+        Cmd::BenchDdp(args) => bench_ddp::run(args),
         Cmd::BenchData(args) => bench_data::run(args),
         Cmd::GpuCheck(args) => gpu_check::run(args),
         Cmd::Soak(args) => soak::run(args),

@@ -3,7 +3,10 @@
 //! decay 1e-4 by default) timed on one device with random images, and the device memory in use
 //! after every step. One JSON line; `cargo xtask bench-resnet` runs it on the CPU and the GPU
 //! bundle (`cargo xtask gpu-check`) with `--device cuda`, each next to PyTorch's step
-//! (scripts/bench_torch_resnet.py, same optimizer settings).
+//! (scripts/bench_torch_resnet.py, same optimizer settings). With `--ddp` (feature `mpi`, under
+//! `mpirun -np N`) each rank steps on `batch / N` images and the gradients are averaged across
+//! the ranks in buckets before the update, as in data-parallel training; `cargo xtask bench-ddp`
+//! runs it.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, ModuleT, Tensor};
@@ -43,6 +46,24 @@ pub struct Args {
     /// Weight decay on every parameter (L2, as torch.optim.SGD).
     #[arg(long, default_value_t = 1e-4)]
     weight_decay: f64,
+    /// Data-parallel over the MPI world this process was launched in (`mpirun -np N`; feature
+    /// `mpi`): `--batch` is the global batch, each rank steps on its share and the gradients
+    /// are averaged (25 MiB buckets) before the update. Rank 0 prints.
+    #[arg(long)]
+    ddp: bool,
+}
+
+/// The world `--ddp` asks for: MPI's (feature `mpi`), or one process.
+fn world(ddp: bool) -> Result<std::sync::Arc<dyn candle_ddp::Collective>> {
+    if !ddp {
+        return Ok(std::sync::Arc::new(candle_ddp::Single));
+    }
+    #[cfg(feature = "mpi")]
+    {
+        Ok(std::sync::Arc::new(candle_ddp::mpi::Mpi::init()?))
+    }
+    #[cfg(not(feature = "mpi"))]
+    bail!("--ddp needs MPI: build xtask with --features mpi and launch it with mpirun")
 }
 
 /// Device memory in use (total - free), MiB; `None` where the device cannot say (CPU).
@@ -67,12 +88,19 @@ pub fn run(a: Args) -> Result<()> {
         other => bail!("--dtype must be f32, bf16 or f16, got {other}"),
     };
     let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
+    let world = world(a.ddp)?;
+    let (rank, ranks) = (world.rank(), world.world_size());
+    if !a.batch.is_multiple_of(ranks) {
+        bail!("--batch {} does not split into {ranks} ranks", a.batch);
+    }
+    let per_rank = a.batch / ranks;
     let dev = a.device.device()?;
     let vm = VarMap::new();
     let model = arch.build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?;
-    let vars = ParamGroups::from_varmap(&vm)
-        .trainable(false)
-        .into_iter()
+    let trainable = ParamGroups::from_varmap(&vm).trainable(false);
+    let vars = trainable
+        .iter()
+        .cloned()
         .enumerate()
         .map(|(i, v)| (format!("p{i}"), v))
         .collect();
@@ -87,18 +115,40 @@ pub fn run(a: Args) -> Result<()> {
         lr_mult: 1.0,
     };
     let mut opt = Optimizer::new(rule, vec![group])?;
-    let x = Tensor::randn(0f32, 1., (a.batch, 3, a.size, a.size), &dev)?.to_dtype(dtype)?;
-    let labels: Vec<u32> = (0..a.batch as u32).map(|i| i % 196).collect();
+    let x = Tensor::randn(0f32, 1., (per_rank, 3, a.size, a.size), &dev)?.to_dtype(dtype)?;
+    let labels: Vec<u32> = (0..per_rank)
+        .map(|i| ((rank * per_rank + i) % 196) as u32)
+        .collect();
     let y = Tensor::new(labels.as_slice(), &dev)?;
     let mut times = Vec::with_capacity(a.steps);
     let mut memory = Vec::with_capacity(a.steps + 1);
     let mut last_loss = f64::NAN;
     for step in 0..=a.steps {
+        // Every rank starts the step together, so that the time is the step's, not a wait.
+        world.barrier()?;
         let t0 = Instant::now();
         let run = || -> candle_core::Result<f64> {
             let logits = model.forward_t(&x, true)?;
             let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
-            opt.step(&loss.backward()?, a.lr)?;
+            let mut grads = loss.backward()?;
+            if ranks > 1 {
+                let mine = trainable
+                    .iter()
+                    .map(|v| match grads.get(v.as_tensor()) {
+                        Some(g) => Ok(g.clone()),
+                        None => v.as_tensor().zeros_like(),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let mean = candle_ddp::all_reduce_mean(
+                    world.as_ref(),
+                    &mine,
+                    candle_ddp::DEFAULT_BUCKET_BYTES,
+                )?;
+                for (v, g) in trainable.iter().zip(mean) {
+                    grads.insert(v.as_tensor(), g);
+                }
+            }
+            opt.step(&grads, a.lr)?;
             loss.to_dtype(DType::F64)?.to_scalar::<f64>()
         };
         let l = candle_resnet::threads::on_cpu_worker(&dev, run)?;
@@ -111,6 +161,9 @@ pub fn run(a: Args) -> Result<()> {
         if let Some(m) = device_used_mib(&dev) {
             memory.push(m);
         }
+    }
+    if rank != 0 {
+        return Ok(());
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -126,6 +179,7 @@ pub fn run(a: Args) -> Result<()> {
         "median_step_s": med,
         "images_per_s": a.batch as f64 / med,
         "threads": candle_core::utils::get_num_threads(),
+        "ranks": ranks,
         // The process's highest resident set, comparable with PyTorch's ru_maxrss.
         "peak_rss_mib": crate::soak::rss_mib().1.round(),
         "conv": candle_resnet::ops::conv::Backend::Auto.describe(),

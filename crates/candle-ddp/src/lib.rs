@@ -17,6 +17,8 @@ use candle_core::{bail, DType, Result, Tensor};
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// Bytes of `f32` gradient packed into one all-reduce: PyTorch DDP's default bucket (25 MiB).
 pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
@@ -40,6 +42,41 @@ pub trait Collective: Send + Sync {
     fn broadcast_f64(&self, buf: &mut [f64], root: usize) -> Result<()>;
     /// Returns when every rank has called it.
     fn barrier(&self) -> Result<()>;
+
+    /// This rank's index among the ranks on its machine: which GPU it drives. The default,
+    /// [`Collective::rank`], holds for worlds on one machine.
+    fn local_rank(&self) -> usize {
+        self.rank()
+    }
+
+    /// The device this world's collectives run on, where it is bound to one (an NCCL rank's
+    /// GPU): a trainer must then put its tensors there. `None`: any device (host memory).
+    fn device(&self) -> Option<candle_core::Device> {
+        None
+    }
+
+    /// [`Collective::all_reduce_sum`] of an `f32` tensor, returned as a new tensor of the same
+    /// shape on the same device. The default copies through host memory; a device engine
+    /// (NCCL) reduces on the device.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut buf = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut buf)?;
+        Tensor::from_vec(buf, t.shape(), t.device())
+    }
+
+    /// [`Collective::broadcast`] of an `f32` tensor: rank `root`'s values, as a new tensor of
+    /// the same shape on the same device.
+    fn broadcast_tensor(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let mut buf = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.broadcast(&mut buf, root)?;
+        Tensor::from_vec(buf, t.shape(), t.device())
+    }
+}
+
+impl std::fmt::Debug for dyn Collective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} of {}", self.rank(), self.world_size())
+    }
 }
 
 /// The world of one process: rank 0 of 1; sums and broadcasts leave buffers as they are.
@@ -117,22 +154,22 @@ fn check_f32(tensors: &[Tensor], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Packs `tensors[range]` into one `f32` buffer (row-major, any layout).
-fn pack(tensors: &[Tensor]) -> Result<Vec<f32>> {
-    let mut buf = Vec::with_capacity(tensors.iter().map(|t| t.elem_count()).sum());
-    for t in tensors {
-        buf.extend(t.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(buf)
+/// `tensors` flattened into one `f32` tensor (on the first one's device).
+fn pack(tensors: &[Tensor]) -> Result<Tensor> {
+    let flat = tensors
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&flat, 0)
 }
 
-/// Splits `buf` back into tensors of the shapes and devices of `like`.
-fn unpack(buf: &[f32], like: &[Tensor]) -> Result<Vec<Tensor>> {
+/// Splits the flat `buf` back into tensors of the shapes of `like`.
+fn unpack(buf: &Tensor, like: &[Tensor]) -> Result<Vec<Tensor>> {
     let mut at = 0;
     like.iter()
         .map(|t| {
             let n = t.elem_count();
-            let v = Tensor::from_slice(&buf[at..at + n], t.shape(), t.device());
+            let v = buf.narrow(0, at, n)?.reshape(t.shape());
             at += n;
             v
         })
@@ -161,16 +198,12 @@ pub fn all_reduce_mean(
     if world == 1 {
         return Ok(tensors.to_vec());
     }
-    let inv = 1.0 / world as f32;
+    let inv = 1.0 / world as f64;
     let mut out = Vec::with_capacity(tensors.len());
     for r in buckets(tensors, bucket_bytes) {
         let part = &tensors[r];
-        let mut buf = pack(part)?;
-        c.all_reduce_sum(&mut buf)?;
-        for v in buf.iter_mut() {
-            *v *= inv;
-        }
-        out.extend(unpack(&buf, part)?);
+        let sum = c.all_reduce_sum_tensor(&pack(part)?)?;
+        out.extend(unpack(&(sum * inv)?, part)?);
     }
     Ok(out)
 }
@@ -200,8 +233,7 @@ pub fn broadcast_tensors(
     let mut out = Vec::with_capacity(tensors.len());
     for r in buckets(tensors, bucket_bytes) {
         let part = &tensors[r];
-        let mut buf = pack(part)?;
-        c.broadcast(&mut buf, root)?;
+        let buf = c.broadcast_tensor(&pack(part)?, root)?;
         out.extend(unpack(&buf, part)?);
     }
     Ok(out)

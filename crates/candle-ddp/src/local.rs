@@ -2,6 +2,11 @@
 //! into `n` threads. It runs data-parallel code (and its tests) without MPI: the sums are taken
 //! in rank order, so every rank gets the same, deterministic result. A rank that never reaches
 //! a collective leaves the others waiting: for tests and simulations, not for production.
+//!
+//! Ranks that share one rayon pool can deadlock when a collective runs inside parallel work
+//! (a synchronised batch norm's, in a step run on a worker): the blocked worker may steal the
+//! other rank's step and wait on itself. Run each rank's thread on a pool of its own
+//! (`rayon::ThreadPoolBuilder::new().build()?.install(...)`), as separate processes would be.
 
 use crate::{check_root, Collective};
 use candle_core::{bail, Result};

@@ -19,6 +19,7 @@ pub struct Mpi {
     world: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
+    local_rank: usize,
     // Last: finalises MPI after the communicator is gone.
     _universe: Universe,
 }
@@ -46,10 +47,13 @@ impl Mpi {
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
+        // The ranks that share this machine's memory, ordered by world rank.
+        let local_rank = world.split_shared(world.rank()).rank() as usize;
         Ok(Self {
             world: Mutex::new(world),
             rank,
             size,
+            local_rank,
             _universe: universe,
         })
     }
@@ -109,5 +113,9 @@ impl Collective for Mpi {
     fn barrier(&self) -> Result<()> {
         self.world().barrier();
         Ok(())
+    }
+
+    fn local_rank(&self) -> usize {
+        self.local_rank
     }
 }

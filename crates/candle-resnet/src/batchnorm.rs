@@ -2,7 +2,9 @@
 //! directly (no transposes).
 
 use candle_core::{bail, DType, ModuleT, Result, Tensor, Var};
+use candle_ddp::Collective;
 use candle_nn::{Init, VarBuilder};
+use std::sync::Arc;
 
 /// `nn.BatchNorm2d(C)` (affine, track_running_stats, eps 1e-5, momentum 0.1).
 ///
@@ -10,6 +12,9 @@ use candle_nn::{Init, VarBuilder};
 /// `running_mean` and `running_var` (with the unbiased variance) in place; eval mode uses the
 /// running statistics. Variables: `weight`, `bias`, `running_mean`, `running_var`, the names of
 /// PyTorch's state dict. Half-precision inputs are normalised in f32.
+///
+/// In data-parallel training each process normalises with its own batch's statistics (PyTorch
+/// DDP's default); [`BatchNorm2d::set_sync`] makes it `nn.SyncBatchNorm` instead.
 ///
 /// ```
 /// use candle_core::{DType, Device, ModuleT, Tensor};
@@ -34,6 +39,8 @@ pub struct BatchNorm2d {
     running_var: Var,
     eps: f64,
     momentum: f64,
+    /// The world whose batches are normalised together ([`BatchNorm2d::set_sync`]).
+    sync: Option<Arc<dyn Collective>>,
 }
 
 impl BatchNorm2d {
@@ -59,7 +66,33 @@ impl BatchNorm2d {
             running_var: Var::from_tensor(&running_var)?,
             eps: 1e-5,
             momentum: 0.1,
+            sync: None,
         })
+    }
+
+    /// Synchronised batch norm (`nn.SyncBatchNorm`): in train mode the statistics are those of
+    /// the batches of every rank of `world` together (two small all-reduces of per-channel
+    /// sums per forward: the mean, then the squared deviations from it), and the backward
+    /// sums the input gradient's two per-channel reductions over the ranks, so the gradients
+    /// are those of one process normalising the whole global batch. Every rank must run the
+    /// same forwards and backwards (a collective waits for all).
+    /// `None` returns to per-process statistics. Runs on the CPU (f32, f64; half precision in
+    /// f32); on other devices a train-mode forward is an error.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vm = VarMap::new();
+    /// let mut bn = candle_resnet::BatchNorm2d::new(2, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// // A world of one: the same as no synchronisation.
+    /// bn.set_sync(Some(std::sync::Arc::new(candle_ddp::Single)));
+    /// let y = bn.forward_t(&Tensor::new(&[[[[1f32]], [[2.]]], [[[3.]], [[6.]]]], &Device::Cpu)?, true)?;
+    /// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.round()).collect::<Vec<_>>(), [-1., -1., 1., 1.]);
+    /// # Ok(()) }
+    /// ```
+    pub fn set_sync(&mut self, world: Option<Arc<dyn Collective>>) {
+        self.sync = world;
     }
 
     /// The running mean (updated by every train-mode forward).
@@ -109,6 +142,9 @@ impl BatchNorm2d {
     }
 
     fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        if let Some(world) = &self.sync {
+            return self.forward_train_synced(x, relu, world);
+        }
         let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
         if count < 2 {
@@ -134,6 +170,37 @@ impl BatchNorm2d {
         } else {
             Ok(y)
         }
+    }
+
+    /// Train mode with the statistics of every rank's batch (fused CPU kernels).
+    fn forward_train_synced(
+        &self,
+        x: &Tensor,
+        relu: bool,
+        world: &Arc<dyn Collective>,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        if !crate::ops::fused_applies(&xf) {
+            bail!(
+                "batch_norm: synchronised statistics are computed on the CPU (f32, f64, half \
+                 precision in f32), got {dtype:?} on {:?}",
+                x.device()
+            );
+        }
+        let (y, st, count) = crate::ops::batchnorm::batch_norm_train_synced(
+            &xf,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            relu,
+            world.clone(),
+        )?;
+        self.update_running(&st.get(0)?, &st.get(1)?, count)?;
+        y.to_dtype(dtype)
     }
 
     /// Train mode from candle tensor ops (autograd through them): CUDA, Metal, half precision.

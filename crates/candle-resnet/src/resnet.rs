@@ -10,10 +10,12 @@
 use crate::batchnorm::BatchNorm2d;
 use crate::ops::maxpool::MaxPool2d;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
+use candle_ddp::Collective;
 use candle_nn::{Init, Linear, VarBuilder};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The supported architectures.
 ///
@@ -330,6 +332,8 @@ pub struct ResNet {
     drop_path: Vec<f64>,
     /// Key of the next training forward's drop-path draws ([`ResNet::set_noise_key`]).
     noise_key: std::sync::Arc<AtomicU64>,
+    /// Whether the batch norms are synchronised ([`ResNet::with_sync_batch_norm`]).
+    sync_bn: bool,
 }
 
 impl ResNet {
@@ -380,6 +384,7 @@ impl ResNet {
             num_classes,
             drop_path: Vec::new(),
             noise_key: Default::default(),
+            sync_bn: false,
         })
     }
 
@@ -407,6 +412,39 @@ impl ResNet {
             Vec::new()
         };
         Ok(self)
+    }
+
+    /// This model with synchronised batch norm over `world` (`nn.SyncBatchNorm.
+    /// convert_sync_batchnorm`): every batch norm computes its training statistics over the
+    /// batches of all ranks together ([`BatchNorm2d::set_sync`]); `None`: each rank's own
+    /// (DDP's default).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let world: std::sync::Arc<dyn candle_ddp::Collective> = std::sync::Arc::new(candle_ddp::Single);
+    /// let m = candle_resnet::resnet::resnet18(3, vb).unwrap().with_sync_batch_norm(Some(world));
+    /// assert!(m.has_sync_batch_norm());
+    /// ```
+    pub fn with_sync_batch_norm(mut self, world: Option<Arc<dyn Collective>>) -> Self {
+        self.bn1.set_sync(world.clone());
+        for block in self.layers.iter_mut().flatten() {
+            for (_, bn) in block.convs.iter_mut() {
+                bn.set_sync(world.clone());
+            }
+            if let Some(d) = &mut block.downsample {
+                d.bn.set_sync(world.clone());
+            }
+        }
+        self.sync_bn = world.is_some();
+        self
+    }
+
+    /// Whether the batch norms are synchronised ([`ResNet::with_sync_batch_norm`]).
+    pub fn has_sync_batch_norm(&self) -> bool {
+        self.sync_bn
     }
 
     /// The network's drop-path rate (that of its last block; 0: off).

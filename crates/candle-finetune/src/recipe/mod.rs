@@ -60,6 +60,28 @@ impl DeviceKind {
             DeviceKind::Metal => Device::new_metal(0).map_err(with("metal")),
         }
     }
+
+    /// [`DeviceKind::device`] numbered `ordinal` among the machine's GPUs (the CPU is one).
+    ///
+    /// ```
+    /// assert!(candle_finetune::recipe::DeviceKind::Cpu.device_at(3).unwrap().is_cpu());
+    /// ```
+    pub fn device_at(self, ordinal: usize) -> Result<Device> {
+        match self {
+            DeviceKind::Cpu => Ok(Device::Cpu),
+            DeviceKind::Cuda => Device::new_cuda(ordinal).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "no CUDA device {ordinal} ({e}); one GPU per rank on a machine, and build \
+                     with --features cuda"
+                ))
+            }),
+            DeviceKind::Metal => Device::new_metal(ordinal).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "no Metal device {ordinal} ({e}); build with --features metal"
+                ))
+            }),
+        }
+    }
 }
 
 /// Everything a fine-tuning run needs. [`Default`] is the Stanford Cars job of [`cars`]:
@@ -333,13 +355,38 @@ impl FineTune {
         }
     }
 
+    /// The device this process trains on: its world's when the world is bound to one (an NCCL
+    /// rank's GPU), else [`FineTune::device`], the GPU numbered by the rank's local rank when
+    /// several ranks share a machine.
+    fn run_device(&self) -> Result<Device> {
+        let Some(world) = &self.world else {
+            return self.device.device();
+        };
+        if let Some(d) = world.0.device() {
+            let kind = match d {
+                Device::Cpu => DeviceKind::Cpu,
+                Device::Cuda(_) => DeviceKind::Cuda,
+                Device::Metal(_) => DeviceKind::Metal,
+            };
+            if kind != self.device {
+                bail!(
+                    "recipe: the data-parallel world runs on {kind:?} but the run asks for \
+                     {:?}; use the world's device",
+                    self.device
+                );
+            }
+            return Ok(d);
+        }
+        self.device.device_at(world.0.local_rank())
+    }
+
     /// Runs the recipe: opens the data and the weights, fine-tunes with [`train::fit`] choosing
     /// the epoch on validation, evaluates that model once on the test split, and writes the
     /// model folder (`model.safetensors`, `config.json`, `README.md`, `eval.json`,
     /// `metrics.jsonl`, plots, `training_args.json`, checkpoints) into [`FineTune::out`].
     pub fn run(&self) -> Result<RunReport> {
         self.train.validate()?;
-        let dev = self.device.device()?;
+        let dev = self.run_device()?;
         let (weights, pre, base, base_hub) = self.resolve_weights()?;
         let overrides = PreprocessOverrides {
             size: self.image_size.or(self.preprocess.size),
@@ -400,7 +447,13 @@ impl FineTune {
         }
         let (varmap, model) =
             crate::pretrained::pretrained(self.arch, train_ds.num_classes(), &weights, &dev)?;
-        let model = model.with_drop_path(cfg.drop_path)?;
+        let sync_bn = match &self.world {
+            Some(w) if cfg.sync_bn && ranks > 1 => Some(w.0.clone()),
+            _ => None,
+        };
+        let model = model
+            .with_drop_path(cfg.drop_path)?
+            .with_sync_batch_norm(sync_bn.clone());
         train::reinit_head(&varmap, cfg.seed)?;
         let lcfg = LoaderConfig {
             batch_size: cfg.batch_size,
@@ -443,6 +496,8 @@ impl FineTune {
             Transform::for_training(pre.clone()).with_augment(cfg.augment()?),
             LoaderConfig {
                 shard: crate::data::Shard { rank, world: ranks },
+                // Synchronised batch norm: equal shares on every rank, every step.
+                drop_last: sync_bn.is_some(),
                 ..lcfg.clone()
             },
         )?;

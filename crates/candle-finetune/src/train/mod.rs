@@ -248,6 +248,12 @@ pub struct TrainConfig {
     /// mode).
     #[cfg_attr(feature = "clap", arg(long))]
     pub clip_grad: Option<f64>,
+    /// Synchronised batch norm across data-parallel ranks (PyTorch's `SyncBatchNorm`,
+    /// torchvision's `--sync-bn`): training statistics over the global batch instead of each
+    /// rank's share. The recipe then drops each epoch's last incomplete batch, so that every
+    /// rank's share is the same size. No effect in one process.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub sync_bn: bool,
     /// Besides `checkpoint-last`, keep the newest this many checkpoints as
     /// `checkpoint-step-NNNNNNNN.safetensors` (hard links, older ones pruned; 0: none).
     #[cfg_attr(feature = "clap", arg(long, default_value_t = defaults().keep_checkpoints))]
@@ -304,6 +310,7 @@ impl Default for TrainConfig {
             model_ema_decay: 0.9998,
             model_ema_warmup: false,
             clip_grad: None,
+            sync_bn: false,
         }
     }
 }
@@ -977,6 +984,9 @@ pub fn fit_distributed<M: Classifier>(
         }
         found
     };
+    if ranks > 1 {
+        agree_on_start(world, resume, device, &paths.last())?;
+    }
     if resume {
         let ck = Checkpoint::load(&paths.last())?;
         // Another configuration or other data would not continue this run but start a
@@ -1525,6 +1535,41 @@ fn reduce_gradients(
         grads.insert(vars[i].0.clone(), g);
     }
     Ok((total, mean_loss, no_grad))
+}
+
+/// What every rank of a data-parallel run must share from the start: whether it resumes (each
+/// reads the checkpoint, so the run folder must be on a filesystem every rank sees) and the
+/// kind of device. One all-reduce of counts; every rank gets the same error.
+fn agree_on_start(
+    world: &dyn candle_ddp::Collective,
+    resume: bool,
+    device: &Device,
+    checkpoint: &Path,
+) -> Result<()> {
+    let kind = [device.is_cpu(), device.is_cuda(), device.is_metal()];
+    let mut counts = vec![resume as u8 as f64];
+    counts.extend(kind.iter().map(|&k| k as u8 as f64));
+    world.all_reduce_sum_f64(&mut counts)?;
+    let ranks = world.world_size() as f64;
+    if counts[0] != 0.0 && counts[0] != ranks {
+        bail!(
+            "train: {} of {ranks} ranks found the checkpoint {} to resume from (this rank {} \
+             it): every rank reads it, so the run folder must be on a filesystem all of them see",
+            counts[0],
+            checkpoint.display(),
+            if resume { "found" } else { "did not find" },
+        );
+    }
+    if counts[1..].iter().all(|&c| c != ranks) {
+        bail!(
+            "train: the ranks train on different kinds of device ({} CPU, {} CUDA, {} Metal); \
+             every rank must use the same kind",
+            counts[1],
+            counts[2],
+            counts[3]
+        );
+    }
+    Ok(())
 }
 
 /// Scales `grads` so that their global L2 norm is at most `max` (torch's `clip_grad_norm_`:

@@ -9,9 +9,11 @@
 
 use super::storage::contiguous_slice;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
+use candle_ddp::Collective;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy)]
 struct Geo {
@@ -115,12 +117,15 @@ impl CustomOp1 for Stats {
 }
 
 /// `(x, stats (2, C), affine (2, C) = [gamma; beta]) -> y`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Normalize {
     eps: f64,
     /// Followed by ReLU, fused: `max(y, 0)` written directly, its gradient mask applied first
     /// in the backward (bit-identical to the two ops).
     relu: bool,
+    /// Synchronised batch norm: the world whose batches the statistics cover, and their number
+    /// of values per channel (`M` of the backward).
+    sync: Option<(Arc<dyn Collective>, f64)>,
 }
 
 /// The forward's per-channel `(scale, shift)` in `T`: `y = x * scale + shift`. The backward
@@ -233,9 +238,16 @@ impl CustomOp3 for Normalize {
                 eps: self.eps,
                 relu: self.relu,
                 dx: false,
+                count: None,
             },
         )?; // (2, C)
-        let packed = Tensor::cat(&[&packed, &sums], 0)?; // (6, C)
+            // Synchronised: the input gradient needs the sums over every rank's batch (the
+            // statistics depended on all of them); the affine gradient stays this rank's share.
+        let (all, count) = match &self.sync {
+            Some((world, count)) => (all_reduce_sum(world.as_ref(), &sums)?, Some(*count)),
+            None => (sums.clone(), None),
+        };
+        let packed = Tensor::cat(&[&packed, &all], 0)?; // (6, C)
         let dx = x.apply_op3_no_bwd(
             &dy,
             &packed,
@@ -243,6 +255,7 @@ impl CustomOp3 for Normalize {
                 eps: self.eps,
                 relu: self.relu,
                 dx: true,
+                count,
             },
         )?;
         // sums = [sum(dy * xhat); sum(dy)] = [dgamma; dbeta]: the affine gradient as stacked.
@@ -258,6 +271,8 @@ struct Backward {
     /// The forward fused a ReLU: dy counts only where its output was positive.
     relu: bool,
     dx: bool,
+    /// Values per channel the statistics cover, where not this batch's (synchronised).
+    count: Option<f64>,
 }
 
 /// `dy`, or 0 where the fused ReLU's output `relu(x * scale + shift)` was `<= 0` (PyTorch's
@@ -312,13 +327,12 @@ type Coef = (f64, f64, f64);
 
 fn input_grad<T: WithDType>(
     g: &Geo,
-    (eps, relu): (f64, bool),
+    (eps, relu, m): (f64, bool, f64),
     x: &[T],
     dy: &[T],
     pk: &[T],
 ) -> Vec<T> {
     let c_n = g.c;
-    let m = g.m() as f64;
     // Per channel: dx = a * dy + cx * x + b, and the forward's affine for the ReLU mask.
     let coef: Vec<(Coef, (T, T))> = (0..c_n)
         .map(|c| {
@@ -380,7 +394,13 @@ impl CustomOp3 for Backward {
                 );
                 if self.dx {
                     (
-                        CpuStorage::$v(input_grad(&g, (self.eps, self.relu), x, dy, pk)),
+                        CpuStorage::$v(input_grad(
+                            &g,
+                            (self.eps, self.relu, self.count.unwrap_or(g.m() as f64)),
+                            x,
+                            dy,
+                            pk,
+                        )),
                         l1.shape().clone(),
                     )
                 } else {
@@ -411,9 +431,90 @@ pub(crate) fn batch_norm_train(
 ) -> Result<(Tensor, Tensor)> {
     let x = x.contiguous()?;
     let st = x.apply_op1_no_bwd(&Stats)?;
-    let affine = Tensor::stack(&[gamma, beta], 0)?.to_dtype(x.dtype())?;
-    let y = x.apply_op3(&st, &affine, Normalize { eps, relu })?;
+    let y = normalize_op(&x, &st, (gamma, beta), eps, relu, None)?;
     Ok((y, st))
+}
+
+/// `x` normalised with the statistics `st`, then scaled and shifted by `(gamma, beta)`:
+/// the differentiable [`Normalize`] op.
+fn normalize_op(
+    x: &Tensor,
+    st: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+    relu: bool,
+    sync: Option<(Arc<dyn Collective>, f64)>,
+) -> Result<Tensor> {
+    let affine = Tensor::stack(&[gamma, beta], 0)?.to_dtype(x.dtype())?;
+    x.apply_op3(st, &affine, Normalize { eps, relu, sync })
+}
+
+/// `t` summed over the ranks of `world` (in f64), in `t`'s dtype.
+fn all_reduce_sum(world: &dyn Collective, t: &Tensor) -> Result<Tensor> {
+    let mut v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    world.all_reduce_sum_f64(&mut v)?;
+    Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())
+}
+
+/// [`batch_norm_train`] with the statistics of the batches of every rank of `world` together
+/// (synchronised batch norm); also returns their number of values per channel.
+///
+/// The global mean and biased variance come from each rank's own `(mean, var)` over its `M_r`
+/// values in two all-reduces, without the cancellation of `E[x^2] - E[x]^2`: first
+/// `sum_r M_r mean_r` and `sum_r M_r` give the mean, then
+/// `sum_r M_r (var_r + (mean_r - mean)^2)` the squared deviations from it.
+pub(crate) fn batch_norm_train_synced(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+    world: Arc<dyn Collective>,
+) -> Result<(Tensor, Tensor, usize)> {
+    let x = x.contiguous()?;
+    let g = Geo::new(x.dims())?;
+    let m = g.m() as f64;
+    let c = g.c;
+    let local = if g.m() == 0 {
+        vec![0f64; 2 * c]
+    } else {
+        x.apply_op1_no_bwd(&Stats)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?
+    };
+    let mut sums: Vec<f64> = local[..c].iter().map(|mu| m * mu).collect();
+    sums.push(m);
+    world.all_reduce_sum_f64(&mut sums)?;
+    let total = sums[c];
+    if total < 2.0 {
+        bail!(
+            "batch_norm: training needs more than one value per channel over all ranks, got \
+             {total} (input {:?} on rank {})",
+            x.dims(),
+            world.rank()
+        );
+    }
+    let mean: Vec<f64> = sums[..c].iter().map(|s| s / total).collect();
+    let mut sq: Vec<f64> = (0..c)
+        .map(|i| {
+            if m == 0.0 {
+                0.0
+            } else {
+                m * (local[c + i] + (local[i] - mean[i]).powi(2))
+            }
+        })
+        .collect();
+    world.all_reduce_sum_f64(&mut sq)?;
+    let var = sq.iter().map(|s| s / total);
+    let st = Tensor::from_vec(
+        mean.iter().copied().chain(var).collect::<Vec<_>>(),
+        (2, c),
+        x.device(),
+    )?
+    .to_dtype(x.dtype())?;
+    let y = normalize_op(&x, &st, (gamma, beta), eps, relu, Some((world, total)))?;
+    Ok((y, st, total as usize))
 }
 
 #[cfg(test)]
