@@ -335,6 +335,23 @@ impl CrossEntropyLoss {
 
     /// Computes the loss. See the type-level docs for the accepted shapes and dtypes.
     ///
+    /// # Errors
+    ///
+    /// An `Err` naming the problem, never a panic: an input that is not f16/bf16/f32/f64 or has
+    /// no class dimension; a class-index target whose shape is not the input's without the
+    /// class dimension (for `(B, T, V)` logits with `(B, T)` targets: [`Self::class_dim`]`(2)`),
+    /// float class indices, or a probability target of another shape or dtype; a class index
+    /// outside `0..C` other than `ignore_index` (with its position); `label_smoothing` outside
+    /// `[0, 1]`; a weight of the wrong shape, dtype or device; input and target on different
+    /// devices.
+    ///
+    /// # Precision
+    ///
+    /// For finite logits up to 1e30 in magnitude, each loss and gradient element is within half
+    /// an ulp of the output dtype plus 8 units of the accumulation type (f32 for f16/bf16/f32,
+    /// f64 for f64) times `|loss| + 1` per row (`|loss| + rows` for a sum) or the largest
+    /// gradient term; the crate README states the bound in full.
+    ///
     /// ```
     /// use candle_core::{Device, Tensor, Var, DType};
     /// use candle_xent::CrossEntropyLoss;
@@ -471,10 +488,12 @@ impl CrossEntropyLoss {
     pub(crate) fn checked_smoothing(&self, classes: usize) -> Result<f64> {
         let eps = self.label_smoothing;
         if !(0.0..=1.0).contains(&eps) {
-            bail!(
-                "cross_entropy: label_smoothing must be in [0, 1], got {eps} \
-                 (PyTorch silently ignores negative values; candle-xent rejects them)"
-            );
+            let why = if eps < 0.0 {
+                " (PyTorch silently ignores negative values; candle-xent rejects them)"
+            } else {
+                ""
+            };
+            bail!("cross_entropy: label_smoothing must be in [0, 1], got {eps}{why}");
         }
         if !(self.z_loss.is_finite() && self.z_loss >= 0.0) {
             bail!(
@@ -531,7 +550,19 @@ impl CrossEntropyLoss {
             );
         }
         let soft = target.dtype().is_float();
+        let mut index_shape = dims.to_vec();
+        index_shape.remove(cd);
         if soft {
+            if target.dims() == index_shape.as_slice() && target.dims() != dims {
+                bail!(
+                    "cross_entropy: class indices must be integers: the {:?} target has the \
+                     class-index shape {:?} of input {:?}; cast it (e.g. to_dtype(DType::U32)), \
+                     or give probabilities of the input's shape",
+                    target.dtype(),
+                    target.dims(),
+                    dims
+                );
+            }
             if target.dims() != dims {
                 bail!(
                     "cross_entropy: probability target must have the input's shape {:?}, got {:?}",
@@ -563,14 +594,26 @@ impl CrossEntropyLoss {
                     target.dtype()
                 );
             }
-            let mut expect = dims.to_vec();
-            expect.remove(cd);
-            if target.dims() != expect.as_slice() {
+            if target.dims() != index_shape.as_slice() {
+                // (B, T, V) logits with (B, T) targets: the classes are last, PyTorch's rule
+                // reads them on dim 1.
+                let last = dims.len() - 1;
+                let hint = if self.class_dim.is_none()
+                    && dims.len() >= 3
+                    && target.dims() == &dims[..last]
+                {
+                    format!(
+                        "; the classes are read on dim 1 (PyTorch's rule): for classes on the \
+                         last dim (e.g. (B, T, V) logits, (B, T) targets) use class_dim({last})"
+                    )
+                } else {
+                    String::new()
+                };
                 bail!(
                     "cross_entropy: class-index target for input {:?} (class dim {cd}) must have \
-                     shape {:?}, got {:?}",
+                     shape {:?}, got {:?}{hint}",
                     dims,
-                    expect,
+                    index_shape,
                     target.dims()
                 );
             }
@@ -647,6 +690,15 @@ fn target_shape(
 ///
 /// Same as `CrossEntropyLoss::new().label_smoothing(label_smoothing).forward(input, target)`;
 /// accepts every input layout and target type [`CrossEntropyLoss`] does.
+///
+/// `input` is `(N, C)` or `(N, C, d1, ...)` with the classes on dim 1, as PyTorch; for
+/// `(B, T, V)` language-model logits use [`CrossEntropyLoss::class_dim`]`(2)`.
+///
+/// # Errors
+///
+/// As [`CrossEntropyLoss::forward`]: bad shapes, dtypes, devices, out-of-range class indices or
+/// a smoothing outside `[0, 1]` are an `Err` naming the problem. The precision bound is the
+/// same too.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};

@@ -142,7 +142,21 @@ fn errors_name_the_problem() {
     for eps in [-0.1, 1.5, f64::NAN] {
         let e = err_of(ce().label_smoothing(eps).forward(&x, &y));
         assert!(e.contains("label_smoothing must be in [0, 1]"), "{e}");
+        // Only a negative value earns the note on PyTorch ignoring negatives.
+        assert_eq!(e.contains("negative"), eps < 0.0, "{e}");
     }
+    // Float class indices: said so, not "probability target must have the input's shape".
+    let yf = Tensor::new(&[2f32, 1., 0.], &dev).unwrap();
+    let e = err_of(ce().forward(&x, &yf));
+    assert!(e.contains("class indices must be integers"), "{e}");
+    // (B, T, V) logits with (B, T) targets: the error points to class_dim.
+    let lm = Tensor::zeros((2, 3, 7), DType::F32, &dev).unwrap();
+    let e = err_of(ce().forward(&lm, &Tensor::zeros((2, 3), DType::U32, &dev).unwrap()));
+    assert!(e.contains("class_dim(2)"), "{e}");
+    assert!(ce()
+        .class_dim(2)
+        .forward(&lm, &Tensor::zeros((2, 3), DType::U32, &dev).unwrap())
+        .is_ok());
     let e = err_of(ce().forward(&x, &Tensor::new(&[2i64, 1], &dev).unwrap()));
     assert!(e.contains("must have shape [3]"), "{e}");
     let e = err_of(ce().forward(&x.to_dtype(DType::U32).unwrap(), &y));
