@@ -508,7 +508,8 @@ pub struct PublishArgs {
     #[arg(long, default_values_t = candle_finetune::publish::DEFAULT_EXCLUDE.map(String::from))]
     exclude: Vec<String>,
     /// Seconds to wait for the Hub to connect or between two reads of an answer (default
-    /// HF_HUB_DOWNLOAD_TIMEOUT, else 60).
+    /// HF_HUB_DOWNLOAD_TIMEOUT, else 60); a request is retried once at most, so a silent
+    /// server ends the command within twice this.
     #[arg(long)]
     timeout: Option<f64>,
 }

@@ -17,6 +17,12 @@ use std::time::Duration;
 /// [`HubOptions::timeout`] (or `HF_HUB_DOWNLOAD_TIMEOUT`, in seconds) says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Retries of a Hub request after a transient failure (a 5xx or 429 answer, a refused or reset
+/// connection, a timeout): one. With the timeout applying to every wait, a Hub operation whose
+/// server stops answering ends with an error within twice [`HubOptions::wait_limit`] of the
+/// request that got no answer (plus hf-hub's sub-second backoff), not five or six times it.
+pub const HUB_RETRIES: usize = 1;
+
 /// How to reach the Hub. [`HubOptions::from_env`] is what the command-line tools use; tests set
 /// the fields explicitly instead of touching process-wide environment variables.
 ///
@@ -133,17 +139,17 @@ impl HubOptions {
     }
 
     /// A blocking hf-hub client honouring these options (its requests time out as
-    /// [`HubOptions::http_client`]'s do).
+    /// [`HubOptions::http_client`]'s do, and are retried [`HUB_RETRIES`] time).
     ///
     /// ```
     /// let client = candle_finetune::hub::HubOptions::default().client().unwrap();
     /// ```
     pub fn client(&self) -> Result<hf_hub::HFClientSync> {
-        self.client_with_retries(None)
+        self.client_with_retries(Some(HUB_RETRIES))
     }
 
     /// [`HubOptions::client`] with hf-hub's retries of transient failures set to `retries`
-    /// (`None`: hf-hub's default, five).
+    /// (`None`: hf-hub's default, five; [`HubOptions::client`] uses [`HUB_RETRIES`]).
     pub(crate) fn client_with_retries(
         &self,
         retries: Option<usize>,
@@ -184,36 +190,77 @@ impl HubOptions {
     }
 
     /// Downloads (or finds in the cache) one file of a repository.
-    fn fetch<T: hf_hub::RepoType>(
+    ///
+    /// hf-hub sends its metadata request through a client of its own, without our time limits,
+    /// so a server that accepts the connection and never answers would hold it for ever. The
+    /// download therefore runs on a thread of its own, watched: whenever twice
+    /// [`HubOptions::wait_limit`] passes without the call ending and without the cache growing
+    /// (a download in progress writes its `.incomplete` blob there), the wait ends with an error.
+    /// The abandoned thread stays blocked until the process exits.
+    fn fetch<T: hf_hub::RepoType + Send + 'static>(
         &self,
         handle: hf_hub::HFRepositorySync<T>,
         kind: &str,
         repo: &str,
         revision: &str,
         file: &str,
-    ) -> Result<PathBuf> {
+    ) -> Result<PathBuf>
+    where
+        hf_hub::HFRepositorySync<T>: Send,
+    {
         let offline = self.offline;
-        handle
-            .download_file()
-            .filename(file)
-            .revision(revision)
-            .local_files_only(offline)
-            .send()
-            .map_err(|e| {
-                let hint = match (&e, offline) {
-                    (hf_hub::HFError::Request { .. }, _) => OFFLINE_HINT,
-                    (_, true) => FILL_CACHE_HINT,
-                    _ => "",
-                };
-                let mode = if offline {
-                    " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
-                } else {
-                    ""
-                };
-                candle_core::Error::Msg(format!(
-                    "cannot get {file} from {kind} repo {repo} at {revision}{mode}{hint}\n  cause: {e}"
-                ))
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (f, rev) = (file.to_string(), revision.to_string());
+        std::thread::Builder::new()
+            .name("hub-download".into())
+            .spawn(move || {
+                let r = handle
+                    .download_file()
+                    .filename(&f)
+                    .revision(&rev)
+                    .local_files_only(offline)
+                    .send();
+                let _ = tx.send(r);
             })
+            .map_err(candle_core::Error::wrap)?;
+        let period = self.wait_limit() * 2;
+        let cache = self.cache_root().ok();
+        let mut seen = cache.as_deref().map_or(0, tree_bytes);
+        let result = loop {
+            match rx.recv_timeout(period) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let now = cache.as_deref().map_or(0, tree_bytes);
+                    if now == seen {
+                        bail!(
+                            "cannot get {file} from {kind} repo {repo} at {revision}: no answer \
+                             within the time limit ({:.0} s without progress: twice \
+                             HubOptions::timeout or HF_HUB_DOWNLOAD_TIMEOUT)",
+                            period.as_secs_f64()
+                        );
+                    }
+                    seen = now;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("cannot get {file} from {kind} repo {repo}: the download thread died")
+                }
+            }
+        };
+        result.map_err(|e| {
+            let hint = match (&e, offline) {
+                (hf_hub::HFError::Request { .. }, _) => OFFLINE_HINT,
+                (_, true) => FILL_CACHE_HINT,
+                _ => "",
+            };
+            let mode = if offline {
+                " (offline: HF_HUB_OFFLINE is set, so only the cache was searched)"
+            } else {
+                ""
+            };
+            candle_core::Error::Msg(format!(
+                "cannot get {file} from {kind} repo {repo} at {revision}{mode}{hint}\n  cause: {e}"
+            ))
+        })
     }
 
     /// The local path of `file` in dataset repo `repo` at `revision` (see [`HubOptions::model_file`]).
@@ -294,6 +341,22 @@ impl RepoKind {
 pub fn repo_cache_dir(cache: &Path, kind: RepoKind, repo: &str) -> Result<PathBuf> {
     let (owner, name) = split_repo(repo)?;
     Ok(cache.join(format!("{}--{owner}--{name}", kind.plural())))
+}
+
+/// Bytes of the files under `dir`, recursively (0 where unreadable): the download watchdog's
+/// measure of progress.
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The lower-case hex SHA-256 of a file.

@@ -33,9 +33,13 @@ use std::time::Duration;
 const SAMPLE: usize = 512;
 /// Files per preupload call (the official client's batch size).
 const PREUPLOAD_BATCH: usize = 256;
-/// Commit attempts at most; each retry only after the branch head was read and had not moved.
+/// Commit attempts at most, after transient answers (408, 429, 5xx) or a dropped connection;
+/// each retry only after the branch head was read and had not moved. A commit that gets no
+/// answer within the time limit is not sent again: one read of the head says whether it was
+/// applied, and the publish ends (within twice the time limit of the commit's start).
 pub(crate) const COMMIT_ATTEMPTS: usize = 3;
-/// Attempts of one PUT to a signed URL (idempotent).
+/// Attempts of one PUT to a signed URL (idempotent), after 5xx answers or dropped connections;
+/// a PUT that gets no answer within the time limit is not retried.
 const PUT_ATTEMPTS: usize = 3;
 /// The slowest upload rate a request's total time limit allows for its body.
 const MIN_BYTES_PER_S: f64 = 256.0 * 1024.0;
@@ -288,6 +292,8 @@ impl Http {
                 Ok(r) if r.ok() => return Ok(r.headers),
                 Ok(r) if r.status >= 500 => last = format!("HTTP {}: {}", r.status, r.message()),
                 Ok(r) => bail!("{what}: HTTP {}: {}", r.status, r.message()),
+                // A server that stays silent for the whole limit is not asked again.
+                Err(e) if e.is_timeout() => bail!("{what}: {}", self.describe(&e)),
                 Err(e) => last = self.describe(&e),
             }
         }
@@ -466,6 +472,25 @@ impl Http {
                 Ok(r) => bail!("{what}: HTTP {}: {}", r.status, r.message()),
                 Err(e) => {
                     last = self.describe(&e);
+                    if e.is_timeout() {
+                        // Not sent again (the wait is bounded): say whether it was applied.
+                        match self.head(repo, revision) {
+                            Ok(now) if now.as_deref() != parent => bail!(
+                                "{what}: {last}; the head of {revision} moved from {} to {} \
+                                 meanwhile, so the commit was probably applied (check the \
+                                 repository)",
+                                parent.unwrap_or("none"),
+                                now.as_deref().unwrap_or("none")
+                            ),
+                            Ok(_) => bail!(
+                                "{what}: {last}; the head of {revision} did not move, so it was \
+                                 not applied: publish again"
+                            ),
+                            Err(h) => {
+                                bail!("{what}: {last}; whether it was applied is unknown ({h})")
+                            }
+                        }
+                    }
                     !e.is_connect()
                 }
             };
