@@ -1,8 +1,8 @@
 //! Memory soak: hundreds of optimizer steps must not grow the live heap.
 //!
-//! The first real run of train-cars grew by ~225 MB per step: the optimizer's buffers were built
-//! from tensors that still carried candle's autograd graph, so each step kept the previous one's
-//! activations and gradients alive. This binary counts live heap bytes with its own global
+//! The failure it guards against: optimizer buffers built from tensors that still carry candle's
+//! autograd graph keep every earlier step's activations and gradients alive (hundreds of MB per
+//! ResNet step). This binary counts live heap bytes with its own global
 //! allocator (exact, unlike RSS) and checks that, after a warm-up, they stop growing: for SGD
 //! (momentum with L2 weight decay, decoupled weight decay, Nesterov), AdamW and gradient
 //! accumulation on a small convolutional network, and for the whole training loop (`fit_with`)

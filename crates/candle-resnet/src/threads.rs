@@ -27,14 +27,32 @@ pub const CANDLE_SPIN_LIMIT: u32 = 200;
 /// let limit = candle_resnet::threads::quiet_candle_pool();
 /// assert_eq!(std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").unwrap(), limit.to_string());
 /// ```
+///
+/// Changing the environment races with any other thread reading it (undefined behaviour in the
+/// C library; `std::env::set_var` is `unsafe` from Rust 2024 on). This function confines that:
+/// where the process's threads can be counted (Linux, `/proc/self/task`) and another thread
+/// already exists, it leaves the environment alone and returns candle's own default; elsewhere
+/// the rule above (call it before any other thread starts) is the caller's to keep.
 pub fn quiet_candle_pool() -> u32 {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if let Some(v) = std::env::var(VAR).ok().and_then(|v| v.trim().parse().ok()) {
         return v;
     }
-    // Before other threads exist (documented above): nothing reads the environment meanwhile.
+    if other_threads_exist() {
+        return CANDLE_DEFAULT_SPIN_LIMIT;
+    }
+    // The only thread of the process: nothing can read the environment meanwhile.
     std::env::set_var(VAR, CANDLE_SPIN_LIMIT.to_string());
     CANDLE_SPIN_LIMIT
+}
+
+/// candle's spin count when `CANDLE_BARRIER_POOL_SPIN_LIMIT` is not set (candle-core 0.11).
+const CANDLE_DEFAULT_SPIN_LIMIT: u32 = 25_000;
+
+/// Whether this process is known to run another thread besides the caller (Linux; `false`
+/// where the threads cannot be counted).
+fn other_threads_exist() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() > 1)
 }
 
 /// Runs `f` on one of rayon's worker threads (the current one if it is a worker) and returns
@@ -71,5 +89,26 @@ pub fn on_cpu_worker<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> 
         on_worker(f)
     } else {
         f()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn with_other_threads_the_environment_is_left_alone() {
+        // The test harness runs this on a thread of its own beside main: not alone.
+        assert!(other_threads_exist());
+        let var = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+        match std::env::var(var) {
+            // Set from outside: reported as it is.
+            Ok(v) => assert_eq!(quiet_candle_pool().to_string(), v.trim()),
+            Err(_) => {
+                assert_eq!(quiet_candle_pool(), CANDLE_DEFAULT_SPIN_LIMIT);
+                assert!(std::env::var(var).is_err(), "the environment was changed");
+            }
+        }
     }
 }
