@@ -194,8 +194,9 @@ impl HubOptions {
     /// hf-hub sends its metadata request through a client of its own, without our time limits,
     /// so a server that accepts the connection and never answers would hold it for ever. The
     /// download therefore runs on a thread of its own, watched: whenever twice
-    /// [`HubOptions::wait_limit`] passes without the call ending and without the cache growing
-    /// (a download in progress writes its `.incomplete` blob there), the wait ends with an error.
+    /// [`HubOptions::wait_limit`] passes without the call ending and without a file of the cache
+    /// being written (a download in progress writes its `.incomplete` blob there), the wait ends
+    /// with an error.
     /// The abandoned thread stays blocked until the process exits.
     fn fetch<T: hf_hub::RepoType + Send + 'static>(
         &self,
@@ -224,14 +225,15 @@ impl HubOptions {
             })
             .map_err(candle_core::Error::wrap)?;
         let period = self.wait_limit() * 2;
-        let cache = self.cache_root().ok();
-        let mut seen = cache.as_deref().map_or(0, tree_bytes);
+        let mut since = std::time::SystemTime::now();
         let result = loop {
             match rx.recv_timeout(period) {
                 Ok(r) => break r,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let now = cache.as_deref().map_or(0, tree_bytes);
-                    if now == seen {
+                    // Only a slow call pays for this walk of the cache.
+                    let written = self.cache_root().is_ok_and(|c| written_since(&c, since));
+                    since = std::time::SystemTime::now();
+                    if !written {
                         bail!(
                             "cannot get {file} from {kind} repo {repo} at {revision}: no answer \
                              within the time limit ({:.0} s without progress: twice \
@@ -239,7 +241,6 @@ impl HubOptions {
                             period.as_secs_f64()
                         );
                     }
-                    seen = now;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     bail!("cannot get {file} from {kind} repo {repo}: the download thread died")
@@ -343,20 +344,20 @@ pub fn repo_cache_dir(cache: &Path, kind: RepoKind, repo: &str) -> Result<PathBu
     Ok(cache.join(format!("{}--{owner}--{name}", kind.plural())))
 }
 
-/// Bytes of the files under `dir`, recursively (0 where unreadable): the download watchdog's
-/// measure of progress.
-fn tree_bytes(dir: &Path) -> u64 {
+/// Whether a file under `dir` (recursively) was written at or after `t`: the download
+/// watchdog's sign of progress (a download in progress keeps writing its blob).
+fn written_since(dir: &Path, t: std::time::SystemTime) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return false;
     };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
-            _ => 0,
-        })
-        .sum()
+    entries.flatten().any(|e| match e.file_type() {
+        Ok(k) if k.is_dir() => written_since(&e.path(), t),
+        Ok(k) if k.is_file() => e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m >= t),
+        _ => false,
+    })
 }
 
 /// The lower-case hex SHA-256 of a file.

@@ -659,9 +659,9 @@ fn when_the_hub_picks_xet_hf_hub_takes_the_upload_there() {
     assert!(hub.puts.lock().unwrap().is_empty());
 }
 
-#[test]
-fn a_server_that_never_answers_ends_within_the_time_limit() {
-    // Accepts connections and reads requests, but never writes a byte back.
+/// A loopback server that accepts connections and never writes a byte back: its URL and the
+/// connections it holds.
+fn silent_server() -> (String, Arc<Mutex<Vec<std::net::TcpStream>>>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let held = Arc::new(Mutex::new(Vec::new()));
@@ -671,6 +671,12 @@ fn a_server_that_never_answers_ends_within_the_time_limit() {
             h.lock().unwrap().push(s);
         }
     });
+    (url, held)
+}
+
+#[test]
+fn a_server_that_never_answers_ends_within_the_time_limit() {
+    let (url, held) = silent_server();
     let dir = tempfile::tempdir().unwrap();
     model_folder(dir.path());
     let opts = HubOptions {
@@ -726,15 +732,7 @@ fn a_commit_that_gets_no_answer_times_out_and_is_not_resent_blindly() {
 /// Downloads against a server that never answers end within twice the time limit too.
 #[test]
 fn a_download_from_a_server_that_never_answers_ends_within_twice_the_limit() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let h = held.clone();
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            h.lock().unwrap().push(s);
-        }
-    });
+    let (url, held) = silent_server();
     let cache = tempfile::tempdir().unwrap();
     let opts = HubOptions {
         timeout: Some(Duration::from_secs(1)),

@@ -47,18 +47,7 @@ impl DeviceKind {
     /// assert!(candle_finetune::recipe::DeviceKind::Cpu.device().unwrap().is_cpu());
     /// ```
     pub fn device(self) -> Result<Device> {
-        let with = |feature: &'static str| {
-            move |e: candle_core::Error| {
-                candle_core::Error::Msg(format!(
-                    "no {feature} device ({e}); build with --features {feature}"
-                ))
-            }
-        };
-        match self {
-            DeviceKind::Cpu => Ok(Device::Cpu),
-            DeviceKind::Cuda => Device::new_cuda(0).map_err(with("cuda")),
-            DeviceKind::Metal => Device::new_metal(0).map_err(with("metal")),
-        }
+        self.device_at(0)
     }
 
     /// [`DeviceKind::device`] numbered `ordinal` among the machine's GPUs (the CPU is one).
@@ -67,19 +56,23 @@ impl DeviceKind {
     /// assert!(candle_finetune::recipe::DeviceKind::Cpu.device_at(3).unwrap().is_cpu());
     /// ```
     pub fn device_at(self, ordinal: usize) -> Result<Device> {
+        let with = |feature: &'static str| {
+            move |e: candle_core::Error| {
+                // Past the first GPU, the likely cause is more ranks than GPUs on a machine.
+                let per_rank = if ordinal > 0 {
+                    "; one GPU per rank on a machine"
+                } else {
+                    ""
+                };
+                candle_core::Error::Msg(format!(
+                    "no {feature} device {ordinal} ({e}){per_rank}; build with --features {feature}"
+                ))
+            }
+        };
         match self {
             DeviceKind::Cpu => Ok(Device::Cpu),
-            DeviceKind::Cuda => Device::new_cuda(ordinal).map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "no CUDA device {ordinal} ({e}); one GPU per rank on a machine, and build \
-                     with --features cuda"
-                ))
-            }),
-            DeviceKind::Metal => Device::new_metal(ordinal).map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "no Metal device {ordinal} ({e}); build with --features metal"
-                ))
-            }),
+            DeviceKind::Cuda => Device::new_cuda(ordinal).map_err(with("cuda")),
+            DeviceKind::Metal => Device::new_metal(ordinal).map_err(with("metal")),
         }
     }
 }
