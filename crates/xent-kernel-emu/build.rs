@@ -9,11 +9,13 @@ fn main() {
     println!("cargo:rerun-if-changed=emu/emu_metal.cpp");
     println!("cargo:rerun-if-changed=emu/cuda_shim.h");
     println!("cargo:rerun-if-changed=emu/emu.cpp");
+    println!("cargo:rerun-if-changed=emu/fiber_switch.cpp");
     cc::Build::new()
         .cpp(true)
         .std("c++20")
         .file("emu/emu.cpp")
         .file("emu/emu_metal.cpp")
+        .file("emu/fiber_switch.cpp")
         .include(kernels)
         .include("emu")
         .flag("-fno-strict-aliasing")

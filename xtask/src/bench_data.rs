@@ -15,16 +15,23 @@ pub fn run(a: Args) -> Result<()> {
     let exe = build_example("candle-finetune", "data_bench")?;
     let out = run_capture(Command::new(exe).arg(a.images.to_string()))?;
     let v: serde_json::Value = serde_json::from_str(out.trim())?;
-    println!("| images | mean JPEG KiB | decode only, 1 thread | train transform, 1 thread | threads | train transform, all threads |");
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| {} | {} | {} img/s | {} img/s | {} | {} img/s |",
-        v["images"],
-        v["mean_jpeg_kb"],
-        v["decode_only_1_thread"],
-        v["train_transform_1_thread"],
-        v["threads"],
-        v["train_transform_all_threads"]
+    crate::print_markdown_table(
+        &[
+            "images",
+            "mean JPEG KiB",
+            "decode only, 1 thread",
+            "train transform, 1 thread",
+            "threads",
+            "train transform, all threads",
+        ],
+        [vec![
+            v["images"].to_string(),
+            v["mean_jpeg_kb"].to_string(),
+            format!("{} img/s", v["decode_only_1_thread"]),
+            format!("{} img/s", v["train_transform_1_thread"]),
+            v["threads"].to_string(),
+            format!("{} img/s", v["train_transform_all_threads"]),
+        ]],
     );
     Ok(())
 }

@@ -54,11 +54,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
-    println!(
-        "| N x H x V | mode | chunk | median s | x materialised | extra peak MiB | % of logits |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for r in &rows {
+    let table = rows.iter().map(|r| {
         let base = rows
             .iter()
             .find(|o| o["shape"] == r["shape"] && o["mode"] == "materialised")
@@ -67,25 +63,36 @@ pub fn run(a: Args) -> Result<()> {
         let extra = r["extra_heap_peak_mib"].as_f64().unwrap_or(f64::NAN);
         let logits = r["logits_mib"].as_f64().unwrap_or(f64::NAN);
         let fused = r["mode"] != "materialised";
-        println!(
-            "| {} | {} | {} | {:.2} | {} | {:.1} | {} |",
-            r["shape"].as_str().unwrap_or("?"),
-            r["mode"].as_str().unwrap_or("?"),
+        vec![
+            r["shape"].as_str().unwrap_or("?").to_string(),
+            r["mode"].as_str().unwrap_or("?").to_string(),
             if fused {
                 r["chunk"].to_string()
             } else {
                 "-".into()
             },
-            t,
+            format!("{t:.2}"),
             base.map_or("-".into(), |b| format!("{:.2}x", t / b)),
-            extra,
+            format!("{extra:.1}"),
             if fused {
                 format!("{:.1} %", 100.0 * extra / logits)
             } else {
                 "-".into()
             },
-        );
-    }
+        ]
+    });
+    crate::print_markdown_table(
+        &[
+            "N x H x V",
+            "mode",
+            "chunk",
+            "median s",
+            "x materialised",
+            "extra peak MiB",
+            "% of logits",
+        ],
+        table,
+    );
     let path = workspace_root().join("target/bench-linear.json");
     std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     eprintln!("wrote {}", path.display());

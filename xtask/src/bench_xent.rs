@@ -1,6 +1,6 @@
 //! `cargo xtask bench-xent`: the figures of candle-xent's CPU benchmark.
 
-use crate::{build_example, run_capture, workspace_root};
+use crate::{build_example, cell, run_capture, workspace_root};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::process::Command;
@@ -31,7 +31,7 @@ pub fn run(a: Args) -> Result<()> {
         let (n, c) = shape
             .split_once('x')
             .with_context(|| format!("shape {shape} is not ROWSxCLASSES"))?;
-        let mut modes = vec!["fused", "fused-grad"];
+        let mut modes = vec!["bound", "fused", "fused-grad"];
         if !a.no_composed {
             modes.push("composed");
         }
@@ -61,9 +61,7 @@ pub fn run(a: Args) -> Result<()> {
             rows.push(serde_json::from_str(line)?);
         }
     }
-    println!("| shape | mode | median ms | peak RSS MiB | x composed | x torch |");
-    println!("|---|---|---|---|---|---|");
-    for r in &rows {
+    let table = rows.iter().map(|r| {
         let shape = (r["rows"].as_u64(), r["classes"].as_u64());
         let find = |m: &str| {
             rows.iter()
@@ -71,18 +69,40 @@ pub fn run(a: Args) -> Result<()> {
                 .and_then(|o| o["median_ms"].as_f64())
         };
         let t = r["median_ms"].as_f64().unwrap_or(f64::NAN);
-        let ratio = |base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.1}x", b / t));
-        println!(
-            "| {}x{} | {} | {:.0} | {} | {} | {} |",
-            shape.0.unwrap_or(0),
-            shape.1.unwrap_or(0),
-            r["mode"].as_str().unwrap_or("?"),
-            t,
-            r["peak_rss_mib"],
-            ratio(find("composed")),
-            ratio(find("torch")),
-        );
-    }
+        let faster = |base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.2}x", b / t));
+        let of_bound = match (r["mode"].as_str(), find("bound")) {
+            (Some("bound"), _) | (_, None) => "-".to_string(),
+            (_, Some(b)) => format!("{:.2}x", t / b),
+        };
+        let mode = match r["mode"].as_str() {
+            Some("bound") => format!(
+                "memory bound (read {} ms + copy {} ms; {} / {} GiB/s)",
+                r["read_ms"], r["copy_ms"], r["read_gib_s"], r["copy_gib_s"]
+            ),
+            other => other.unwrap_or("?").to_string(),
+        };
+        vec![
+            format!("{}x{}", shape.0.unwrap_or(0), shape.1.unwrap_or(0)),
+            mode,
+            format!("{t:.0}"),
+            cell(&r["peak_rss_mib"], "-"),
+            of_bound,
+            faster(find("composed")),
+            faster(find("torch")),
+        ]
+    });
+    crate::print_markdown_table(
+        &[
+            "shape",
+            "mode",
+            "median ms",
+            "peak RSS MiB",
+            "time / memory bound",
+            "speed-up vs composed",
+            "speed-up vs torch",
+        ],
+        table,
+    );
     let path = workspace_root().join("target/bench-xent.json");
     std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     eprintln!("wrote {}", path.display());

@@ -121,11 +121,37 @@ pub fn build_example(package: &str, example: &str) -> Result<PathBuf> {
         .join(example))
 }
 
-/// This workspace's task runner built in release with `feature` of the xtask package turned on
-/// (`None`: the default build), copied to `target/release/xtask-FEATURE` (`xtask-default`) so
-/// that builds with and without the feature can run side by side.
-/// Prints a Markdown table: `header`, its rule, then one line per row.
+/// The extensions that decide which kernels run (candle's gemm, oneDNN, PyTorch), in the order
+/// the bench tables list them.
+const CPU_FLAGS: [&str; 5] = ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"];
+
+/// The machine a benchmark ran on, as the line above each bench table: `/proc/cpuinfo`'s model
+/// name, the CPUs this process may use, and which of [`CPU_FLAGS`] the CPU has.
+pub fn cpu_description() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let flags = field("flags").unwrap_or_default();
+    let has: Vec<String> = CPU_FLAGS
+        .iter()
+        .map(|f| {
+            let yes = flags.split_whitespace().any(|g| g == *f);
+            format!("{f} {}", if yes { "yes" } else { "no" })
+        })
+        .collect();
+    format!("CPU: {model}, {cpus} CPUs; {}", has.join(", "))
+}
+
+/// Prints a Markdown table: the CPU it was measured on ([`cpu_description`]), `header`, its
+/// rule, then one line per row.
 pub fn print_markdown_table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+    println!("{}\n", cpu_description());
     println!("| {} |", header.join(" | "));
     println!("|{}", "---|".repeat(header.len()));
     for r in rows {
@@ -142,6 +168,9 @@ pub fn cell(v: &serde_json::Value, default: &str) -> String {
     }
 }
 
+/// This workspace's task runner built in release with `feature` of the xtask package turned on
+/// (`None`: the default build), copied to `target/release/xtask-FEATURE` (`xtask-default`) so
+/// that builds with and without the feature can run side by side.
 pub fn build_xtask_with(feature: Option<&str>) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "--release", "-p", "xtask"]);

@@ -7,7 +7,10 @@
 //! ```
 //! Modes: `fused` (CrossEntropyLoss + Tensor::backward), `fused-grad`
 //! (CrossEntropyLoss::forward_with_grad, no autograd), `composed` (the same loss from candle-nn
-//! ops: log_softmax, nll, mean, + backward).
+//! ops: log_softmax, nll, mean, + backward), `bound` (the memory traffic the fused kernels cannot
+//! avoid, measured on this machine: one read of the logits for the forward, then a copy of the
+//! logits into a gradient-sized buffer for the backward's read and write; the sum of the two is
+//! the time a kernel limited only by memory bandwidth would take).
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_xent::CrossEntropyLoss;
@@ -28,6 +31,55 @@ fn composed(x: &Tensor, y: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let nll = candle_nn::loss::nll(&logp, y)?;
     let smooth = logp.mean(D::Minus1)?.neg()?.mean_all()?;
     (nll * (1.0 - eps))? + (smooth * eps)?
+}
+
+/// The median of `reps` timings of `f`, in milliseconds.
+fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// The memory-bandwidth bound of a fused forward + backward over `x`: a parallel read of every
+/// element (the forward's one pass from memory) plus a parallel copy into a buffer of the same
+/// size, faulted in beforehand (the backward reads the logits and writes the gradient).
+fn bound(x: &Tensor, reps: usize) -> anyhow::Result<()> {
+    use rayon::prelude::*;
+    let src = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut dst = vec![1f32; src.len()];
+    const CHUNK: usize = 1 << 16;
+    let mut sink = 0f32;
+    let read_ms = median_ms(reps, || {
+        sink += src
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().fold(0f32, |m, &v| m.max(v)))
+            .reduce(|| f32::NEG_INFINITY, f32::max);
+    });
+    let copy_ms = median_ms(reps, || {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    });
+    let gib = |ms: f64, bytes: usize| bytes as f64 / (1u64 << 30) as f64 / (ms / 1e3);
+    let bytes = std::mem::size_of_val(src.as_slice());
+    println!(
+        "{{\"mode\":\"bound\",\"rows\":{},\"classes\":{},\"threads\":{},\"median_ms\":{:.1},\"read_ms\":{read_ms:.1},\"copy_ms\":{copy_ms:.1},\"read_gib_s\":{:.1},\"copy_gib_s\":{:.1},\"peak_rss_mib\":{:.0},\"sink\":{}}}",
+        x.dim(0)?,
+        x.dim(1)?,
+        rayon::current_num_threads(),
+        read_ms + copy_ms,
+        gib(read_ms, bytes),
+        gib(copy_ms, 2 * bytes),
+        peak_rss_mib(),
+        sink.is_finite() || sink.is_nan(),
+    );
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +103,9 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let base_rss = peak_rss_mib();
     let ce = CrossEntropyLoss::new().label_smoothing(eps);
+    if mode == "bound" {
+        return bound(x.as_tensor(), reps);
+    }
     let mut times = Vec::new();
     let mut last = 0f32;
     for _ in 0..reps {

@@ -1,9 +1,11 @@
 // Host stand-ins for the CUDA built-ins used by candle-xent's kernels (src/xent.cu), so that the
-// kernel source compiles as ordinary C++ and runs on the CPU with real concurrency:
-//   * every thread of a block is an OS thread; blocks run one after the other on them;
-//   * `__syncthreads()` is a barrier over the block's threads;
+// kernel source compiles as ordinary C++ and runs on the CPU (emu_threads.h):
+//   * every thread of a block is a fiber; blocks run one after the other;
+//   * `__syncthreads()` is a barrier over the block's threads, left in ascending thread order in
+//     one round and descending in the next, so a missing barrier shows as a wrong result;
 //   * `__shfl_xor_sync` exchanges values through a per-warp buffer between two warp barriers,
-//     so a lane that skipped a shuffle its warp-mates made would deadlock the test, not pass it;
+//     so a lane that skipped a shuffle its warp-mates made ends the test with a deadlock
+//     message, not a pass;
 //   * `__shared__` variables are function statics: one block runs at a time, so a static is
 //     exactly that block's shared memory;
 //   * `atomicMin` is a compare-and-swap loop on std::atomic_ref;

@@ -1,7 +1,7 @@
 // Host stand-ins for the Metal Shading Language built-ins used by candle-xent's Metal kernels
-// (src/xent.metal), so that the kernel source compiles as C++20 and runs on the CPU with real
-// concurrency, on the same thread machinery as the CUDA shim (emu_threads.h):
-//   * every thread of a threadgroup is an OS thread; threadgroups run one after the other;
+// (src/xent.metal), so that the kernel source compiles as C++20 and runs on the CPU, on the same
+// thread machinery as the CUDA shim (emu_threads.h):
+//   * every thread of a threadgroup is a fiber; threadgroups run one after the other;
 //   * `threadgroup_barrier` is a barrier over the threadgroup; `simd_shuffle_xor` exchanges
 //     values through a per-SIMD-group (32 lanes) buffer between two barriers;
 //   * threadgroup arrays (XENT_THREADGROUP_ARRAY) are function statics of the one running

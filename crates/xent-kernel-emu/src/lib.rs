@@ -1,9 +1,11 @@
 //! Host emulation of candle-xent's CUDA kernels.
 //!
 //! `build.rs` compiles `candle-xent/src/xent.cu` (the very file nvcc turns into PTX) as C++ with
-//! a shim for the CUDA built-ins (`emu/cuda_shim.h`): every thread of a block is an OS thread,
-//! `__syncthreads` a barrier, warp shuffles go through a per-warp exchange buffer between
-//! barriers. [`Problem`] launches the kernels with the geometry `candle_xent::launch` computes
+//! a shim for the CUDA built-ins (`emu/cuda_shim.h`): every thread of a block is a fiber,
+//! `__syncthreads` a barrier the threads leave in ascending order in one round and descending in
+//! the next (a missing barrier reads a value not yet written, or one already overwritten), warp
+//! shuffles go through a per-warp exchange buffer between barriers, and a deadlock ends the
+//! process with a message. [`Problem`] launches the kernels with the geometry `candle_xent::launch` computes
 //! for the CUDA path, so the tests exercise the same grouping, reductions, alignment handling and
 //! out-of-range reporting a GPU would run.
 //!
