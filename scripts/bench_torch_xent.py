@@ -43,5 +43,5 @@ print(json.dumps({
     "mode": "torch", "rows": a.rows, "classes": a.classes, "threads": torch.get_num_threads(),
     "median_ms": round(times[len(times) // 2], 1), "min_ms": round(times[0], 1),
     "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    "inputs_rss_mib": round(inputs_rss), "loss": float(loss), "torch": torch.__version__,
+    "inputs_rss_mib": round(inputs_rss), "loss": loss.item(), "torch": torch.__version__,
 }))

@@ -22,6 +22,10 @@ pub struct Args {
     /// Threads for every measurement (RAYON_NUM_THREADS and torch.set_num_threads).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// GLIBC_TUNABLES for every process, candle's and PyTorch's alike: e.g.
+    /// `glibc.malloc.hugetlb=1` serves glibc's large blocks on transparent huge pages.
+    #[arg(long)]
+    glibc_tunables: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -37,16 +41,22 @@ pub fn run(a: Args) -> Result<()> {
         }
         for mode in modes {
             eprintln!("{shape} {mode} ...");
-            let out = run_capture(
-                Command::new(&exe)
-                    .args([n, c, mode, &a.reps.to_string()])
-                    .env("RAYON_NUM_THREADS", a.threads.to_string()),
-            )?;
+            let mut cmd = Command::new(&exe);
+            cmd.args([n, c, mode, &a.reps.to_string()])
+                .env("RAYON_NUM_THREADS", a.threads.to_string());
+            if let Some(t) = &a.glibc_tunables {
+                cmd.env("GLIBC_TUNABLES", t);
+            }
+            let out = run_capture(&mut cmd)?;
             rows.push(serde_json::from_str(out.trim())?);
         }
         if let Some(py) = &a.torch {
             eprintln!("{shape} torch ...");
-            let out = run_capture(Command::new(py).args([
+            let mut cmd = Command::new(py);
+            if let Some(t) = &a.glibc_tunables {
+                cmd.env("GLIBC_TUNABLES", t);
+            }
+            let out = run_capture(cmd.args([
                 "scripts/bench_torch_xent.py",
                 "--rows",
                 n,
@@ -69,7 +79,10 @@ pub fn run(a: Args) -> Result<()> {
                 .and_then(|o| o["median_ms"].as_f64())
         };
         let t = r["median_ms"].as_f64().unwrap_or(f64::NAN);
-        let faster = |base: Option<f64>| base.map_or("-".to_string(), |b| format!("{:.2}x", b / t));
+        let faster = |base: Option<f64>| match (r["mode"].as_str(), base) {
+            (Some("bound"), _) | (_, None) => "-".to_string(),
+            (_, Some(b)) => format!("{:.2}x", b / t),
+        };
         let of_bound = match (r["mode"].as_str(), find("bound")) {
             (Some("bound"), _) | (_, None) => "-".to_string(),
             (_, Some(b)) => format!("{:.2}x", t / b),
@@ -91,6 +104,14 @@ pub fn run(a: Args) -> Result<()> {
             faster(find("torch")),
         ]
     });
+    println!(
+        "Allocator: glibc {}.",
+        a.glibc_tunables
+            .as_deref()
+            .map_or("defaults".to_string(), |t| format!(
+                "with GLIBC_TUNABLES={t}"
+            ))
+    );
     crate::print_markdown_table(
         &[
             "shape",

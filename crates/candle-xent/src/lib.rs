@@ -39,6 +39,7 @@
 //! Exactness, layout and error contracts are documented on [`CrossEntropyLoss`].
 
 mod bce;
+mod buffer;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

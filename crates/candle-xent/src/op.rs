@@ -120,7 +120,7 @@ impl CrossEntropyOp {
                 stats.len()
             );
         }
-        let mut grad = vec![T::from_acc(<T::A as crate::math::Acc>::ZERO); x.len()];
+        let mut grad: Vec<T> = crate::buffer::zeroed(x.len());
         if self.soft {
             let t = contiguous_slice::<T>(ts, tl, "soft target")?;
             cpu::backward(x, &Targets::Soft(t), stats, &p, &mut grad);
