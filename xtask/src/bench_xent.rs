@@ -35,7 +35,7 @@ pub fn run(a: Args) -> Result<()> {
         let (n, c) = shape
             .split_once('x')
             .with_context(|| format!("shape {shape} is not ROWSxCLASSES"))?;
-        let mut modes = vec!["bound", "fused", "fused-grad"];
+        let mut modes = vec!["bound", "fused", "fused-grad", "accumulate"];
         if !a.no_composed {
             modes.push("composed");
         }

@@ -7,7 +7,8 @@
 //! ```
 //! Modes: `fused` (CrossEntropyLoss + Tensor::backward), `fused-grad`
 //! (CrossEntropyLoss::forward_with_grad, no autograd), `composed` (the same loss from candle-nn
-//! ops: log_softmax, nll, mean, + backward), `bound` (the memory traffic the fused kernels cannot
+//! ops: log_softmax, nll, mean, + backward), `accumulate` (candle's autograd accumulating one
+//! logits-sized gradient: zeros, then an add; no loss), `bound` (the memory traffic the fused kernels cannot
 //! avoid, measured on this machine: one read of the logits for the forward, then a copy of the
 //! logits into a gradient-sized buffer for the backward's read and write; the sum of the two is
 //! the time a kernel limited only by memory bandwidth would take).
@@ -122,6 +123,19 @@ fn main() -> anyhow::Result<()> {
             "fused-grad" => {
                 let (loss, g) = ce.forward_with_grad(x.as_tensor(), &y)?;
                 (loss, Some(g))
+            }
+            // What candle's autograd adds to any op's gradient of a tensor it has not seen
+            // yet (`GradStore::or_insert` + `add` in candle-core's backprop.rs): a zeroed
+            // tensor of the logits' shape, then a sum into a third one. Timed alone here, on a
+            // gradient-sized tensor made outside the clock.
+            "accumulate" => {
+                let g = x.as_tensor().affine(1.0, 0.0)?;
+                let t0 = Instant::now();
+                let acc = x.as_tensor().zeros_like()?.add(&g)?;
+                let dt = t0.elapsed();
+                drop((acc, g));
+                times.push(dt.as_secs_f64() * 1e3);
+                continue;
             }
             "composed" => {
                 let loss = composed(x.as_tensor(), &y, eps)?;
