@@ -26,6 +26,8 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--arch", default="resnet18")
 p.add_argument("--device", default="cpu")
 p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+# Mixed precision: f32 parameters, the step under torch.autocast in this dtype.
+p.add_argument("--amp", default=None, choices=["bf16", "f16"])
 p.add_argument("--lr", type=float, default=0.01)
 p.add_argument("--momentum", type=float, default=0.9)
 p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -45,7 +47,11 @@ times = []
 for step in range(a.steps + 1):
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    if a.amp:
+        with torch.autocast(dev.type, dtype={"bf16": torch.bfloat16, "f16": torch.float16}[a.amp]):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    else:
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
     loss.backward()
     opt.step()
     if cuda:
@@ -54,7 +60,7 @@ for step in range(a.steps + 1):
         times.append(time.perf_counter() - t0)
 times.sort()
 med = times[len(times) // 2]
-out = {"impl": "torch", "arch": a.arch, "device": a.device, "dtype": a.dtype, "batch": a.batch,
+out = {"impl": "torch", "arch": a.arch, "device": a.device, "dtype": a.dtype, "amp": a.amp, "batch": a.batch,
        "size": a.size, "threads": torch.get_num_threads(), "median_step_s": round(med, 4),
        "images_per_s": round(a.batch / med, 2),
        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -48,6 +48,11 @@ pub struct Args {
     /// -- bench-resnet --epoch`).
     #[arg(long)]
     onednn: bool,
+    /// Mixed precision for both (`bf16`): candle's `train-step --amp bf16` (f32 weights, bf16
+    /// convolutions: on oneDNN with `--onednn` where the CPU has AMX or AVX512-BF16) against
+    /// PyTorch's `torch.autocast("cpu", torch.bfloat16)`.
+    #[arg(long)]
+    amp: Option<String>,
     /// `--epoch`: PyTorch DataLoader worker processes.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -84,19 +89,22 @@ pub fn run(a: Args) -> Result<()> {
                     a.arch,
                     exe.display()
                 );
-                let o = run_capture(
-                    Command::new(exe)
-                        .args(["train-step", "--batch", &b, "--size", &s, "--steps", &n])
-                        .args(["--arch", &a.arch])
-                        .env("RAYON_NUM_THREADS", a.threads.to_string()),
-                )?;
+                let mut cmd = Command::new(exe);
+                cmd.args(["train-step", "--batch", &b, "--size", &s, "--steps", &n])
+                    .args(["--arch", &a.arch])
+                    .env("RAYON_NUM_THREADS", a.threads.to_string());
+                if let Some(amp) = &a.amp {
+                    cmd.args(["--amp", amp]);
+                }
+                let o = run_capture(&mut cmd)?;
                 out.push(serde_json::from_str::<Value>(
                     o.lines().last().unwrap_or_default(),
                 )?);
             }
             if let Some(py) = &a.torch {
                 eprintln!("round {round}: torch {} batch {b} at {s} px ...", a.arch);
-                let o = run_capture(Command::new(py).args([
+                let mut cmd = Command::new(py);
+                cmd.args([
                     "scripts/bench_torch_resnet.py",
                     "--batch",
                     &b,
@@ -108,7 +116,11 @@ pub fn run(a: Args) -> Result<()> {
                     &a.arch,
                     "--threads",
                     &a.threads.to_string(),
-                ]))?;
+                ]);
+                if let Some(amp) = &a.amp {
+                    cmd.args(["--amp", amp]);
+                }
+                let o = run_capture(&mut cmd)?;
                 let t = serde_json::from_str::<Value>(o.lines().last().unwrap_or_default())?;
                 runs[exes.len()].push(t);
             }
@@ -129,6 +141,7 @@ pub fn run(a: Args) -> Result<()> {
         &[
             "impl",
             "convolutions",
+            "precision",
             "arch",
             "batch",
             "px",
@@ -143,6 +156,10 @@ pub fn run(a: Args) -> Result<()> {
             vec![
                 cell(&r["impl"], "?"),
                 cell(&r["conv"], "oneDNN (PyTorch)"),
+                match r["amp"].as_str() {
+                    Some(amp) => format!("{amp} mixed"),
+                    None => cell(&r["dtype"], "f32"),
+                },
                 cell(&r["arch"], "?"),
                 cell(&r["batch"], "?"),
                 cell(&r["size"], "?"),

@@ -13,6 +13,7 @@ use candle_core::{DType, ModuleT, Tensor};
 use candle_finetune::recipe::DeviceKind;
 use candle_finetune::train::{Group, Optimizer, Rule};
 use candle_nn::{VarBuilder, VarMap};
+use candle_resnet::ops::conv::Backend;
 use candle_resnet::params::ParamGroups;
 use candle_resnet::resnet::Arch;
 use std::time::Instant;
@@ -37,6 +38,11 @@ pub struct Args {
     /// Parameter and activation dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Mixed precision (`--amp bf16`): f32 parameters, the images in bf16 so that the
+    /// convolutions and batch norms run in bf16 against the f32 weights (train-cars' `--amp`);
+    /// with `--dtype` f32 only.
+    #[arg(long)]
+    amp: Option<String>,
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.01)]
     lr: f64,
@@ -87,6 +93,19 @@ pub fn run(a: Args) -> Result<()> {
         "f16" => DType::F16,
         other => bail!("--dtype must be f32, bf16 or f16, got {other}"),
     };
+    let dev = a.device.device()?;
+    // bf16 mixed precision on a CPU whose oneDNN runs bf16 natively: f32 tensors throughout,
+    // bf16 arithmetic inside the convolutions (candle's bf16 element-wise ops are slow on CPU);
+    // elsewhere bf16 tensors (the convolutions and batch norms follow the input's dtype).
+    let bf16_convs =
+        a.amp.as_deref() == Some("bf16") && dev.is_cpu() && Backend::OneDnnBf16.bf16_arithmetic();
+    let input_dtype = match (a.amp.as_deref(), dtype) {
+        (None, d) => d,
+        (Some("bf16"), DType::F32) if bf16_convs => DType::F32,
+        (Some("bf16"), DType::F32) => DType::BF16,
+        (Some("f16"), DType::F32) => DType::F16,
+        (Some(other), _) => bail!("--amp takes bf16 or f16 with --dtype f32, got {other}"),
+    };
     let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
     let world = world(a.ddp)?;
     let (rank, ranks) = (world.rank(), world.world_size());
@@ -94,9 +113,11 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--batch {} does not split into {ranks} ranks", a.batch);
     }
     let per_rank = a.batch / ranks;
-    let dev = a.device.device()?;
     let vm = VarMap::new();
-    let model = arch.build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?;
+    let mut model = arch.build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?;
+    if bf16_convs {
+        model = model.with_conv_backend(Backend::OneDnnBf16);
+    }
     let trainable = ParamGroups::from_varmap(&vm).trainable(false);
     let vars = trainable
         .iter()
@@ -115,7 +136,7 @@ pub fn run(a: Args) -> Result<()> {
         lr_mult: 1.0,
     };
     let mut opt = Optimizer::new(rule, vec![group])?;
-    let x = Tensor::randn(0f32, 1., (per_rank, 3, a.size, a.size), &dev)?.to_dtype(dtype)?;
+    let x = Tensor::randn(0f32, 1., (per_rank, 3, a.size, a.size), &dev)?.to_dtype(input_dtype)?;
     let labels: Vec<u32> = (0..per_rank)
         .map(|i| ((rank * per_rank + i) % 196) as u32)
         .collect();
@@ -173,6 +194,7 @@ pub fn run(a: Args) -> Result<()> {
         "device": format!("{:?}", a.device).to_lowercase(),
         "arch": a.arch,
         "dtype": a.dtype,
+        "amp": a.amp,
         "batch": a.batch,
         "size": a.size,
         "steps": a.steps,
@@ -182,7 +204,12 @@ pub fn run(a: Args) -> Result<()> {
         "ranks": ranks,
         // The process's highest resident set, comparable with PyTorch's ru_maxrss.
         "peak_rss_mib": crate::soak::rss_mib().1.round(),
-        "conv": candle_resnet::ops::conv::Backend::Auto.describe(),
+        "conv": match input_dtype {
+            DType::BF16 if candle_resnet::ops::conv::bf16_on_onednn(Backend::Auto) => {
+                format!("{}, bf16 tensors", Backend::Auto.describe())
+            }
+            _ => model.conv_backend().describe(),
+        },
         "last_loss": last_loss,
         "device_used_mib": memory,
     });

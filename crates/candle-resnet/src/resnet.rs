@@ -8,6 +8,7 @@
 //! variable.
 
 use crate::batchnorm::BatchNorm2d;
+use crate::ops::conv::Backend;
 use crate::ops::maxpool::MaxPool2d;
 use candle_core::{bail, Module, ModuleT, Result, Tensor};
 use candle_ddp::Collective;
@@ -109,12 +110,14 @@ impl std::fmt::Display for Arch {
 }
 
 /// A bias-free convolution (variable `weight`), initialised like torchvision
-/// (`kaiming_normal_`, fan-out, ReLU gain), computed by [`crate::ops::conv::conv2d`].
+/// (`kaiming_normal_`, fan-out, ReLU gain), computed by [`crate::ops::conv::conv2d_with`] on
+/// `backend` ([`ResNet::with_conv_backend`]).
 #[derive(Debug, Clone)]
 struct Conv2d {
     weight: Tensor,
     stride: usize,
     padding: usize,
+    backend: Backend,
 }
 
 impl Module for Conv2d {
@@ -122,11 +125,12 @@ impl Module for Conv2d {
     /// `bf16` copy (a differentiable cast, so the gradient reaches the `f32` weight in `f32`),
     /// which is how mixed precision keeps master weights.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (s, p, b) = (self.stride, self.padding, self.backend);
         if x.dtype() == self.weight.dtype() {
-            crate::ops::conv::conv2d(x, &self.weight, self.stride, self.padding)
+            crate::ops::conv::conv2d_with(x, &self.weight, s, p, b)
         } else {
             let w = self.weight.to_dtype(x.dtype())?;
-            crate::ops::conv::conv2d(x, &w, self.stride, self.padding)
+            crate::ops::conv::conv2d_with(x, &w, s, p, b)
         }
     }
 }
@@ -149,6 +153,7 @@ fn conv(
         weight,
         stride,
         padding,
+        backend: Backend::Auto,
     })
 }
 
@@ -440,6 +445,37 @@ impl ResNet {
         }
         self.sync_bn = world.is_some();
         self
+    }
+
+    /// Runs every convolution on `backend` (default [`Backend::Auto`]): e.g.
+    /// [`Backend::OneDnnBf16`] for bf16 arithmetic inside the convolutions of an f32 network
+    /// on CPUs with AMX or AVX512-BF16 (the `onednn` feature).
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// use candle_resnet::ops::conv::Backend;
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let m = candle_resnet::resnet::resnet18(3, vb).unwrap().with_conv_backend(Backend::Gemm);
+    /// assert_eq!(m.conv_backend(), Backend::Gemm);
+    /// ```
+    pub fn with_conv_backend(mut self, backend: Backend) -> Self {
+        self.conv1.backend = backend;
+        for block in self.layers.iter_mut().flatten() {
+            for (conv, _) in block.convs.iter_mut() {
+                conv.backend = backend;
+            }
+            if let Some(d) = &mut block.downsample {
+                d.conv.backend = backend;
+            }
+        }
+        self
+    }
+
+    /// The convolutions' backend ([`ResNet::with_conv_backend`]).
+    pub fn conv_backend(&self) -> Backend {
+        self.conv1.backend
     }
 
     /// Whether the batch norms are synchronised ([`ResNet::with_sync_batch_norm`]).

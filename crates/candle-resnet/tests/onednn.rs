@@ -5,7 +5,7 @@
 #![cfg(feature = "onednn")]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_resnet::ops::conv::{conv2d_with, Backend};
+use candle_resnet::ops::conv::{bf16_on_onednn, conv2d_with, Backend};
 
 /// (N, Ci, H, W, Co, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -98,6 +98,110 @@ fn uneven_splits_over_threads_stay_within_the_bound() -> Result<()> {
     for threads in [1, 3] {
         check(&(3, 8, 6, 6, 16, 3, 1, 1), threads)?;
         check(&(3, 16, 6, 6, 8, 3, 2, 1), threads)?;
+    }
+    Ok(())
+}
+
+/// Whether /proc/cpuinfo lists a bf16 matrix or vector extension (AMX-BF16, AVX512-BF16).
+fn cpu_has_bf16() -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines().filter(|l| l.starts_with("flags")).any(|l| {
+        l.split_whitespace()
+            .any(|f| f == "amx_bf16" || f == "avx512_bf16")
+    })
+}
+
+#[test]
+fn bf16_passes_are_within_the_f32_accumulation_and_bf16_rounding_bound() -> Result<()> {
+    // oneDNN is asked for bf16 exactly where the CPU has the instructions for it.
+    assert_eq!(bf16_on_onednn(Backend::OneDnn), cpu_has_bf16());
+    assert!(!bf16_on_onednn(Backend::Gemm));
+    let dev = Device::Cpu;
+    let bf = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
+    for c in CASES {
+        let &(n, ci, h, wd, co, k, s, p) = c;
+        // bf16-representable inputs: the f64 reference sees what the bf16 passes see.
+        let x = bf(Tensor::randn(0f32, 1., (n, ci, h, wd), &dev)?)?;
+        let w = bf(Tensor::randn(0f32, 1., (co, ci, k, k), &dev)?)?;
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+        let r = bf(Tensor::randn(0f32, 1., (n, co, oh, ow), &dev)?)?;
+        let ours = passes(c, &x, &w, &r, DType::BF16, Some(Backend::OneDnn))?;
+        let exact = passes(c, &x, &w, &r, DType::F64, None)?;
+        let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
+        let terms = [ci * k * k, co * k * k, n * oh * ow];
+        let u = f64::from(f32::EPSILON) / 2.0;
+        for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+            // The f32 accumulation's bound (as for f32 above), then one rounding to bf16: at
+            // most one bf16 unit in the last place, 2^-7 relative at worst.
+            let accumulate = (mag[i].clone() * (2.0 * (terms[i] + 2) as f64 * u))?;
+            let round = (exact[i].abs()? * 2f64.powi(-7))?;
+            let bound = (accumulate + round)?;
+            let err = (&ours[i] - &exact[i])?.abs()?;
+            let over = (&err - &bound)?.max_all()?.to_scalar::<f64>()?;
+            let worst = (err / (bound + 1e-300)?)?.max_all()?.to_scalar::<f64>()?;
+            assert!(
+                over <= 0.0,
+                "bf16 {what} of case {c:?}: {worst:.2} of the bound"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Result<()> {
+    let native = Backend::OneDnnBf16.bf16_arithmetic();
+    assert_eq!(native, cpu_has_bf16());
+    assert!(!Backend::OneDnn.bf16_arithmetic() && !Backend::Auto.bf16_arithmetic());
+    let dev = Device::Cpu;
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
+    for c in CASES {
+        let &(n, ci, h, wd, co, k, s, p) = c;
+        // f32 values that bf16 cannot hold: the rounding on the way in must show.
+        let x = Tensor::randn(0f32, 1., (n, ci, h, wd), &dev)?.to_dtype(DType::F64)?;
+        let w = Tensor::randn(0f32, 1., (co, ci, k, k), &dev)?.to_dtype(DType::F64)?;
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+        let r = Tensor::randn(0f32, 1., (n, co, oh, ow), &dev)?.to_dtype(DType::F64)?;
+        let ours = passes(c, &x, &w, &r, DType::F32, Some(Backend::OneDnnBf16))?;
+        // What bf16 operands with f32 accumulation give, and what f32 operands give.
+        let rounded = passes(c, &bf(&x)?, &bf(&w)?, &bf(&r)?, DType::F64, None)?;
+        let exact = passes(c, &x, &w, &r, DType::F64, None)?;
+        let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
+        let terms = [ci * k * k, co * k * k, n * oh * ow];
+        let u = f64::from(f32::EPSILON) / 2.0;
+        for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+            // The f32 accumulation bound, plus, in bf16 arithmetic, two bf16 roundings on the
+            // sum of |products| (2^-7 of it): most kernels match bf16 operands summed in f32 to
+            // f32's last bits (1e-8 relative, measured), but some of oneDNN's AMX kernels pass
+            // partial sums or results through bf16 (the 1x1 forward: 5e-4 of the largest
+            // output; a strided weight gradient: just over one rounding), as PyTorch's
+            // autocast rounds every result.
+            let bound = (mag[i].clone() * (2.0 * (terms[i] + 2) as f64 * u))?;
+            let want = if native { &rounded[i] } else { &exact[i] };
+            let allowed = if native {
+                (&bound + (mag[i].clone() * 2f64.powi(-7))?)?
+            } else {
+                bound.clone()
+            };
+            let err = (&ours[i] - want)?.abs()?;
+            let over = (&err - &allowed)?.max_all()?.to_scalar::<f64>()?;
+            let worst = (err / (&allowed + 1e-300)?)?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(over <= 0.0, "{what} of case {c:?}: {worst:.2} of the bound");
+            if native && terms[i] <= 64 {
+                // Against the unrounded operands the error is bf16's: f32 arithmetic stays
+                // within the f32 bound (ratio <= 1), bf16 arithmetic exceeds it several times
+                // over (2^-9 per operand against the bound's 2 (m + 2) 2^-24; for sums of many
+                // more products the loose bound outgrows bf16's random-walk error).
+                let off = (&ours[i] - &exact[i])?.abs()?;
+                let ratio = (off / (bound + 1e-300)?)?.max_all()?.to_scalar::<f64>()?;
+                assert!(
+                    ratio > 4.0,
+                    "{what} of case {c:?}: operands not rounded ({ratio:.1})"
+                );
+            }
+        }
     }
     Ok(())
 }

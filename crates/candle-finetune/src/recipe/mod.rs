@@ -446,7 +446,8 @@ impl FineTune {
         };
         let model = model
             .with_drop_path(cfg.drop_path)?
-            .with_sync_batch_norm(sync_bn.clone());
+            .with_sync_batch_norm(sync_bn.clone())
+            .with_conv_backend(cfg.amp.conv_backend(&dev));
         train::reinit_head(&varmap, cfg.seed)?;
         let lcfg = LoaderConfig {
             batch_size: cfg.batch_size,

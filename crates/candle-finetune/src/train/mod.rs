@@ -18,6 +18,7 @@ use crate::data::Loader;
 use crate::eval::{Accumulator, EvalResult};
 use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
 use candle_nn::VarMap;
+use candle_resnet::ops::conv::Backend;
 use candle_resnet::params::ParamGroups;
 use candle_resnet::resnet::ResNet;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -56,11 +57,31 @@ pub enum Amp {
 }
 
 impl Amp {
-    /// The dtype the training images are cast to.
+    /// The dtype the training images are cast to (but see [`Classifier::input_dtype`]).
     pub fn dtype(self) -> DType {
         match self {
             Amp::F32 => DType::F32,
             Amp::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The convolution backend for this precision on `device`: on a CPU whose oneDNN runs bf16
+    /// natively (the `onednn` feature; AMX or AVX512-BF16), `Bf16` keeps the tensors in f32 and
+    /// computes inside the convolutions in bf16 ([`Backend::OneDnnBf16`]): candle's bf16
+    /// element-wise ops on CPU are slower than its f32 ones, so bf16 tensors around the
+    /// convolutions cost more than they save. Otherwise [`Backend::Auto`].
+    ///
+    /// ```
+    /// use candle_finetune::train::Amp;
+    /// use candle_resnet::ops::conv::Backend;
+    /// assert_eq!(Amp::F32.conv_backend(&candle_core::Device::Cpu), Backend::Auto);
+    /// ```
+    pub fn conv_backend(self, device: &candle_core::Device) -> Backend {
+        match self {
+            Amp::Bf16 if device.is_cpu() && Backend::OneDnnBf16.bf16_arithmetic() => {
+                Backend::OneDnnBf16
+            }
+            _ => Backend::Auto,
         }
     }
 }
@@ -710,6 +731,11 @@ pub trait Classifier: Sync {
     /// sets it before each micro-batch from the seed, the epoch and the batch, so a resumed run
     /// draws what the uninterrupted one would. Models without randomness ignore it.
     fn set_noise_key(&self, _key: u64) {}
+    /// The dtype the training images enter the model in under `amp` (default
+    /// [`Amp::dtype`]); a model that does its mixed precision inside f32 tensors answers f32.
+    fn input_dtype(&self, amp: Amp) -> DType {
+        amp.dtype()
+    }
 }
 
 impl Classifier for ResNet {
@@ -721,6 +747,14 @@ impl Classifier for ResNet {
     }
     fn set_noise_key(&self, key: u64) {
         ResNet::set_noise_key(self, key)
+    }
+    /// f32 when the convolutions compute in bf16 themselves
+    /// ([`candle_resnet::ops::conv::Backend::OneDnnBf16`], see [`Amp::conv_backend`]).
+    fn input_dtype(&self, amp: Amp) -> DType {
+        match amp {
+            Amp::Bf16 if self.conv_backend().bf16_arithmetic() => DType::F32,
+            _ => amp.dtype(),
+        }
     }
 }
 
@@ -1145,7 +1179,10 @@ pub fn fit_distributed<M: Classifier>(
             skipped_before += chunk(bi).saturating_sub(batch.indices.len());
             next_position = bi + 1;
             epoch_done = bi + 1 == batches;
-            let x = batch.images.to_device(device)?.to_dtype(cfg.amp.dtype())?;
+            let x = batch
+                .images
+                .to_device(device)?
+                .to_dtype(model.input_dtype(cfg.amp))?;
             // Mixed batches train on their soft targets (smoothing already in them).
             let (y, loss_fn) = match &batch.targets {
                 Some(t) => (t.to_device(device)?, &soft_loss),

@@ -50,6 +50,13 @@ pub enum Backend {
     Gemm,
     /// oneDNN; an error in a build without the `onednn` feature.
     OneDnn,
+    /// oneDNN with bf16 arithmetic on f32 tensors, where the CPU runs bf16 natively (AMX or
+    /// AVX512-BF16; elsewhere the same as [`Backend::OneDnn`]): each operand is rounded to bf16
+    /// on its way into oneDNN's layout, the products accumulate in f32 and the result comes
+    /// back in f32 (some of oneDNN's kernels pass partial sums or the result through bf16 on the way). Mixed
+    /// precision confined to the convolution: everything around it stays f32, where candle's
+    /// CPU ops are fastest. An error in a build without the `onednn` feature.
+    OneDnnBf16,
 }
 
 impl Backend {
@@ -57,9 +64,11 @@ impl Backend {
     fn onednn(self) -> Result<bool> {
         match self {
             Backend::Gemm => Ok(false),
-            Backend::OneDnn if cfg!(feature = "onednn") => Ok(true),
-            Backend::OneDnn => {
-                bail!("conv2d: Backend::OneDnn needs candle-resnet built with the `onednn` feature")
+            Backend::OneDnn | Backend::OneDnnBf16 if cfg!(feature = "onednn") => Ok(true),
+            Backend::OneDnn | Backend::OneDnnBf16 => {
+                bail!(
+                    "conv2d: Backend::{self:?} needs candle-resnet built with the `onednn` feature"
+                )
             }
             Backend::Auto => Ok(cfg!(feature = "onednn")
                 && std::env::var("CANDLE_RESNET_ONEDNN").map_or(true, |v| v.trim() != "0")),
@@ -72,9 +81,16 @@ impl Backend {
     pub fn describe(self) -> String {
         match self.onednn() {
             Ok(false) => "im2col + GEMM".to_string(),
+            Ok(true) if self.bf16_arithmetic() => format!("{}, bf16 arithmetic", onednn_label()),
             Ok(true) => onednn_label(),
             Err(_) => "unavailable".to_string(),
         }
+    }
+
+    /// Whether f32 convolutions under this choice compute in bf16 ([`Backend::OneDnnBf16`] on
+    /// a CPU with native bf16).
+    pub fn bf16_arithmetic(self) -> bool {
+        self == Backend::OneDnnBf16 && bf16_on_onednn(self)
     }
 }
 
@@ -644,15 +660,58 @@ enum Pass {
     GradWeight,
 }
 
-/// One f32 pass: through oneDNN when asked for (and the geometry is not empty), else im2col + GEMM.
-fn run_f32(g: &Geo, onednn: bool, pass: Pass, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+/// One f32 pass: through oneDNN when asked for (and the geometry is not empty; in bf16
+/// arithmetic with `bf16`), else im2col + GEMM.
+fn run_f32(g: &Geo, route: Route, pass: Pass, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
     #[cfg(feature = "onednn")]
-    if onednn && g.n > 0 && g.ci > 0 && g.co > 0 {
-        return onednn::run(pass, g, a, b);
+    if route.onednn && g.n > 0 && g.ci > 0 && g.co > 0 {
+        return if route.bf16 {
+            onednn::run_f32_bf16(pass, g, a, b)
+        } else {
+            onednn::run(pass, g, a, b)
+        };
     }
     #[cfg(not(feature = "onednn"))]
-    let _ = onednn;
+    let _ = route;
     Ok(run_gemm(g, pass, a, b))
+}
+
+/// Where an op's passes run, resolved from [`Backend`] when the op is built.
+#[derive(Debug, Clone, Copy)]
+struct Route {
+    /// oneDNN (f32 and bf16 tensors) rather than im2col + GEMM.
+    onednn: bool,
+    /// f32 tensors in bf16 arithmetic ([`Backend::OneDnnBf16`]).
+    #[cfg_attr(not(feature = "onednn"), allow(dead_code))]
+    bf16: bool,
+}
+
+/// bf16 passes: oneDNN only (the op is built for bf16 only where [`bf16_on_onednn`] holds).
+fn run_bf16(g: &Geo, pass: Pass, a: &[half::bf16], b: &[half::bf16]) -> Result<Vec<half::bf16>> {
+    if !cfg!(feature = "onednn") {
+        bail!("conv2d: bf16 convolutions run on oneDNN (the `onednn` feature)")
+    }
+    #[cfg(feature = "onednn")]
+    if g.n > 0 && g.ci > 0 && g.co > 0 {
+        return onednn::run_bf16(pass, g, a, b);
+    }
+    // No image or no channel: the f32 pass's (zero or empty) result, in bf16.
+    let f32s = |v: &[half::bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    let out = run_gemm(g, pass, &f32s(a), &f32s(b));
+    Ok(out.into_iter().map(half::bf16::from_f32).collect())
+}
+
+/// Whether bf16 convolutions with `backend` run natively in bf16 on oneDNN here (the `onednn`
+/// feature, the backend choosing oneDNN, and a CPU with AMX or AVX512-BF16); otherwise they run
+/// as f32 convolutions of the bf16 values, rounded back.
+pub fn bf16_on_onednn(backend: Backend) -> bool {
+    #[cfg(feature = "onednn")]
+    return backend.onednn().unwrap_or(false) && onednn::bf16_native();
+    #[cfg(not(feature = "onednn"))]
+    {
+        let _ = backend;
+        false
+    }
 }
 
 /// One pass by im2col + GEMM.
@@ -710,7 +769,7 @@ impl Crop {
 /// or its gradient put back in the full kernel on the way out (weight gradient).
 fn run_pass(
     g: &Geo,
-    onednn: bool,
+    route: Route,
     pass: Pass,
     crop: Option<Crop>,
     (s1, l1): (&CpuStorage, &Layout),
@@ -742,7 +801,7 @@ fn run_pass(
                 contiguous_slice(s2, l2, names[1])?,
             );
             CpuStorage::F32(typed(pass, crop, a, b, |a, b| {
-                run_f32(g, onednn, pass, a, b)
+                run_f32(g, route, pass, a, b)
             })?)
         }
         (CpuStorage::F64(_), CpuStorage::F64(_)) => {
@@ -752,7 +811,18 @@ fn run_pass(
             );
             CpuStorage::F64(typed(pass, crop, a, b, |a, b| Ok(run_gemm(g, pass, a, b)))?)
         }
-        _ => bail!("{} and {}: both f32 or both f64", names[0], names[1]),
+        (CpuStorage::BF16(_), CpuStorage::BF16(_)) if route.onednn => {
+            let (a, b) = (
+                contiguous_slice(s1, l1, names[0])?,
+                contiguous_slice(s2, l2, names[1])?,
+            );
+            CpuStorage::BF16(typed(pass, crop, a, b, |a, b| run_bf16(g, pass, a, b))?)
+        }
+        _ => bail!(
+            "{} and {}: both f32 or both f64 (bf16 with oneDNN)",
+            names[0],
+            names[1]
+        ),
     })
 }
 
@@ -762,8 +832,8 @@ struct Conv2dOp {
     stride: usize,
     /// Padding of the cropped kernel.
     padding: usize,
-    /// f32 through oneDNN (resolved from [`Backend`] when the op is built).
-    onednn: bool,
+    /// Where the passes run.
+    route: Route,
     crop: Option<Crop>,
 }
 
@@ -791,14 +861,7 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.dims(), l2.dims())?;
-        let y = run_pass(
-            &g,
-            self.onednn,
-            Pass::Forward,
-            self.crop,
-            (s1, l1),
-            (s2, l2),
-        )?;
+        let y = run_pass(&g, self.route, Pass::Forward, self.crop, (s1, l1), (s2, l2))?;
         Ok((y, Shape::from((g.n, g.co, g.oh, g.ow))))
     }
 
@@ -814,7 +877,7 @@ impl CustomOp2 for Conv2dOp {
         let full = w.dims4()?;
         let op = |pass| Backward {
             g,
-            onednn: self.onednn,
+            route: self.route,
             pass,
             crop: self.crop,
             full,
@@ -837,7 +900,7 @@ impl CustomOp2 for Conv2dOp {
 /// The backward passes as ops: `(w, dy) -> dx` or `(x, dy) -> dw` (full kernel shape).
 struct Backward {
     g: Geo,
-    onednn: bool,
+    route: Route,
     pass: Pass,
     crop: Option<Crop>,
     /// The full weight's dims.
@@ -859,7 +922,7 @@ impl CustomOp2 for Backward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
-        let out = run_pass(g, self.onednn, self.pass, self.crop, (s1, l1), (s2, l2))?;
+        let out = run_pass(g, self.route, self.pass, self.crop, (s1, l1), (s2, l2))?;
         let shape = match self.pass {
             Pass::GradInput => Shape::from((g.n, g.ci, g.h, g.w)),
             _ => Shape::from(self.full),
@@ -912,7 +975,8 @@ pub fn conv2d_with(
     let onednn = backend.onednn()?;
     let fast = x.device().is_cpu()
         && x.dtype() == w.dtype()
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+        && (matches!(x.dtype(), DType::F32 | DType::F64)
+            || x.dtype() == DType::BF16 && bf16_on_onednn(backend));
     if fast {
         let (crop, padding) = match crop_plan(x.dims(), w.dims(), stride, padding) {
             Some((c, p)) => (Some(c), p),
@@ -921,7 +985,10 @@ pub fn conv2d_with(
         let op = Conv2dOp {
             stride,
             padding,
-            onednn,
+            route: Route {
+                onednn,
+                bf16: backend.bf16_arithmetic() && x.dtype() == DType::F32,
+            },
             crop,
         };
         x.contiguous()?.apply_op2(&w.contiguous()?, op)

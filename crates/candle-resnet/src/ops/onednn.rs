@@ -1,11 +1,15 @@
-//! The oneDNN route for f32 convolutions (feature `onednn`): the three passes of a training step
+//! The oneDNN route for convolutions (feature `onednn`): the three passes of a training step
 //! through the C++ bridge `onednn.cpp`, which hands plain NCHW buffers to oneDNN's direct
-//! convolutions (blocked layouts, no im2col) and caches one primitive per geometry and pass.
+//! convolutions (blocked layouts, no im2col) and caches one primitive per geometry, pass and
+//! element type. f32 always; bf16 arithmetic where oneDNN has a native implementation for this
+//! CPU (AMX or AVX512-BF16: [`bf16_native`]), on bf16 buffers ([`run_bf16`]) or on f32 buffers
+//! ([`run_f32_bf16`]), with f32 accumulation and the weight gradient summed in f32.
 
 use super::{Geo, Pass};
 use candle_core::{bail, Result};
+use half::bf16;
 use rayon::prelude::*;
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -25,18 +29,93 @@ struct Geometry {
     ow: i64,
 }
 
+/// Element types of the bridge (`Dt` in onednn.cpp).
+const DT_F32: i32 = 0;
+const DT_BF16: i32 = 1;
+const DT_F32_BF16: i32 = 2;
+
 extern "C" {
     fn cr_dnnl_conv(
         pass: i32,
+        dt: i32,
         g: *const Geometry,
-        a: *const f32,
-        b: *const f32,
-        out: *mut f32,
+        a: *const c_void,
+        b: *const c_void,
+        out: *mut c_void,
         threads: i32,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+    fn cr_dnnl_impl(pass: i32, dt: i32, g: *const Geometry, buf: *mut c_char, len: usize) -> i32;
     fn cr_dnnl_version(buf: *mut c_char, len: usize);
+}
+
+fn pass_code(pass: Pass) -> i32 {
+    match pass {
+        Pass::Forward => 0,
+        Pass::GradInput => 1,
+        Pass::GradWeight => 2,
+    }
+}
+
+fn geometry(g: &Geo) -> Geometry {
+    let to_i64 = |v: usize| i64::try_from(v).expect("a tensor dimension fits in i64");
+    Geometry {
+        n: to_i64(g.n),
+        ci: to_i64(g.ci),
+        h: to_i64(g.h),
+        w: to_i64(g.w),
+        co: to_i64(g.co),
+        kh: to_i64(g.kh),
+        kw: to_i64(g.kw),
+        stride: to_i64(g.stride),
+        padding: to_i64(g.padding),
+        oh: to_i64(g.oh),
+        ow: to_i64(g.ow),
+    }
+}
+
+/// The implementation oneDNN picks for `pass` in element type `dt` on `g` (e.g.
+/// `brgconv:avx512_core_amx`, `jit:avx512_core_bf16`, `ref:any`).
+fn implementation(pass: Pass, dt: i32, g: &Geo) -> Result<String> {
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: the bridge writes at most `buf.len()` bytes, NUL-terminated, and only reads `geo`.
+    let status = unsafe {
+        cr_dnnl_impl(
+            pass_code(pass),
+            dt,
+            &geometry(g),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    // SAFETY: NUL-terminated by the bridge.
+    let text = unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    if status != 0 {
+        bail!("conv2d (oneDNN {pass:?}): {text}");
+    }
+    Ok(text)
+}
+
+/// Whether oneDNN runs bf16 convolutions natively on this CPU (AMX or AVX512-BF16), judged once
+/// from the implementations it picks for a ResNet 3x3 convolution's three passes: a reference
+/// (`ref`) or emulated (`avx512_core` without `bf16`/`amx`) implementation is slower than the f32
+/// route, which is then used instead.
+pub(super) fn bf16_native() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let g = Geo::new(&[2, 64, 8, 8], &[64, 64, 3, 3], 1, 1).expect("a valid geometry");
+        [Pass::Forward, Pass::GradInput, Pass::GradWeight]
+            .iter()
+            .all(|&p| match implementation(p, DT_BF16, &g) {
+                Ok(name) => {
+                    !name.starts_with("ref") && (name.contains("amx") || name.contains("bf16"))
+                }
+                Err(_) => false,
+            })
+    })
 }
 
 /// The linked oneDNN's version, `MAJOR.MINOR.PATCH`.
@@ -61,6 +140,35 @@ pub(super) fn version() -> &'static str {
 /// quarter of a 32 px step here. The weight gradient sums the runs' partial sums in run order,
 /// so results depend on the thread count but never on scheduling.
 pub(super) fn run(pass: Pass, g: &Geo, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    run_typed::<f32, f32>(pass, DT_F32, g, a, b)
+}
+
+/// [`run`] on f32 buffers with bf16 arithmetic: the operands rounded to bf16 on their way into
+/// oneDNN's layout, f32 accumulation, f32 results (some kernels pass partial sums or results
+/// through bf16 on the way).
+pub(super) fn run_f32_bf16(pass: Pass, g: &Geo, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    run_typed::<f32, f32>(pass, DT_F32_BF16, g, a, b)
+}
+
+/// [`run`] in bf16: the operands and the forward / input-gradient results in bf16, the weight
+/// gradient's per-thread parts in f32, summed there and rounded to bf16 once.
+pub(super) fn run_bf16(pass: Pass, g: &Geo, a: &[bf16], b: &[bf16]) -> Result<Vec<bf16>> {
+    match pass {
+        Pass::GradWeight => Ok(run_typed::<bf16, f32>(pass, DT_BF16, g, a, b)?
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect()),
+        _ => run_typed::<bf16, bf16>(pass, DT_BF16, g, a, b),
+    }
+}
+
+/// The passes on inputs of type `I` (`dt`), results of type `O` (the weight gradient's type when
+/// `pass` is [`Pass::GradWeight`], else `I`).
+fn run_typed<I, O>(pass: Pass, dt: i32, g: &Geo, a: &[I], b: &[I]) -> Result<Vec<O>>
+where
+    I: Copy + Send + Sync,
+    O: Copy + Send + Sync + std::ops::AddAssign,
+{
     let (x, w, y) = (g.n * g.in_len(), g.co * g.k(), g.n * g.co * g.p());
     let (want_a, want_b, out_len) = match pass {
         Pass::Forward => (x, w, y),
@@ -90,14 +198,14 @@ pub(super) fn run(pass: Pass, g: &Geo, a: &[f32], b: &[f32]) -> Result<Vec<f32>>
         }
     };
     if pass == Pass::GradWeight {
-        let mut partials: Vec<Vec<f32>> = (0..g.n)
+        let mut partials: Vec<Vec<O>> = (0..g.n)
             .step_by(per)
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|i| {
                 let (part, a, b) = run_of(i);
                 let mut out = Vec::with_capacity(w);
-                call(pass, &part, a, b, out.spare_capacity_mut())?;
+                call(pass, dt, &part, a, b, out.spare_capacity_mut())?;
                 // SAFETY: `call` returned Ok, so all `w` elements are initialised.
                 unsafe { out.set_len(w) };
                 Ok(out)
@@ -107,20 +215,20 @@ pub(super) fn run(pass: Pass, g: &Geo, a: &[f32], b: &[f32]) -> Result<Vec<f32>>
         first.par_chunks_mut(4096).enumerate().for_each(|(c, o)| {
             for r in rest.iter() {
                 for (o, v) in o.iter_mut().zip(&r[c * 4096..]) {
-                    *o += v;
+                    *o += *v;
                 }
             }
         });
         return Ok(std::mem::take(first));
     }
     let img_out = if pass == Pass::Forward { img_y } else { img_x };
-    let mut out: Vec<f32> = Vec::with_capacity(out_len);
+    let mut out: Vec<O> = Vec::with_capacity(out_len);
     out.spare_capacity_mut()[..out_len]
         .par_chunks_mut(per * img_out)
         .enumerate()
         .try_for_each(|(r, o)| {
             let (part, a, b) = run_of(r * per);
-            call(pass, &part, a, b, o)
+            call(pass, dt, &part, a, b, o)
         })?;
     // SAFETY: every run returned Ok, so all `out_len` elements are initialised.
     unsafe { out.set_len(out_len) };
@@ -128,22 +236,15 @@ pub(super) fn run(pass: Pass, g: &Geo, a: &[f32], b: &[f32]) -> Result<Vec<f32>>
 }
 
 /// One single-threaded oneDNN call writing all of `out`, whose length the caller sized for the
-/// pass and geometry.
-fn call(pass: Pass, g: &Geo, a: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>]) -> Result<()> {
-    let to_i64 = |v: usize| i64::try_from(v).expect("a tensor dimension fits in i64");
-    let geo = Geometry {
-        n: to_i64(g.n),
-        ci: to_i64(g.ci),
-        h: to_i64(g.h),
-        w: to_i64(g.w),
-        co: to_i64(g.co),
-        kh: to_i64(g.kh),
-        kw: to_i64(g.kw),
-        stride: to_i64(g.stride),
-        padding: to_i64(g.padding),
-        oh: to_i64(g.oh),
-        ow: to_i64(g.ow),
-    };
+/// pass and geometry; `I` and `O` are the element types `dt` means for this pass.
+fn call<I, O>(
+    pass: Pass,
+    dt: i32,
+    g: &Geo,
+    a: &[I],
+    b: &[I],
+    out: &mut [MaybeUninit<O>],
+) -> Result<()> {
     let (x, w, y) = (g.n * g.in_len(), g.co * g.k(), g.n * g.co * g.p());
     let lens = match pass {
         Pass::Forward => (x, w, y),
@@ -153,21 +254,28 @@ fn call(pass: Pass, g: &Geo, a: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>])
     if (a.len(), b.len(), out.len()) != lens {
         bail!("conv2d (oneDNN {pass:?}): buffers do not match the geometry {g:?}");
     }
+    let sizes = match (dt, pass) {
+        (DT_F32 | DT_F32_BF16, _) => (4, 4),
+        (DT_BF16, Pass::GradWeight) => (2, 4),
+        (DT_BF16, _) => (2, 2),
+        _ => bail!("conv2d (oneDNN): unknown element type {dt}"),
+    };
+    if (std::mem::size_of::<I>(), std::mem::size_of::<O>()) != sizes {
+        bail!("conv2d (oneDNN {pass:?}): buffer element sizes do not match element type {dt}");
+    }
     let mut err = [0 as c_char; 512];
     // SAFETY: `a`, `b` and `out` hold exactly the elements the geometry describes for this pass
-    // (checked above); `a` and `b` are only read; the bridge writes every element of `out`
-    // before returning 0; `err` is written NUL-terminated within its length.
+    // (checked above), of the sizes the bridge reads and writes for `dt` and `pass` (checked
+    // above); `a` and `b` are only read; the bridge writes every element of `out` before
+    // returning 0; `err` is written NUL-terminated within its length.
     let status = unsafe {
         cr_dnnl_conv(
-            match pass {
-                Pass::Forward => 0,
-                Pass::GradInput => 1,
-                Pass::GradWeight => 2,
-            },
-            &geo,
-            a.as_ptr(),
-            b.as_ptr(),
-            out.as_mut_ptr().cast::<f32>(),
+            pass_code(pass),
+            dt,
+            &geometry(g),
+            a.as_ptr().cast::<c_void>(),
+            b.as_ptr().cast::<c_void>(),
+            out.as_mut_ptr().cast::<c_void>(),
             1,
             err.as_mut_ptr(),
             err.len(),
