@@ -49,37 +49,56 @@ fn passes(
     Ok([y.detach().to_dtype(DType::F64)?, dx, dw])
 }
 
-fn check(c: &Case, threads: usize) -> Result<()> {
+/// Random operands of case `c` as f64 tensors holding f32 values: `(x, w, r)` with `r` the
+/// weights of `sum(y * r)`, whose gradient the backward passes see.
+fn operands(c: &Case) -> Result<(Tensor, Tensor, Tensor)> {
     let &(n, ci, h, wd, co, k, s, p) = c;
     let dev = Device::Cpu;
-    // f32-representable inputs, so the f64 reference sees exactly what oneDNN sees.
-    let x = Tensor::randn(0f32, 1., (n, ci, h, wd), &dev)?.to_dtype(DType::F64)?;
-    let w = Tensor::randn(0f32, 1., (co, ci, k, k), &dev)?.to_dtype(DType::F64)?;
     let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
-    let r = Tensor::randn(0f32, 1., (n, co, oh, ow), &dev)?.to_dtype(DType::F64)?;
+    let f = |shape: (usize, usize, usize, usize)| {
+        Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(DType::F64)
+    };
+    Ok((f((n, ci, h, wd))?, f((co, ci, k, k))?, f((n, co, oh, ow))?))
+}
+
+/// Per element of `y`, `dx`, `dw`: the forward error bound of an f32 sum of its products. An f32
+/// sum of m products is within (m + 2) u sum |products| (each product rounded once, each
+/// addition once, the result rounded once); the factor 2 covers the operands' and result's
+/// layout reorders, which are exact, and FMA contraction.
+fn f32_bounds(c: &Case, x: &Tensor, w: &Tensor, r: &Tensor) -> Result<([Tensor; 3], [usize; 3])> {
+    let &(n, ci, h, wd, co, k, s, p) = c;
+    let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+    // The same sums over |x|, |w|, |r|: the scale of each element's rounding error.
+    let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
+    // Products summed per element: Ci*k*k for y, Co*k*k for dx, N*OH*OW for dw.
+    let terms = [ci * k * k, co * k * k, n * oh * ow];
+    let u = f64::from(f32::EPSILON) / 2.0;
+    let b = |i: usize| mag[i].clone() * (2.0 * (terms[i] + 2) as f64 * u);
+    Ok(([b(0)?, b(1)?, b(2)?], terms))
+}
+
+/// Asserts `|got - want| <= allowed` everywhere, naming the worst element's share of the bound.
+fn assert_within(got: &Tensor, want: &Tensor, allowed: &Tensor, what: &str) -> Result<()> {
+    let err = (got - want)?.abs()?;
+    let over = (&err - allowed)?.max_all()?.to_scalar::<f64>()?;
+    let worst = (err / (allowed + 1e-300)?)?.max_all()?.to_scalar::<f64>()?;
+    assert!(over <= 0.0, "{what}: {worst:.2} of the bound");
+    Ok(())
+}
+
+fn check(c: &Case, threads: usize) -> Result<()> {
+    // f32-representable inputs, so the f64 reference sees exactly what oneDNN sees.
+    let (x, w, r) = operands(c)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .expect("thread pool");
     let ours = pool.install(|| passes(c, &x, &w, &r, DType::F32, Some(Backend::OneDnn)))?;
     let exact = passes(c, &x, &w, &r, DType::F64, None)?;
-    // The same sums over |x|, |w|, |r|: the scale of each element's rounding error.
-    let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
-    // Products summed per element: Ci*k*k for y, Co*k*k for dx, N*OH*OW for dw.
-    let terms = [ci * k * k, co * k * k, n * oh * ow];
-    let u = f64::from(f32::EPSILON) / 2.0;
+    let (bounds, _) = f32_bounds(c, &x, &w, &r)?;
     for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
-        // An f32 sum of m products is within (m + 2) u sum |products| (each product rounded
-        // once, each addition once, the result rounded once); the factor 2 covers the
-        // operands' and result's layout reorders, which are exact, and FMA contraction.
-        let bound = (mag[i].clone() * (2.0 * (terms[i] + 2) as f64 * u))?;
-        let err = (&ours[i] - &exact[i])?.abs()?;
-        let over = (&err - &bound)?.max_all()?.to_scalar::<f64>()?;
-        let worst = (err / (bound + 1e-300)?)?.max_all()?.to_scalar::<f64>()?;
-        assert!(
-            over <= 0.0,
-            "{what} of case {c:?} with {threads} threads: {worst:.2} of the f32 error bound"
-        );
+        let what = format!("{what} of case {c:?} with {threads} threads");
+        assert_within(&ours[i], &exact[i], &bounds[i], &what)?;
     }
     Ok(())
 }
@@ -116,33 +135,24 @@ fn bf16_passes_are_within_the_f32_accumulation_and_bf16_rounding_bound() -> Resu
     // oneDNN is asked for bf16 exactly where the CPU has the instructions for it.
     assert_eq!(bf16_on_onednn(Backend::OneDnn), cpu_has_bf16());
     assert!(!bf16_on_onednn(Backend::Gemm));
-    let dev = Device::Cpu;
-    let bf = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
     for c in CASES {
-        let &(n, ci, h, wd, co, k, s, p) = c;
         // bf16-representable inputs: the f64 reference sees what the bf16 passes see.
-        let x = bf(Tensor::randn(0f32, 1., (n, ci, h, wd), &dev)?)?;
-        let w = bf(Tensor::randn(0f32, 1., (co, ci, k, k), &dev)?)?;
-        let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
-        let r = bf(Tensor::randn(0f32, 1., (n, co, oh, ow), &dev)?)?;
+        let (x, w, r) = operands(c)?;
+        let (x, w, r) = (bf(&x)?, bf(&w)?, bf(&r)?);
         let ours = passes(c, &x, &w, &r, DType::BF16, Some(Backend::OneDnn))?;
         let exact = passes(c, &x, &w, &r, DType::F64, None)?;
-        let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
-        let terms = [ci * k * k, co * k * k, n * oh * ow];
-        let u = f64::from(f32::EPSILON) / 2.0;
+        let (bounds, _) = f32_bounds(c, &x, &w, &r)?;
         for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
-            // The f32 accumulation's bound (as for f32 above), then one rounding to bf16: at
-            // most one bf16 unit in the last place, 2^-7 relative at worst.
-            let accumulate = (mag[i].clone() * (2.0 * (terms[i] + 2) as f64 * u))?;
-            let round = (exact[i].abs()? * 2f64.powi(-7))?;
-            let bound = (accumulate + round)?;
-            let err = (&ours[i] - &exact[i])?.abs()?;
-            let over = (&err - &bound)?.max_all()?.to_scalar::<f64>()?;
-            let worst = (err / (bound + 1e-300)?)?.max_all()?.to_scalar::<f64>()?;
-            assert!(
-                over <= 0.0,
-                "bf16 {what} of case {c:?}: {worst:.2} of the bound"
-            );
+            // The f32 accumulation's bound, then one rounding to bf16: at most one bf16 unit
+            // in the last place, 2^-7 relative at worst.
+            let allowed = (&bounds[i] + (exact[i].abs()? * 2f64.powi(-7))?)?;
+            assert_within(
+                &ours[i],
+                &exact[i],
+                &allowed,
+                &format!("bf16 {what} of case {c:?}"),
+            )?;
         }
     }
     Ok(())
@@ -153,22 +163,16 @@ fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Resul
     let native = Backend::OneDnnBf16.bf16_arithmetic();
     assert_eq!(native, cpu_has_bf16());
     assert!(!Backend::OneDnn.bf16_arithmetic() && !Backend::Auto.bf16_arithmetic());
-    let dev = Device::Cpu;
     let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
     for c in CASES {
-        let &(n, ci, h, wd, co, k, s, p) = c;
         // f32 values that bf16 cannot hold: the rounding on the way in must show.
-        let x = Tensor::randn(0f32, 1., (n, ci, h, wd), &dev)?.to_dtype(DType::F64)?;
-        let w = Tensor::randn(0f32, 1., (co, ci, k, k), &dev)?.to_dtype(DType::F64)?;
-        let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
-        let r = Tensor::randn(0f32, 1., (n, co, oh, ow), &dev)?.to_dtype(DType::F64)?;
+        let (x, w, r) = operands(c)?;
         let ours = passes(c, &x, &w, &r, DType::F32, Some(Backend::OneDnnBf16))?;
         // What bf16 operands with f32 accumulation give, and what f32 operands give.
         let rounded = passes(c, &bf(&x)?, &bf(&w)?, &bf(&r)?, DType::F64, None)?;
         let exact = passes(c, &x, &w, &r, DType::F64, None)?;
+        let (bounds, terms) = f32_bounds(c, &x, &w, &r)?;
         let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
-        let terms = [ci * k * k, co * k * k, n * oh * ow];
-        let u = f64::from(f32::EPSILON) / 2.0;
         for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
             // The f32 accumulation bound, plus, in bf16 arithmetic, two bf16 roundings on the
             // sum of |products| (2^-7 of it): most kernels match bf16 operands summed in f32 to
@@ -176,26 +180,24 @@ fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Resul
             // partial sums or results through bf16 (the 1x1 forward: 5e-4 of the largest
             // output; a strided weight gradient: just over one rounding), as PyTorch's
             // autocast rounds every result.
-            let bound = (mag[i].clone() * (2.0 * (terms[i] + 2) as f64 * u))?;
-            let want = if native { &rounded[i] } else { &exact[i] };
-            let allowed = if native {
-                (&bound + (mag[i].clone() * 2f64.powi(-7))?)?
+            let (want, allowed) = if native {
+                (
+                    &rounded[i],
+                    (&bounds[i] + (mag[i].clone() * 2f64.powi(-7))?)?,
+                )
             } else {
-                bound.clone()
+                (&exact[i], bounds[i].clone())
             };
-            let err = (&ours[i] - want)?.abs()?;
-            let over = (&err - &allowed)?.max_all()?.to_scalar::<f64>()?;
-            let worst = (err / (&allowed + 1e-300)?)?
-                .max_all()?
-                .to_scalar::<f64>()?;
-            assert!(over <= 0.0, "{what} of case {c:?}: {worst:.2} of the bound");
+            assert_within(&ours[i], want, &allowed, &format!("{what} of case {c:?}"))?;
             if native && terms[i] <= 64 {
                 // Against the unrounded operands the error is bf16's: f32 arithmetic stays
                 // within the f32 bound (ratio <= 1), bf16 arithmetic exceeds it several times
                 // over (2^-9 per operand against the bound's 2 (m + 2) 2^-24; for sums of many
                 // more products the loose bound outgrows bf16's random-walk error).
                 let off = (&ours[i] - &exact[i])?.abs()?;
-                let ratio = (off / (bound + 1e-300)?)?.max_all()?.to_scalar::<f64>()?;
+                let ratio = (off / (&bounds[i] + 1e-300)?)?
+                    .max_all()?
+                    .to_scalar::<f64>()?;
                 assert!(
                     ratio > 4.0,
                     "{what} of case {c:?}: operands not rounded ({ratio:.1})"
