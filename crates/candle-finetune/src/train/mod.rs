@@ -52,7 +52,9 @@ pub enum Amp {
     /// Mixed precision: the images and the convolutions and batch norms of the training
     /// forward and backward in `bf16` against `f32` master weights (cast per step, the
     /// gradient arriving in `f32`), batch-norm statistics, pooled features, head, loss, optimizer
-    /// and evaluation in `f32`.
+    /// and evaluation in `f32`. On a CPU whose oneDNN runs bf16 natively (the `onednn` feature,
+    /// AMX or AVX512-BF16) the tensors stay `f32` and only the convolutions' arithmetic is bf16
+    /// ([`Amp::conv_backend`]).
     Bf16,
 }
 
