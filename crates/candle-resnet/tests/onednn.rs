@@ -121,19 +121,32 @@ fn uneven_splits_over_threads_stay_within_the_bound() -> Result<()> {
     Ok(())
 }
 
-/// Whether /proc/cpuinfo lists a bf16 matrix or vector extension (AMX-BF16, AVX512-BF16).
-fn cpu_has_bf16() -> bool {
+/// Whether /proc/cpuinfo's flags include `flag`.
+fn cpu_flag(flag: &str) -> bool {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines().filter(|l| l.starts_with("flags")).any(|l| {
-        l.split_whitespace()
-            .any(|f| f == "amx_bf16" || f == "avx512_bf16")
-    })
+    info.lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == flag))
+}
+
+/// What this CPU must give [`bf16_on_onednn`]: no without AMX-BF16 or AVX512-BF16, yes with
+/// AMX (oneDNN 2.6 picks its AMX kernels for all three passes, measured), either with
+/// AVX512-BF16 alone (it depends on the oneDNN build which passes have a native kernel).
+fn expect_native(native: bool) {
+    if cpu_flag("amx_bf16") {
+        assert!(native, "AMX CPU, but oneDNN has no native bf16 convolution");
+    } else if !cpu_flag("avx512_bf16") {
+        assert!(
+            !native,
+            "no bf16 instructions, yet oneDNN's bf16 counted as native"
+        );
+    }
 }
 
 #[test]
 fn bf16_passes_are_within_the_f32_accumulation_and_bf16_rounding_bound() -> Result<()> {
-    // oneDNN is asked for bf16 exactly where the CPU has the instructions for it.
-    assert_eq!(bf16_on_onednn(Backend::OneDnn), cpu_has_bf16());
+    // oneDNN is asked for bf16 where its kernels for this CPU are native (see expect_native).
+    expect_native(bf16_on_onednn(Backend::OneDnn));
     assert!(!bf16_on_onednn(Backend::Gemm));
     let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
     for c in CASES {
@@ -161,7 +174,7 @@ fn bf16_passes_are_within_the_f32_accumulation_and_bf16_rounding_bound() -> Resu
 #[test]
 fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Result<()> {
     let native = Backend::OneDnnBf16.bf16_arithmetic();
-    assert_eq!(native, cpu_has_bf16());
+    expect_native(native);
     assert!(!Backend::OneDnn.bf16_arithmetic() && !Backend::Auto.bf16_arithmetic());
     let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
     for c in CASES {
