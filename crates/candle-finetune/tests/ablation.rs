@@ -96,7 +96,8 @@ fn train_and_evaluate(eps: f64) -> Result<EvalResult> {
 #[test]
 fn smoothing_lowers_the_calibration_error_under_label_noise() -> Result<()> {
     // With 30 % of the labels wrong, the best a model can be is 70 % sure; fitting the training
-    // labels without smoothing makes it far surer than that on held-out data.
+    // labels without smoothing makes it far surer than that on held-out data (the loss-level
+    // reason: smoothed_gradients_push_the_true_class_down_exactly_above_its_target).
     let plain = train_and_evaluate(0.0)?;
     let smoothed = train_and_evaluate(0.2)?;
     eprintln!(
@@ -108,27 +109,73 @@ fn smoothing_lowers_the_calibration_error_under_label_noise() -> Result<()> {
         smoothed.ece,
         smoothed.mean_confidence_wrong
     );
-    // The stated margin: at least 5 points of ECE (seen: see the message), and the confidence on
-    // wrong predictions comes down with it. Ignoring eps would make both runs identical.
-    assert!(
-        smoothed.ece + 0.05 < plain.ece,
-        "ECE {:.3} with smoothing 0.2 vs {:.3} without: expected at least 0.05 lower",
-        smoothed.ece,
-        plain.ece
-    );
+    // No margins tuned on observed runs: the claim is the direction. Ignoring eps would make
+    // both runs identical, so each strict inequality fails then.
     assert!(
         smoothed.mean_confidence_wrong < plain.mean_confidence_wrong,
         "mean top probability on wrong predictions: {:.3} smoothed vs {:.3} plain",
         smoothed.mean_confidence_wrong,
         plain.mean_confidence_wrong
     );
-    // Not bought with most of the accuracy: within 10 points (seen: see the line above).
     assert!(
-        smoothed.top1 > plain.top1 - 0.10,
-        "{} vs {}",
-        smoothed.top1,
-        plain.top1
+        smoothed.ece < plain.ece,
+        "ECE {:.3} with smoothing 0.2 vs {:.3} without",
+        smoothed.ece,
+        plain.ece
     );
+    Ok(())
+}
+
+/// Why smoothing lowers confidence, as a property of the loss rather than of one training run:
+/// with smoothing `eps` over `C` classes, gradient descent on a row's true-class logit raises it
+/// only while its probability is below the smoothed target `1 - eps + eps / C`, and lowers it
+/// above; without smoothing it always raises it. Checked on random rows of any scale, the sign
+/// read from candle-xent's own backward (rows within 1e-5 of the boundary skipped).
+#[test]
+fn smoothed_gradients_push_the_true_class_down_exactly_above_its_target() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut checked = [0usize; 2];
+    for _ in 0..400 {
+        let c = rng.random_range(2..12usize);
+        let scale = [0.1f32, 1.0, 5.0, 20.0][rng.random_range(0..4)];
+        let mut logits: Vec<f32> = (0..c)
+            .map(|_| scale * rng.random_range(-1.0..1.0f32))
+            .collect();
+        let y = rng.random_range(0..c);
+        // Half of the rows confident in their true class, so both sides of the target occur.
+        if rng.random::<bool>() {
+            logits[y] += scale * rng.random_range(0.0..4.0f32);
+        }
+        let x = candle_core::Var::from_vec(logits.clone(), (1, c), &Device::Cpu)?;
+        let t = Tensor::new(&[y as u32], &Device::Cpu)?;
+        for eps in [0.0, 0.1, 0.3] {
+            let g = candle_xent::cross_entropy(x.as_tensor(), &t, eps)?
+                .backward()?
+                .get(x.as_tensor())
+                .expect("gradient")
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            // The true class's probability in f64.
+            let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let z: f64 = logits.iter().map(|&v| (v as f64 - m).exp()).sum();
+            let p = (logits[y] as f64 - m).exp() / z;
+            let target = 1.0 - eps + eps / c as f64;
+            if (p - target).abs() < 1e-5 {
+                continue;
+            }
+            // Descent moves the logit by -gradient: down iff the gradient is positive.
+            let goes_down = g[y] > 0.0;
+            assert_eq!(
+                goes_down,
+                p > target,
+                "C {c}, eps {eps}: p_y {p:.6} against the target {target:.6}, gradient {}",
+                g[y]
+            );
+            checked[usize::from(p > target)] += 1;
+        }
+    }
+    // Both sides of the boundary were seen, many times.
+    assert!(checked[0] > 100 && checked[1] > 100, "{checked:?}");
     Ok(())
 }
 
