@@ -341,6 +341,16 @@ pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
     if !rank0 {
         return Ok(());
     }
+    if report.fit.interrupted {
+        let paths = candle_finetune::train::RunPaths {
+            dir: report.out.clone(),
+        };
+        eprintln!(
+            "stopped; {} holds the run's state: continue it with --resume",
+            paths.last().display()
+        );
+        return Ok(());
+    }
     if let Some(dir) = &a.ablation {
         candle_finetune::ablation::link_into_card(&report.out, dir)?;
         eprintln!(

@@ -186,7 +186,42 @@ pub fn build_xtask_with(feature: Option<&str>) -> Result<PathBuf> {
     Ok(copy)
 }
 
-fn main() -> Result<()> {
+/// The library's errors name its options; on the command line they are flags. Each pair: a
+/// name an error may contain, the flag that sets it.
+const FLAG_OF_OPTION: [(&str, &str); 7] = [
+    ("DataSource::Dir", "--data-dir DIR --weights-file FILE"),
+    ("DataSource::Hub::config", "--dataset-config"),
+    ("ColumnChoice::image", "--image-column"),
+    ("ColumnChoice::label", "--label-column"),
+    ("`validation_fraction`", "--validation-fraction"),
+    ("`cutmix_minmax`", "--cutmix-minmax"),
+    ("TrainConfig::lr", "--lr"),
+];
+
+/// The command-line spelling of the library options an error message names.
+fn flag_hints(message: &str) -> Vec<String> {
+    FLAG_OF_OPTION
+        .iter()
+        .filter(|(option, _)| message.contains(option))
+        .map(|(option, flag)| format!("on the command line, {option} is {flag}"))
+        .collect()
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let message = format!("{e:?}");
+            eprintln!("Error: {message}");
+            for hint in flag_hints(&message) {
+                eprintln!("  hint: {hint}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     // Training steps free and re-allocate the same large buffers: keep them (see
     // candle_resnet::alloc; 1.4-1.5x faster ResNet steps on CPU).
     candle_resnet::alloc::reuse_freed_memory();
@@ -211,5 +246,18 @@ fn main() -> Result<()> {
         Cmd::GpuCheck(args) => gpu_check::run(args),
         Cmd::Soak(args) => soak::run(args),
         Cmd::TrainStep(args) => train_step::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn library_option_names_get_their_flags() {
+        let e = "dataset: several ClassLabel columns (a, b); choose one with `ColumnChoice::label`";
+        assert_eq!(
+            super::flag_hints(e),
+            vec!["on the command line, ColumnChoice::label is --label-column"]
+        );
+        assert!(super::flag_hints("the loss became NaN").is_empty());
     }
 }

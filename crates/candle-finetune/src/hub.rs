@@ -284,10 +284,10 @@ impl HubOptions {
 }
 
 /// Appended to a download error when the Hub could not be reached: how to run offline.
-pub const OFFLINE_HINT: &str = "\n  the Hub cannot be reached; to run offline: HF_HUB_OFFLINE=1 with a filled Hub cache (HF_HUB_CACHE / HF_HOME), or local files (train --data-dir DIR --weights-file FILE)";
+pub const OFFLINE_HINT: &str = "\n  the Hub cannot be reached; to run offline: HF_HUB_OFFLINE=1 with a filled Hub cache (HF_HUB_CACHE / HF_HOME), or local files (DataSource::Dir and a local weights file)";
 
 /// Appended to an offline cache miss: how to fill the cache or avoid it.
-pub const FILL_CACHE_HINT: &str = "\n  the file is not in the Hub cache: run once online (e.g. cargo xtask download-cars) to fill it, or use local files (train --data-dir DIR --weights-file FILE)";
+pub const FILL_CACHE_HINT: &str = "\n  the file is not in the Hub cache: run once online to fill it, or use local files (DataSource::Dir and a local weights file)";
 
 /// `owner/name` split in two, or an error naming the bad id.
 pub(crate) fn split_repo(repo: &str) -> Result<(&str, &str)> {

@@ -559,5 +559,5 @@ fn the_validation_choice_follows_the_data_and_the_fraction() {
     assert!(train_validation(ds.clone(), None, -0.1, 0).is_err());
     let one = candle_finetune::smoke::generated_dataset(1, 1, 0);
     let e = train_validation(one, None, 0.1, 0).unwrap_err().to_string();
-    assert!(e.contains("--validation-fraction"), "{e}");
+    assert!(e.contains("`validation_fraction`"), "{e}");
 }

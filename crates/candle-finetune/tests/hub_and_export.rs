@@ -144,7 +144,7 @@ fn branch_revisions_resolve_through_refs_offline_and_misses_are_clear() {
         .to_string();
     assert!(
         err.lines()
-            .any(|l| l.contains("run once online") && l.contains("--data-dir")),
+            .any(|l| l.contains("run once online") && l.contains("DataSource::Dir")),
         "{err}"
     );
 }
@@ -177,8 +177,8 @@ fn an_unreachable_hub_says_how_to_run_offline_in_one_line() {
     // The hint is the second line, whole, before the cause.
     assert!(
         lines[1].contains("HF_HUB_OFFLINE=1")
-            && lines[1].contains("--data-dir")
-            && lines[1].contains("--weights-file"),
+            && lines[1].contains("DataSource::Dir")
+            && lines[1].contains("weights file"),
         "{err}"
     );
     assert!(lines[2].trim_start().starts_with("cause:"), "{err}");

@@ -233,7 +233,7 @@ fn ambiguous_or_missing_columns_and_unknown_repos_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("--label-column")
+        e.contains("ColumnChoice::label")
             && e.contains("fine (integer)")
             && e.contains("coarse (integer)"),
         "{e}"

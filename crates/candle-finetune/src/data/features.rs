@@ -285,7 +285,7 @@ pub fn resolve(
                      binary); the columns are: {columns}"
                 ),
                 many => bail!(
-                    "dataset: several image columns ({}); choose one with --image-column; the \
+                    "dataset: several image columns ({}); choose one with `ColumnChoice::image`; the \
                      columns are: {columns}",
                     many.iter()
                         .map(|s| s.as_str())
@@ -334,14 +334,14 @@ pub fn resolve(
                         ),
                         None => bail!(
                             "dataset: several integer columns and no ClassLabel to tell which \
-                             holds the class; choose one with --label-column; the columns are: \
+                             holds the class; choose one with `ColumnChoice::label`; the columns are: \
                              {columns}"
                         ),
                     }
                 }
                 many => {
                     bail!(
-                    "dataset: several ClassLabel columns ({}); choose one with --label-column; \
+                    "dataset: several ClassLabel columns ({}); choose one with `ColumnChoice::label`; \
                      the columns are: {columns}",
                     many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
                 )

@@ -249,7 +249,7 @@ fn pick_config<'a>(configs: &'a [Value], config: Option<&str>) -> Result<&'a Val
         .ok_or_else(|| {
             candle_core::Error::Msg(format!(
                 "dataset: the card declares several configurations ({}); choose one with \
-                 --dataset-config",
+                 `DataSource::Hub::config`",
                 names()
             ))
         })

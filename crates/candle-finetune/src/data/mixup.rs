@@ -119,7 +119,7 @@ impl Mixup {
         }
         if let Some([lo, hi]) = self.cutmix_minmax {
             if !(lo > 0.0 && lo < hi && hi <= 1.0) {
-                bail!("mixup: --cutmix-minmax must be 0 < min < max <= 1, not {lo},{hi}");
+                bail!("mixup: `cutmix_minmax` must be 0 < min < max <= 1, not {lo},{hi}");
             }
         }
         if self.num_classes == 0 {

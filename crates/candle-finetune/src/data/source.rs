@@ -384,7 +384,7 @@ fn conversion_config(files: &[String]) -> std::result::Result<String, String> {
         many if many.contains(&"default") => Ok("default".into()),
         many => Err(format!(
             "its parquet conversion has several configurations ({}); choose one with \
-             --dataset-config",
+             `DataSource::Hub::config`",
             many.join(", ")
         )),
     }

@@ -246,7 +246,8 @@ pub fn train_validation(
     let (t, v) = holdout::stratified(&train, fraction, seed)?;
     if v.is_empty() {
         bail!(
-            "holding out {fraction} of {} training images leaves no validation image; raise              --validation-fraction or set it to 0 to keep the last epoch",
+            "holding out {fraction} of {} training images leaves no validation image; raise \
+             `validation_fraction` or set it to 0 to keep the last epoch",
             train.len()
         );
     }
@@ -528,14 +529,8 @@ impl FineTune {
             });
         }
         if fit.interrupted {
-            eprintln!(
-                "stopped; {} holds the run's state: continue it with --resume",
-                RunPaths {
-                    dir: self.out.clone()
-                }
-                .last()
-                .display()
-            );
+            // The caller says how to continue (`RunReport::fit.interrupted`; the state is in
+            // `RunPaths::last`): `resume` set on the same folder.
             return Ok(RunReport {
                 fit,
                 test: None,

@@ -1219,7 +1219,7 @@ pub fn fit_distributed<M: Classifier>(
             if !v.is_finite() {
                 bar.abandon();
                 bail!(
-                    "train: the loss became {v} at epoch {}, batch {bi}; stopping. The last checkpoint ({}) still holds the end of epoch {}. Lower --lr or check the data.",
+                    "train: the loss became {v} at epoch {}, batch {bi}; stopping. The last checkpoint ({}) still holds the end of epoch {}. Lower the learning rate (`TrainConfig::lr`) or check the data.",
                     epoch + 1,
                     paths.last().display(),
                     epoch
