@@ -65,11 +65,17 @@ fn operands(c: &Case) -> Result<(Tensor, Tensor, Tensor)> {
 /// sum of m products is within (m + 2) u sum |products| (each product rounded once, each
 /// addition once, the result rounded once); the factor 2 covers the operands' and result's
 /// layout reorders, which are exact, and FMA contraction.
-fn f32_bounds(c: &Case, x: &Tensor, w: &Tensor, r: &Tensor) -> Result<([Tensor; 3], [usize; 3])> {
+fn f32_bounds(
+    c: &Case,
+    x: &Tensor,
+    w: &Tensor,
+    r: &Tensor,
+    reference: Option<Backend>,
+) -> Result<([Tensor; 3], [usize; 3])> {
     let &(n, ci, h, wd, co, k, s, p) = c;
     let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
     // The same sums over |x|, |w|, |r|: the scale of each element's rounding error.
-    let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
+    let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, reference)?;
     // Products summed per element: Ci*k*k for y, Co*k*k for dx, N*OH*OW for dw.
     let terms = [ci * k * k, co * k * k, n * oh * ow];
     let u = f64::from(f32::EPSILON) / 2.0;
@@ -95,7 +101,7 @@ fn check(c: &Case, threads: usize) -> Result<()> {
         .expect("thread pool");
     let ours = pool.install(|| passes(c, &x, &w, &r, DType::F32, Some(Backend::OneDnn)))?;
     let exact = passes(c, &x, &w, &r, DType::F64, None)?;
-    let (bounds, _) = f32_bounds(c, &x, &w, &r)?;
+    let (bounds, _) = f32_bounds(c, &x, &w, &r, None)?;
     for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
         let what = format!("{what} of case {c:?} with {threads} threads");
         assert_within(&ours[i], &exact[i], &bounds[i], &what)?;
@@ -155,7 +161,7 @@ fn bf16_passes_are_within_the_f32_accumulation_and_bf16_rounding_bound() -> Resu
         let (x, w, r) = (bf(&x)?, bf(&w)?, bf(&r)?);
         let ours = passes(c, &x, &w, &r, DType::BF16, Some(Backend::OneDnn))?;
         let exact = passes(c, &x, &w, &r, DType::F64, None)?;
-        let (bounds, _) = f32_bounds(c, &x, &w, &r)?;
+        let (bounds, _) = f32_bounds(c, &x, &w, &r, None)?;
         for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
             // The f32 accumulation's bound, then one rounding to bf16: at most one bf16 unit
             // in the last place, 2^-7 relative at worst.
@@ -184,7 +190,7 @@ fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Resul
         // What bf16 operands with f32 accumulation give, and what f32 operands give.
         let rounded = passes(c, &bf(&x)?, &bf(&w)?, &bf(&r)?, DType::F64, None)?;
         let exact = passes(c, &x, &w, &r, DType::F64, None)?;
-        let (bounds, terms) = f32_bounds(c, &x, &w, &r)?;
+        let (bounds, terms) = f32_bounds(c, &x, &w, &r, None)?;
         let mag = passes(c, &x.abs()?, &w.abs()?, &r.abs()?, DType::F64, None)?;
         for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
             // The f32 accumulation bound, plus, in bf16 arithmetic, two bf16 roundings on the
@@ -243,4 +249,52 @@ fn a_wrong_geometry_is_an_error_not_a_crash() -> Result<()> {
         .to_string();
     assert!(e.contains("channels"), "{e}");
     Ok(())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Any geometry, empty batches included, through both bf16 routes: no panic, the shapes of
+    /// candle's convolution, and values within the bf16 routes' bounds of the f64 result.
+    #[test]
+    fn bf16_routes_hold_on_any_geometry(
+        n in 0usize..4, ci in 1usize..6, h in 1usize..9, wd in 1usize..9, co in 1usize..6,
+        k in 1usize..4, s in 1usize..3, p in 0usize..2, tensors in proptest::bool::ANY,
+    ) {
+        proptest::prop_assume!(k <= h + 2 * p && k <= wd + 2 * p);
+        let c: Case = (n, ci, h, wd, co, k, s, p);
+        let (x, w, r) = operands(&c).unwrap();
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
+        // bf16 tensors take bf16-valued operands; f32 tensors with bf16 arithmetic any f32.
+        let (x, w, r) = if tensors { (bf(&x), bf(&w), bf(&r)) } else { (x, w, r) };
+        let (dtype, backend) = if tensors {
+            (DType::BF16, Backend::OneDnn)
+        } else {
+            (DType::F32, Backend::OneDnnBf16)
+        };
+        let ours = passes(&c, &x, &w, &r, dtype, Some(backend)).unwrap();
+        if n == 0 {
+            // An empty batch: the empty output and input gradient, a zero weight gradient.
+            let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+            proptest::prop_assert_eq!(ours[0].dims(), &[0, co, oh, ow]);
+            proptest::prop_assert_eq!(ours[1].dims(), &[0, ci, h, wd]);
+            proptest::prop_assert_eq!(ours[2].dims(), &[co, ci, k, k]);
+            let dw_max = ours[2].abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            proptest::prop_assert_eq!(dw_max, 0.0);
+            return Ok(());
+        }
+        // The reference: the f64 im2col + GEMM route (checked against candle's f64 convolution
+        // in tests/conv.rs; candle's own backward fails where the stride does not divide the
+        // input, e.g. 6 px at stride 2, which this test reaches).
+        let f64_ref = Some(Backend::Gemm);
+        let want = passes(&c, &bf(&x), &bf(&w), &bf(&r), DType::F64, f64_ref).unwrap();
+        let (bounds, _) = f32_bounds(&c, &x, &w, &r, f64_ref).unwrap();
+        let mag = passes(&c, &x.abs().unwrap(), &w.abs().unwrap(), &r.abs().unwrap(), DType::F64, f64_ref).unwrap();
+        for i in 0..3 {
+            proptest::prop_assert_eq!(ours[i].dims(), want[i].dims());
+            // The larger of the two routes' bounds: the f32 one plus 2^-7 of the sum of
+            // |products| (which also covers one bf16 rounding of the result).
+            let allowed = (&bounds[i] + (mag[i].clone() * 2f64.powi(-7)).unwrap()).unwrap();
+            assert_within(&ours[i], &want[i], &allowed, &format!("pass {i} of {c:?}, bf16 tensors {tensors}")).unwrap();
+        }
+    }
 }
