@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device};
 use candle_finetune::data::{Loader, LoaderConfig, Preprocess, Transform};
-use candle_finetune::train::{fit_with, OptimizerKind, TrainConfig};
+use candle_finetune::train::{fit_with, Amp, OptimizerKind, TrainConfig};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::resnet::Arch;
 use serde::Serialize;
@@ -41,6 +41,10 @@ pub struct Args {
     /// jitter 0.4, random erasing 0.25, weight EMA, gradient clipping at 1, drop path 0.05.
     #[arg(long)]
     all_options: bool,
+    /// Mixed precision (`bf16`), as train-cars' `--amp`: on a CPU with native bf16 on oneDNN
+    /// (the `onednn` build) the convolutions compute in bf16.
+    #[arg(long, value_enum, default_value_t = Amp::F32)]
+    amp: Amp,
     /// Sample the resident memory every this many optimizer steps.
     #[arg(long, default_value_t = 5)]
     every: u64,
@@ -125,6 +129,7 @@ pub fn run(a: Args) -> Result<()> {
         accum_steps: a.accum_steps,
         lr: 0.02,
         optimizer: a.optimizer,
+        amp: a.amp,
         ..Default::default()
     };
     let cfg = if a.all_options {
@@ -172,7 +177,8 @@ pub fn run(a: Args) -> Result<()> {
             train_ds.num_classes(),
             VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
         )?
-        .with_drop_path(cfg.drop_path)?;
+        .with_drop_path(cfg.drop_path)?
+        .with_conv_backend(cfg.amp.conv_backend(&Device::Cpu));
     let (rss0, _) = rss_mib();
     let mut samples = vec![Sample {
         step: 0,
