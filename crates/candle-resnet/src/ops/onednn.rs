@@ -9,7 +9,7 @@ use super::{Geo, Pass};
 use candle_core::{bail, Result};
 use half::bf16;
 use rayon::prelude::*;
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void};
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -48,6 +48,13 @@ extern "C" {
     ) -> i32;
     fn cr_dnnl_impl(pass: i32, dt: i32, g: *const Geometry, buf: *mut c_char, len: usize) -> i32;
     fn cr_dnnl_version(buf: *mut c_char, len: usize);
+}
+
+/// The text the bridge wrote into `buf`, up to its NUL (all of `buf` if it has none).
+fn text_of(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 fn pass_code(pass: Pass) -> i32 {
@@ -89,10 +96,7 @@ fn implementation(pass: Pass, dt: i32, g: &Geo) -> Result<String> {
             buf.len(),
         )
     };
-    // SAFETY: NUL-terminated by the bridge.
-    let text = unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
+    let text = text_of(&buf);
     if status != 0 {
         bail!("conv2d (oneDNN {pass:?}): {text}");
     }
@@ -125,10 +129,7 @@ pub(super) fn version() -> &'static str {
         let mut buf = [0 as c_char; 64];
         // SAFETY: the bridge writes at most `buf.len()` bytes, NUL-terminated.
         unsafe { cr_dnnl_version(buf.as_mut_ptr(), buf.len()) };
-        // SAFETY: NUL-terminated by snprintf above.
-        unsafe { CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()
+        text_of(&buf)
     })
 }
 
@@ -282,9 +283,7 @@ fn call<I, O>(
         )
     };
     if status != 0 {
-        // SAFETY: NUL-terminated by the bridge.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-        bail!("conv2d (oneDNN {pass:?}, {g:?}): {msg}");
+        bail!("conv2d (oneDNN {pass:?}, {g:?}): {}", text_of(&err));
     }
     Ok(())
 }
