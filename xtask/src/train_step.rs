@@ -11,7 +11,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, ModuleT, Tensor};
 use candle_finetune::recipe::DeviceKind;
-use candle_finetune::train::{Group, Optimizer, Rule};
+use candle_finetune::train::{Amp, Classifier, Group, Optimizer, Rule};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::ops::conv::Backend;
 use candle_resnet::params::ParamGroups;
@@ -94,16 +94,11 @@ pub fn run(a: Args) -> Result<()> {
         other => bail!("--dtype must be f32, bf16 or f16, got {other}"),
     };
     let dev = a.device.device()?;
-    // bf16 mixed precision on a CPU whose oneDNN runs bf16 natively: f32 tensors throughout,
-    // bf16 arithmetic inside the convolutions (candle's bf16 element-wise ops are slow on CPU);
-    // elsewhere bf16 tensors (the convolutions and batch norms follow the input's dtype).
-    let bf16_convs =
-        a.amp.as_deref() == Some("bf16") && dev.is_cpu() && Backend::OneDnnBf16.bf16_arithmetic();
-    let input_dtype = match (a.amp.as_deref(), dtype) {
-        (None, d) => d,
-        (Some("bf16"), DType::F32) if bf16_convs => DType::F32,
-        (Some("bf16"), DType::F32) => DType::BF16,
-        (Some("f16"), DType::F32) => DType::F16,
+    // bf16 as train-cars runs it: the model takes the precision's convolution backend and says
+    // which dtype its images enter in (f32 where the convolutions compute in bf16 themselves).
+    let amp = match (a.amp.as_deref(), dtype) {
+        (None, _) | (Some("f16"), DType::F32) => None,
+        (Some("bf16"), DType::F32) => Some(Amp::Bf16),
         (Some(other), _) => bail!("--amp takes bf16 or f16 with --dtype f32, got {other}"),
     };
     let arch: Arch = a.arch.parse().map_err(anyhow::Error::msg)?;
@@ -115,9 +110,14 @@ pub fn run(a: Args) -> Result<()> {
     let per_rank = a.batch / ranks;
     let vm = VarMap::new();
     let mut model = arch.build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?;
-    if bf16_convs {
-        model = model.with_conv_backend(Backend::OneDnnBf16);
+    if let Some(amp) = amp {
+        model = model.with_conv_backend(amp.conv_backend(&dev));
     }
+    let input_dtype = match (amp, a.amp.as_deref()) {
+        (Some(amp), _) => model.input_dtype(amp),
+        (None, Some("f16")) => DType::F16,
+        (None, _) => dtype,
+    };
     let trainable = ParamGroups::from_varmap(&vm).trainable(false);
     let vars = trainable
         .iter()

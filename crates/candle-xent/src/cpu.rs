@@ -143,6 +143,16 @@ fn prefetch<A>(s: &[A], i: usize, n: usize) {
     let _ = (s, i, n);
 }
 
+/// Row `r + 1` of the `c_n`-wide rows of `x` to prefetch while row `r` is worked on: only when
+/// the same task works on it next (`more`) and the rows need no conversion; else empty.
+#[inline]
+fn next_row<T: Elem>(x: &[T], r: usize, c_n: usize, more: bool) -> &[T::A] {
+    match x.get((r + 1) * c_n..(r + 2) * c_n) {
+        Some(nr) if more => T::as_acc(nr).unwrap_or(&[]),
+        _ => &[],
+    }
+}
+
 /// `LANES` consecutive elements of `s` starting at `i` as an array (bounds checked once).
 #[inline(always)]
 fn lanes<A: Copy>(s: &[A], i: usize) -> [A; LANES] {
@@ -742,10 +752,7 @@ pub(crate) fn forward<T: Elem>(
                     }
                     Targets::Hard(_) => empty,
                 };
-                let next = match x.get((r + 1) * c_n..(r + 2) * c_n) {
-                    Some(nr) if j + 1 < len => T::as_acc(nr).unwrap_or(empty),
-                    _ => empty,
-                };
+                let next = next_row(x, r, c_n, j + 1 < len);
                 let s = k.sums(xa, p.weight, ta, p.soft_zero_is_zero(), next);
                 let st = finish_row(p, &s, |c| xa[c], row_target(p, targets, r));
                 dst[j * STATS..(j + 1) * STATS].copy_from_slice(&st);
@@ -890,10 +897,7 @@ pub(crate) fn backward<T: Elem>(
                     }
                     Targets::Hard(_) => empty,
                 };
-                let next = match x.get((r + 1) * c_n..(r + 2) * c_n) {
-                    Some(nr) if j + 1 < len => T::as_acc(nr).unwrap_or(empty),
-                    _ => empty,
-                };
+                let next = next_row(x, r, c_n, j + 1 < len);
                 match T::as_acc_mut(out) {
                     Some(o) => {
                         k.grad(xa, p.weight, ta, coef, o, next);
