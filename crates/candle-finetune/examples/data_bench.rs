@@ -21,7 +21,7 @@ fn photo(seed: u32) -> Vec<u8> {
         s ^= s >> 17;
         s ^= s << 5;
         let n = (s % 24) as i32 - 12;
-        let band = if (x / 75 + y / 50 + seed) % 3 == 0 {
+        let band = if (x / 75 + y / 50 + seed).is_multiple_of(3) {
             60
         } else {
             0

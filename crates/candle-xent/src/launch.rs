@@ -159,7 +159,7 @@ pub fn rows_launch(rows: usize, classes: usize, elem_bytes: usize) -> Launch {
 /// that is then the block size). Used by tests to drive both reduction paths on small rows.
 pub fn rows_launch_with_group(rows: usize, group: u32) -> Launch {
     assert!(
-        (WARP..=MAX_BLOCK).contains(&group) && group % WARP == 0,
+        (WARP..=MAX_BLOCK).contains(&group) && group.is_multiple_of(WARP),
         "group {group} must be a multiple of 32 in 32..=1024"
     );
     let per_block = if group == WARP {

@@ -166,7 +166,7 @@ impl Loader {
                 cfg.shard.world
             );
         }
-        if cfg.batch_size % cfg.shard.world != 0 {
+        if !cfg.batch_size.is_multiple_of(cfg.shard.world) {
             bail!(
                 "loader: the global batch size {} is not divisible by the {} data-parallel \
                  processes (each takes batch_size / world images)",

@@ -23,6 +23,7 @@
 //! the GEMM itself. f64 keeps the im2col path either way.
 
 use super::storage::contiguous_slice;
+use super::taps::{self, Taps};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -211,13 +212,12 @@ fn for_each_group<T: WithDType>(
         (true, par) => out
             .par_chunks_mut(chunk)
             .enumerate()
-            .for_each_init(Scratch::default, |s, (gi, o)| f(gi, o, par, s)),
-        (false, par) => {
-            let mut s = Scratch::default();
+            .for_each(|(gi, o)| with_scratch(|s| f(gi, o, par, s))),
+        (false, par) => with_scratch(|s| {
             for (gi, o) in out.chunks_mut(chunk).enumerate() {
-                f(gi, o, par, &mut s);
+                f(gi, o, par, s);
             }
-        }
+        }),
     }
 }
 
@@ -226,6 +226,29 @@ fn for_each_group<T: WithDType>(
 struct Scratch<T> {
     col: Vec<T>,
     tmp: Vec<T>,
+}
+
+/// Runs `f` with this thread's scratch buffers of element type `T`, kept from one convolution
+/// to the next: allocating and zero-filling megabytes of im2col matrix per pass cost a few per
+/// cent of a 32 px training step. A pass that runs inside another on the same thread (rayon
+/// work-stealing while a nested parallel loop waits) takes a second set, so the pool holds at
+/// most one set per nesting level; the buffers never shrink, their size is that of the largest
+/// convolution seen.
+fn with_scratch<T: WithDType, R>(f: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+    use std::any::Any;
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+    }
+    let taken = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let at = p.iter().position(|b| b.is::<Scratch<T>>())?;
+        p.swap_remove(at).downcast::<Scratch<T>>().ok()
+    });
+    let mut s = taken.unwrap_or_default();
+    let r = f(&mut s);
+    POOL.with(|p| p.borrow_mut().push(s));
+    r
 }
 
 impl<T> Default for Scratch<T> {
@@ -265,6 +288,11 @@ fn gather_row<T: WithDType>(dst: &mut [T], src: &[T], stride: usize, off: isize)
     let (lo, hi) = valid_range(dst.len(), src.len(), stride, off);
     dst[..lo].fill(T::zero());
     dst[hi..].fill(T::zero());
+    if lo == hi {
+        // No output reads inside `src` (a stride longer than the padded input, say); `start`
+        // below would point past its end.
+        return;
+    }
     let start = (lo as isize * stride as isize + off) as usize;
     if stride == 1 {
         dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
@@ -298,7 +326,7 @@ fn scatter_add_row<T: WithDType>(dst: &mut [T], src: &[T], stride: usize, off: i
 }
 
 /// Runs `f(index, chunk)` over `out.chunks_mut(chunk)`, in parallel when `parallel`.
-fn chunks<T: WithDType>(
+pub(super) fn chunks<T: WithDType>(
     out: &mut [T],
     chunk: usize,
     parallel: bool,
@@ -526,6 +554,7 @@ fn gemm_into<T: WithDType>(
 /// copy).
 fn columns<'a, T: WithDType>(
     g: &Geo,
+    taps: Option<&Taps>,
     x: &'a [T],
     (first, cnt): (usize, usize),
     col: &'a mut Vec<T>,
@@ -537,10 +566,10 @@ fn columns<'a, T: WithDType>(
         return imgs;
     }
     let col = sized(col, k * cnt * p);
-    if g.pointwise() {
-        to_matrix(imgs, col, g.ci, p, parallel);
-    } else {
-        im2col(g, imgs, cnt, col, parallel);
+    match taps {
+        _ if g.pointwise() => to_matrix(imgs, col, g.ci, p, parallel),
+        Some(t) => t.im2col(imgs, cnt, col, parallel),
+        None => im2col(g, imgs, cnt, col, parallel),
     }
     col
 }
@@ -569,13 +598,44 @@ fn split(par: Parallelism) -> bool {
     !matches!(par, Parallelism::None)
 }
 
+/// Maps at most this wide take im2col and col2im through gather tables ([`Taps`]); wider ones
+/// copy whole shifted rows, which is as fast.
+const TAPS_MAX_WIDTH: usize = 32;
+
+/// The gather tables for groups of `cnt` images where they apply: small maps, f32 on a CPU with
+/// AVX-512 (whose gathers make them fast) or f64 (the reference dtype of the tests, so the
+/// tables' logic is checked on any CPU).
+fn tap_tables<T: WithDType>(g: &Geo, cnt: usize) -> Option<Taps> {
+    let fast = match T::DTYPE {
+        DType::F32 => taps::vector_gathers(),
+        DType::F64 => true,
+        _ => false,
+    };
+    if !fast || g.pointwise() || g.w > TAPS_MAX_WIDTH || g.p() == 0 || g.h * g.w == 0 || g.ci == 0 {
+        return None;
+    }
+    let shape = taps::Shape {
+        ci: g.ci,
+        h: g.h,
+        w: g.w,
+        kh: g.kh,
+        kw: g.kw,
+        stride: g.stride,
+        padding: g.padding,
+        oh: g.oh,
+        ow: g.ow,
+    };
+    Taps::new(&shape, cnt)
+}
+
 fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T]) -> Vec<T> {
     let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
     let mut y = vec![T::zero(); g.n * g.co * p];
+    let taps = tap_tables::<T>(g, ng);
     for_each_group(&mut y, ng * g.co * p, |gi, yg, par, s| {
         let cnt = yg.len() / (g.co * p);
         let Scratch { col, tmp } = s;
-        let b = columns(g, x, (gi * ng, cnt), col, split(par));
+        let b = columns(g, taps.as_ref(), x, (gi * ng, cnt), col, split(par));
         let (dims, ld) = ((g.co, cnt * p, k), cnt * p);
         if cnt == 1 {
             gemm_into(dims, w, View::rows(k), b, View::rows(p), yg, p, false, par);
@@ -591,6 +651,7 @@ fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T]) -> Vec<T> {
 fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T]) -> Vec<T> {
     let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
     let mut dx = vec![T::zero(); g.n * g.in_len()];
+    let taps = tap_tables::<T>(g, ng);
     for_each_group(&mut dx, ng * g.in_len(), |gi, dxg, par, s| {
         let cnt = dxg.len() / g.in_len();
         let Scratch { col, tmp } = s;
@@ -603,10 +664,16 @@ fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T]) -> Vec<T> {
         }
         let c = sized(col, k * ld);
         gemm_into(dims, w, wt, d, View::rows(ld), c, ld, false, par);
-        if g.pointwise() {
-            to_images(c, dxg, g.ci, p, split(par));
-        } else {
-            col2im(g, c, cnt, dxg, split(par));
+        match &taps {
+            _ if g.pointwise() => to_images(c, dxg, g.ci, p, split(par)),
+            Some(t) => {
+                // Summed per channel across the group, then back to image-major order.
+                let hw = g.h * g.w;
+                let m = sized(tmp, cnt * g.in_len());
+                t.col2im(c, cnt, m, split(par));
+                to_images(m, dxg, g.ci, hw, split(par));
+            }
+            None => col2im(g, c, cnt, dxg, split(par)),
         }
     });
     dx
@@ -622,12 +689,13 @@ fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
         .map(|a| (a, (a + per).min(g.n)))
         .collect();
     let mut partials = vec![T::zero(); ranges.len() * g.co * k];
+    let taps = tap_tables::<T>(g, ng);
     for_each_group(&mut partials, g.co * k, |ri, acc, par, s| {
         let (a, b) = ranges[ri];
         for (j, first) in (a..b).step_by(ng).enumerate() {
             let cnt = ng.min(b - first);
             let Scratch { col, tmp } = s;
-            let cols = columns(g, x, (first, cnt), col, split(par));
+            let cols = columns(g, taps.as_ref(), x, (first, cnt), col, split(par));
             let d = grads(g, dy, (first, cnt), tmp, split(par));
             // dW^T (K, Co) += cols (K, cnt*P) x dY^T (cnt*P, Co). Both operands have the
             // reduction contiguous; gemm packs a transposed right-hand side quickly when it is
@@ -1051,4 +1119,91 @@ fn crop_plan(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Option<
         kw: kw2,
     };
     same_out.then_some((crop, p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Both routes of im2col and col2im on one geometry and group size, compared bit for bit:
+    /// the tables only change how values are fetched, never what is summed or in which order.
+    fn routes_agree<T: WithDType>(g: &Geo, cnt: usize, seed: u64) {
+        let Some(taps) = Taps::new(
+            &taps::Shape {
+                ci: g.ci,
+                h: g.h,
+                w: g.w,
+                kh: g.kh,
+                kw: g.kw,
+                stride: g.stride,
+                padding: g.padding,
+                oh: g.oh,
+                ow: g.ow,
+            },
+            cnt + 1, // a table built for a larger group serves a smaller one
+        ) else {
+            panic!("tables for a small geometry")
+        };
+        let mut state = seed | 1;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            T::from_f64((state % 2001) as f64 / 1000.0 - 1.0)
+        };
+        let imgs: Vec<T> = (0..cnt * g.in_len()).map(|_| next()).collect();
+        let ld = cnt * g.p();
+        for parallel in [false, true] {
+            let (mut a, mut b) = (vec![T::zero(); g.k() * ld], vec![T::one(); g.k() * ld]);
+            im2col(g, &imgs, cnt, &mut a, parallel);
+            taps.im2col(&imgs, cnt, &mut b, parallel);
+            let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "im2col of {g:?} x {cnt}");
+            let col: Vec<T> = (0..g.k() * ld).map(|_| next()).collect();
+            let mut dx = vec![T::zero(); cnt * g.in_len()];
+            col2im(g, &col, cnt, &mut dx, parallel);
+            let mut m = vec![T::one(); cnt * g.in_len()];
+            let mut dx2 = vec![T::zero(); cnt * g.in_len()];
+            taps.col2im(&col, cnt, &mut m, parallel);
+            to_images(&m, &mut dx2, g.ci, g.h * g.w, parallel);
+            assert_eq!(bits(&dx), bits(&dx2), "col2im of {g:?} x {cnt}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn gather_tables_match_the_copy_route(
+            cnt in 1usize..5, ci in 1usize..4, h in 1usize..10, w in 1usize..10,
+            k in 1usize..6, stride in 1usize..4, padding in 0usize..3, seed in any::<u64>(),
+        ) {
+            let Ok(g) = Geo::new(&[cnt, ci, h, w], &[2, ci, k, k], stride, padding) else {
+                return Ok(()); // a kernel larger than the padded input: refused by Geo::new
+            };
+            routes_agree::<f32>(&g, cnt, seed);
+            routes_agree::<f64>(&g, cnt, seed);
+        }
+    }
+
+    #[test]
+    fn gather_tables_cover_resnet_geometries() {
+        // The stem at 32 px, the 3x3 stride-1 and stride-2 layers at 8, 4, 2 and 1 px, and a
+        // 1x1 stride-2 downsample; groups of 1 and 5 images (a 16-lane vector and a tail).
+        for (ci, h, k, s, p) in [
+            (3, 32, 7, 2, 3),
+            (4, 8, 3, 1, 1),
+            (4, 8, 3, 2, 1),
+            (4, 4, 3, 1, 1),
+            (4, 2, 3, 1, 1),
+            (4, 1, 3, 1, 1),
+            (4, 8, 1, 2, 0),
+        ] {
+            for cnt in [1, 5] {
+                let g = Geo::new(&[cnt, ci, h, h], &[8, ci, k, k], s, p).expect("geometry");
+                routes_agree::<f32>(&g, cnt, 7);
+                routes_agree::<f64>(&g, cnt, 11);
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@ pub mod conv;
 pub mod maxpool;
 pub mod relu;
 mod storage;
+mod taps;
 
 // Helpers the batch-norm and ReLU kernels share, kept here so neither module depends on the
 // other.
