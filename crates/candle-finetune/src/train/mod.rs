@@ -1317,7 +1317,9 @@ pub fn fit_distributed<M: Classifier>(
                 }
                 // A recovery checkpoint at this step boundary: every N steps, every T minutes,
                 // or because the run is asked to stop.
-                let due = cfg.checkpoint_every_steps.is_some_and(|n| step.is_multiple_of(n))
+                let due = cfg
+                    .checkpoint_every_steps
+                    .is_some_and(|n| step.is_multiple_of(n))
                     || (cfg.checkpoint_every_minutes > 0.0
                         && last_checkpoint.elapsed().as_secs_f64()
                             >= 60.0 * cfg.checkpoint_every_minutes)

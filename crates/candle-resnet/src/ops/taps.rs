@@ -23,11 +23,8 @@ use candle_core::{DType, WithDType};
 /// A table built for `cnt` images serves any smaller group: its rows' first `k * P` (or
 /// `k * H*W`) entries concern images `0..k` only.
 pub(super) struct Taps {
-    cols: Vec<i32>,
-    pixels: Vec<i32>,
-    /// Row lengths of `cols` and `pixels`.
-    ld_cols: usize,
-    ld_pixels: usize,
+    cols: Table,
+    pixels: Table,
     /// Per image: im2col columns (`P`), pixels in a plane (`H*W`), values in an image.
     p: usize,
     hw: usize,
@@ -100,10 +97,8 @@ impl Taps {
             }
         }
         Some(Self {
-            cols,
-            pixels,
-            ld_cols,
-            ld_pixels,
+            cols: Table::new(cols, ld_cols),
+            pixels: Table::new(pixels, ld_pixels),
             p,
             hw,
             in_len,
@@ -122,16 +117,15 @@ impl Taps {
     ) {
         let ld = cnt * self.p;
         let ci = self.in_len / self.hw;
-        assert!(ld <= self.ld_cols && imgs.len() == cnt * self.in_len);
+        assert!(ld <= self.cols.ld && imgs.len() == cnt * self.in_len);
         assert_eq!(col.len(), ci * self.taps * ld);
         // Entries of images `0..cnt` are below `(cnt - 1) * in_len + hw`: from a plane's start
         // `c * hw` they stay inside `imgs`, as `c * hw + hw <= in_len`.
         let top = (cnt.max(1) - 1) * self.in_len + self.hw;
         super::conv::chunks(col, ld, parallel, |r, row| {
             let (c, t) = (r / self.taps, r % self.taps);
-            let idx = &self.cols[t * self.ld_cols..][..ld];
             // SAFETY: the entries are below `top` by construction (see above and `Taps::new`).
-            unsafe { gather(row, &imgs[c * self.hw..], idx, top, false) };
+            unsafe { self.cols.gather(t, row, &imgs[c * self.hw..], top, false) };
         });
     }
 
@@ -147,7 +141,7 @@ impl Taps {
     ) {
         let (ld, lp) = (cnt * self.p, cnt * self.hw);
         let ci = self.in_len / self.hw;
-        assert!(lp <= self.ld_pixels && col.len() == ci * self.taps * ld);
+        assert!(lp <= self.pixels.ld && col.len() == ci * self.taps * ld);
         assert_eq!(out.len(), ci * lp);
         super::conv::chunks(out, lp, parallel, |c, acc| {
             acc.fill(T::zero());
@@ -155,20 +149,99 @@ impl Taps {
                 // Entries of images `0..cnt` are im2col columns, below `cnt * P = ld`.
                 let row = &col[(c * self.taps + t) * ld..][..ld];
                 // SAFETY: `Taps::new` writes `i * P + p < (i + 1) * P` for image `i < cnt`.
-                unsafe { gather(acc, row, &self.pixels[t * self.ld_pixels..][..lp], ld, true) };
+                unsafe { self.pixels.gather(t, acc, row, ld, true) };
             }
         });
     }
 }
 
+/// Lanes per vector block of a table (16 f32 in an AVX-512 register).
+const LANES: usize = 16;
+
+/// One table: rows of `ld` indices (one row per tap), and for every block of [`LANES`] entries
+/// of a row whether its valid entries are consecutive (a shifted copy: 3x3 stride-1 taps on
+/// maps 4 or 8 wide), so that a masked load can stand in for the gather.
+struct Table {
+    idx: Vec<i32>,
+    runs: Vec<Run>,
+    ld: usize,
+}
+
+/// A block of a [`Table`] row: `mask` has a bit per valid entry (index >= 0); where they are
+/// `base + lane` for each valid lane, `base` is that offset, else [`Run::SCATTERED`].
+#[derive(Clone, Copy)]
+struct Run {
+    base: i32,
+    mask: u16,
+}
+
+impl Run {
+    const SCATTERED: i32 = i32::MIN;
+}
+
+impl Table {
+    fn new(idx: Vec<i32>, ld: usize) -> Self {
+        let runs = idx
+            .chunks(ld.max(1))
+            .flat_map(|row| row.chunks(LANES))
+            .map(|block| {
+                let mut mask = 0u16;
+                let mut base = None;
+                let mut run = true;
+                for (lane, &i) in block.iter().enumerate() {
+                    if i < 0 {
+                        continue;
+                    }
+                    mask |= 1 << lane;
+                    let b = i - lane as i32;
+                    run &= *base.get_or_insert(b) == b;
+                }
+                let base = match base {
+                    Some(b) if run => b,
+                    Some(_) => Run::SCATTERED,
+                    None => 0,
+                };
+                Run { base, mask }
+            })
+            .collect();
+        Self { idx, runs, ld }
+    }
+
+    /// [`gather`] through row `t`'s first `dst.len()` entries.
+    ///
+    /// # Safety
+    /// As [`gather`]: those entries are below `top`.
+    unsafe fn gather<T: WithDType>(
+        &self,
+        t: usize,
+        dst: &mut [T],
+        src: &[T],
+        top: usize,
+        add: bool,
+    ) {
+        let blocks = self.ld.div_ceil(LANES);
+        let idx = &self.idx[t * self.ld..][..dst.len()];
+        let runs = &self.runs[t * blocks..][..dst.len().div_ceil(LANES)];
+        // SAFETY: the caller's promise.
+        unsafe { gather(dst, src, idx, runs, top, add) }
+    }
+}
+
 /// `dst[j] (+)= src[idx[j]]` for every `j` with `idx[j] >= 0`; without `add`, the other `dst[j]`
-/// become zero.
+/// become zero. `runs` describes `idx` block by block (see [`Table`]).
 ///
 /// # Safety
 /// Every index is below `top` (checked in debug builds only; `top <= src.len()` always is): the
 /// vector route reads without bounds checks.
-unsafe fn gather<T: WithDType>(dst: &mut [T], src: &[T], idx: &[i32], top: usize, add: bool) {
-    assert!(dst.len() == idx.len() && top <= src.len());
+unsafe fn gather<T: WithDType>(
+    dst: &mut [T],
+    src: &[T],
+    idx: &[i32],
+    runs: &[Run],
+    top: usize,
+    add: bool,
+) {
+    assert!(dst.len() == idx.len() && top <= src.len() && runs.len() == idx.len().div_ceil(LANES));
     debug_assert!(idx.iter().all(|&i| i < 0 || (i as usize) < top));
     #[cfg(target_arch = "x86_64")]
     if T::DTYPE == DType::F32 && avx512() {
@@ -177,9 +250,10 @@ unsafe fn gather<T: WithDType>(dst: &mut [T], src: &[T], idx: &[i32], top: usize
         unsafe {
             let d = std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len());
             let s = std::slice::from_raw_parts(src.as_ptr() as *const f32, src.len());
-            return gather_f32_avx512(d, s, idx, add);
+            return gather_f32_avx512(d, s, idx, runs, add);
         }
     }
+    let _ = runs;
     for (d, &i) in dst.iter_mut().zip(idx) {
         if i >= 0 {
             let v = src[i as usize];
@@ -209,26 +283,32 @@ fn avx512() -> bool {
 }
 
 /// [`gather`] for f32, 16 lanes at a time, the padding lanes masked off (neither read nor, when
-/// adding, added).
+/// adding, added); a block whose valid lanes are consecutive is one masked load.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `dst.len() == idx.len()`; every non-negative index is below `src.len()`.
+/// The CPU has AVX-512F; `dst.len() == idx.len()`; `runs` describes `idx` (see [`Table`]);
+/// every non-negative index is below `src.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn gather_f32_avx512(dst: &mut [f32], src: &[f32], idx: &[i32], add: bool) {
+unsafe fn gather_f32_avx512(dst: &mut [f32], src: &[f32], idx: &[i32], runs: &[Run], add: bool) {
     use std::arch::x86_64::*;
     let n = dst.len();
-    let zero_i = _mm512_setzero_si512();
-    let mut j = 0;
-    while j < n {
-        let lanes: __mmask16 = if n - j >= 16 {
+    for (b, run) in runs.iter().enumerate() {
+        let j = b * LANES;
+        let lanes: __mmask16 = if n - j >= LANES {
             0xffff
         } else {
             (1u16 << (n - j)) - 1
         };
-        let v = _mm512_maskz_loadu_epi32(lanes, idx.as_ptr().add(j));
-        let valid = _mm512_mask_cmpge_epi32_mask(lanes, v, zero_i);
-        let g = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), valid, v, src.as_ptr());
+        let valid = run.mask & lanes;
+        let g = if run.base != Run::SCATTERED {
+            // Valid lane `l` reads `src[base + l]`, inside `src`; the address of a masked-off
+            // lane may lie outside it, which a masked load never touches.
+            _mm512_maskz_loadu_ps(valid, src.as_ptr().wrapping_offset(run.base as isize))
+        } else {
+            let v = _mm512_maskz_loadu_epi32(lanes, idx.as_ptr().add(j));
+            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), valid, v, src.as_ptr())
+        };
         let out = dst.as_mut_ptr().add(j);
         if add {
             let acc = _mm512_maskz_loadu_ps(lanes, out);
@@ -236,6 +316,5 @@ unsafe fn gather_f32_avx512(dst: &mut [f32], src: &[f32], idx: &[i32], add: bool
         } else {
             _mm512_mask_storeu_ps(out, lanes, g);
         }
-        j += 16;
     }
 }
