@@ -35,37 +35,43 @@ pub(super) struct Sgd {
 }
 
 impl Sgd {
-    /// One element: `(new p, new buf)`.
+    /// One element: `(new p, new buf)`. The rule's switches are the const parameters (`MOM`:
+    /// momentum is not 0, then `FIRST`, `NESTEROV`, `DECOUPLED`), so that the loop over a
+    /// parameter has no branch and vectorises; [`Sgd::switches`] gives their values.
     #[inline(always)]
-    fn apply(&self, p: f64, g: f64, buf: f64) -> (f64, f64) {
-        let d = if self.decoupled {
+    fn apply<const MOM: bool, const FIRST: bool, const NESTEROV: bool, const DECOUPLED: bool>(
+        &self,
+        p: f64,
+        g: f64,
+        buf: f64,
+    ) -> (f64, f64) {
+        let d = if DECOUPLED {
             g
         } else {
             g + self.weight_decay * p
         };
-        let (step, buf) = if self.momentum == 0.0 {
+        let (step, buf) = if !MOM {
             (d, buf)
         } else {
-            let b = if self.first {
-                d
-            } else {
-                self.momentum * buf + d
-            };
-            (
-                if self.nesterov {
-                    d + self.momentum * b
-                } else {
-                    b
-                },
-                b,
-            )
+            let b = if FIRST { d } else { self.momentum * buf + d };
+            (if NESTEROV { d + self.momentum * b } else { b }, b)
         };
-        let base = if self.decoupled {
+        let base = if DECOUPLED {
             p * (1.0 - self.lr * self.weight_decay)
         } else {
             p
         };
         (base - self.lr * step, buf)
+    }
+
+    /// The const parameters of [`Sgd::apply`] for this rule.
+    fn switches(&self) -> (bool, bool, bool, bool) {
+        (
+            self.momentum != 0.0,
+            self.first,
+            self.nesterov,
+            self.decoupled,
+        )
     }
 }
 
@@ -144,13 +150,47 @@ fn slice_mut<'a, T: Float>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut 
 }
 
 fn update<T: Float>(rule: &Sgd, p: &mut [T], g: &[T], buf: Option<&mut [T]>) {
+    macro_rules! monomorphised {
+        ($(($m:literal, $f:literal, $n:literal, $d:literal)),*) => {
+            match rule.switches() {
+                $(($m, $f, $n, $d) => update_with::<T, $m, $f, $n, $d>(rule, p, g, buf),)*
+            }
+        };
+    }
+    monomorphised!(
+        (false, false, false, false),
+        (false, false, false, true),
+        (false, false, true, false),
+        (false, false, true, true),
+        (false, true, false, false),
+        (false, true, false, true),
+        (false, true, true, false),
+        (false, true, true, true),
+        (true, false, false, false),
+        (true, false, false, true),
+        (true, false, true, false),
+        (true, false, true, true),
+        (true, true, false, false),
+        (true, true, false, true),
+        (true, true, true, false),
+        (true, true, true, true)
+    )
+}
+
+fn update_with<T: Float, const M: bool, const F: bool, const N: bool, const D: bool>(
+    rule: &Sgd,
+    p: &mut [T],
+    g: &[T],
+    buf: Option<&mut [T]>,
+) {
     match buf {
         None => p
             .par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .for_each(|(p, g)| {
                 for (p, &g) in p.iter_mut().zip(g) {
-                    *p = T::from_f64(rule.apply(p.to_f64(), g.to_f64(), 0.0).0);
+                    let (np, _) = rule.apply::<M, F, N, D>(p.to_f64(), g.to_f64(), 0.0);
+                    *p = T::from_f64(np);
                 }
             }),
         Some(buf) => p
@@ -158,7 +198,7 @@ fn update<T: Float>(rule: &Sgd, p: &mut [T], g: &[T], buf: Option<&mut [T]>) {
             .zip(g.par_chunks(CHUNK).zip(buf.par_chunks_mut(CHUNK)))
             .for_each(|(p, (g, b))| {
                 for ((p, &g), b) in p.iter_mut().zip(g).zip(b) {
-                    let (np, nb) = rule.apply(p.to_f64(), g.to_f64(), b.to_f64());
+                    let (np, nb) = rule.apply::<M, F, N, D>(p.to_f64(), g.to_f64(), b.to_f64());
                     *p = T::from_f64(np);
                     *b = T::from_f64(nb);
                 }
