@@ -605,7 +605,7 @@ const TAPS_MAX_WIDTH: usize = 32;
 /// The gather tables for groups of `cnt` images where they apply: small maps, f32 on a CPU with
 /// AVX-512 (whose gathers make them fast) or f64 (the reference dtype of the tests, so the
 /// tables' logic is checked on any CPU).
-fn tap_tables<T: WithDType>(g: &Geo, cnt: usize) -> Option<Taps> {
+fn tap_tables<T: WithDType>(g: &Geo, cnt: usize) -> Option<std::sync::Arc<Taps>> {
     let fast = match T::DTYPE {
         DType::F32 => taps::vector_gathers(),
         DType::F64 => true,
@@ -625,30 +625,33 @@ fn tap_tables<T: WithDType>(g: &Geo, cnt: usize) -> Option<Taps> {
         oh: g.oh,
         ow: g.ow,
     };
-    Taps::new(&shape, cnt)
+    Taps::cached(&shape, cnt)
 }
 
-fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T]) -> Vec<T> {
+/// `wv`: where the weight matrix `(Co, K)` lies in `w` (row-major and contiguous, or the one
+/// used tap of a cropped kernel, see [`Crop::tap_view`]).
+fn forward<T: WithDType>(g: &Geo, x: &[T], w: &[T], wv: View) -> Vec<T> {
     let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
     let mut y = vec![T::zero(); g.n * g.co * p];
     let taps = tap_tables::<T>(g, ng);
     for_each_group(&mut y, ng * g.co * p, |gi, yg, par, s| {
         let cnt = yg.len() / (g.co * p);
         let Scratch { col, tmp } = s;
-        let b = columns(g, taps.as_ref(), x, (gi * ng, cnt), col, split(par));
+        let b = columns(g, taps.as_deref(), x, (gi * ng, cnt), col, split(par));
         let (dims, ld) = ((g.co, cnt * p, k), cnt * p);
         if cnt == 1 {
-            gemm_into(dims, w, View::rows(k), b, View::rows(p), yg, p, false, par);
+            gemm_into(dims, w, wv, b, View::rows(p), yg, p, false, par);
         } else {
             let t = sized(tmp, g.co * ld);
-            gemm_into(dims, w, View::rows(k), b, View::rows(ld), t, ld, false, par);
+            gemm_into(dims, w, wv, b, View::rows(ld), t, ld, false, par);
             to_images(t, yg, g.co, p, split(par));
         }
     });
     y
 }
 
-fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T]) -> Vec<T> {
+/// `wv` as in [`forward`].
+fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T], wv: View) -> Vec<T> {
     let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
     let mut dx = vec![T::zero(); g.n * g.in_len()];
     let taps = tap_tables::<T>(g, ng);
@@ -657,7 +660,10 @@ fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T]) -> Vec<T> {
         let Scratch { col, tmp } = s;
         let d = grads(g, dy, (gi * ng, cnt), tmp, split(par));
         let (dims, ld) = ((k, cnt * p, g.co), cnt * p);
-        let wt = View::transposed(k); // W^T: (K, Co)
+        let wt = View {
+            rs: wv.cs,
+            cs: wv.rs,
+        }; // W^T: (K, Co)
         if g.pointwise() && cnt == 1 {
             gemm_into(dims, w, wt, d, View::rows(p), dxg, p, false, par);
             return;
@@ -695,7 +701,7 @@ fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
         for (j, first) in (a..b).step_by(ng).enumerate() {
             let cnt = ng.min(b - first);
             let Scratch { col, tmp } = s;
-            let cols = columns(g, taps.as_ref(), x, (first, cnt), col, split(par));
+            let cols = columns(g, taps.as_deref(), x, (first, cnt), col, split(par));
             let d = grads(g, dy, (first, cnt), tmp, split(par));
             // dW^T (K, Co) += cols (K, cnt*P) x dY^T (cnt*P, Co). Both operands have the
             // reduction contiguous; gemm packs a transposed right-hand side quickly when it is
@@ -730,7 +736,14 @@ enum Pass {
 
 /// One f32 pass: through oneDNN when asked for (and the geometry is not empty; in bf16
 /// arithmetic with `bf16`), else im2col + GEMM.
-fn run_f32(g: &Geo, route: Route, pass: Pass, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+/// `wv`: the weight's view when it is not contiguous (the im2col + GEMM route only).
+fn run_f32(
+    g: &Geo,
+    route: Route,
+    pass: Pass,
+    (a, b): (&[f32], &[f32]),
+    wv: Option<View>,
+) -> Result<Vec<f32>> {
     #[cfg(feature = "onednn")]
     if route.onednn && g.n > 0 && g.ci > 0 && g.co > 0 {
         return if route.bf16 {
@@ -741,7 +754,7 @@ fn run_f32(g: &Geo, route: Route, pass: Pass, a: &[f32], b: &[f32]) -> Result<Ve
     }
     #[cfg(not(feature = "onednn"))]
     let _ = route;
-    Ok(run_gemm(g, pass, a, b))
+    Ok(run_gemm(g, pass, a, b, wv))
 }
 
 /// Where an op's passes run, resolved from [`Backend`] when the op is built.
@@ -765,7 +778,7 @@ fn run_bf16(g: &Geo, pass: Pass, a: &[half::bf16], b: &[half::bf16]) -> Result<V
     }
     // No image or no channel: the f32 pass's (zero or empty) result, in bf16.
     let f32s = |v: &[half::bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-    let out = run_gemm(g, pass, &f32s(a), &f32s(b));
+    let out = run_gemm(g, pass, &f32s(a), &f32s(b), None);
     Ok(out.into_iter().map(half::bf16::from_f32).collect())
 }
 
@@ -782,11 +795,13 @@ pub fn bf16_on_onednn(backend: Backend) -> bool {
     }
 }
 
-/// One pass by im2col + GEMM.
-fn run_gemm<T: WithDType>(g: &Geo, pass: Pass, a: &[T], b: &[T]) -> Vec<T> {
+/// One pass by im2col + GEMM; `wv` places a weight that is not contiguous (forward and input
+/// gradient).
+fn run_gemm<T: WithDType>(g: &Geo, pass: Pass, a: &[T], b: &[T], wv: Option<View>) -> Vec<T> {
+    let wv = wv.unwrap_or(View::rows(g.k()));
     match pass {
-        Pass::Forward => forward(g, a, b),
-        Pass::GradInput => grad_input(g, a, b),
+        Pass::Forward => forward(g, a, b, wv),
+        Pass::GradInput => grad_input(g, a, b, wv),
         Pass::GradWeight => grad_weight(g, a, b),
     }
 }
@@ -804,6 +819,25 @@ struct Crop {
 }
 
 impl Crop {
+    /// Whether one tap is left (a 3x3 kernel on a 1x1 map: its centre).
+    fn single_tap(&self) -> bool {
+        self.kh == 1 && self.kw == 1
+    }
+
+    /// The one used tap of `w (Co, Ci, full_kh, full_kw)` as a `(Co, Ci)` matrix view, without a
+    /// copy: the slice from the tap's first element and its strides.
+    fn tap_view<'a, T>(&self, w: &'a [T], ci: usize) -> (&'a [T], View) {
+        let taps = self.full_kh * self.full_kw;
+        let at = self.y0 * self.full_kw + self.x0;
+        (
+            &w[at.min(w.len())..],
+            View {
+                rs: ci * taps,
+                cs: taps,
+            },
+        )
+    }
+
     /// The used taps of `w (Co, Ci, full_kh, full_kw)`, as a `(Co, Ci, kh, kw)` buffer.
     fn take<T: WithDType>(&self, w: &[T]) -> Vec<T> {
         let mut out =
@@ -848,18 +882,27 @@ fn run_pass(
         Pass::GradInput => ["conv2d: weight", "conv2d: grad"],
         Pass::GradWeight => ["conv2d: input", "conv2d: grad"],
     };
+    // `views`: the pass can read a strided weight (im2col + GEMM), so a single-tap crop is a
+    // view of the full kernel instead of a copy.
     fn typed<T: WithDType>(
-        pass: Pass,
-        crop: Option<Crop>,
+        (g, pass, crop, views): (&Geo, Pass, Option<Crop>, bool),
         a: &[T],
         b: &[T],
-        exec: impl FnOnce(&[T], &[T]) -> Result<Vec<T>>,
+        exec: impl FnOnce(&[T], &[T], Option<View>) -> Result<Vec<T>>,
     ) -> Result<Vec<T>> {
         Ok(match (pass, crop) {
-            (_, None) => exec(a, b)?,
-            (Pass::Forward, Some(c)) => exec(a, &c.take(b))?,
-            (Pass::GradInput, Some(c)) => exec(&c.take(a), b)?,
-            (Pass::GradWeight, Some(c)) => c.put(&exec(a, b)?),
+            (_, None) => exec(a, b, None)?,
+            (Pass::Forward, Some(c)) if views && c.single_tap() => {
+                let (w, v) = c.tap_view(b, g.ci);
+                exec(a, w, Some(v))?
+            }
+            (Pass::GradInput, Some(c)) if views && c.single_tap() => {
+                let (w, v) = c.tap_view(a, g.ci);
+                exec(w, b, Some(v))?
+            }
+            (Pass::Forward, Some(c)) => exec(a, &c.take(b), None)?,
+            (Pass::GradInput, Some(c)) => exec(&c.take(a), b, None)?,
+            (Pass::GradWeight, Some(c)) => c.put(&exec(a, b, None)?),
         })
     }
     Ok(match (s1, s2) {
@@ -868,8 +911,9 @@ fn run_pass(
                 contiguous_slice(s1, l1, names[0])?,
                 contiguous_slice(s2, l2, names[1])?,
             );
-            CpuStorage::F32(typed(pass, crop, a, b, |a, b| {
-                run_f32(g, route, pass, a, b)
+            let how = (g, pass, crop, !route.onednn);
+            CpuStorage::F32(typed(how, a, b, |a, b, wv| {
+                run_f32(g, route, pass, (a, b), wv)
             })?)
         }
         (CpuStorage::F64(_), CpuStorage::F64(_)) => {
@@ -877,14 +921,18 @@ fn run_pass(
                 contiguous_slice(s1, l1, names[0])?,
                 contiguous_slice(s2, l2, names[1])?,
             );
-            CpuStorage::F64(typed(pass, crop, a, b, |a, b| Ok(run_gemm(g, pass, a, b)))?)
+            CpuStorage::F64(typed((g, pass, crop, true), a, b, |a, b, wv| {
+                Ok(run_gemm(g, pass, a, b, wv))
+            })?)
         }
         (CpuStorage::BF16(_), CpuStorage::BF16(_)) if route.onednn => {
             let (a, b) = (
                 contiguous_slice(s1, l1, names[0])?,
                 contiguous_slice(s2, l2, names[1])?,
             );
-            CpuStorage::BF16(typed(pass, crop, a, b, |a, b| run_bf16(g, pass, a, b))?)
+            CpuStorage::BF16(typed((g, pass, crop, false), a, b, |a, b, _| {
+                run_bf16(g, pass, a, b)
+            })?)
         }
         _ => bail!(
             "{} and {}: both f32 or both f64 (bf16 with oneDNN)",

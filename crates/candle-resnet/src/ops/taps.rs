@@ -18,6 +18,7 @@
 //! `vgatherdps` with the padding masked off; elsewhere a scalar loop.
 
 use candle_core::{DType, WithDType};
+use std::sync::{Arc, Mutex};
 
 /// The two gather tables of a convolution geometry for up to `cnt` images (see the module docs).
 /// A table built for `cnt` images serves any smaller group: its rows' first `k * P` (or
@@ -33,7 +34,7 @@ pub(super) struct Taps {
 }
 
 /// The geometry the tables are built from (the fields of `conv::Geo` they need).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Shape {
     pub ci: usize,
     pub h: usize,
@@ -46,7 +47,34 @@ pub(super) struct Shape {
     pub ow: usize,
 }
 
+/// Tables kept for the geometries seen last (a network has a dozen distinct ones; each pass of
+/// each layer would otherwise rebuild its tables, about 1 % of a 32 px training step).
+const CACHED: usize = 32;
+
 impl Taps {
+    /// [`Taps::new`], from a small process-wide cache of recent geometries.
+    pub(super) fn cached(s: &Shape, cnt: usize) -> Option<Arc<Self>> {
+        static CACHE: Mutex<Vec<(Shape, usize, Arc<Taps>)>> = Mutex::new(Vec::new());
+        let hit = |c: &Vec<(Shape, usize, Arc<Taps>)>| {
+            c.iter()
+                .find(|(k, n, _)| k == s && *n == cnt)
+                .map(|(_, _, t)| Arc::clone(t))
+        };
+        if let Some(t) = hit(&CACHE.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Some(t);
+        }
+        // Built outside the lock; a racing thread may build the same tables, harmlessly.
+        let t = Arc::new(Self::new(s, cnt)?);
+        let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if hit(&c).is_none() {
+            if c.len() == CACHED {
+                c.remove(0);
+            }
+            c.push((*s, cnt, Arc::clone(&t)));
+        }
+        Some(t)
+    }
+
     /// The tables for groups of up to `cnt` images; `None` when an offset would not fit an i32
     /// (more than 2^31 values in a group), where the caller keeps the copy-based route.
     pub(super) fn new(s: &Shape, cnt: usize) -> Option<Self> {
