@@ -241,7 +241,7 @@ fn run_epochs(a: Args) -> Result<()> {
         run.train.eval_every = a.epochs;
         // Timing epochs: no images held out, the same ones trained as by the PyTorch script.
         run.validation_fraction = 0.0;
-        let report = run.run()?;
+        let report = run.run_with(&mut crate::console::Console::default())?;
         let last = report
             .fit
             .history

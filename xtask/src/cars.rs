@@ -332,12 +332,20 @@ pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
     recipe.stop = Some(stop_on_signals()?);
     recipe.world = launched_world(recipe.device)?;
     let rank0 = recipe.world.as_ref().is_none_or(|w| w.0.rank() == 0);
+    let mut console = crate::console::Console::default();
     let report = if a.smoke {
-        let (recipe, _cache) = recipe.smoke()?; // the cache lives until the run ends
-        recipe.run()?
+        let (recipe, cache) = recipe.smoke()?; // the cache lives until the run ends
+        eprintln!(
+            "smoke: {} train / {} test generated images and random weights in the Hub cache {}",
+            cache.train_images,
+            cache.test_images,
+            cache.path().display()
+        );
+        recipe.run_with(&mut console)?
     } else {
-        recipe.run()?
+        recipe.run_with(&mut console)?
     };
+    drop(console);
     if !rank0 {
         return Ok(());
     }
@@ -351,6 +359,7 @@ pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
         );
         return Ok(());
     }
+    eprintln!("{}", crate::console::result_line(&report));
     if let Some(dir) = &a.ablation {
         candle_finetune::ablation::link_into_card(&report.out, dir)?;
         eprintln!(
@@ -607,7 +616,8 @@ fn ablation_base(train: &TrainArgs, default_out: &str) -> Result<(FineTune, Opti
 /// `cargo xtask ablate`: the recipe once per named variant, compared.
 pub fn ablate_recipes(a: AblateRecipesArgs) -> Result<()> {
     let (base, _cache) = ablation_base(&a.train, "out/ablate")?;
-    let ablation = candle_finetune::ablation::ablate_recipes(&base, &a.recipes)?;
+    let mut console = crate::console::Console::default();
+    let ablation = candle_finetune::ablation::ablate_recipes(&base, &a.recipes, &mut console)?;
     println!("{}", candle_finetune::ablation::markdown(&ablation));
     eprintln!(
         "ablation written to {} (ablation.md, ablation.json, ablation-reliability.png, ablation-curves.png)",
@@ -620,7 +630,8 @@ pub fn ablate_recipes(a: AblateRecipesArgs) -> Result<()> {
 pub fn ablate_smoothing(a: AblateArgs) -> Result<()> {
     let (base, _cache) = ablation_base(&a.train, "out/ablate-smoothing")?;
     let out = base.out.clone();
-    let ablation = candle_finetune::ablation::ablate_smoothing(&base, &a.eps)?;
+    let mut console = crate::console::Console::default();
+    let ablation = candle_finetune::ablation::ablate_smoothing(&base, &a.eps, &mut console)?;
     println!("{}", candle_finetune::ablation::markdown(&ablation));
     eprintln!(
         "ablation written to {} (ablation.md, ablation.json, ablation-reliability.png, ablation-curves.png)",

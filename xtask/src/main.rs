@@ -11,6 +11,7 @@ mod bench_linear;
 mod bench_resnet;
 mod bench_xent;
 mod cars;
+mod console;
 mod fake_hub;
 mod fuzz_xent;
 mod gpu_check;

@@ -197,10 +197,10 @@ pub fn run(a: Args) -> Result<()> {
         &Device::Cpu,
         &a.out,
         false,
-        &mut |e| {
+        &mut |e: &candle_finetune::train::StepEvent| {
             last = (e.step, e.epoch);
             let done = e.elapsed_s >= budget;
-            if e.step % a.every == 0 || done {
+            if e.step.is_multiple_of(a.every) || done {
                 samples.push(Sample {
                     step: e.step,
                     epoch: e.epoch,

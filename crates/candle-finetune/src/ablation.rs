@@ -15,7 +15,7 @@
 use crate::eval::{Bin, EvalResult};
 use crate::files::atomic_write_bytes;
 use crate::recipe::{FineTune, RunReport};
-use crate::train::TrainConfig;
+use crate::train::{Notice, Observer, TrainConfig};
 use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -262,14 +262,18 @@ fn default_title() -> String {
 /// use candle_finetune::{recipe::FineTune, train::TrainConfig};
 /// let base = FineTune { train: TrainConfig { epochs: 30, ..Default::default() },
 ///     out: "out/ablate-smoothing".into(), ..Default::default() };
-/// let a = ablate_smoothing(&base, &DEFAULT_EPS).unwrap();
+/// let a = ablate_smoothing(&base, &DEFAULT_EPS, &mut candle_finetune::train::Silent).unwrap();
 /// for r in &a.rows {
 ///     println!("eps {}: top-1 {:.2} %, ECE {:.2} %", r.eps, 100.0 * r.top1, 100.0 * r.ece);
 /// }
 /// ```
-pub fn ablate_smoothing(base: &FineTune, eps: &[f64]) -> Result<Ablation> {
+pub fn ablate_smoothing(
+    base: &FineTune,
+    eps: &[f64],
+    observer: &mut dyn Observer,
+) -> Result<Ablation> {
     let variants = smoothing_variants(&base.train, eps)?;
-    ablate(base, &variants, "Label smoothing ablation")
+    ablate(base, &variants, "Label smoothing ablation", observer)
 }
 
 /// An ablation over named recipes ([`recipe_variants`]) of `base`.
@@ -280,17 +284,27 @@ pub fn ablate_smoothing(base: &FineTune, eps: &[f64]) -> Result<Ablation> {
 /// let base = FineTune { train: TrainConfig { epochs: 30, ..Default::default() },
 ///     out: "out/ablate".into(), ..Default::default() };
 /// let names: Vec<String> = DEFAULT_RECIPES.iter().map(|s| s.to_string()).collect();
-/// let a = ablate_recipes(&base, &names).unwrap();
+/// let a = ablate_recipes(&base, &names, &mut candle_finetune::train::Silent).unwrap();
 /// println!("{}", candle_finetune::ablation::markdown(&a));
 /// ```
-pub fn ablate_recipes(base: &FineTune, names: &[String]) -> Result<Ablation> {
+pub fn ablate_recipes(
+    base: &FineTune,
+    names: &[String],
+    observer: &mut dyn Observer,
+) -> Result<Ablation> {
     let variants = recipe_variants(&base.train, names)?;
-    ablate(base, &variants, "Recipe ablation")
+    ablate(base, &variants, "Recipe ablation", observer)
 }
 
 /// Runs `base` once per variant (its training settings and output folder replaced: `base.out`
-/// is the ablation folder), then writes and links the comparison titled `title`.
-pub fn ablate(base: &FineTune, variants: &[Variant], title: &str) -> Result<Ablation> {
+/// is the ablation folder), then writes and links the comparison titled `title`. Each run reports
+/// to `observer`, after a [`Notice::Variant`] naming it.
+pub fn ablate(
+    base: &FineTune,
+    variants: &[Variant],
+    title: &str,
+    observer: &mut dyn Observer,
+) -> Result<Ablation> {
     if variants.is_empty() {
         bail!("ablation: nothing to compare");
     }
@@ -299,11 +313,14 @@ pub fn ablate(base: &FineTune, variants: &[Variant], title: &str) -> Result<Abla
     let dataset = base.dataset_info(None, None)?.name;
     let mut rows = Vec::new();
     for v in variants {
-        eprintln!("ablation: {} -> {}", v.name, root.join(&v.folder).display());
         let mut run = base.clone();
         run.train = v.train.clone();
         run.out = root.join(&v.folder);
-        let report = run.run()?;
+        observer.notice(&Notice::Variant {
+            name: v.name.clone(),
+            out: run.out.clone(),
+        });
+        let report = run.run_with(observer)?;
         rows.push(AblationRow::new(v, &report)?);
     }
     let ablation = Ablation {

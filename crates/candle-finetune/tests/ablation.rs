@@ -5,7 +5,10 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_finetune::ablation::{ablate_smoothing, link_into_card, Ablation};
 use candle_finetune::eval::{Accumulator, EvalResult};
 use candle_finetune::recipe::FineTune;
-use candle_finetune::train::{Group, Optimizer, Rule};
+use candle_finetune::train::{
+    BatchProgress, CheckpointEvent, CheckpointKind, EpochEnd, EpochStart, Group, Notice, Observer,
+    Optimizer, Rule, Settings, Silent, StepEvent,
+};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -179,6 +182,45 @@ fn smoothed_gradients_push_the_true_class_down_exactly_above_its_target() -> Res
     Ok(())
 }
 
+/// Counts what a run reports.
+#[derive(Debug, Default)]
+struct Recorder {
+    variants: Vec<std::path::PathBuf>,
+    settings: usize,
+    epochs_started: usize,
+    epochs_ended: Vec<usize>,
+    batches: usize,
+    steps: usize,
+    checkpoints: Vec<CheckpointKind>,
+}
+
+impl Observer for Recorder {
+    fn settings(&mut self, _: &Settings) {
+        self.settings += 1;
+    }
+    fn notice(&mut self, n: &Notice) {
+        if let Notice::Variant { out, .. } = n {
+            self.variants.push(out.clone());
+        }
+    }
+    fn epoch_start(&mut self, _: &EpochStart) {
+        self.epochs_started += 1;
+    }
+    fn batch(&mut self, _: &BatchProgress) {
+        self.batches += 1;
+    }
+    fn step(&mut self, _: &StepEvent) -> std::ops::ControlFlow<()> {
+        self.steps += 1;
+        std::ops::ControlFlow::Continue(())
+    }
+    fn epoch_end(&mut self, e: &EpochEnd) {
+        self.epochs_ended.push(e.metrics.epoch);
+    }
+    fn checkpoint(&mut self, e: &CheckpointEvent) {
+        self.checkpoints.push(e.kind);
+    }
+}
+
 #[test]
 fn the_ablation_runs_each_smoothing_and_compares_them() {
     let out = tempfile::tempdir().unwrap();
@@ -188,8 +230,21 @@ fn the_ablation_runs_each_smoothing_and_compares_them() {
     }
     .smoke()
     .unwrap();
-    let a = ablate_smoothing(&base, &[0.0, 0.2]).unwrap();
+    let mut seen = Recorder::default();
+    let a = ablate_smoothing(&base, &[0.0, 0.2], &mut seen).unwrap();
     let dir = out.path().join("ablation");
+    // Every run reported to the observer: a variant notice, its settings, every epoch (the
+    // smoke run has 2) with their batches and steps, and its checkpoints.
+    assert_eq!(seen.variants, ["eps-0", "eps-0.2"].map(|f| dir.join(f)));
+    assert_eq!(seen.settings, 2);
+    assert_eq!(seen.epochs_started, 4);
+    assert_eq!(seen.epochs_ended, vec![1, 2, 1, 2]);
+    assert!(seen.batches >= seen.steps && seen.steps >= 4, "{seen:?}");
+    assert!(
+        seen.checkpoints.contains(&CheckpointKind::Epoch),
+        "{seen:?}"
+    );
+    assert!(seen.checkpoints.contains(&CheckpointKind::Best), "{seen:?}");
     assert_eq!(
         a.rows.iter().map(|r| r.eps).collect::<Vec<_>>(),
         vec![0.0, 0.2]
@@ -269,11 +324,13 @@ fn the_ablation_runs_each_smoothing_and_compares_them() {
         assert_eq!(again.matches("## Label smoothing ablation").count(), 1);
     }
     // Bad lists are errors before any training.
-    let e = ablate_smoothing(&base, &[0.1, 0.1])
+    let e = ablate_smoothing(&base, &[0.1, 0.1], &mut Silent)
         .unwrap_err()
         .to_string();
     assert!(e.contains("twice"), "{e}");
-    let e = ablate_smoothing(&base, &[1.5]).unwrap_err().to_string();
+    let e = ablate_smoothing(&base, &[1.5], &mut Silent)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("[0, 1]"), "{e}");
 }
 

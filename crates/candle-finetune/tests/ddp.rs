@@ -191,7 +191,7 @@ fn compare(cfg_run: TrainConfig, steps: usize) {
             &dir.path().join(format!("ddp-rank{}", r.rank())),
             false,
             r.as_ref(),
-            &mut |_| ControlFlow::Continue(()),
+            &mut candle_finetune::train::Silent,
         )
         .unwrap();
         (summary, weights(&vm))
@@ -255,7 +255,7 @@ fn settings_ranks_cannot_share_are_errors() {
             dir.path(),
             false,
             &ranks[1],
-            &mut |_| ControlFlow::Continue(()),
+            &mut candle_finetune::train::Silent,
         )
         .unwrap_err()
         .to_string()
@@ -285,7 +285,7 @@ fn a_stop_on_one_rank_stops_all_at_the_same_step() {
             false,
             r.as_ref(),
             // Rank 1 alone asks to stop after step 3.
-            &mut |e| {
+            &mut |e: &candle_finetune::train::StepEvent| {
                 if me == 1 && e.step == 3 {
                     ControlFlow::Break(())
                 } else {
@@ -391,7 +391,7 @@ fn bn_ranks(ds: &Arc<Dataset>, cfg: &TrainConfig, out: &std::path::Path) -> Vec<
             &out.join(format!("rank{}", r.rank())),
             false,
             r.as_ref(),
-            &mut |_| ControlFlow::Continue(()),
+            &mut candle_finetune::train::Silent,
         )
         .unwrap();
         (summary, weights(&vm))
@@ -515,7 +515,7 @@ fn linear_ranks(
             &dirs(r.rank()),
             resume,
             r.as_ref(),
-            &mut |_| ControlFlow::Continue(()),
+            &mut candle_finetune::train::Silent,
         )?;
         Ok((summary, weights(&vm)))
     })

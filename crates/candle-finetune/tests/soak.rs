@@ -260,7 +260,7 @@ fn live_heap_stays_flat_over_hundreds_of_steps() {
         &Device::Cpu,
         dir.path(),
         false,
-        &mut |e| {
+        &mut |e: &candle_finetune::train::StepEvent| {
             trace.push((e.step, live()));
             ControlFlow::Continue(())
         },

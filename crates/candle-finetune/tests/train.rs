@@ -260,7 +260,7 @@ fn a_run_stopped_mid_epoch_resumes_from_its_recovery_checkpoint_bit_for_bit() {
             &Device::Cpu,
             &out,
             resume,
-            &mut |_| {
+            &mut |_: &candle_finetune::train::StepEvent| {
                 taken += 1;
                 match stop_after {
                     Some(n) if taken >= n => ControlFlow::Break(()),

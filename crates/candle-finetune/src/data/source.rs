@@ -64,6 +64,9 @@ pub struct SplitData {
     /// Where the files came from, for logs (`owner/name@commit`, the parquet conversion, a
     /// folder).
     pub origin: String,
+    /// Remarks on how the data was read, for the caller to show (e.g. a Hub dataset read from
+    /// its parquet conversion because it has no parquet files of its own).
+    pub notes: Vec<String>,
 }
 
 impl SplitData {
@@ -195,6 +198,7 @@ impl DataSource {
                 };
                 let mut splits = layout::resolve(&listing.files, card.as_ref(), config.as_deref())?;
                 let mut commit = listing.commit.clone();
+                let mut notes = Vec::new();
                 let mut origin = format!("{repo}@{}", listing.commit);
                 let mut config = config.clone();
                 let non_parquet = splits.all().any(|f| !f.ends_with(".parquet"));
@@ -214,11 +218,11 @@ impl DataSource {
                         })?,
                     };
                     splits = layout::resolve(&conv.files, None, Some(&cfg))?;
-                    eprintln!(
-                        "note: {repo} has no parquet files at {revision}; reading its parquet \
+                    notes.push(format!(
+                        "{repo} has no parquet files at {revision}; reading its parquet \
                          conversion ({PARQUET_CONVERSION} at {}, configuration {cfg})",
                         conv.commit
-                    );
+                    ));
                     origin = format!(
                         "{repo}@{} ({PARQUET_CONVERSION} of {})",
                         conv.commit, listing.commit
@@ -258,6 +262,7 @@ impl DataSource {
                     commit: Some(commit),
                     card,
                     origin,
+                    notes,
                 })
             }
         }
@@ -286,6 +291,7 @@ impl DataSource {
                 commit: None,
                 card,
                 origin,
+                notes: Vec::new(),
             });
         }
         match image_folder_splits(dir)? {
@@ -297,6 +303,7 @@ impl DataSource {
                 commit: None,
                 card,
                 origin,
+                notes: Vec::new(),
             }),
             None => bail!(
                 "{}: no train-*.parquet files (directly, under data/ or as the README's \

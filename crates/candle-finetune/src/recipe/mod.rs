@@ -17,7 +17,9 @@ use crate::data::{
 use crate::eval::EvalResult;
 use crate::hub::HubOptions;
 use crate::pretrained::WeightsSource;
-use crate::train::{self, Checkpoint, FitSummary, RunPaths, TrainConfig};
+use crate::train::{
+    self, Checkpoint, FitSummary, Notice, Observer, RunPaths, Settings, TrainConfig,
+};
 use candle_core::{bail, Device, Result};
 use candle_resnet::resnet::Arch;
 use std::path::{Path, PathBuf};
@@ -185,6 +187,9 @@ impl RunReport {
 /// A smoke run's temporary Hub cache; keep it alive while the run reads from it.
 pub struct SmokeCache {
     dir: tempfile::TempDir,
+    /// Generated training and test images.
+    pub train_images: usize,
+    pub test_images: usize,
 }
 
 impl SmokeCache {
@@ -271,12 +276,8 @@ impl FineTune {
     pub fn smoke(mut self) -> Result<(Self, SmokeCache)> {
         let dir = tempfile::tempdir()?;
         let size = self.image_size.unwrap_or(64);
-        let (ntrain, ntest) = crate::smoke::seed_dataset(dir.path(), 16, 6)?;
+        let (train_images, test_images) = crate::smoke::seed_dataset(dir.path(), 16, 6)?;
         crate::smoke::seed_weights(dir.path(), size)?;
-        eprintln!(
-            "smoke: {ntrain} train / {ntest} test generated images and random weights in the Hub cache {}",
-            dir.path().display()
-        );
         self.hub = HubOptions {
             cache_dir: Some(dir.path().to_path_buf()),
             offline: true,
@@ -295,7 +296,14 @@ impl FineTune {
             self.out = "out/smoke".into();
         }
         self.smoke = true;
-        Ok((self, SmokeCache { dir }))
+        Ok((
+            self,
+            SmokeCache {
+                dir,
+                train_images,
+                test_images,
+            },
+        ))
     }
 
     /// The card's description of the data (`card` and `commit`: what opening the data found).
@@ -314,7 +322,10 @@ impl FineTune {
     }
 
     /// The weights file, its preprocessing and the card's name for it (never a local path).
-    fn resolve_weights(&self) -> Result<(PathBuf, Preprocess, String, Option<String>)> {
+    fn resolve_weights(
+        &self,
+        observer: &mut dyn Observer,
+    ) -> Result<(PathBuf, Preprocess, String, Option<String>)> {
         match &self.weights {
             WeightsSource::File(f) => Ok((
                 self.hub.resolve(&self.weights)?,
@@ -340,7 +351,10 @@ impl FineTune {
                     Ok(c) => Preprocess::from_timm_config(&std::fs::read_to_string(c)?)
                         .map_err(candle_core::Error::Msg)?,
                     Err(e) => {
-                        eprintln!("note: no config.json in {repo} ({e}); using ImageNet defaults");
+                        observer.notice(&Notice::NoBaseConfig {
+                            repo: repo.clone(),
+                            reason: e.to_string(),
+                        });
                         Preprocess::default()
                     }
                 };
@@ -379,9 +393,16 @@ impl FineTune {
     /// model folder (`model.safetensors`, `config.json`, `README.md`, `eval.json`,
     /// `metrics.jsonl`, plots, `training_args.json`, checkpoints) into [`FineTune::out`].
     pub fn run(&self) -> Result<RunReport> {
+        self.run_with(&mut train::Silent)
+    }
+
+    /// [`FineTune::run`] reporting to `observer`: the settings, notices, and the training's
+    /// epochs, batches, steps and checkpoints (see [`Observer`]); the result is the report
+    /// returned. A [`FineTune::stop`] request ends the run as a `Break` from the observer does.
+    pub fn run_with(&self, observer: &mut dyn Observer) -> Result<RunReport> {
         self.train.validate()?;
         let dev = self.run_device()?;
-        let (weights, pre, base, base_hub) = self.resolve_weights()?;
+        let (weights, pre, base, base_hub) = self.resolve_weights(observer)?;
         let overrides = PreprocessOverrides {
             size: self.image_size.or(self.preprocess.size),
             ..self.preprocess.clone()
@@ -408,35 +429,31 @@ impl FineTune {
             .as_ref()
             .map_or((0, 1), |w| (w.0.rank(), w.0.world_size()));
         if rank == 0 {
-            eprintln!("fine-tuning settings:");
-            eprintln!(
-                "  data       {} ({}): {} train / {} validation / {} test images, {} classes",
-                info.name,
-                data.origin,
-                train_ds.len(),
-                val_ds.as_ref().map_or(0, |v| v.len()),
-                test_ds.as_ref().map_or(0, |t| t.len()),
-                train_ds.num_classes()
-            );
-            if let Some(c) = &data.columns {
-                eprintln!("  columns    image {:?}, class {:?}", c.image, c.label);
+            observer.settings(&Settings {
+                data: info.name.clone(),
+                origin: data.origin.clone(),
+                train_images: train_ds.len(),
+                validation_images: val_ds.as_ref().map_or(0, |v| v.len()),
+                test_images: test_ds.as_ref().map_or(0, |t| t.len()),
+                classes: train_ds.num_classes(),
+                columns: data
+                    .columns
+                    .as_ref()
+                    .map(|c| (c.image.clone(), c.label.clone())),
+                validation: tv.source.to_string(),
+                weights: base.clone(),
+                arch: self.arch.name().to_string(),
+                preprocessing: format!("{pre:?}"),
+                device: format!("{:?}", self.device),
+                out: self.out.clone(),
+                recipe: serde_json::to_string(cfg).map_err(candle_core::Error::wrap)?,
+                ranks,
+            });
+            for text in &data.notes {
+                observer.notice(&Notice::Data { text: text.clone() });
             }
-            eprintln!("  validation {}", tv.source);
-            eprintln!("  weights    {base} ({}), preprocessing {pre:?}", self.arch);
-            eprintln!(
-                "  device     {:?}, output {}",
-                self.device,
-                self.out.display()
-            );
-            eprintln!(
-                "  recipe     {}",
-                serde_json::to_string(cfg).map_err(candle_core::Error::wrap)?
-            );
             if test_ds.is_none() {
-                eprintln!("note: the data has no test split; the validation figures are reported");
-            }
-            if ranks > 1 {
-                eprintln!("  data-parallel {ranks} ranks (this is rank 0)");
+                observer.notice(&Notice::NoTestSplit);
             }
         }
         let (varmap, model) =
@@ -510,11 +527,9 @@ impl FineTune {
             &self.out,
             self.resume,
             world.as_ref(),
-            &mut |_| match &stop {
-                Some(s) if s.load(std::sync::atomic::Ordering::SeqCst) => {
-                    std::ops::ControlFlow::Break(())
-                }
-                _ => std::ops::ControlFlow::Continue(()),
+            &mut StopOn {
+                stop: stop.as_deref(),
+                inner: observer,
             },
         )?;
         let config = ModelConfig::new(self.arch, &train_ds.class_names, &pre)
@@ -551,7 +566,7 @@ impl FineTune {
             (Some(t), true) => {
                 let (r, skipped) = train::evaluate(&model, &eval_loader(t.clone())?, &dev)?;
                 if skipped > 0 {
-                    eprintln!("note: {skipped} undecodable test images were skipped");
+                    observer.notice(&Notice::SkippedTest { images: skipped });
                 }
                 Some(r)
             }
@@ -591,37 +606,48 @@ impl FineTune {
         args["command"] = serde_json::json!(self.command);
         args["smoke"] = serde_json::json!(self.smoke);
         write_model_folder(&self.out, &config, &prov, &args, &fit, &outcome)?;
-        match (&test, &fit.best) {
-            (Some(t), _) => eprintln!(
-                "epoch {} ({}): test top-1 {:.2}%, top-5 {:.2}%, ECE {:.2}% on {} images; model folder {}",
-                fit.best_epoch,
-                match fit.selected_on {
-                    train::Selection::Validation => "chosen on validation",
-                    train::Selection::LastEpoch => "the last, no validation split",
-                },
-                100.0 * t.top1,
-                100.0 * t.top5,
-                100.0 * t.ece,
-                t.n,
-                self.out.display()
-            ),
-            (None, Some(v)) => eprintln!(
-                "epoch {} (chosen on validation): validation top-1 {:.2}%; no test split; model folder {}",
-                fit.best_epoch,
-                100.0 * v.top1,
-                self.out.display()
-            ),
-            (None, None) => eprintln!(
-                "epoch {} kept; nothing evaluated (no validation or test split); model folder {}",
-                fit.best_epoch,
-                self.out.display()
-            ),
-        }
         Ok(RunReport {
             fit,
             test,
             config,
             out: self.out.clone(),
         })
+    }
+}
+
+/// The caller's observer, with [`FineTune::stop`] as a step observer: a set flag ends the run
+/// after the step, as a `Break` from the caller's does.
+struct StopOn<'a> {
+    stop: Option<&'a std::sync::atomic::AtomicBool>,
+    inner: &'a mut dyn Observer,
+}
+
+impl Observer for StopOn<'_> {
+    fn settings(&mut self, s: &Settings) {
+        self.inner.settings(s)
+    }
+    fn notice(&mut self, n: &Notice) {
+        self.inner.notice(n)
+    }
+    fn epoch_start(&mut self, e: &train::EpochStart) {
+        self.inner.epoch_start(e)
+    }
+    fn batch(&mut self, e: &train::BatchProgress) {
+        self.inner.batch(e)
+    }
+    fn step(&mut self, e: &train::StepEvent) -> std::ops::ControlFlow<()> {
+        let asked = self
+            .stop
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        if asked {
+            return std::ops::ControlFlow::Break(());
+        }
+        self.inner.step(e)
+    }
+    fn epoch_end(&mut self, e: &train::EpochEnd) {
+        self.inner.epoch_end(e)
+    }
+    fn checkpoint(&mut self, e: &train::CheckpointEvent) {
+        self.inner.checkpoint(e)
     }
 }

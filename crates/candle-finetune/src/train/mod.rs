@@ -5,12 +5,17 @@ mod accumulate;
 mod checkpoint;
 mod ema;
 mod fused;
+mod observe;
 mod optim;
 mod schedule;
 
 pub use accumulate::GradAccumulator;
 pub use checkpoint::{Checkpoint, CheckpointMeta, DataSignature, PartialEpoch};
 pub use ema::Ema;
+pub use observe::{
+    BatchProgress, CheckpointEvent, CheckpointKind, EpochEnd, EpochStart, Notice, Observer,
+    Settings, Silent, StepEvent,
+};
 pub use optim::{Group, Optimizer, Rule};
 pub use schedule::{Decay, Schedule};
 
@@ -21,10 +26,8 @@ use candle_nn::VarMap;
 use candle_resnet::ops::conv::Backend;
 use candle_resnet::params::ParamGroups;
 use candle_resnet::resnet::ResNet;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -598,23 +601,6 @@ impl Selection {
     }
 }
 
-/// What a [`fit_with`] observer sees after every optimizer step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepEvent {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Optimizer steps taken so far in the run (this one included).
-    pub step: u64,
-    /// Optimizer steps of the whole run.
-    pub total_steps: u64,
-    /// Loss of this step (mean over its micro-batches).
-    pub loss: f64,
-    /// Learning rate of this step.
-    pub lr: f64,
-    /// Seconds since this invocation started training.
-    pub elapsed_s: f64,
-}
-
 /// What [`fit`] returns.
 #[derive(Debug, Clone, Default)]
 pub struct FitSummary {
@@ -907,13 +893,14 @@ pub fn fit<M: Classifier>(
         device,
         out,
         resume,
-        &mut |_| ControlFlow::Continue(()),
+        &mut Silent,
     )
 }
 
-/// [`fit`] with an observer called after every optimizer step (memory sampling, custom logging,
-/// a time budget). `ControlFlow::Break` ends the run after that step: the summary is returned
-/// and the files of the last completed epoch are left as they are.
+/// [`fit`] reporting to `observer` ([`Observer`]: epochs, batches, steps, checkpoints, notices).
+/// `ControlFlow::Break` from [`Observer::step`] (a closure over [`StepEvent`] will do: a time
+/// budget, a stop flag) ends the run after that step: a recovery checkpoint holds its state and
+/// the summary says it was interrupted.
 #[allow(clippy::too_many_arguments)] // each argument is a distinct input of the run
 pub fn fit_with<M: Classifier>(
     model: &M,
@@ -924,7 +911,7 @@ pub fn fit_with<M: Classifier>(
     device: &Device,
     out: &Path,
     resume: bool,
-    observer: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+    observer: &mut dyn Observer,
 ) -> Result<FitSummary> {
     fit_distributed(
         model,
@@ -962,7 +949,7 @@ pub fn fit_distributed<M: Classifier>(
     out: &Path,
     resume: bool,
     world: &dyn candle_ddp::Collective,
-    observer: &mut dyn FnMut(&StepEvent) -> ControlFlow<()>,
+    observer: &mut dyn Observer,
 ) -> Result<FitSummary> {
     cfg.validate()?;
     let (rank, ranks) = (world.rank(), world.world_size());
@@ -1013,10 +1000,9 @@ pub fn fit_distributed<M: Classifier>(
     let resume = resume && {
         let found = paths.last().exists();
         if !found {
-            eprintln!(
-                "resume: no checkpoint in {} yet; starting from the beginning",
-                paths.dir.display()
-            );
+            observer.notice(&Notice::NothingToResume {
+                dir: paths.dir.clone(),
+            });
         }
         found
     };
@@ -1078,11 +1064,11 @@ pub fn fit_distributed<M: Classifier>(
             crate::files::atomic_write_bytes(&paths.metrics(), lines.as_bytes())?;
         }
         if let Some(p) = &partial {
-            eprintln!(
-                "resume: epoch {}, after batch {} (step {step})",
-                start_epoch + 1,
-                p.batches
-            );
+            observer.notice(&Notice::Resumed {
+                epoch: start_epoch + 1,
+                batch: p.batches,
+                step,
+            });
         }
         if start_epoch >= cfg.epochs {
             return Ok(summary);
@@ -1124,15 +1110,6 @@ pub fn fit_distributed<M: Classifier>(
     let total_steps = schedule.total;
     for epoch in start_epoch..end {
         let t0 = Instant::now();
-        let bar = ProgressBar::new(batches as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} (epoch {elapsed}<{eta})",
-            )
-            .map_err(candle_core::Error::wrap)?
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         // A recovery checkpoint of this epoch: continue after its last batch, with its sums.
         let resumed = partial.take().unwrap_or(PartialEpoch {
             batches: 0,
@@ -1143,7 +1120,12 @@ pub fn fit_distributed<M: Classifier>(
             seconds: 0.0,
         });
         let first_batch = resumed.batches.min(batches);
-        bar.set_position(first_batch as u64);
+        observer.epoch_start(&EpochStart {
+            epoch: epoch + 1,
+            epochs: cfg.epochs,
+            batches,
+            first_batch,
+        });
         let mut it = train.epoch_from(epoch as u64, first_batch);
         let (mut loss_sum, mut loss_n, mut images) =
             (resumed.loss_sum, resumed.steps, resumed.images);
@@ -1217,7 +1199,6 @@ pub fn fit_distributed<M: Classifier>(
                 (Some(l), v)
             };
             if !v.is_finite() {
-                bar.abandon();
                 bail!(
                     "train: the loss became {v} at epoch {}, batch {bi}; stopping. The last checkpoint ({}) still holds the end of epoch {}. Lower the learning rate (`TrainConfig::lr`) or check the data.",
                     epoch + 1,
@@ -1305,7 +1286,7 @@ pub fn fit_distributed<M: Classifier>(
                     lr,
                     elapsed_s: run_start.elapsed().as_secs_f64(),
                 };
-                if observer(&event).is_break() {
+                if observer.step(&event).is_break() {
                     stop = true;
                 }
                 if ranks > 1 {
@@ -1347,27 +1328,32 @@ pub fn fit_distributed<M: Classifier>(
                         .save(&paths.last())?;
                     paths.keep_last(step, cfg.keep_checkpoints)?;
                     last_checkpoint = Instant::now();
+                    observer.checkpoint(&CheckpointEvent {
+                        kind: CheckpointKind::Recovery,
+                        path: &paths.last(),
+                        step,
+                    });
                 }
             }
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            let run_eta = eta(
-                run_start.elapsed().as_secs_f64(),
-                step - first_step,
-                total_steps - step,
-            );
-            bar.set_message(format!(
-                "loss {:.4} lr {:.2e} {:.1} img/s, run ETA {run_eta}",
-                loss_sum / loss_n.max(1) as f64,
+            observer.batch(&BatchProgress {
+                epoch: epoch + 1,
+                batch: bi + 1,
+                batches,
+                mean_loss: loss_sum / loss_n.max(1) as f64,
                 lr,
-                images as f64 / secs
-            ));
-            bar.inc(1);
+                images_per_s: images as f64 / secs,
+                run_eta_s: eta(
+                    run_start.elapsed().as_secs_f64(),
+                    step - first_step,
+                    total_steps - step,
+                ),
+            });
             if stop {
                 break;
             }
         }
         let train_report = it.stop();
-        bar.finish_and_clear();
         if stop && !epoch_done {
             // The recovery checkpoint of this step holds the run's state.
             summary.interrupted = true;
@@ -1408,18 +1394,17 @@ pub fn fit_distributed<M: Classifier>(
             skipped_train: skipped_before,
             skipped_validation: val_skipped,
         };
-        let run_eta = eta(
-            run_start.elapsed().as_secs_f64(),
-            step - first_step,
-            total_steps - step,
-        );
         if writer {
-            eprintln!("{}", epoch_line(&m, cfg.epochs, &run_eta));
-            if !train_report.skipped.is_empty() {
-                eprintln!("  train data: {train_report}");
-            }
-        }
-        if writer {
+            observer.epoch_end(&EpochEnd {
+                metrics: &m,
+                epochs: cfg.epochs,
+                run_eta_s: eta(
+                    run_start.elapsed().as_secs_f64(),
+                    step - first_step,
+                    total_steps - step,
+                ),
+                train_data: &train_report,
+            });
             append_line(
                 &paths.metrics(),
                 &serde_json::to_string(&m).map_err(candle_core::Error::wrap)?,
@@ -1467,6 +1452,11 @@ pub fn fit_distributed<M: Classifier>(
         // epoch on resume, which writes the same chosen model again.
         if improved && writer {
             ck.save(&paths.best())?;
+            observer.checkpoint(&CheckpointEvent {
+                kind: CheckpointKind::Best,
+                path: &paths.best(),
+                step,
+            });
             match (&ema, summary.best_is_ema) {
                 (Some(e), true) => {
                     let saved = e.swap_in(varmap)?;
@@ -1486,6 +1476,11 @@ pub fn fit_distributed<M: Classifier>(
         if writer {
             ck.save(&paths.last())?;
             paths.keep_last(step, cfg.keep_checkpoints)?;
+            observer.checkpoint(&CheckpointEvent {
+                kind: CheckpointKind::Epoch,
+                path: &paths.last(),
+                step,
+            });
         }
         last_checkpoint = Instant::now();
         let stop_now = stop;
@@ -1653,32 +1648,8 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-/// `h:mm:ss` left for `remaining` steps at the rate of the `done` steps taken in `secs`.
-fn eta(secs: f64, done: u64, remaining: u64) -> String {
-    if done == 0 {
-        return "-".into();
-    }
-    let left = (secs / done as f64 * remaining as f64).round() as u64;
-    format!("{}:{:02}:{:02}", left / 3600, left / 60 % 60, left % 60)
-}
-
-/// The line printed after every epoch.
-fn epoch_line(m: &EpochMetrics, epochs: usize, run_eta: &str) -> String {
-    let val = match (m.val_top1, m.val_top5, m.val_nll, m.val_ece) {
-        (Some(t1), Some(t5), Some(nll), Some(ece)) => format!(
-            "validation top-1 {:.2}% top-5 {:.2}% NLL {nll:.4} ECE {:.2}%",
-            100.0 * t1,
-            100.0 * t5,
-            100.0 * ece
-        ),
-        _ => "not evaluated".into(),
-    };
-    let val = match m.ema_val_top1 {
-        Some(e) => format!("{val} (EMA top-1 {:.2}%)", 100.0 * e),
-        None => val,
-    };
-    format!(
-        "epoch {}/{epochs}: train loss {:.4}, {val}, {:.1} img/s (waited {:.1} s for data, loader {:.2} ms/image), skipped images {} (train {}, validation {}), run ETA {run_eta}",
-        m.epoch, m.train_loss, m.images_per_s, m.data_wait_s, m.loader_ms_per_image, m.skipped_images, m.skipped_train, m.skipped_validation
-    )
+/// Seconds left for `remaining` steps at the rate of the `done` steps taken in `secs` (`None`
+/// before the first step).
+fn eta(secs: f64, done: u64, remaining: u64) -> Option<f64> {
+    (done > 0).then(|| secs / done as f64 * remaining as f64)
 }
