@@ -557,7 +557,9 @@ pub fn publish_cars(a: PublishArgs) -> Result<()> {
         hub.timeout = Some(std::time::Duration::from_secs_f64(t));
     }
     eprintln!("publishing {} to {} ...", a.dir.display(), a.repo);
-    let p = candle_finetune::publish::publish_folder(&hub, &a.dir, &opts)?;
+    let p = crate::console::with_upload_bar(|progress| {
+        candle_finetune::publish::publish_folder_with(&hub, &a.dir, &opts, progress)
+    })?;
     eprintln!("{} files: {}", p.files.len(), p.files.join(", "));
     if let Some(t) = &p.transfer {
         eprintln!("large files ({t} transfer): {}", p.lfs_files.join(", "));

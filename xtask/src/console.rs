@@ -115,6 +115,31 @@ impl Observer for Console {
     }
 }
 
+/// Runs `f` with a progress callback that draws the large-file upload as a bar of bytes
+/// (`publish-cars`), cleared when `f` returns.
+pub fn with_upload_bar<R>(
+    f: impl FnOnce(&mut dyn FnMut(candle_finetune::publish::UploadProgress)) -> R,
+) -> R {
+    let mut bar: Option<ProgressBar> = None;
+    let r = f(&mut |p| {
+        let b = bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(p.total);
+            let style = ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            b.set_style(style);
+            b.set_message("large files");
+            b
+        });
+        b.set_position(p.sent);
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    r
+}
+
 /// `h:mm:ss`, or `-` before there is an estimate.
 fn eta(secs: Option<f64>) -> String {
     match secs {

@@ -8,7 +8,9 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_finetune::config::ModelConfig;
 use candle_finetune::hub::{seed_cache, HubOptions, RepoKind};
 use candle_finetune::pretrained::from_pretrained;
-use candle_finetune::publish::{publish_folder, PublishOptions, Published};
+use candle_finetune::publish::{
+    publish_folder, publish_folder_with, PublishOptions, Published, UploadProgress,
+};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::resnet::{resnet18, Arch};
 use serde_json::{json, Value};
@@ -540,9 +542,31 @@ fn large_files_go_by_the_basic_lfs_transfer() {
     });
     let dir = tempfile::tempdir().unwrap();
     model_folder(dir.path());
-    let p = publish_folder(&hub_opts(&hub.url, TOKEN), dir.path(), &publish_opts(None)).unwrap();
+    let mut seen = Vec::new();
+    let p = publish_folder_with(
+        &hub_opts(&hub.url, TOKEN),
+        dir.path(),
+        &publish_opts(None),
+        &mut |u| seen.push(u),
+    )
+    .unwrap();
     let model = std::fs::read(dir.path().join("model.safetensors")).unwrap();
     let oid = sha256_hex(&model);
+    // The progress of the one large file: nothing sent, then all of it.
+    let size = model.len() as u64;
+    assert_eq!(
+        seen,
+        [
+            UploadProgress {
+                sent: 0,
+                total: size
+            },
+            UploadProgress {
+                sent: size,
+                total: size
+            }
+        ]
+    );
     assert_eq!(
         paths(&hub),
         [

@@ -120,19 +120,31 @@ pub fn check_folder(dir: &Path) -> Result<ModelConfig> {
 /// println!("{}", p.commit_url.unwrap_or(p.repo_url));
 /// ```
 pub fn publish_folder(hub: &HubOptions, dir: &Path, opts: &PublishOptions) -> Result<Published> {
+    publish_folder_with(hub, dir, opts, &mut |_| {})
+}
+
+/// Bytes of the large files sent so far and in all ([`publish_folder_with`]); reported after
+/// each file the client sends itself (Xet uploads go through hf-hub and report nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadProgress {
+    pub sent: u64,
+    pub total: u64,
+}
+
+/// [`publish_folder`] reporting the large-file upload's progress to `progress` (the command
+/// line draws a bar from it). The steps: check the folder and the credentials, create the
+/// repository (and branch), list the files and ask the Hub how each travels, send the large
+/// ones, then commit every file at once.
+pub fn publish_folder_with(
+    hub: &HubOptions,
+    dir: &Path,
+    opts: &PublishOptions,
+    progress: &mut dyn FnMut(UploadProgress),
+) -> Result<Published> {
     let cfg = check_folder(dir)?;
     let (owner, name) = crate::hub::split_repo(&opts.repo)
         .map_err(|e| candle_core::Error::Msg(format!("publish: {e}")))?;
-    if hub.offline {
-        bail!("publish: HF_HUB_OFFLINE is set; publishing needs the network");
-    }
-    let token = hub.resolved_token().ok_or_else(|| {
-        candle_core::Error::Msg(
-            "publish: no Hugging Face token: set HF_TOKEN, or HF_TOKEN_PATH, or log in with \
-             `hf auth login` (writes HF_HOME/token)"
-                .into(),
-        )
-    })?;
+    let (hub, token) = with_token(hub)?;
     let sel = select_files(dir, &opts.exclude)?;
     if let Some(r) = REQUIRED_FILES
         .iter()
@@ -140,30 +152,7 @@ pub fn publish_folder(hub: &HubOptions, dir: &Path, opts: &PublishOptions) -> Re
     {
         bail!("publish: an exclude pattern keeps {r} local, but a model folder needs it");
     }
-    let hub = HubOptions {
-        token: Some(token.clone()),
-        ..hub.clone()
-    };
-    let client = hub.client()?;
-    let repo_url = client
-        .create_repository()
-        .repo_id(&opts.repo)
-        .repo_type(RepoTypeModel)
-        .private(opts.private)
-        .exist_ok(true)
-        .send()
-        .map_err(hub_err(&format!("publish: cannot create {}", opts.repo)))?
-        .url;
-    let repo = client.model(owner, name);
-    if let Some(branch) = opts.revision.as_deref().filter(|b| *b != "main") {
-        match repo.create_branch().branch(branch).send() {
-            Ok(()) | Err(HFError::Conflict { .. }) => {}
-            Err(e) => bail!(
-                "publish: cannot create branch {branch} in {}: {e}",
-                opts.repo
-            ),
-        }
-    }
+    let repo_url = create_repo(&hub, (owner, name), opts)?;
     let revision = opts.revision.as_deref().unwrap_or("main");
     let message = opts.message.clone().unwrap_or_else(|| {
         format!(
@@ -171,20 +160,8 @@ pub fn publish_folder(hub: &HubOptions, dir: &Path, opts: &PublishOptions) -> Re
             cfg.architecture, cfg.num_classes
         )
     });
-    let files = sel
-        .upload
-        .iter()
-        .map(|rel| {
-            let abs = dir.join(rel);
-            let size = std::fs::metadata(&abs)?.len();
-            Ok(LocalFile {
-                path: rel.clone(),
-                abs,
-                size,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
     let http = transfer::Http::new(&hub, &token)?;
+    let files = local_files(dir, &sel.upload)?;
     let modes = http.upload_modes(&opts.repo, revision, &files)?;
     // The Hub's own ignore rules drop a file from the upload.
     let files: Vec<LocalFile> = files
@@ -195,53 +172,25 @@ pub fn publish_folder(hub: &HubOptions, dir: &Path, opts: &PublishOptions) -> Re
         .iter()
         .filter(|f| f.size > 0 && modes[&f.path] == Mode::Lfs)
         .collect();
+    let published = |commit_url, commit_oid, transfer| Published {
+        repo_url: repo_url.clone(),
+        commit_url,
+        commit_oid,
+        files: files.iter().map(|f| f.path.clone()).collect(),
+        kept_local: sel.kept_local.clone(),
+        lfs_files: lfs.iter().map(|f| f.path.clone()).collect(),
+        transfer,
+    };
     let mut oids = std::collections::HashMap::new();
     let mut chosen = None;
     if !lfs.is_empty() {
         for f in &lfs {
             oids.insert(f.path.clone(), crate::hub::sha256_file(&f.abs)?);
         }
-        let objects: Vec<(String, u64)> = lfs
-            .iter()
-            .map(|f| (oids[&f.path].clone(), f.size))
-            .collect();
-        let (how, answers) = http.lfs_batch(&opts.repo, revision, &objects)?;
-        match how.as_str() {
-            "xet" => {
-                return publish_via_xet(&hub, (owner, name), dir, opts, &files, &message).map(
-                    |(commit_url, commit_oid)| Published {
-                        repo_url,
-                        commit_url,
-                        commit_oid,
-                        files: files.iter().map(|f| f.path.clone()).collect(),
-                        kept_local: sel.kept_local.clone(),
-                        lfs_files: lfs.iter().map(|f| f.path.clone()).collect(),
-                        transfer: Some(how),
-                    },
-                );
-            }
-            "basic" | "multipart" => {
-                let bar = bytes_bar(lfs.iter().map(|f| f.size).sum());
-                for f in &lfs {
-                    let oid = &oids[&f.path];
-                    let answer = answers
-                        .iter()
-                        .find(|a| a["oid"].as_str() == Some(oid))
-                        .ok_or_else(|| {
-                            candle_core::Error::Msg(format!(
-                                "publish: the LFS batch answer has no entry for {}",
-                                f.path
-                            ))
-                        })?;
-                    http.transfer(answer, f, oid)?;
-                    bar.inc(f.size);
-                }
-                bar.finish_and_clear();
-            }
-            other => bail!(
-                "publish: the Hub asked for the LFS transfer {other:?}; this client speaks \
-                 basic, multipart and xet"
-            ),
+        let how = send_large(&http, (&opts.repo, revision), &lfs, &oids, progress)?;
+        if how == "xet" {
+            let (url, oid) = publish_via_xet(&hub, (owner, name), dir, opts, &files, &message)?;
+            return Ok(published(url, oid, Some(how)));
         }
         chosen = Some(how);
     }
@@ -254,15 +203,125 @@ pub fn publish_folder(hub: &HubOptions, dir: &Path, opts: &PublishOptions) -> Re
     }
     let parent = http.head(&opts.repo, revision)?;
     let info = http.commit(&opts.repo, revision, &message, parent.as_deref(), &entries)?;
-    Ok(Published {
-        repo_url,
-        commit_url: info["commitUrl"].as_str().map(String::from),
-        commit_oid: info["commitOid"].as_str().map(String::from),
-        files: files.iter().map(|f| f.path.clone()).collect(),
-        kept_local: sel.kept_local,
-        lfs_files: lfs.iter().map(|f| f.path.clone()).collect(),
-        transfer: chosen,
-    })
+    Ok(published(
+        info["commitUrl"].as_str().map(String::from),
+        info["commitOid"].as_str().map(String::from),
+        chosen,
+    ))
+}
+
+/// `hub` with its token resolved (publishing needs one, and the network).
+fn with_token(hub: &HubOptions) -> Result<(HubOptions, String)> {
+    if hub.offline {
+        bail!("publish: HF_HUB_OFFLINE is set; publishing needs the network");
+    }
+    let token = hub.resolved_token().ok_or_else(|| {
+        candle_core::Error::Msg(
+            "publish: no Hugging Face token: set HF_TOKEN, or HF_TOKEN_PATH, or log in with \
+             `hf auth login` (writes HF_HOME/token)"
+                .into(),
+        )
+    })?;
+    let hub = HubOptions {
+        token: Some(token.clone()),
+        ..hub.clone()
+    };
+    Ok((hub, token))
+}
+
+/// Creates the model repository (an existing one is kept) and, for a revision other than
+/// `main`, its branch; returns the repository's URL.
+fn create_repo(
+    hub: &HubOptions,
+    (owner, name): (&str, &str),
+    opts: &PublishOptions,
+) -> Result<String> {
+    let client = hub.client()?;
+    let repo_url = client
+        .create_repository()
+        .repo_id(&opts.repo)
+        .repo_type(RepoTypeModel)
+        .private(opts.private)
+        .exist_ok(true)
+        .send()
+        .map_err(hub_err(&format!("publish: cannot create {}", opts.repo)))?
+        .url;
+    if let Some(branch) = opts.revision.as_deref().filter(|b| *b != "main") {
+        match client
+            .model(owner, name)
+            .create_branch()
+            .branch(branch)
+            .send()
+        {
+            Ok(()) | Err(HFError::Conflict { .. }) => {}
+            Err(e) => bail!(
+                "publish: cannot create branch {branch} in {}: {e}",
+                opts.repo
+            ),
+        }
+    }
+    Ok(repo_url)
+}
+
+/// The files to upload (paths relative to `dir`) with their sizes.
+fn local_files(dir: &Path, upload: &[String]) -> Result<Vec<LocalFile>> {
+    upload
+        .iter()
+        .map(|rel| {
+            let abs = dir.join(rel);
+            let size = std::fs::metadata(&abs)?.len();
+            Ok(LocalFile {
+                path: rel.clone(),
+                abs,
+                size,
+            })
+        })
+        .collect()
+}
+
+/// Asks the Hub how the large files travel and, for `basic` or `multipart`, sends them
+/// (reporting to `progress`); returns the transfer's name (`xet` is left to the caller, which
+/// hands it to hf-hub).
+fn send_large(
+    http: &transfer::Http,
+    (repo, revision): (&str, &str),
+    lfs: &[&LocalFile],
+    oids: &std::collections::HashMap<String, String>,
+    progress: &mut dyn FnMut(UploadProgress),
+) -> Result<String> {
+    let objects: Vec<(String, u64)> = lfs
+        .iter()
+        .map(|f| (oids[&f.path].clone(), f.size))
+        .collect();
+    let (how, answers) = http.lfs_batch(repo, revision, &objects)?;
+    match how.as_str() {
+        "xet" => {}
+        "basic" | "multipart" => {
+            let total = lfs.iter().map(|f| f.size).sum();
+            let mut sent = 0;
+            progress(UploadProgress { sent, total });
+            for f in lfs {
+                let oid = &oids[&f.path];
+                let answer = answers
+                    .iter()
+                    .find(|a| a["oid"].as_str() == Some(oid))
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "publish: the LFS batch answer has no entry for {}",
+                            f.path
+                        ))
+                    })?;
+                http.transfer(answer, f, oid)?;
+                sent += f.size;
+                progress(UploadProgress { sent, total });
+            }
+        }
+        other => bail!(
+            "publish: the Hub asked for the LFS transfer {other:?}; this client speaks \
+             basic, multipart and xet"
+        ),
+    }
+    Ok(how)
 }
 
 /// The Hub picked Xet for the large files: hf-hub uploads them and commits the selected files
@@ -290,16 +349,4 @@ fn publish_via_xet(
             opts.repo
         )))?;
     Ok((info.commit_url, info.commit_oid))
-}
-
-/// Progress of the large-file uploads, in bytes (drawn on stderr when it is a terminal).
-fn bytes_bar(total: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total);
-    let style = indicatif::ProgressStyle::with_template(
-        "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_message("uploading large files");
-    bar
 }
