@@ -148,6 +148,35 @@ pub fn model_card(
     args: &serde_json::Value,
     outcome: &Outcome,
 ) -> Result<String> {
+    let smoke = args.get("smoke").and_then(|v| v.as_bool()) == Some(true);
+    let mut v: BTreeMap<&str, String> = BTreeMap::new();
+    v.insert("front_matter", front_matter(cfg, prov, outcome));
+    v.insert(
+        "smoke_note",
+        if smoke {
+            "\n> **Smoke run**: generated images and random weights placed in a temporary Hub \
+             cache under the names below. Not a real model.\n"
+                .to_string()
+        } else {
+            String::new()
+        },
+    );
+    v.insert("arch", cfg.architecture.to_string());
+    v.insert("num_classes", cfg.num_classes.to_string());
+    v.insert("base_model", prov.base_model.clone());
+    dataset_values(&mut v, cfg, prov);
+    v.insert("results", results_section(outcome));
+    training_values(&mut v, cfg, args);
+    v.insert(
+        "args",
+        serde_json::to_string_pretty(args).map_err(candle_core::Error::wrap)?,
+    );
+    render(CARD_TEMPLATE, &v)
+}
+
+/// The card's YAML front matter: library, licence, tags, dataset, base model and the
+/// `model-index` entry with the reported split's top-1 and top-5.
+fn front_matter(cfg: &ModelConfig, prov: &Provenance, outcome: &Outcome) -> String {
     let d = &prov.dataset;
     // timm is a library the Hub knows: the model page shows its "use this model" snippet.
     let mut y = String::from("---\nlibrary_name: timm\n");
@@ -188,27 +217,12 @@ pub fn model_card(
         y += "  []\n";
     }
     y += "---";
-    let arg = |k: &str| match args.get(k) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Null) | None => "-".to_string(),
-        Some(v) => v.to_string(),
-    };
-    let smoke = args.get("smoke").and_then(|v| v.as_bool()) == Some(true);
-    let mut v: BTreeMap<&str, String> = BTreeMap::new();
-    v.insert("front_matter", y);
-    v.insert(
-        "smoke_note",
-        if smoke {
-            "\n> **Smoke run**: generated images and random weights placed in a temporary Hub \
-             cache under the names below. Not a real model.\n"
-                .to_string()
-        } else {
-            String::new()
-        },
-    );
-    v.insert("arch", cfg.architecture.to_string());
-    v.insert("num_classes", cfg.num_classes.to_string());
-    v.insert("base_model", prov.base_model.clone());
+    y
+}
+
+/// The card's values that describe the data: name, source, classes, limitations, licence.
+fn dataset_values(v: &mut BTreeMap<&str, String>, cfg: &ModelConfig, prov: &Provenance) {
+    let d = &prov.dataset;
     v.insert("dataset_name", d.name.clone());
     v.insert(
         "dataset_source",
@@ -249,7 +263,21 @@ pub fn model_card(
             ),
         },
     );
-    v.insert("results", results_section(outcome));
+}
+
+/// A training argument as the card shows it (`-` when absent or null).
+fn arg(args: &serde_json::Value, k: &str) -> String {
+    match args.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".to_string(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// The card's values that describe the training: schedule, regularisation, transforms,
+/// precision, the command, the hyper-parameters and the preprocessing.
+fn training_values(v: &mut BTreeMap<&str, String>, cfg: &ModelConfig, args: &serde_json::Value) {
+    let arg = |k: &str| arg(args, k);
     let decay = match args.get("schedule").and_then(|s| s.as_str()) {
         Some("cosine") => format!("cosine decay to {}", arg("min_lr")),
         Some("step") => format!("x {} every {} epochs", arg("gamma"), arg("step_epochs")),
@@ -296,11 +324,6 @@ pub fn model_card(
     );
     v.insert("mean", format!("{:?}", cfg.mean));
     v.insert("std", format!("{:?}", cfg.std));
-    v.insert(
-        "args",
-        serde_json::to_string_pretty(args).map_err(candle_core::Error::wrap)?,
-    );
-    render(CARD_TEMPLATE, &v)
 }
 
 /// The recipe's mixing, weight EMA, random erasing and gradient clipping in words ("none" when
