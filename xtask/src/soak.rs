@@ -100,29 +100,41 @@ pub(crate) fn rss_mib() -> (f64, f64) {
 
 pub fn run(a: Args) -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
-    let t_gen = Instant::now();
-    // Pictures about 1.5x the input side (96 x 64 at scale 1), as a dataset's photos would be.
-    let scale = (a.image_size as f64 * 1.5 / 64.0).ceil().max(1.0) as u32;
-    let train_ds = Arc::new(candle_finetune::smoke::generated_dataset(
-        a.images, scale, 1,
-    ));
-    let test_ds = Arc::new(candle_finetune::smoke::generated_dataset(
-        a.test_images,
-        scale,
-        2,
-    ));
-    eprintln!(
-        "soak: {} train / {} test generated JPEGs (~{} x {} px) in {:.1} s",
-        a.images,
-        a.test_images,
-        96 * scale,
-        64 * scale,
-        t_gen.elapsed().as_secs_f64()
+    let cfg = config(&a)?;
+    let (train, test, classes) = data(&a, &cfg)?;
+    let vm = VarMap::new();
+    let model = Arch::ResNet18
+        .build(
+            classes,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )?
+        .with_drop_path(cfg.drop_path)?
+        .with_conv_backend(cfg.amp.conv_backend(&Device::Cpu));
+    let (rss0, _) = rss_mib();
+    let (samples, last) = train_sampling(&a, &cfg, (&model, &vm), (&train, &test), rss0)?;
+    let report = summarise(&a, samples, last, rss0);
+    std::fs::write(
+        a.out.join("soak.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    plot(&a, &report)?;
+    println!(
+        "soak: {} steps in {:.0} s ({} epochs started); RSS start {:.0} MiB, peak {:.0} MiB, end {:.0} MiB, growth after warm-up {:+.1} MiB; {}",
+        report.steps,
+        report.seconds,
+        report.epochs_started,
+        report.rss_start_mib,
+        report.rss_peak_mib,
+        report.rss_end_mib,
+        report.rss_growth_after_warmup_mib,
+        a.out.join("soak.json").display()
     );
-    let pre = Preprocess {
-        size: a.image_size,
-        ..Default::default()
-    };
+    Ok(())
+}
+
+/// The run's training settings: the recipe's defaults at the asked size, optimizer and
+/// precision (every regulariser on with `--all-options`); the time budget ends it.
+fn config(a: &Args) -> Result<TrainConfig> {
     let cfg = TrainConfig {
         epochs: 1000, // the time budget ends the run
         batch_size: a.batch_size,
@@ -149,6 +161,35 @@ pub fn run(a: Args) -> Result<()> {
         cfg
     };
     cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Generated JPEGs about 1.5x the input side (96 x 64 at scale 1), as a dataset's photos would
+/// be, and their training and test loaders; also the number of classes.
+fn data(a: &Args, cfg: &TrainConfig) -> Result<(Loader, Loader, usize)> {
+    let t_gen = Instant::now();
+    // Pictures about 1.5x the input side (96 x 64 at scale 1), as a dataset's photos would be.
+    let scale = (a.image_size as f64 * 1.5 / 64.0).ceil().max(1.0) as u32;
+    let train_ds = Arc::new(candle_finetune::smoke::generated_dataset(
+        a.images, scale, 1,
+    ));
+    let test_ds = Arc::new(candle_finetune::smoke::generated_dataset(
+        a.test_images,
+        scale,
+        2,
+    ));
+    eprintln!(
+        "soak: {} train / {} test generated JPEGs (~{} x {} px) in {:.1} s",
+        a.images,
+        a.test_images,
+        96 * scale,
+        64 * scale,
+        t_gen.elapsed().as_secs_f64()
+    );
+    let pre = Preprocess {
+        size: a.image_size,
+        ..Default::default()
+    };
     let lcfg = LoaderConfig {
         batch_size: a.batch_size,
         prefetch: 3,
@@ -171,15 +212,18 @@ pub fn run(a: Args) -> Result<()> {
             ..lcfg
         },
     )?;
-    let vm = VarMap::new();
-    let model = Arch::ResNet18
-        .build(
-            train_ds.num_classes(),
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-        )?
-        .with_drop_path(cfg.drop_path)?
-        .with_conv_backend(cfg.amp.conv_backend(&Device::Cpu));
-    let (rss0, _) = rss_mib();
+    Ok((train, test, train_ds.num_classes()))
+}
+
+/// Trains until the time budget and samples the resident memory every `--every` steps (and at
+/// the last); returns the samples and the last (step, epoch).
+fn train_sampling(
+    a: &Args,
+    cfg: &TrainConfig,
+    (model, vm): (&candle_resnet::resnet::ResNet, &VarMap),
+    (train, test): (&Loader, &Loader),
+    rss0: f64,
+) -> Result<(Vec<Sample>, (u64, usize))> {
     let mut samples = vec![Sample {
         step: 0,
         epoch: 0,
@@ -189,11 +233,11 @@ pub fn run(a: Args) -> Result<()> {
     let mut last = (0u64, 0usize);
     let budget = a.seconds as f64;
     fit_with(
-        &model,
-        &vm,
-        &train,
-        Some(&test),
-        &cfg,
+        model,
+        vm,
+        train,
+        Some(test),
+        cfg,
         &Device::Cpu,
         &a.out,
         false,
@@ -215,6 +259,12 @@ pub fn run(a: Args) -> Result<()> {
             }
         },
     )?;
+    Ok((samples, last))
+}
+
+/// The run's figures from its samples (growth measured from the sample a quarter of the way in,
+/// after the warm-up).
+fn summarise(a: &Args, samples: Vec<Sample>, last: (u64, usize), rss0: f64) -> Report {
     let (rss_end, hwm) = rss_mib();
     let peak = samples.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
     let warm = &samples[samples.len() / 4];
@@ -236,10 +286,11 @@ pub fn run(a: Args) -> Result<()> {
         vm_hwm_mib: hwm,
         samples,
     };
-    std::fs::write(
-        a.out.join("soak.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
+    report
+}
+
+/// `soak.png`: resident memory against the optimizer step.
+fn plot(a: &Args, report: &Report) -> Result<()> {
     let pts: Vec<(f64, f64)> = report
         .samples
         .iter()
@@ -263,16 +314,5 @@ pub fn run(a: Args) -> Result<()> {
         "RSS (MiB)",
         &pts,
     )?;
-    println!(
-        "soak: {} steps in {:.0} s ({} epochs started); RSS start {:.0} MiB, peak {:.0} MiB, end {:.0} MiB, growth after warm-up {:+.1} MiB; {}",
-        report.steps,
-        report.seconds,
-        report.epochs_started,
-        report.rss_start_mib,
-        report.rss_peak_mib,
-        report.rss_end_mib,
-        report.rss_growth_after_warmup_mib,
-        a.out.join("soak.json").display()
-    );
     Ok(())
 }
