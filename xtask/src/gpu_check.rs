@@ -134,137 +134,190 @@ pub fn run(a: Args) -> Result<()> {
     if !link.join("libcuda.so").exists() {
         stubs(&link, &[])?;
     }
-    // Undefined driver/library symbols are left to the dynamic loader, which finds them in the
-    // real libraries named by the stubs' sonames.
-    let rustflags = format!(
-        "-L native={} -C link-arg=-Wl,--no-as-needed -C link-arg=-Wl,--unresolved-symbols=ignore-all",
-        link.display()
-    );
-    let target_dir = root.join("target/gpu-check-build");
-    let cargo = |args: &[&str]| -> Result<String> {
-        eprintln!("cargo {}", args.join(" "));
-        run_capture(
-            Command::new(env!("CARGO"))
-                .args(args)
-                .env("RUSTFLAGS", &rustflags)
-                .env("CUDA_COMPUTE_CAP", a.compute_cap.to_string())
-                .env("CARGO_TARGET_DIR", &target_dir),
-        )
+    let builder = Builder {
+        // Undefined driver/library symbols are left to the dynamic loader, which finds them in
+        // the real libraries named by the stubs' sonames.
+        rustflags: format!(
+            "-L native={} -C link-arg=-Wl,--no-as-needed -C link-arg=-Wl,--unresolved-symbols=ignore-all",
+            link.display()
+        ),
+        target_dir: root.join("target/gpu-check-build"),
+        compute_cap: a.compute_cap,
     };
-    let common = [
-        "--release",
-        "--locked",
-        "-p",
-        "candle-xent",
-        "--features",
-        "cuda",
-        "--message-format",
-        "json",
-    ];
-    let exe = |json: &str, name: &str| -> Result<PathBuf> {
-        for line in json.lines() {
-            let v: serde_json::Value = match serde_json::from_str(line) {
-                Ok(v) => v,
-                Err(_) => continue,
-            };
-            if v["reason"] == "compiler-artifact" && v["target"]["name"] == name {
-                if let Some(p) = v["executable"].as_str() {
-                    return Ok(PathBuf::from(p));
-                }
-            }
-        }
-        bail!("cargo did not report an executable for {name}")
-    };
-    let mut test_args = vec!["test", "--no-run", "--test", "cuda"];
-    test_args.extend_from_slice(&common);
-    let mut bench_args = vec!["build", "--example", "xent_cuda_bench"];
-    bench_args.extend_from_slice(&common);
-    let train_args = [
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "xtask",
-        "--features",
-        "cuda,nccl",
-        "--message-format",
-        "json",
-    ];
-    let nccl_args = [
-        "test",
-        "--no-run",
-        "--test",
-        "nccl",
-        "--release",
-        "--locked",
-        "-p",
-        "candle-ddp",
-        "--features",
-        "nccl",
-        "--message-format",
-        "json",
-    ];
-    // Two passes: link once, read the CUDA symbols the binaries use, give the stubs exactly
-    // those symbols, and link again so that every stub is recorded as needed (rustc links with
-    // --as-needed, which drops a library that provides nothing).
-    let mut test_json = cargo(&test_args)?;
-    let mut bench_json = cargo(&bench_args)?;
-    let mut train_json = cargo(&train_args)?;
-    let mut nccl_json = cargo(&nccl_args)?;
-    let mut symbols = cuda_symbols(&exe(&test_json, "cuda")?)?;
-    symbols.extend(cuda_symbols(&exe(&nccl_json, "nccl")?)?);
-    symbols.extend(cuda_symbols(&exe(&bench_json, "xent_cuda_bench")?)?);
-    symbols.extend(cuda_symbols(&exe(&train_json, "xtask")?)?);
-    symbols.sort();
-    symbols.dedup();
-    stubs(&link, &symbols)?;
-    for src in [
-        "crates/candle-xent/tests/cuda.rs",
-        "crates/candle-xent/examples/xent_cuda_bench.rs",
-        "xtask/src/main.rs",
-        "crates/candle-ddp/tests/nccl.rs",
-    ] {
-        // Relink (cargo does not track the native stubs).
-        std::fs::File::options()
-            .append(true)
-            .open(root.join(src))?
-            .set_modified(std::time::SystemTime::now())?;
-    }
-    test_json = cargo(&test_args)?;
-    bench_json = cargo(&bench_args)?;
-    train_json = cargo(&train_args)?;
-    nccl_json = cargo(&nccl_args)?;
-    let bins = [
-        (&test_json, "cuda", "cuda-tests"),
-        (&bench_json, "xent_cuda_bench", "xent_cuda_bench"),
-        (&train_json, "xtask", "xtask"),
-        (&nccl_json, "nccl", "nccl-tests"),
-    ];
-    for (json, target, _) in bins {
-        let bin = exe(json, target)?;
-        let dynamic = run_capture(Command::new("readelf").arg("-d").arg(&bin))?;
-        for (soname, _) in STUBS {
-            if !dynamic.contains(soname)
-                && symbols.iter().any(|s| {
-                    STUBS.iter().find(|(so, _)| so == &soname).map(|(_, n)| *n) == stub_of(s)
-                })
-            {
-                bail!("{} does not record {soname} as needed", bin.display());
-            }
-        }
-    }
+    let bins = builder.build_all(&root, &link)?;
     let out = root.join(&a.out);
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
     std::fs::create_dir_all(out.join("fixtures"))?;
-    let copy = |from: &Path, to: &str| -> Result<()> {
-        std::fs::copy(from, out.join(to))
-            .with_context(|| format!("copy {} to {to}", from.display()))?;
-        Ok(())
-    };
-    // Every binary starts against the stubs (found under their sonames): nothing it needs at
-    // load time is missing. `--help` / `--list` touch no GPU.
+    check_starts(&bins, &link)?;
+    pack(&a, &root, &out, &bins, &nvcc)?;
+    let mut total = 0;
+    for e in walk(&out)? {
+        total += std::fs::metadata(&e)?.len();
+    }
+    let mib = total as f64 / (1 << 20) as f64;
+    eprintln!(
+        "bundle: {} ({mib:.1} MiB). On the GPU machine: bash {}/run.sh OUT_DIR",
+        out.display(),
+        a.out.display()
+    );
+    if mib > 64.0 {
+        bail!("the bundle is {mib:.1} MiB, over the 64 MiB a device call may carry");
+    }
+    Ok(())
+}
+
+/// One bundled binary: cargo's JSON messages of its build, its target's name, its name in the
+/// bundle.
+struct Bin {
+    json: String,
+    target: &'static str,
+    name: &'static str,
+}
+
+impl Bin {
+    fn exe(&self) -> Result<PathBuf> {
+        exe(&self.json, self.target)
+    }
+}
+
+/// The executable cargo reports for target `name` in its JSON messages.
+fn exe(json: &str, name: &str) -> Result<PathBuf> {
+    for line in json.lines() {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == name {
+            if let Some(p) = v["executable"].as_str() {
+                return Ok(PathBuf::from(p));
+            }
+        }
+    }
+    bail!("cargo did not report an executable for {name}")
+}
+
+/// Builds the bundle's binaries against the CUDA stubs in `target_dir`.
+struct Builder {
+    rustflags: String,
+    target_dir: PathBuf,
+    compute_cap: u32,
+}
+
+impl Builder {
+    fn cargo(&self, args: &[&str]) -> Result<String> {
+        eprintln!("cargo {}", args.join(" "));
+        run_capture(
+            Command::new(env!("CARGO"))
+                .args(args)
+                .env("RUSTFLAGS", &self.rustflags)
+                .env("CUDA_COMPUTE_CAP", self.compute_cap.to_string())
+                .env("CARGO_TARGET_DIR", &self.target_dir),
+        )
+    }
+
+    /// The four binaries, in two passes: link once, read the CUDA symbols the binaries use,
+    /// give the stubs exactly those symbols, and link again so that every stub is recorded as
+    /// needed (rustc links with --as-needed, which drops a library that provides nothing);
+    /// then checks that each binary records every stub it uses.
+    fn build_all(&self, root: &Path, link: &Path) -> Result<Vec<Bin>> {
+        let common = [
+            "--release",
+            "--locked",
+            "-p",
+            "candle-xent",
+            "--features",
+            "cuda",
+            "--message-format",
+            "json",
+        ];
+        let mut test_args = vec!["test", "--no-run", "--test", "cuda"];
+        test_args.extend_from_slice(&common);
+        let mut bench_args = vec!["build", "--example", "xent_cuda_bench"];
+        bench_args.extend_from_slice(&common);
+        let train_args = vec![
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "xtask",
+            "--features",
+            "cuda,nccl",
+            "--message-format",
+            "json",
+        ];
+        let nccl_args = vec![
+            "test",
+            "--no-run",
+            "--test",
+            "nccl",
+            "--release",
+            "--locked",
+            "-p",
+            "candle-ddp",
+            "--features",
+            "nccl",
+            "--message-format",
+            "json",
+        ];
+        let plan = [
+            (test_args, "cuda", "cuda-tests"),
+            (bench_args, "xent_cuda_bench", "xent_cuda_bench"),
+            (train_args, "xtask", "xtask"),
+            (nccl_args, "nccl", "nccl-tests"),
+        ];
+        let build = || -> Result<Vec<Bin>> {
+            plan.iter()
+                .map(|(args, target, name)| {
+                    Ok(Bin {
+                        json: self.cargo(args)?,
+                        target,
+                        name,
+                    })
+                })
+                .collect()
+        };
+        let mut symbols = Vec::new();
+        for b in build()? {
+            symbols.extend(cuda_symbols(&b.exe()?)?);
+        }
+        symbols.sort();
+        symbols.dedup();
+        stubs(link, &symbols)?;
+        for src in [
+            "crates/candle-xent/tests/cuda.rs",
+            "crates/candle-xent/examples/xent_cuda_bench.rs",
+            "xtask/src/main.rs",
+            "crates/candle-ddp/tests/nccl.rs",
+        ] {
+            // Relink (cargo does not track the native stubs).
+            std::fs::File::options()
+                .append(true)
+                .open(root.join(src))?
+                .set_modified(std::time::SystemTime::now())?;
+        }
+        let bins = build()?;
+        for b in &bins {
+            let bin = b.exe()?;
+            let dynamic = run_capture(Command::new("readelf").arg("-d").arg(&bin))?;
+            for (soname, _) in STUBS {
+                if !dynamic.contains(soname)
+                    && symbols.iter().any(|s| {
+                        STUBS.iter().find(|(so, _)| so == &soname).map(|(_, n)| *n) == stub_of(s)
+                    })
+                {
+                    bail!("{} does not record {soname} as needed", bin.display());
+                }
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// Every binary starts against the stubs (found under their sonames): nothing it needs at load
+/// time is missing. `--help` / `--list` touch no GPU.
+fn check_starts(bins: &[Bin], link: &Path) -> Result<()> {
     let load = link.join("load");
     std::fs::create_dir_all(&load)?;
     for (soname, name) in STUBS {
@@ -272,7 +325,8 @@ pub fn run(a: Args) -> Result<()> {
         let _ = std::fs::remove_file(&l);
         std::os::unix::fs::symlink(link.join(format!("lib{name}.so")), &l)?;
     }
-    for (json, target, _) in bins {
+    for b in bins {
+        let target = b.target;
         // The loader either maps every needed library (then main runs: the test harness lists
         // its tests, xtask prints its help, the bench rejects the argument) or stops with 127.
         let arg = if matches!(target, "cuda" | "nccl") {
@@ -280,7 +334,7 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             "--help"
         };
-        let o = Command::new(exe(json, target)?)
+        let o = Command::new(b.exe()?)
             .arg(arg)
             .env("LD_LIBRARY_PATH", &load)
             .output()?;
@@ -290,16 +344,22 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     eprintln!("every binary starts against the CUDA stubs");
+    Ok(())
+}
+
+/// Writes the bundle into `out`: the binaries stripped and gzipped, the scripts, the fixtures,
+/// optional wheels and BUILD_INFO.
+fn pack(a: &Args, root: &Path, out: &Path, bins: &[Bin], nvcc: &str) -> Result<()> {
+    let copy = |from: &Path, to: &str| -> Result<()> {
+        std::fs::copy(from, out.join(to))
+            .with_context(|| format!("copy {} to {to}", from.display()))?;
+        Ok(())
+    };
     // Stripped and gzipped: each binary embeds candle's PTX (~50 MB stripped, ~13 MB packed),
     // and a bundle must travel in well under 64 MiB.
-    for (json, target, name) in bins {
-        let dst = out.join(name);
-        run_capture(
-            Command::new("strip")
-                .arg("-o")
-                .arg(&dst)
-                .arg(exe(json, target)?),
-        )?;
+    for b in bins {
+        let dst = out.join(b.name);
+        run_capture(Command::new("strip").arg("-o").arg(&dst).arg(b.exe()?))?;
         run_capture(Command::new("gzip").arg("-9").arg(&dst))?;
     }
     copy(&root.join("scripts/gpu_check.py"), "gpu_check.py")?;
@@ -332,19 +392,6 @@ pub fn run(a: Args) -> Result<()> {
         out.join("BUILD_INFO"),
         format!("nvcc: {nvcc}\ncompute_cap: {}\n", a.compute_cap),
     )?;
-    let mut total = 0;
-    for e in walk(&out)? {
-        total += std::fs::metadata(&e)?.len();
-    }
-    let mib = total as f64 / (1 << 20) as f64;
-    eprintln!(
-        "bundle: {} ({mib:.1} MiB). On the GPU machine: bash {}/run.sh OUT_DIR",
-        out.display(),
-        a.out.display()
-    );
-    if mib > 64.0 {
-        bail!("the bundle is {mib:.1} MiB, over the 64 MiB a device call may carry");
-    }
     Ok(())
 }
 
