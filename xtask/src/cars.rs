@@ -381,7 +381,7 @@ pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     /// Model folder or Hub repo OWNER/NAME.
-    #[arg(long, default_value = "out/resnet18-stanford-cars")]
+    #[arg(long, default_value = cars::DEFAULT_OUT)]
     model: String,
     /// Revision when --model is a Hub repo.
     #[arg(long, default_value = "main")]
@@ -438,7 +438,7 @@ pub fn eval_cars(a: EvalArgs) -> Result<()> {
 #[derive(clap::Args, Debug)]
 pub struct PredictArgs {
     /// Model folder or Hub repo OWNER/NAME.
-    #[arg(long, default_value = "out/resnet18-stanford-cars")]
+    #[arg(long, default_value = cars::DEFAULT_OUT)]
     model: String,
     /// Revision when --model is a Hub repo.
     #[arg(long, default_value = "main")]
@@ -510,7 +510,7 @@ pub struct PublishArgs {
     #[arg(long)]
     repo: String,
     /// The model folder written by train-cars.
-    #[arg(long, default_value = "out/resnet18-stanford-cars")]
+    #[arg(long, default_value = cars::DEFAULT_OUT)]
     dir: PathBuf,
     /// Create the repository private.
     #[arg(long)]

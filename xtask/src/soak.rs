@@ -85,17 +85,7 @@ struct Report {
 
 /// `VmRSS` and `VmHWM` of this process in MiB (Linux); 0 elsewhere.
 pub(crate) fn rss_mib() -> (f64, f64) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return (0.0, 0.0);
-    };
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    candle_resnet::alloc::resident_mib().unwrap_or((0.0, 0.0))
 }
 
 pub fn run(a: Args) -> Result<()> {

@@ -46,15 +46,7 @@ fn main() -> anyhow::Result<()> {
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     // The process's highest resident set (VmHWM), comparable with PyTorch's ru_maxrss.
-    let peak_mib = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0);
+    let peak_mib = candle_resnet::alloc::resident_mib().map_or(0.0, |(_, peak)| peak);
     println!(
         "{{\"impl\":\"candle\",\"arch\":\"{arch}\",\"batch\":{batch},\"size\":{size},\"threads\":{},\"median_step_s\":{med:.3},\"images_per_s\":{:.2},\"peak_rss_mib\":{peak_mib:.0},\"conv\":\"{}\"}}",
         candle_core::utils::get_num_threads(),

@@ -51,3 +51,25 @@ pub fn reuse_freed_memory() -> bool {
         false
     }
 }
+
+/// This process's resident memory now and its highest so far (`VmRSS` and `VmHWM` of
+/// `/proc/self/status`), in MiB; `None` where that file does not exist (not Linux). What a
+/// memory figure of a training step or a soak run reads; `VmHWM` compares with PyTorch's
+/// `ru_maxrss`.
+///
+/// ```
+/// if let Some((now, peak)) = candle_resnet::alloc::resident_mib() {
+///     assert!(now > 0.0 && peak >= now);
+/// }
+/// ```
+pub fn resident_mib() -> Option<(f64, f64)> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
