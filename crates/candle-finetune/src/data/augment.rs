@@ -12,32 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::imageops;
 
-/// `torch.linspace(start, end, steps)` in `f32` as PyTorch's CPU kernel computes it: the first
-/// half as `start + step * i`, the second as `end - step * (steps - 1 - i)`, each with one
-/// rounding (a fused multiply-add), `step = (end - start) / (steps - 1)` in `f32`.
-///
-/// ```
-/// let v = candle_finetune::data::augment::linspace_f32(0.0, 1.0, 5);
-/// assert_eq!(v, vec![0.0, 0.25, 0.5, 0.75, 1.0]);
-/// ```
-pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    match steps {
-        0 => Vec::new(),
-        1 => vec![start],
-        n => {
-            let step = (end - start) / (n - 1) as f32;
-            (0..n)
-                .map(|i| {
-                    if i < n / 2 {
-                        step.mul_add(i as f32, start)
-                    } else {
-                        (-step).mul_add((n - 1 - i) as f32, end)
-                    }
-                })
-                .collect()
-        }
-    }
-}
+pub use super::imageops::linspace_f32;
 
 /// The ops of TrivialAugmentWide and RandAugment, in torchvision's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

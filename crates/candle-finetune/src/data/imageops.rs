@@ -253,7 +253,7 @@ fn warp_nearest(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
     let mut out = RgbImage::new(w, h);
     let linspace = |n: u32| -> Vec<f32> {
         let (start, end) = ((1.0 - n as f32) * 0.5, (n as f32 - 1.0) * 0.5);
-        crate::data::augment::linspace_f32(start, end, n as usize)
+        linspace_f32(start, end, n as usize)
     };
     let (xs, ys) = (linspace(w), linspace(h));
     for (oy, &y) in ys.iter().enumerate() {
@@ -323,4 +323,31 @@ pub fn translate(img: &RgbImage, dx: i64, dy: i64, fill: [u8; 3]) -> RgbImage {
 /// Flips left-right in place.
 pub fn flip_horizontal(img: &mut RgbImage) {
     image::imageops::flip_horizontal_in_place(img);
+}
+
+/// `torch.linspace(start, end, steps)` in `f32` as PyTorch's CPU kernel computes it: the first
+/// half as `start + step * i`, the second as `end - step * (steps - 1 - i)`, each with one
+/// rounding (a fused multiply-add), `step = (end - start) / (steps - 1)` in `f32`.
+///
+/// ```
+/// let v = candle_finetune::data::augment::linspace_f32(0.0, 1.0, 5);
+/// assert_eq!(v, vec![0.0, 0.25, 0.5, 0.75, 1.0]);
+/// ```
+pub fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    match steps {
+        0 => Vec::new(),
+        1 => vec![start],
+        n => {
+            let step = (end - start) / (n - 1) as f32;
+            (0..n)
+                .map(|i| {
+                    if i < n / 2 {
+                        step.mul_add(i as f32, start)
+                    } else {
+                        (-step).mul_add((n - 1 - i) as f32, end)
+                    }
+                })
+                .collect()
+        }
+    }
 }

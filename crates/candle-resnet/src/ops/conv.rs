@@ -22,6 +22,7 @@
 //! direct convolutions on blocked layouts need no im2col, which at small images costs as much as
 //! the GEMM itself. f64 keeps the im2col path either way.
 
+use super::chunks;
 use super::storage::contiguous_slice;
 use super::taps::{self, Taps};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -321,24 +322,6 @@ fn scatter_add_row<T: WithDType>(dst: &mut [T], src: &[T], stride: usize, off: i
     } else {
         for (d, s) in dst[start..].iter_mut().step_by(stride).zip(&src[lo..hi]) {
             *d += *s;
-        }
-    }
-}
-
-/// Runs `f(index, chunk)` over `out.chunks_mut(chunk)`, in parallel when `parallel`.
-pub(super) fn chunks<T: WithDType>(
-    out: &mut [T],
-    chunk: usize,
-    parallel: bool,
-    f: impl Fn(usize, &mut [T]) + Sync + Send,
-) {
-    if parallel {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    } else {
-        for (i, c) in out.chunks_mut(chunk).enumerate() {
-            f(i, c);
         }
     }
 }

@@ -28,3 +28,22 @@ pub(crate) fn relu1<T: candle_core::WithDType>(v: T) -> T {
         v
     }
 }
+
+/// Runs `f(index, chunk)` over `out.chunks_mut(chunk)`, in parallel when `parallel`.
+pub(crate) fn chunks<T: candle_core::WithDType>(
+    out: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        use rayon::prelude::*;
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        for (i, c) in out.chunks_mut(chunk).enumerate() {
+            f(i, c);
+        }
+    }
+}

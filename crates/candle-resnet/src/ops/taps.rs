@@ -150,7 +150,7 @@ impl Taps {
         // Entries of images `0..cnt` are below `(cnt - 1) * in_len + hw`: from a plane's start
         // `c * hw` they stay inside `imgs`, as `c * hw + hw <= in_len`.
         let top = (cnt.max(1) - 1) * self.in_len + self.hw;
-        super::conv::chunks(col, ld, parallel, |r, row| {
+        super::chunks(col, ld, parallel, |r, row| {
             let (c, t) = (r / self.taps, r % self.taps);
             // SAFETY: the entries are below `top` by construction (see above and `Taps::new`).
             unsafe { self.cols.gather(t, row, &imgs[c * self.hw..], top, false) };
@@ -171,7 +171,7 @@ impl Taps {
         let ci = self.in_len / self.hw;
         assert!(lp <= self.pixels.ld && col.len() == ci * self.taps * ld);
         assert_eq!(out.len(), ci * lp);
-        super::conv::chunks(out, lp, parallel, |c, acc| {
+        super::chunks(out, lp, parallel, |c, acc| {
             acc.fill(T::zero());
             for t in 0..self.taps {
                 // Entries of images `0..cnt` are im2col columns, below `cnt * P = ld`.
