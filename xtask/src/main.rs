@@ -189,7 +189,7 @@ pub fn build_xtask_with(feature: Option<&str>) -> Result<PathBuf> {
 
 /// The library's errors name its options; on the command line they are flags. Each pair: a
 /// name an error may contain, the flag that sets it.
-const FLAG_OF_OPTION: [(&str, &str); 7] = [
+const FLAG_OF_OPTION: [(&str, &str); 8] = [
     ("DataSource::Dir", "--data-dir DIR --weights-file FILE"),
     ("DataSource::Hub::config", "--dataset-config"),
     ("ColumnChoice::image", "--image-column"),
@@ -197,6 +197,10 @@ const FLAG_OF_OPTION: [(&str, &str); 7] = [
     ("`validation_fraction`", "--validation-fraction"),
     ("`cutmix_minmax`", "--cutmix-minmax"),
     ("TrainConfig::lr", "--lr"),
+    (
+        "HubOptions::timeout",
+        "--timeout SECONDS (publish-cars; HF_HUB_DOWNLOAD_TIMEOUT for the others)",
+    ),
 ];
 
 /// The command-line spelling of the library options an error message names.
@@ -260,5 +264,9 @@ mod tests {
             vec!["on the command line, ColumnChoice::label is --label-column"]
         );
         assert!(super::flag_hints("the loss became NaN").is_empty());
+        let e = "publish: cannot create a/b: no answer within the time limit (HubOptions::timeout \
+                 or HF_HUB_DOWNLOAD_TIMEOUT, default 60 s)";
+        assert_eq!(super::flag_hints(e).len(), 1);
+        assert!(super::flag_hints(e)[0].contains("--timeout SECONDS"));
     }
 }
