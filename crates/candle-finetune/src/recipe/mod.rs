@@ -392,6 +392,7 @@ impl FineTune {
     /// the epoch on validation, evaluates that model once on the test split, and writes the
     /// model folder (`model.safetensors`, `config.json`, `README.md`, `eval.json`,
     /// `metrics.jsonl`, plots, `training_args.json`, checkpoints) into [`FineTune::out`].
+    /// Prints nothing: [`FineTune::run_with`] reports the progress to an observer.
     pub fn run(&self) -> Result<RunReport> {
         self.run_with(&mut train::Silent)
     }
