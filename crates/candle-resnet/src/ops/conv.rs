@@ -158,6 +158,20 @@ impl Geo {
     fn same(&self) -> bool {
         self.stride == 1 && self.oh == self.h && self.ow == self.w
     }
+    /// The geometry as the gather tables take it.
+    fn tap_shape(&self) -> taps::Shape {
+        taps::Shape {
+            ci: self.ci,
+            h: self.h,
+            w: self.w,
+            kh: self.kh,
+            kw: self.kw,
+            stride: self.stride,
+            padding: self.padding,
+            oh: self.oh,
+            ow: self.ow,
+        }
+    }
     /// A 1x1, stride-1, unpadded convolution: the image is its own im2col matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
@@ -611,18 +625,7 @@ fn tap_tables<T: WithDType>(g: &Geo, cnt: usize) -> Option<std::sync::Arc<Taps>>
     {
         return None;
     }
-    let shape = taps::Shape {
-        ci: g.ci,
-        h: g.h,
-        w: g.w,
-        kh: g.kh,
-        kw: g.kw,
-        stride: g.stride,
-        padding: g.padding,
-        oh: g.oh,
-        ow: g.ow,
-    };
-    Taps::cached(&shape, cnt)
+    Taps::cached(&g.tap_shape(), cnt)
 }
 
 /// `wv`: where the weight matrix `(Co, K)` lies in `w` (row-major and contiguous, or the one
@@ -1174,20 +1177,8 @@ mod tests {
     /// Both routes of im2col and col2im on one geometry and group size, compared bit for bit:
     /// the tables only change how values are fetched, never what is summed or in which order.
     fn routes_agree<T: WithDType>(g: &Geo, cnt: usize, seed: u64) {
-        let Some(taps) = Taps::new(
-            &taps::Shape {
-                ci: g.ci,
-                h: g.h,
-                w: g.w,
-                kh: g.kh,
-                kw: g.kw,
-                stride: g.stride,
-                padding: g.padding,
-                oh: g.oh,
-                ow: g.ow,
-            },
-            cnt + 1, // a table built for a larger group serves a smaller one
-        ) else {
+        // A table built for a larger group serves a smaller one.
+        let Some(taps) = Taps::new(&g.tap_shape(), cnt + 1) else {
             panic!("tables for a small geometry")
         };
         let mut state = seed | 1;

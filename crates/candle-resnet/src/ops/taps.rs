@@ -18,14 +18,18 @@
 //! `vgatherdps` with the padding masked off; elsewhere a scalar loop.
 
 use candle_core::{DType, WithDType};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The two gather tables of a convolution geometry for up to `cnt` images (see the module docs).
 /// A table built for `cnt` images serves any smaller group: its rows' first `k * P` (or
 /// `k * H*W`) entries concern images `0..k` only.
 pub(super) struct Taps {
+    shape: Shape,
+    cnt: usize,
     cols: Table,
-    pixels: Table,
+    /// Built on the first col2im: a convolution whose input needs no gradient (a network's stem)
+    /// never reads it, and at 224 px it is the larger of the two (about 10 MB for the stem).
+    pixels: OnceLock<Table>,
     /// Per image: im2col columns (`P`), pixels in a plane (`H*W`), values in an image.
     p: usize,
     hw: usize,
@@ -84,9 +88,24 @@ impl Taps {
         {
             return None;
         }
-        let (ld_cols, ld_pixels) = (cnt * p, cnt * hw);
-        let mut cols = Vec::with_capacity(taps * ld_cols);
-        let mut pixels = Vec::with_capacity(taps * ld_pixels);
+        Some(Self {
+            shape: *s,
+            cnt,
+            cols: Self::cols_table(s, cnt),
+            pixels: OnceLock::new(),
+            p,
+            hw,
+            in_len,
+            taps,
+        })
+    }
+
+    /// The `cols` table (see the module docs): per tap, the input offset each im2col element
+    /// copies, or -1.
+    fn cols_table(s: &Shape, cnt: usize) -> Table {
+        let (p, hw) = (s.oh * s.ow, s.h * s.w);
+        let in_len = s.ci * hw;
+        let mut cols = Vec::with_capacity(s.kh * s.kw * cnt * p);
         let pad = s.padding as isize;
         let (st, h, w) = (s.stride as isize, s.h as isize, s.w as isize);
         for ky in 0..s.kh as isize {
@@ -104,33 +123,43 @@ impl Taps {
                         }
                     }
                 }
-                // The output pixel whose tap (ky, kx) reads input (iy, ix): `o * stride + k -
-                // pad = i`, if that `o` is whole and inside the output.
-                let from = |i: isize, k: isize, out: usize| {
-                    let t = i + pad - k;
-                    (t >= 0 && t % st == 0 && t / st < out as isize).then_some(t / st)
-                };
-                for i in 0..cnt {
-                    for iy in 0..h {
-                        for ix in 0..w {
-                            pixels.push(match (from(iy, ky, s.oh), from(ix, kx, s.ow)) {
-                                (Some(oy), Some(ox)) => {
-                                    (i * p) as i32 + (oy * s.ow as isize + ox) as i32
-                                }
-                                _ => -1,
-                            });
+            }
+        }
+        Table::new(cols, cnt * p)
+    }
+
+    /// The `pixels` table (see the module docs), built on first use: per tap, the im2col column
+    /// that read each input pixel, or -1.
+    fn pixels(&self) -> &Table {
+        self.pixels.get_or_init(|| {
+            let (s, cnt) = (&self.shape, self.cnt);
+            let p = s.oh * s.ow;
+            let mut pixels = Vec::with_capacity(s.kh * s.kw * cnt * s.h * s.w);
+            let pad = s.padding as isize;
+            let (st, h, w) = (s.stride as isize, s.h as isize, s.w as isize);
+            // The output pixel whose tap (ky, kx) reads input (iy, ix): `o * stride + k - pad =
+            // i`, if that `o` is whole and inside the output.
+            let from = |i: isize, k: isize, out: usize| {
+                let t = i + pad - k;
+                (t >= 0 && t % st == 0 && t / st < out as isize).then_some(t / st)
+            };
+            for ky in 0..s.kh as isize {
+                for kx in 0..s.kw as isize {
+                    for i in 0..cnt {
+                        for iy in 0..h {
+                            for ix in 0..w {
+                                pixels.push(match (from(iy, ky, s.oh), from(ix, kx, s.ow)) {
+                                    (Some(oy), Some(ox)) => {
+                                        (i * p) as i32 + (oy * s.ow as isize + ox) as i32
+                                    }
+                                    _ => -1,
+                                });
+                            }
                         }
                     }
                 }
             }
-        }
-        Some(Self {
-            cols: Table::new(cols, ld_cols),
-            pixels: Table::new(pixels, ld_pixels),
-            p,
-            hw,
-            in_len,
-            taps,
+            Table::new(pixels, cnt * s.h * s.w)
         })
     }
 
@@ -169,7 +198,8 @@ impl Taps {
     ) {
         let (ld, lp) = (cnt * self.p, cnt * self.hw);
         let ci = self.in_len / self.hw;
-        assert!(lp <= self.pixels.ld && col.len() == ci * self.taps * ld);
+        let pixels = self.pixels();
+        assert!(lp <= pixels.ld && col.len() == ci * self.taps * ld);
         assert_eq!(out.len(), ci * lp);
         super::chunks(out, lp, parallel, |c, acc| {
             acc.fill(T::zero());
@@ -177,7 +207,7 @@ impl Taps {
                 // Entries of images `0..cnt` are im2col columns, below `cnt * P = ld`.
                 let row = &col[(c * self.taps + t) * ld..][..ld];
                 // SAFETY: `Taps::new` writes `i * P + p < (i + 1) * P` for image `i < cnt`.
-                unsafe { self.pixels.gather(t, acc, row, ld, true) };
+                unsafe { pixels.gather(t, acc, row, ld, true) };
             }
         });
     }
