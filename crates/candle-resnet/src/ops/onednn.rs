@@ -104,9 +104,9 @@ fn implementation(pass: Pass, dt: i32, g: &Geo) -> Result<String> {
 }
 
 /// Whether oneDNN runs bf16 convolutions natively on this CPU (AMX or AVX512-BF16), judged once
-/// from the implementations it picks for a ResNet 3x3 convolution's three passes: a reference
-/// (`ref`) or emulated (`avx512_core` without `bf16`/`amx`) implementation is slower than the f32
-/// route, which is then used instead.
+/// from the implementations it picks for a ResNet 3x3 convolution's three passes (see
+/// [`native_bf16_isa`]): a reference or emulated implementation is slower than the f32 route,
+/// which is then used instead.
 pub(super) fn bf16_native() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
@@ -114,12 +114,23 @@ pub(super) fn bf16_native() -> bool {
         [Pass::Forward, Pass::GradInput, Pass::GradWeight]
             .iter()
             .all(|&p| match implementation(p, DT_BF16, &g) {
-                Ok(name) => {
-                    !name.starts_with("ref") && (name.contains("amx") || name.contains("bf16"))
-                }
+                Ok(name) => native_bf16_isa(&name),
                 Err(_) => false,
             })
     })
+}
+
+/// Whether an implementation name `KIND:ISA` names a bf16 ISA: `brgconv:avx512_core_amx` and
+/// `jit:avx512_core_bf16` are native; `jit_bf16:avx512_core` is the bf16 kernel emulated with
+/// AVX-512F instructions (an Ice Lake Xeon: no AVX512-BF16), `ref:any` the reference loops.
+/// Only the part after the colon names the instructions; the kind may say `bf16` either way.
+fn native_bf16_isa(name: &str) -> bool {
+    match name.rsplit_once(':') {
+        Some((kind, isa)) => {
+            !kind.starts_with("ref") && (isa.contains("amx") || isa.contains("bf16"))
+        }
+        None => false,
+    }
 }
 
 /// The linked oneDNN's version, `MAJOR.MINOR.PATCH`.
@@ -286,4 +297,33 @@ fn call<I, O>(
         bail!("conv2d (oneDNN {pass:?}, {g:?}): {}", text_of(&err));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::native_bf16_isa;
+
+    #[test]
+    fn only_the_isa_half_of_a_name_makes_bf16_native() {
+        for native in [
+            "brgconv:avx512_core_amx",
+            "brg_conv_bwd_w:avx512_core_amx",
+            "jit:avx512_core_bf16",
+            "jit_bf16:avx512_core_bf16",
+        ] {
+            assert!(native_bf16_isa(native), "{native}");
+        }
+        for emulated in [
+            "jit_bf16:avx512_core",
+            "brgconv_bf16:avx512_core",
+            "jit:avx2",
+            "ref:any",
+            "ref:bf16",
+            "gemm:jit",
+            "bf16",
+            "",
+        ] {
+            assert!(!native_bf16_isa(emulated), "{emulated}");
+        }
+    }
 }
