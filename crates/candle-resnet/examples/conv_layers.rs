@@ -4,8 +4,10 @@
 //! the weight gradient alone.
 //!
 //! ```text
-//! cargo run --release -p candle-resnet --example conv_layers -- [BATCH] [SIZE]
+//! cargo run --release -p candle-resnet --example conv_layers -- [BATCH] [SIZE] [nchw|nhwc]
 //! ```
+//!
+//! `nhwc` times the channels-last op (`conv2d_nhwc`) the network uses on the im2col + GEMM path.
 
 use candle_core::{Device, Tensor, Var};
 use std::time::Instant;
@@ -26,6 +28,18 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let batch: usize = a.get(1).map_or(Ok(32), |s| s.parse())?;
     let size: usize = a.get(2).map_or(Ok(224), |s| s.parse())?;
+    let nhwc = match a.get(3).map(String::as_str) {
+        None | Some("nchw") => false,
+        Some("nhwc") => true,
+        Some(other) => anyhow::bail!("layout {other:?}: nchw or nhwc"),
+    };
+    let conv = |x: &Tensor, w: &Tensor, s: usize, p: usize| {
+        if nhwc {
+            candle_resnet::ops::conv::conv2d_nhwc(x, w, s, p)
+        } else {
+            candle_resnet::ops::conv::conv2d(x, w, s, p)
+        }
+    };
     let s1 = size.div_ceil(2);
     let s2 = s1.div_ceil(2);
     // (Ci, H, Co, k, stride, padding, how many in ResNet-18)
@@ -45,7 +59,12 @@ fn main() -> anyhow::Result<()> {
     println!("| Ci | H | Co | k | s | fwd GFLOP/s | fwd+bwd GFLOP/s | fwd+bwd s (x count) |");
     println!("|---|---|---|---|---|---|---|---|");
     for (ci, h, co, k, s, p, count) in layers {
-        let image = Tensor::randn(0f32, 1., (batch, ci, h, h), &dev)?;
+        let dims = if nhwc {
+            (batch, h, h, ci)
+        } else {
+            (batch, ci, h, h)
+        };
+        let image = Tensor::randn(0f32, 1., dims, &dev)?;
         let stem = ci == 3;
         // A Var's gradient is computed; the image's is not.
         let x = if stem {
@@ -58,11 +77,11 @@ fn main() -> anyhow::Result<()> {
         let flop = 2.0 * (batch * co * oh * oh * ci * k * k) as f64;
         let passes = if stem { 2.0 } else { 3.0 };
         let f = best(|| {
-            candle_resnet::ops::conv::conv2d(&x, &w, s, p)?;
+            conv(&x, &w, s, p)?;
             Ok(())
         })?;
         let b = best(|| {
-            let y = candle_resnet::ops::conv::conv2d(&x, &w, s, p)?;
+            let y = conv(&x, &w, s, p)?;
             y.sum_all()?.backward()?;
             Ok(())
         })?;

@@ -262,6 +262,69 @@ impl BatchNorm2d {
         }
     }
 
+    /// [`ModuleT::forward_t`] on a channels-last `(N, H, W, C)` tensor: the same statistics,
+    /// running averages and gradients (to rounding), computed on `x` seen as the `(N*H*W, C,
+    /// 1, 1)` matrix it is in memory, whose kernels walk rows of `C` channels.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vm = VarMap::new();
+    /// let bn = candle_resnet::BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu))?;
+    /// let x = Tensor::randn(0f64, 1., (2, 4, 3, 3), &Device::Cpu)?;
+    /// let nchw = bn.forward_t(&x, true)?;
+    /// let nhwc = bn.forward_t_nhwc(&x.permute((0, 2, 3, 1))?, true)?.permute((0, 3, 1, 2))?;
+    /// let diff = (nchw - nhwc)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    /// assert!(diff < 1e-12);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_t_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (rows, dims) = self.as_rows(x)?;
+        self.forward_t(&rows, train)?.reshape(dims)
+    }
+
+    /// [`BatchNorm2d::forward_t_relu`] on a channels-last `(N, H, W, C)` tensor (see
+    /// [`BatchNorm2d::forward_t_nhwc`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vm = VarMap::new();
+    /// let bn = candle_resnet::BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let y = bn.forward_t_relu_nhwc(&Tensor::randn(0f32, 1., (2, 3, 3, 4), &Device::Cpu)?, true)?;
+    /// assert_eq!(y.dims(), &[2, 3, 3, 4]);
+    /// assert!(y.min_all()?.to_scalar::<f32>()? >= 0.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_t_relu_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (rows, dims) = self.as_rows(x)?;
+        self.forward_t_relu(&rows, train)?.reshape(dims)
+    }
+
+    /// A channels-last `x (N, H, W, C)` as the `(N*H*W, C, 1, 1)` tensor it is in memory, and
+    /// its dims.
+    fn as_rows(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+        let c = self.weight.dim(0)?;
+        let &[n, h, w, xc] = x.dims() else {
+            bail!(
+                "batch_norm: expected (N, H, W, {c}) input, got {:?}",
+                x.dims()
+            );
+        };
+        if xc != c {
+            bail!(
+                "batch_norm: expected (N, H, W, {c}) input, got {:?}",
+                x.dims()
+            );
+        }
+        Ok((
+            x.contiguous()?.reshape((n * h * w, c, 1, 1))?,
+            x.dims().to_vec(),
+        ))
+    }
+
     fn check(&self, x: &Tensor) -> Result<()> {
         if x.rank() != 4 || x.dim(1)? != self.weight.dim(0)? {
             bail!(

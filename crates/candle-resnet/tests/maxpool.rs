@@ -189,11 +189,19 @@ fn composed_path_equals_the_kernel_with_ties_nan_and_inf() {
             let x = x64.to_dtype(dtype).unwrap();
             let (ya, ga) = value_and_grad(|t| pool.forward(t), &x, &up);
             let (yb, gb) = value_and_grad(|t| pool.forward_composed(t), &x, &up);
+            // The channels-last kernel, between transposes.
+            let nhwc = |t: &Tensor| {
+                pool.forward_nhwc(&t.permute((0, 2, 3, 1))?)?
+                    .permute((0, 3, 1, 2))
+            };
+            let (yc, gc) = value_and_grad(nhwc, &x, &up);
             let what = format!("case {case} k{k} s{s} p{p} {h}x{w} {dtype:?}");
             let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             // NaN has one bit pattern after the f64 conversion, so bits compare NaN positions too.
             assert_eq!(bits(&ya), bits(&yb), "{what}: values");
             assert_eq!(ga, gb, "{what}: gradient (integer sums, exact)");
+            assert_eq!(bits(&ya), bits(&yc), "{what}: channels-last values");
+            assert_eq!(ga, gc, "{what}: channels-last gradient");
         }
     }
     let pool = MaxPool2d::new(3, 2, 1);
@@ -233,5 +241,49 @@ fn signed_zeros_tie_and_the_first_one_wins() {
             vec![1.0, 0.0, 0.0, 0.0],
             "gradient of window starting {first:?}"
         );
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+    /// The channels-last pool against the `(N, C, H, W)` kernel on the transpose, bit for bit
+    /// (values and gradients), on random geometries (empty batches and channels included),
+    /// every float dtype, and inputs with ties, NaN and infinities.
+    #[test]
+    fn nhwc_pool_equals_the_plane_kernel(
+        n in 0usize..3, c in 0usize..5, h in 1usize..9, w in 1usize..9,
+        k in 1usize..4, s in 1usize..4, p in 0usize..2, dtype in 0usize..4, seed in 0usize..1000,
+    ) {
+        let pool = MaxPool2d::new(k, s, p);
+        let dev = Device::Cpu;
+        let len = n * c * h * w;
+        let xs: Vec<f64> = (0..len)
+            .map(|i| match (i * 7919 + seed) % 23 {
+                0 => f64::NAN,
+                1 => f64::INFINITY,
+                2 => f64::NEG_INFINITY,
+                3 => -0.0,
+                v => (v % 6) as f64 - 2.5,
+            })
+            .collect();
+        let x = Tensor::from_vec(xs, (n, c, h, w), &dev).unwrap();
+        let dtype = [DType::F64, DType::F32, DType::BF16, DType::F16][dtype];
+        let x = x.to_dtype(dtype).unwrap();
+        let plane = pool.forward(&x);
+        let nhwc = pool.forward_nhwc(&x.permute((0, 2, 3, 1)).unwrap());
+        // A kernel the padded input cannot hold (or padding over half the kernel): both refuse.
+        proptest::prop_assert_eq!(plane.is_ok(), nhwc.is_ok());
+        let Ok(y) = plane else { return Ok(()) };
+        let ups: Vec<f64> = (0..y.elem_count()).map(|i| ((i * 31) % 7) as f64 - 3.0).collect();
+        let up = Tensor::from_vec(ups, y.dims(), &dev).unwrap();
+        let (ya, ga) = value_and_grad(|t| pool.forward(t), &x, &up);
+        let (yb, gb) = value_and_grad(
+            |t| pool.forward_nhwc(&t.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2)),
+            &x,
+            &up,
+        );
+        let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        proptest::prop_assert_eq!(bits(&ya), bits(&yb));
+        proptest::prop_assert_eq!(bits(&ga), bits(&gb));
     }
 }

@@ -1,7 +1,8 @@
 //! The ResNet-18 against torchvision (tests/fixtures/gen_resnet_fixture.py): eval logits,
 //! train-mode logits, running statistics after one train step, and gradients under a
 //! label-smoothed loss, in f32 (the 1e-4 bound) and in f64 (to ~1e-9, which shows the
-//! computation is the same and the f32 differences are rounding).
+//! computation is the same and the f32 differences are rounding); each with the body
+//! channels-last (the default on this path) and `(N, C, H, W)`.
 
 mod common;
 
@@ -20,10 +21,13 @@ fn fixture() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu).unwrap()
 }
 
-fn model(dtype: DType) -> (VarMap, candle_resnet::resnet::ResNet) {
+fn model(dtype: DType, channels_last: bool) -> (VarMap, candle_resnet::resnet::ResNet) {
     let vm = VarMap::new();
-    let m = resnet18(10, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
+    let m = resnet18(10, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu))
+        .unwrap()
+        .with_channels_last(channels_last);
     fill_deterministic(&vm).unwrap();
+    assert_eq!(m.runs_channels_last(&input(dtype)), channels_last);
     (vm, m)
 }
 
@@ -47,19 +51,19 @@ const GRADS: [&str; 9] = [
 ];
 
 /// Worst relative error of every compared quantity (relative to each tensor's largest value).
-fn errors(dtype: DType, suffix: &str) -> Vec<(String, f64)> {
+fn errors(dtype: DType, suffix: &str, channels_last: bool) -> Vec<(String, f64)> {
     let fx = fixture();
     let want = |k: &str| fx[&format!("{k}{suffix}")].clone();
     let mut errs = Vec::new();
 
-    let (_, m) = model(dtype);
+    let (_, m) = model(dtype, channels_last);
     let logits = m.forward_t(&input(dtype), false).unwrap();
     errs.push((
         "eval_logits".into(),
         max_rel_err(&logits, &want("eval_logits")),
     ));
 
-    let (vm, m) = model(dtype);
+    let (vm, m) = model(dtype, channels_last);
     let logits = m.forward_t(&input(dtype), true).unwrap();
     errs.push((
         "train_logits".into(),
@@ -98,22 +102,32 @@ fn errors(dtype: DType, suffix: &str) -> Vec<(String, f64)> {
 
 #[test]
 fn f32_matches_torchvision() {
-    let errs = errors(DType::F32, "");
-    for (k, e) in &errs {
-        // Logits, running stats and loss: the 1e-4. Gradients of early layers pass
-        // through 18 train-mode batch norms whose backward cancels heavily, so f32 rounding
-        // (PyTorch's as much as ours) reaches ~1e-2 of the largest element there; the f64 test
-        // below pins the computation itself down.
-        let tol = if k.starts_with("grad.") { 5e-2 } else { 1e-4 };
-        assert!(*e < tol, "{k}: error {e:e} >= {tol:e}; all: {errs:?}");
+    for channels_last in [true, false] {
+        let errs = errors(DType::F32, "", channels_last);
+        for (k, e) in &errs {
+            // Logits, running stats and loss: the 1e-4. Gradients of early layers pass
+            // through 18 train-mode batch norms whose backward cancels heavily, so f32 rounding
+            // (PyTorch's as much as ours) reaches ~1e-2 of the largest element there; the f64
+            // test below pins the computation itself down.
+            let tol = if k.starts_with("grad.") { 5e-2 } else { 1e-4 };
+            assert!(
+                *e < tol,
+                "{k} (channels-last {channels_last}): error {e:e} >= {tol:e}; all: {errs:?}"
+            );
+        }
     }
 }
 
 #[test]
 fn f64_matches_torchvision_to_rounding() {
-    let errs = errors(DType::F64, ".f64");
-    for (k, e) in &errs {
-        assert!(*e < 1e-9, "{k}: error {e:e}; all: {errs:?}");
+    for channels_last in [true, false] {
+        let errs = errors(DType::F64, ".f64", channels_last);
+        for (k, e) in &errs {
+            assert!(
+                *e < 1e-9,
+                "{k} (channels-last {channels_last}): error {e:e}; all: {errs:?}"
+            );
+        }
     }
 }
 
@@ -136,15 +150,21 @@ fn resnet34_and_resnet50_match_torchvision_in_f64() {
         candle_resnet::resnet::Arch::ResNet34,
         candle_resnet::resnet::Arch::ResNet50,
     ] {
-        let vm = VarMap::new();
-        let m = arch
-            .build(10, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu))
-            .unwrap();
-        fill_deterministic(&vm).unwrap();
-        for (train, key) in [(false, "eval_logits"), (true, "train_logits")] {
-            let got = m.forward_t(&x, train).unwrap();
-            let err = max_rel_err(&got, &fx[&format!("{}.{key}", arch.name())]);
-            assert!(err < 1e-9, "{arch} {key}: {err:e}");
+        for channels_last in [true, false] {
+            let vm = VarMap::new();
+            let m = arch
+                .build(10, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu))
+                .unwrap()
+                .with_channels_last(channels_last);
+            fill_deterministic(&vm).unwrap();
+            for (train, key) in [(false, "eval_logits"), (true, "train_logits")] {
+                let got = m.forward_t(&x, train).unwrap();
+                let err = max_rel_err(&got, &fx[&format!("{}.{key}", arch.name())]);
+                assert!(
+                    err < 1e-9,
+                    "{arch} {key} (channels-last {channels_last}): {err:e}"
+                );
+            }
         }
     }
 }

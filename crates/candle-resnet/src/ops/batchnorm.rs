@@ -15,6 +15,12 @@ use candle_ddp::Collective;
 use rayon::prelude::*;
 use std::sync::Arc;
 
+#[path = "batchnorm_rows.rs"]
+mod rows;
+
+/// `(N, C, H*W)`: with `H*W == 1` the input is an `(N, C)` matrix, which is also how a
+/// channels-last `(N, H, W, C)` tensor arrives (as `(N*H*W, C, 1, 1)`); the kernels of
+/// [`rows`] take that case.
 #[derive(Debug, Clone, Copy)]
 struct Geo {
     n: usize,
@@ -60,6 +66,9 @@ impl Lanes {
 
 /// Per-channel `[mean..., biased var...]` as `(2, C)`.
 fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
+    if g.hw == 1 {
+        return rows::stats(g, x);
+    }
     let per: Vec<(f64, f64)> = (0..g.c)
         .into_par_iter()
         .map(|c| {
@@ -158,6 +167,9 @@ fn normalize<T: WithDType>(
     let coef: Vec<(T, T)> = (0..g.c)
         .map(|c| channel_affine(eps, st[c], st[g.c + c], af[c], af[g.c + c]))
         .collect();
+    if g.hw == 1 {
+        return rows::normalize(g, relu, x, &coef);
+    }
     let ppt = g.planes_per_task();
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(g.hw * ppt)
@@ -290,6 +302,9 @@ fn masked<T: WithDType>(relu: bool, v: T, d: T, (scale, shift): (T, T)) -> T {
 }
 
 fn sums<T: WithDType>(g: &Geo, (eps, relu): (f64, bool), x: &[T], dy: &[T], pk: &[T]) -> Vec<T> {
+    if g.hw == 1 {
+        return rows::sums(g, (eps, relu), x, dy, pk);
+    }
     let per: Vec<(f64, f64)> = (0..g.c)
         .into_par_iter()
         .map(|c| {
@@ -349,6 +364,9 @@ fn input_grad<T: WithDType>(
             ((k, cx, b), aff)
         })
         .collect();
+    if g.hw == 1 {
+        return rows::input_grad(g, relu, x, dy, &coef);
+    }
     let ppt = g.planes_per_task();
     let hw = g.hw.max(1);
     let mut dx = vec![T::zero(); x.len()];
@@ -557,7 +575,13 @@ mod tests {
     #[test]
     fn fused_matches_two_pass_reference() {
         let dev = Device::Cpu;
-        for dims in [(2usize, 3usize, 1usize, 1usize), (2, 5, 2, 2), (4, 3, 5, 7)] {
+        for dims in [
+            (2usize, 3usize, 1usize, 1usize),
+            (2, 5, 2, 2),
+            (4, 3, 5, 7),
+            (300, 40, 1, 1),
+            (1000, 9, 1, 1),
+        ] {
             let (n, c, h, w) = dims;
             let g = Geo { n, c, hw: h * w };
             let x = Tensor::randn(3f64, 2., dims, &dev).unwrap();

@@ -33,6 +33,9 @@ use rayon::prelude::*;
 #[path = "onednn.rs"]
 mod onednn;
 
+#[path = "conv_nhwc.rs"]
+mod nhwc;
+
 /// Which implementation runs an f32 convolution on the CPU (f64 always takes the im2col + GEMM
 /// path; other dtypes and devices use candle's `conv2d`).
 ///
@@ -87,6 +90,13 @@ impl Backend {
             Ok(true) => onednn_label(),
             Err(_) => "unavailable".to_string(),
         }
+    }
+
+    /// Whether f32 convolutions under this choice take the pure-Rust im2col + GEMM path (no
+    /// error, no oneDNN): where a network can keep its activations channels-last
+    /// ([`conv2d_nhwc`]).
+    pub fn is_gemm(self) -> bool {
+        matches!(self.onednn(), Ok(false))
     }
 
     /// Whether f32 convolutions under this choice compute in bf16 ([`Backend::OneDnnBf16`] on
@@ -194,6 +204,21 @@ const MIN_GEMM_COLS: usize = 1024;
 const WGRAD_PARTIALS: usize = 8;
 
 impl Geo {
+    /// The image ranges whose weight gradients are summed as separate partials: fixed (a
+    /// multiple of the GEMM group), each summed in order, then the partials in order, so the
+    /// result has the same bits for any thread count.
+    fn wgrad_ranges(&self) -> Vec<(usize, usize)> {
+        let per = self
+            .n
+            .div_ceil(WGRAD_PARTIALS)
+            .max(1)
+            .next_multiple_of(self.images_per_gemm());
+        (0..self.n)
+            .step_by(per)
+            .map(|a| (a, (a + per).min(self.n)))
+            .collect()
+    }
+
     /// Images per GEMM: a function of the geometry alone, so results never depend on the thread
     /// count.
     fn images_per_gemm(&self) -> usize {
@@ -687,13 +712,7 @@ fn grad_input<T: WithDType>(g: &Geo, w: &[T], dy: &[T], wv: View) -> Vec<T> {
 
 fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
     let (k, p, ng) = (g.k(), g.p(), g.images_per_gemm());
-    // Fixed image ranges (a multiple of the GEMM group), each summed in order, then the
-    // partials in order: the same bits for any thread count.
-    let per = g.n.div_ceil(WGRAD_PARTIALS).max(1).next_multiple_of(ng);
-    let ranges: Vec<(usize, usize)> = (0..g.n)
-        .step_by(per)
-        .map(|a| (a, (a + per).min(g.n)))
-        .collect();
+    let ranges = g.wgrad_ranges();
     let mut partials = vec![T::zero(); ranges.len() * g.co * k];
     let taps = tap_tables::<T>(g, ng);
     for_each_group(&mut partials, g.co * k, |ri, acc, par, s| {
@@ -732,6 +751,18 @@ enum Pass {
     Forward,
     GradInput,
     GradWeight,
+}
+
+impl Pass {
+    /// The pass's two operands as errors name them (`"conv2d: input"`, ...).
+    fn operands(self, op: &str) -> [String; 2] {
+        let [a, b] = match self {
+            Pass::Forward => ["input", "weight"],
+            Pass::GradInput => ["weight", "grad"],
+            Pass::GradWeight => ["input", "grad"],
+        };
+        [format!("{op}: {a}"), format!("{op}: {b}")]
+    }
 }
 
 /// One f32 pass: through oneDNN when asked for (and the geometry is not empty; in bf16
@@ -877,11 +908,8 @@ fn run_pass(
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
 ) -> Result<CpuStorage> {
-    let names = match pass {
-        Pass::Forward => ["conv2d: input", "conv2d: weight"],
-        Pass::GradInput => ["conv2d: weight", "conv2d: grad"],
-        Pass::GradWeight => ["conv2d: input", "conv2d: grad"],
-    };
+    let names = pass.operands("conv2d");
+    let names = [names[0].as_str(), names[1].as_str()];
     // `views`: the pass can read a strided weight (im2col + GEMM), so a single-tap crop is a
     // view of the full kernel instead of a copy.
     fn typed<T: WithDType>(
@@ -942,6 +970,84 @@ fn run_pass(
     })
 }
 
+/// One pass of a channels-last convolution (f32 or f64, im2col + GEMM), with the weight cropped
+/// on the way in or its gradient put back in the full kernel on the way out, as [`run_pass`].
+fn run_pass_nhwc(
+    g: &Geo,
+    pass: Pass,
+    crop: Option<Crop>,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let names = pass.operands("conv2d_nhwc");
+    let names = [names[0].as_str(), names[1].as_str()];
+    fn typed<T: WithDType>(g: &Geo, pass: Pass, crop: Option<Crop>, a: &[T], b: &[T]) -> Vec<T> {
+        let empty = g.n == 0 || g.ci == 0 || g.co == 0 || g.p() == 0 || g.h * g.w == 0;
+        let single_tap = g.kh * g.kw == 1;
+        let cropped = |w: &[T]| crop.map(|c| c.take(w));
+        match pass {
+            Pass::Forward if empty => vec![T::zero(); g.n * g.p() * g.co],
+            Pass::GradInput if empty => vec![T::zero(); g.n * g.in_len()],
+            Pass::GradWeight if empty => {
+                let dw = vec![T::zero(); g.co * g.k()];
+                match crop {
+                    Some(c) => c.put(&dw),
+                    None => dw,
+                }
+            }
+            // One tap (a 1x1 kernel, or the centre of a 3x3 one on a 1x1 map): the weight is a
+            // strided (Co, Ci) matrix as it lies, read in place.
+            Pass::Forward | Pass::GradInput if single_tap => {
+                let w = if pass == Pass::Forward { b } else { a };
+                let (w, v) = match crop {
+                    Some(c) => c.tap_view(w, g.ci),
+                    None => (w, View::rows(g.ci)),
+                };
+                if pass == Pass::Forward {
+                    let wt = View { rs: v.cs, cs: v.rs };
+                    nhwc::forward(g, a, w, wt)
+                } else {
+                    nhwc::grad_input(g, w, v, b)
+                }
+            }
+            Pass::Forward => {
+                let w = cropped(b);
+                let wck = nhwc::weight_cok(g, w.as_deref().unwrap_or(b));
+                nhwc::forward(g, a, &wck, View::transposed(g.k()))
+            }
+            Pass::GradInput => {
+                let w = cropped(a);
+                let wck = nhwc::weight_cok(g, w.as_deref().unwrap_or(a));
+                nhwc::grad_input(g, &wck, View::rows(g.k()), b)
+            }
+            Pass::GradWeight => {
+                let dw = nhwc::grad_weight(g, a, b);
+                match crop {
+                    Some(c) => c.put(&dw),
+                    None => dw,
+                }
+            }
+        }
+    }
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(typed(
+            g,
+            pass,
+            crop,
+            contiguous_slice(s1, l1, names[0])?,
+            contiguous_slice(s2, l2, names[1])?,
+        )),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(typed(
+            g,
+            pass,
+            crop,
+            contiguous_slice(s1, l1, names[0])?,
+            contiguous_slice(s2, l2, names[1])?,
+        )),
+        _ => bail!("{} and {}: both f32 or both f64", names[0], names[1]),
+    })
+}
+
 /// The convolution op: `(x, w) -> y`, with its backward, on the taps `crop` keeps.
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp {
@@ -951,6 +1057,9 @@ struct Conv2dOp {
     /// Where the passes run.
     route: Route,
     crop: Option<Crop>,
+    /// Channels-last tensors: `x (N, H, W, Ci)`, `y (N, OH, OW, Co)` (the weight stays
+    /// `(Co, Ci, kh, kw)`).
+    nhwc: bool,
 }
 
 impl Conv2dOp {
@@ -960,7 +1069,29 @@ impl Conv2dOp {
             (Some(c), &[co, ci, _, _]) => vec![co, ci, c.kh, c.kw],
             _ => w.to_vec(),
         };
-        Geo::new(x, &w, self.stride, self.padding)
+        match (self.nhwc, x) {
+            (true, &[n, h, wd, c]) => Geo::new(&[n, c, h, wd], &w, self.stride, self.padding),
+            (true, _) => bail!("conv2d_nhwc: expected an (N, H, W, Ci) input, got {x:?}"),
+            (false, _) => Geo::new(x, &w, self.stride, self.padding),
+        }
+    }
+
+    /// The output's shape: `(N, Co, OH, OW)`, or `(N, OH, OW, Co)` channels-last.
+    fn out_shape(&self, g: &Geo) -> Shape {
+        if self.nhwc {
+            Shape::from((g.n, g.oh, g.ow, g.co))
+        } else {
+            Shape::from((g.n, g.co, g.oh, g.ow))
+        }
+    }
+
+    /// The input gradient's shape (that of the input).
+    fn in_shape(&self, g: &Geo) -> Shape {
+        if self.nhwc {
+            Shape::from((g.n, g.h, g.w, g.ci))
+        } else {
+            Shape::from((g.n, g.ci, g.h, g.w))
+        }
     }
 }
 
@@ -977,8 +1108,12 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.dims(), l2.dims())?;
-        let y = run_pass(&g, self.route, Pass::Forward, self.crop, (s1, l1), (s2, l2))?;
-        Ok((y, Shape::from((g.n, g.co, g.oh, g.ow))))
+        let y = if self.nhwc {
+            run_pass_nhwc(&g, Pass::Forward, self.crop, (s1, l1), (s2, l2))?
+        } else {
+            run_pass(&g, self.route, Pass::Forward, self.crop, (s1, l1), (s2, l2))?
+        };
+        Ok((y, self.out_shape(&g)))
     }
 
     fn bwd(
@@ -993,9 +1128,8 @@ impl CustomOp2 for Conv2dOp {
         let full = w.dims4()?;
         let op = |pass| Backward {
             g,
-            route: self.route,
+            conv: *self,
             pass,
-            crop: self.crop,
             full,
         };
         // An input outside the graph (the images fed to the stem) needs no gradient.
@@ -1016,9 +1150,9 @@ impl CustomOp2 for Conv2dOp {
 /// The backward passes as ops: `(w, dy) -> dx` or `(x, dy) -> dw` (full kernel shape).
 struct Backward {
     g: Geo,
-    route: Route,
+    /// The forward op (route, crop, layout).
+    conv: Conv2dOp,
     pass: Pass,
-    crop: Option<Crop>,
     /// The full weight's dims.
     full: (usize, usize, usize, usize),
 }
@@ -1037,10 +1171,14 @@ impl CustomOp2 for Backward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        let out = run_pass(g, self.route, self.pass, self.crop, (s1, l1), (s2, l2))?;
+        let (g, c) = (&self.g, &self.conv);
+        let out = if c.nhwc {
+            run_pass_nhwc(g, self.pass, c.crop, (s1, l1), (s2, l2))?
+        } else {
+            run_pass(g, c.route, self.pass, c.crop, (s1, l1), (s2, l2))?
+        };
         let shape = match self.pass {
-            Pass::GradInput => Shape::from((g.n, g.ci, g.h, g.w)),
+            Pass::GradInput => c.in_shape(g),
             _ => Shape::from(self.full),
         };
         Ok((out, shape))
@@ -1106,6 +1244,7 @@ pub fn conv2d_with(
                 bf16: backend.bf16_arithmetic() && x.dtype() == DType::F32,
             },
             crop,
+            nhwc: false,
         };
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
     } else if x.device().is_cpu()
@@ -1127,6 +1266,60 @@ pub fn conv2d_with(
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
+}
+
+/// [`conv2d`] on channels-last tensors: `x (N, H, W, Ci)` convolved with `w (Co, Ci, kh, kw)`
+/// (PyTorch's weight layout, so checkpoints do not change) into `y (N, OH, OW, Co)`,
+/// differentiable in both.
+///
+/// On a CPU with f32 or f64 the passes are im2col + GEMM with the pixels as the GEMM's rows: the
+/// layout in which im2col is block copies of `kw * Ci` values and the GEMM runs fastest, so a
+/// network kept channels-last (as [`crate::ResNet`] is on this path) trains faster than one in
+/// `(N, C, H, W)`. Results are bit-identical for any thread count. Other dtypes and devices go
+/// through [`conv2d`] between two transposes.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// # fn main() -> candle_core::Result<()> {
+/// let x = Tensor::randn(0f32, 1., (2, 3, 8, 8), &Device::Cpu)?;
+/// let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &Device::Cpu)?;
+/// let nchw = x.conv2d(&w, 1, 2, 1, 1)?;
+/// let nhwc = candle_resnet::ops::conv::conv2d_nhwc(&x.permute((0, 2, 3, 1))?, &w, 2, 1)?;
+/// assert_eq!(nhwc.dims(), &[2, 4, 4, 4]);
+/// let diff = (nhwc.permute((0, 3, 1, 2))? - nchw)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-4);
+/// # Ok(()) }
+/// ```
+pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (&[n, h, wd, ci], 4) = (x.dims(), w.rank()) else {
+        bail!(
+            "conv2d_nhwc: expected an (N, H, W, Ci) input and a (Co, Ci, kh, kw) weight, got {:?} and {:?}",
+            x.dims(),
+            w.dims()
+        );
+    };
+    let fast = x.device().is_cpu()
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::F64);
+    if !fast {
+        let y = conv2d_with(&x.permute((0, 3, 1, 2))?, w, stride, padding, Backend::Gemm)?;
+        return y.permute((0, 2, 3, 1))?.contiguous();
+    }
+    let (crop, padding) = match crop_plan(&[n, ci, h, wd], w.dims(), stride, padding) {
+        Some((c, p)) => (Some(c), p),
+        None => (None, padding),
+    };
+    let op = Conv2dOp {
+        stride,
+        padding,
+        route: Route {
+            onednn: false,
+            bf16: false,
+        },
+        crop,
+        nhwc: true,
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
 /// The kernel taps that read inside the image for at least one output position, as a smaller

@@ -80,6 +80,39 @@ impl MaxPool2d {
         x.contiguous()?.apply_op1(*self)
     }
 
+    /// [`MaxPool2d::forward`] on a channels-last `(N, H, W, C)` tensor, giving `(N, OH, OW, C)`:
+    /// the same values and gradients, bit for bit, as the pool of the `(N, C, H, W)` transpose.
+    /// On the CPU a fused kernel (each window's rows of `C` channels compared as vectors);
+    /// elsewhere the `(N, C, H, W)` pool between two transposes.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_resnet::ops::maxpool::MaxPool2d;
+    /// # fn main() -> candle_core::Result<()> {
+    /// let x = Tensor::randn(0f32, 1., (2, 3, 9, 8), &Device::Cpu)?;
+    /// let pool = MaxPool2d::new(3, 2, 1);
+    /// let nchw = pool.forward(&x)?;
+    /// let nhwc = pool.forward_nhwc(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))?;
+    /// assert_eq!(nchw.flatten_all()?.to_vec1::<f32>()?, nhwc.flatten_all()?.to_vec1::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() != 4 {
+            bail!(
+                "max_pool2d: expected an (N, H, W, C) input, got shape {:?}",
+                x.dims()
+            );
+        }
+        if !x.device().is_cpu() {
+            return self
+                .forward(&x.permute((0, 3, 1, 2))?)?
+                .permute((0, 2, 3, 1))?
+                .contiguous();
+        }
+        self.check(x)?;
+        x.contiguous()?.apply_op1(Nhwc(*self))
+    }
+
     /// The pool from candle tensor ops only, with the fused kernel's semantics (first maximal
     /// element of each window in row-major order, the first NaN wins, padding never does):
     /// what [`MaxPool2d::forward`] runs on CUDA and Metal, and runs anywhere. The winner's
@@ -268,6 +301,130 @@ impl MaxPool2d {
     }
 }
 
+/// The pool on channels-last tensors (see [`MaxPool2d::forward_nhwc`]).
+#[derive(Debug, Clone, Copy)]
+struct Nhwc(MaxPool2d);
+
+impl Nhwc {
+    /// The geometry of `(N, H, W, C)` dims, as `(geometry, N, C)`.
+    fn geo(&self, dims: &[usize]) -> Result<(Geo, usize, usize)> {
+        let &[n, h, w, c] = dims else {
+            bail!("max_pool2d: expected an (N, H, W, C) input, got shape {dims:?}");
+        };
+        Ok((self.0.geo(&Shape::from((n, c, h, w)))?, n, c))
+    }
+
+    /// Forward: per output pixel, the window's pixels in row-major order, each a row of `C`
+    /// values kept where [`pick`] takes them: the first maximal element, as the plane kernel.
+    fn fwd<T: WithDType>(&self, x: &[T], g: &Geo, c: usize) -> Vec<T> {
+        let p = &self.0;
+        let (rows, cols) = (p.ranges(g.oh, g.h), p.ranges(g.ow, g.w));
+        let mut out = vec![T::zero(); x.len() / (g.h * g.w).max(1) * g.oh * g.ow];
+        if c == 0 || out.is_empty() {
+            return out;
+        }
+        out.par_chunks_mut(g.oh * g.ow * c)
+            .zip(x.par_chunks(g.h * g.w * c))
+            .for_each(|(o, img)| {
+                for (po, best) in o.chunks_exact_mut(c).enumerate() {
+                    let ((ylo, yhi), (xlo, xhi)) = (rows[po / g.ow], cols[po % g.ow]);
+                    best.copy_from_slice(&img[(ylo * g.w + xlo) * c..][..c]);
+                    for r in ylo..yhi {
+                        for q in xlo..xhi {
+                            if (r, q) == (ylo, xlo) {
+                                continue;
+                            }
+                            let v = &img[(r * g.w + q) * c..][..c];
+                            for (b, &v) in best.iter_mut().zip(v) {
+                                *b = pick(*b, v);
+                            }
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// Backward: each output's gradient to the first element of its window equal to the output
+    /// (the first NaN for a NaN output), summed per image in f64 in output order and rounded
+    /// once: the plane kernel's sums, in the same order.
+    fn bwd_kernel<T: WithDType>(&self, x: &[T], y: &[T], dy: &[T], g: &Geo, c: usize) -> Vec<T> {
+        let p = &self.0;
+        let (rows, cols) = (p.ranges(g.oh, g.h), p.ranges(g.ow, g.w));
+        let mut dx = vec![T::zero(); x.len()];
+        let (hwc, ohwc) = (g.h * g.w * c, g.oh * g.ow * c);
+        if c == 0 || hwc == 0 || ohwc == 0 {
+            return dx;
+        }
+        dx.par_chunks_mut(hwc)
+            .zip(x.par_chunks(hwc))
+            .zip(y.par_chunks(ohwc).zip(dy.par_chunks(ohwc)))
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(acc, at): &mut (Vec<f64>, Vec<usize>), ((d, img), (yi, dyi))| {
+                    acc.clear();
+                    acc.resize(hwc, 0.0);
+                    for (po, (m, dm)) in yi.chunks_exact(c).zip(dyi.chunks_exact(c)).enumerate() {
+                        let ((ylo, yhi), (xlo, xhi)) = (rows[po / g.ow], cols[po % g.ow]);
+                        at.clear();
+                        at.resize(c, ylo * g.w + xlo);
+                        // Backwards with selects: the last hit seen is the first in row-major
+                        // order; `m` is this window's maximum, so some element hits.
+                        for r in (ylo..yhi).rev() {
+                            for q in (xlo..xhi).rev() {
+                                let pix = r * g.w + q;
+                                let v = &img[pix * c..][..c];
+                                for ((a, &v), &m) in at.iter_mut().zip(v).zip(m) {
+                                    #[allow(clippy::eq_op)]
+                                    let hit = (v == m) | ((m != m) & (v != v));
+                                    *a = if hit { pix } else { *a };
+                                }
+                            }
+                        }
+                        for (j, (&a, &d)) in at.iter().zip(dm).enumerate() {
+                            acc[a * c + j] += d.to_f64();
+                        }
+                    }
+                    for (dst, &a) in d.iter_mut().zip(acc.iter()) {
+                        *dst = T::from_f64(a);
+                    }
+                },
+            );
+        dx
+    }
+}
+
+impl CustomOp1 for Nhwc {
+    fn name(&self) -> &'static str {
+        "candle-finetune-max-pool2d-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, n, c) = self.geo(l.dims())?;
+        let what = "max_pool2d: input";
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(contiguous_slice(s, l, what)?, &g, c)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(contiguous_slice(s, l, what)?, &g, c)),
+            CpuStorage::F16(_) => CpuStorage::F16(self.fwd(contiguous_slice(s, l, what)?, &g, c)),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.fwd(contiguous_slice(s, l, what)?, &g, c)),
+            _ => bail!("max_pool2d: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, Shape::from((n, g.oh, g.ow, c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &grad_res.contiguous()?,
+            &MaxPool2dBackward {
+                pool: self.0,
+                nhwc: true,
+            },
+        )?;
+        Ok(Some(grad))
+    }
+}
+
 /// `v` replaces `best` when greater, or when it is the first NaN.
 #[inline]
 #[allow(clippy::eq_op)]
@@ -317,7 +474,10 @@ impl CustomOp1 for MaxPool2d {
         let grad = arg.apply_op3_no_bwd(
             &res.contiguous()?,
             &grad_res.contiguous()?,
-            &MaxPool2dBackward(*self),
+            &MaxPool2dBackward {
+                pool: *self,
+                nhwc: false,
+            },
         )?;
         Ok(Some(grad))
     }
@@ -325,8 +485,12 @@ impl CustomOp1 for MaxPool2d {
 
 use candle_core::backend::BackendStorage;
 
-/// Backward of [`MaxPool2d`] as a custom op of `(input, output, grad_output)`.
-struct MaxPool2dBackward(MaxPool2d);
+/// Backward of [`MaxPool2d`] (or of its channels-last form) as a custom op of `(input, output,
+/// grad_output)`.
+struct MaxPool2dBackward {
+    pool: MaxPool2d,
+    nhwc: bool,
+}
 
 impl CustomOp3 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
@@ -342,36 +506,45 @@ impl CustomOp3 for MaxPool2dBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let p = &self.0;
-        let g = p.geo(l1.shape())?;
-        let out_len = g.planes * g.oh * g.ow;
-        if l2.shape().elem_count() != out_len || l3.shape().elem_count() != out_len {
+        let (g, c, out_dims) = if self.nhwc {
+            let (g, n, c) = Nhwc(self.pool).geo(l1.dims())?;
+            (g, Some(c), [n, g.oh, g.ow, c])
+        } else {
+            let g = self.pool.geo(l1.shape())?;
+            let (n, c, _, _) = l1.shape().dims4()?;
+            (g, None, [n, c, g.oh, g.ow])
+        };
+        if l2.dims() != out_dims || l3.dims() != out_dims {
             bail!(
-                "max_pool2d backward: output {:?} / gradient {:?} do not match the pooled shape",
-                l2.shape(),
-                l3.shape()
+                "max_pool2d backward: output {:?} / gradient {:?} do not match the pooled shape {out_dims:?}",
+                l2.dims(),
+                l3.dims()
             );
         }
         fn run<T: WithDType>(
             p: &MaxPool2d,
-            g: &Geo,
+            (g, c): (&Geo, Option<usize>),
             (s1, l1): (&CpuStorage, &Layout),
             (s2, l2): (&CpuStorage, &Layout),
             (s3, l3): (&CpuStorage, &Layout),
         ) -> Result<Vec<T>> {
-            Ok(p.bwd_kernel(
+            let (x, y, dy) = (
                 contiguous_slice::<T>(s1, l1, "max_pool2d backward: input")?,
                 contiguous_slice::<T>(s2, l2, "max_pool2d backward: output")?,
                 contiguous_slice::<T>(s3, l3, "max_pool2d backward: gradient")?,
-                g,
-            ))
+            );
+            Ok(match c {
+                Some(c) => Nhwc(*p).bwd_kernel(x, y, dy, g, c),
+                None => p.bwd_kernel(x, y, dy, g),
+            })
         }
+        let (p, g) = (&self.pool, (&g, c));
         let a = ((s1, l1), (s2, l2), (s3, l3));
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(run(p, &g, a.0, a.1, a.2)?),
-            CpuStorage::F64(_) => CpuStorage::F64(run(p, &g, a.0, a.1, a.2)?),
-            CpuStorage::F16(_) => CpuStorage::F16(run(p, &g, a.0, a.1, a.2)?),
-            CpuStorage::BF16(_) => CpuStorage::BF16(run(p, &g, a.0, a.1, a.2)?),
+            CpuStorage::F32(_) => CpuStorage::F32(run(p, g, a.0, a.1, a.2)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run(p, g, a.0, a.1, a.2)?),
+            CpuStorage::F16(_) => CpuStorage::F16(run(p, g, a.0, a.1, a.2)?),
+            CpuStorage::BF16(_) => CpuStorage::BF16(run(p, g, a.0, a.1, a.2)?),
             _ => bail!("max_pool2d backward: unsupported dtype {:?}", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))

@@ -1,0 +1,120 @@
+//! Channels-last batch norm (`forward_t_nhwc`, `forward_t_relu_nhwc`) against the `(N, C, H, W)`
+//! module on the transpose: outputs, running statistics and the gradients of the input, gamma
+//! and beta, in train and eval mode, on random shapes (one-pixel maps and one-image batches
+//! included), f64 to 1e-12 and f32 to 1e-5 of the largest value; and the errors for bad shapes.
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use candle_resnet::BatchNorm2d;
+use proptest::prelude::*;
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all()?.to_vec1())
+        .expect("values")
+}
+
+/// Output, running mean and variance, and the gradients of x, gamma, beta of `sum(y * r)`,
+/// all in (N, C, H, W) order.
+fn run(x: &Tensor, dtype: DType, train: bool, relu: bool, nhwc: bool) -> Vec<Vec<f64>> {
+    let dev = Device::Cpu;
+    let c = x.dim(1).unwrap();
+    let vm = VarMap::new();
+    let bn = BatchNorm2d::new(c, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
+    {
+        let data = vm.data().lock().unwrap();
+        let ramp = |a: f64, b: f64| {
+            Tensor::arange(0u32, c as u32, &dev)
+                .and_then(|t| t.to_dtype(DType::F64)?.affine(a, b)?.to_dtype(dtype))
+                .unwrap()
+        };
+        data["weight"].set(&ramp(0.1, 0.7)).unwrap();
+        data["bias"].set(&ramp(-0.05, 0.2)).unwrap();
+        data["running_mean"].set(&ramp(0.02, -0.1)).unwrap();
+        data["running_var"].set(&ramp(0.3, 0.5)).unwrap();
+    }
+    let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+    let y = if nhwc {
+        let t = xv.as_tensor().permute((0, 2, 3, 1)).unwrap();
+        let y = if relu {
+            bn.forward_t_relu_nhwc(&t, train)
+        } else {
+            bn.forward_t_nhwc(&t, train)
+        };
+        y.unwrap().permute((0, 3, 1, 2)).unwrap()
+    } else if relu {
+        bn.forward_t_relu(xv.as_tensor(), train).unwrap()
+    } else {
+        bn.forward_t(xv.as_tensor(), train).unwrap()
+    };
+    let r = Tensor::arange(0u32, y.elem_count() as u32, &dev)
+        .and_then(|t| {
+            t.to_dtype(DType::F64)?
+                .affine(0.37, 0.0)?
+                .sin()?
+                .to_dtype(dtype)
+        })
+        .and_then(|t| t.reshape(y.dims()))
+        .unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    let grad = |t: &Tensor| g.get(t).map(flat).unwrap_or_default();
+    vec![
+        flat(&y),
+        flat(bn.running_mean()),
+        flat(bn.running_var()),
+        grad(xv.as_tensor()),
+        grad(data["weight"].as_tensor()),
+        grad(data["bias"].as_tensor()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn nhwc_equals_the_plane_layout(
+        n in 1usize..4, c in 1usize..7, h in 1usize..6, w in 1usize..6,
+        train in any::<bool>(), relu in any::<bool>(), f32s in any::<bool>(), scale in 0.01f64..100.0,
+    ) {
+        // Training needs two values per channel.
+        prop_assume!(!train || n * h * w >= 2);
+        let x = Tensor::randn(0.5f64, scale, (n, c, h, w), &Device::Cpu).unwrap();
+        let dtype = if f32s { DType::F32 } else { DType::F64 };
+        let a = run(&x, dtype, train, relu, false);
+        let b = run(&x, dtype, train, relu, true);
+        let tol = if f32s { 1e-5 } else { 1e-12 };
+        for (i, what) in ["y", "running_mean", "running_var", "dx", "dgamma", "dbeta"].iter().enumerate() {
+            prop_assert_eq!(a[i].len(), b[i].len(), "{} length", what);
+            let big = a[i].iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+            for (p, q) in a[i].iter().zip(&b[i]) {
+                prop_assert!((p - q).abs() <= tol * big, "{}: {} vs {} (largest {})", what, p, q, big);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let bn = BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    // Channels in the wrong place, wrong rank, one value per channel in training.
+    for (dims, train) in [
+        (vec![2, 4, 3, 3], true),
+        (vec![2, 3, 4], false),
+        (vec![1, 1, 1, 4], true),
+    ] {
+        let x = Tensor::zeros(dims.as_slice(), DType::F32, &dev).unwrap();
+        let e = bn.forward_t_nhwc(&x, train).unwrap_err().to_string();
+        assert!(e.contains("batch_norm"), "{dims:?}: {e}");
+        assert!(bn.forward_t_relu_nhwc(&x, train).is_err(), "{dims:?}");
+    }
+    // Eval mode on one value per channel is fine.
+    let y = bn
+        .forward_t(
+            &Tensor::ones((1, 4, 1, 1), DType::F32, &dev).unwrap(),
+            false,
+        )
+        .unwrap();
+    assert_eq!(y.dims(), &[1, 4, 1, 1]);
+}
