@@ -52,6 +52,11 @@ pub struct Args {
     /// Weight decay on every parameter (L2, as torch.optim.SGD).
     #[arg(long, default_value_t = 1e-4)]
     weight_decay: f64,
+    /// The network body's layout: `auto` (channels-last where the convolutions take the
+    /// im2col + GEMM path on the CPU, the default) or `nchw` (always `(N, C, H, W)`, for
+    /// comparisons).
+    #[arg(long, default_value = "auto")]
+    layout: String,
     /// Data-parallel over the MPI world this process was launched in (`mpirun -np N`; feature
     /// `mpi`): `--batch` is the global batch, each rank steps on its share and the gradients
     /// are averaged (25 MiB buckets) before the update. Rank 0 prints.
@@ -109,7 +114,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     let per_rank = a.batch / ranks;
     let vm = VarMap::new();
-    let mut model = arch.build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?;
+    let channels_last = match a.layout.as_str() {
+        "auto" => true,
+        "nchw" => false,
+        other => bail!("--layout must be auto or nchw, got {other}"),
+    };
+    let mut model = arch
+        .build(196, VarBuilder::from_varmap(&vm, dtype, &dev))?
+        .with_channels_last(channels_last);
     if let Some(amp) = amp {
         model = model.with_conv_backend(amp.conv_backend(&dev));
     }
@@ -210,6 +222,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             _ => model.conv_backend().describe(),
         },
+        "layout": if model.runs_channels_last(&x) { "nhwc" } else { "nchw" },
         "last_loss": last_loss,
         "device_used_mib": memory,
     });

@@ -356,24 +356,54 @@ impl Nhwc {
         if c == 0 || hwc == 0 || ohwc == 0 {
             return dx;
         }
+        // Pixel indices as u32, the width of an f32 lane, so that the selects vectorise (u64
+        // for a plane of more than 2^32 pixels).
+        let args = (x, y, dy, g, c, &rows[..], &cols[..]);
+        if g.h * g.w <= u32::MAX as usize {
+            Self::bwd_images::<T, u32>(&mut dx, args);
+        } else {
+            Self::bwd_images::<T, u64>(&mut dx, args);
+        }
+        dx
+    }
+
+    /// [`Nhwc::bwd_kernel`]'s per-image loop, with pixel indices of type `I`.
+    #[allow(clippy::type_complexity)]
+    fn bwd_images<T: WithDType, I: Copy + Send + TryFrom<usize> + TryInto<usize>>(
+        dx: &mut [T],
+        (x, y, dy, g, c, rows, cols): (
+            &[T],
+            &[T],
+            &[T],
+            &Geo,
+            usize,
+            &[(usize, usize)],
+            &[(usize, usize)],
+        ),
+    ) {
+        let (hwc, ohwc) = (g.h * g.w * c, g.oh * g.ow * c);
+        // The caller picked `I` wide enough for every pixel index of a plane.
+        let idx = |p: usize| I::try_from(p).ok().expect("pixel index fits");
+        let back = |i: I| i.try_into().ok().expect("pixel index fits");
         dx.par_chunks_mut(hwc)
             .zip(x.par_chunks(hwc))
             .zip(y.par_chunks(ohwc).zip(dy.par_chunks(ohwc)))
             .for_each_init(
                 || (Vec::new(), Vec::new()),
-                |(acc, at): &mut (Vec<f64>, Vec<usize>), ((d, img), (yi, dyi))| {
+                |(acc, at): &mut (Vec<f64>, Vec<I>), ((d, img), (yi, dyi))| {
                     acc.clear();
                     acc.resize(hwc, 0.0);
                     for (po, (m, dm)) in yi.chunks_exact(c).zip(dyi.chunks_exact(c)).enumerate() {
                         let ((ylo, yhi), (xlo, xhi)) = (rows[po / g.ow], cols[po % g.ow]);
                         at.clear();
-                        at.resize(c, ylo * g.w + xlo);
+                        at.resize(c, idx(ylo * g.w + xlo));
                         // Backwards with selects: the last hit seen is the first in row-major
                         // order; `m` is this window's maximum, so some element hits.
                         for r in (ylo..yhi).rev() {
                             for q in (xlo..xhi).rev() {
                                 let pix = r * g.w + q;
                                 let v = &img[pix * c..][..c];
+                                let pix = idx(pix);
                                 for ((a, &v), &m) in at.iter_mut().zip(v).zip(m) {
                                     #[allow(clippy::eq_op)]
                                     let hit = (v == m) | ((m != m) & (v != v));
@@ -382,7 +412,7 @@ impl Nhwc {
                             }
                         }
                         for (j, (&a, &d)) in at.iter().zip(dm).enumerate() {
-                            acc[a * c + j] += d.to_f64();
+                            acc[back(a) * c + j] += d.to_f64();
                         }
                     }
                     for (dst, &a) in d.iter_mut().zip(acc.iter()) {
@@ -390,7 +420,6 @@ impl Nhwc {
                     }
                 },
             );
-        dx
     }
 }
 
