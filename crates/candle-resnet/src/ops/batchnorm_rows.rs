@@ -3,8 +3,11 @@
 //! per-channel work a vector across the row, where the plane-wise kernels would loop over planes
 //! of a single value.
 //!
-//! Sums are f64 partials over fixed blocks of rows, added in order: the same bits for any thread
-//! count. The element-wise passes compute exactly what the plane-wise ones do.
+//! Sums run in the tensor's dtype over runs of [`RUN`] rows (one vector add per row and channel
+//! group, at the dtype's full SIMD width) and in f64 across runs and tasks, over fixed blocks of
+//! rows added in order: the same bits for any thread count. The input gradient is evaluated in the
+//! tensor's dtype from f64 coefficients (as PyTorch's f32 kernels do); the normalisation computes
+//! exactly what the plane-wise kernel does.
 
 use super::{masked, Coef, Geo, TASK};
 use candle_core::WithDType;
@@ -15,13 +18,18 @@ fn rows_per_task(g: &Geo) -> usize {
     (TASK / g.c.max(1)).max(1)
 }
 
-/// Per-channel f64 sums over blocks of rows, each block's `2C` partials from `f(x row, dy row,
-/// partials)`, then the blocks in order.
+/// Rows summed in the tensor's dtype before their sums join the f64 totals: short enough that the
+/// dtype's rounding stays far below the statistics' own noise (f32: at most 16 terms).
+const RUN: usize = 16;
+
+/// Per-channel sums over blocks of rows: `f(x row, dy row, run sums)` adds one row into `2C`
+/// sums in `T`, which join f64 totals every [`RUN`] rows; the blocks' totals are then added in
+/// order.
 fn block_sums<T: WithDType>(
     g: &Geo,
     x: &[T],
     dy: &[T],
-    f: impl Fn(&[T], &[T], &mut [f64]) + Sync + Send,
+    f: impl Fn(&[T], &[T], &mut [T]) + Sync + Send,
 ) -> Vec<f64> {
     let (c, per) = (g.c, rows_per_task(g) * g.c);
     let parts: Vec<Vec<f64>> = x
@@ -29,8 +37,15 @@ fn block_sums<T: WithDType>(
         .zip(dy.par_chunks(per))
         .map(|(xs, ds)| {
             let mut acc = vec![0.0; 2 * c];
-            for (xr, dr) in xs.chunks_exact(c).zip(ds.chunks_exact(c)) {
-                f(xr, dr, &mut acc);
+            let mut run = vec![T::zero(); 2 * c];
+            for (xr, dr) in xs.chunks(RUN * c).zip(ds.chunks(RUN * c)) {
+                run.fill(T::zero());
+                for (xr, dr) in xr.chunks_exact(c).zip(dr.chunks_exact(c)) {
+                    f(xr, dr, &mut run);
+                }
+                for (a, r) in acc.iter_mut().zip(&run) {
+                    *a += r.to_f64();
+                }
             }
             acc
         })
@@ -50,14 +65,14 @@ pub(super) fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
     if c == 0 {
         return Vec::new();
     }
-    let shift: Vec<f64> = match x.get(..c) {
-        Some(first) => first.iter().map(|v| v.to_f64()).collect(),
-        None => vec![0.0; c],
+    let shift: Vec<T> = match x.get(..c) {
+        Some(first) => first.to_vec(),
+        None => vec![T::zero(); c],
     };
-    let tot = block_sums(g, x, x, |row, _, acc| {
-        let (s, s2) = acc.split_at_mut(c);
+    let tot = block_sums(g, x, x, |row, _, run| {
+        let (s, s2) = run.split_at_mut(c);
         for (((&v, &sh), s), s2) in row.iter().zip(&shift).zip(s).zip(s2) {
-            let d = v.to_f64() - sh;
+            let d = v - sh;
             *s += d;
             *s2 += d * d;
         }
@@ -71,7 +86,7 @@ pub(super) fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
     shift
         .iter()
         .zip(&mean)
-        .map(|(sh, mu)| T::from_f64(sh + mu))
+        .map(|(sh, mu)| T::from_f64(sh.to_f64() + mu))
         .chain(var)
         .collect()
 }
@@ -110,16 +125,16 @@ pub(super) fn sums<T: WithDType>(
     if c == 0 {
         return Vec::new();
     }
-    let mean: Vec<f64> = pk[..c].iter().map(|v| v.to_f64()).collect();
+    let mean = &pk[..c];
     let aff: Vec<(T, T)> = (0..c)
         .map(|j| super::channel_affine(eps, pk[j], pk[c + j], pk[2 * c + j], pk[3 * c + j]))
         .collect();
-    let tot = block_sums(g, x, dy, |xr, dr, acc| {
-        let (sg, sb) = acc.split_at_mut(c);
-        let it = xr.iter().zip(dr).zip(&mean).zip(&aff).zip(sg).zip(sb);
+    let tot = block_sums(g, x, dy, |xr, dr, run| {
+        let (sg, sb) = run.split_at_mut(c);
+        let it = xr.iter().zip(dr).zip(mean).zip(&aff).zip(sg).zip(sb);
         for (((((&v, &d), &mu), &af), sg), sb) in it {
-            let d = masked(relu, v, d, af).to_f64();
-            *sg += d * (v.to_f64() - mu);
+            let d = masked(relu, v, d, af);
+            *sg += d * (v - mu);
             *sb += d;
         }
     });
@@ -142,6 +157,10 @@ pub(super) fn input_grad<T: WithDType>(
         return dx;
     }
     let per = rows_per_task(g) * g.c;
+    let abc: Vec<(T, T, T)> = coef
+        .iter()
+        .map(|&((a, cx, b), _)| (T::from_f64(a), T::from_f64(cx), T::from_f64(b)))
+        .collect();
     dx.par_chunks_mut(per)
         .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
         .for_each(|(out, (xs, ds))| {
@@ -149,9 +168,9 @@ pub(super) fn input_grad<T: WithDType>(
                 .chunks_exact_mut(g.c)
                 .zip(xs.chunks_exact(g.c).zip(ds.chunks_exact(g.c)));
             for (o, (xr, dr)) in rows {
-                for (((o, &v), &d), &((a, cx, b), af)) in o.iter_mut().zip(xr).zip(dr).zip(coef) {
-                    let d = masked(relu, v, d, af);
-                    *o = T::from_f64(a * d.to_f64() + cx * v.to_f64() + b);
+                let it = o.iter_mut().zip(xr).zip(dr).zip(&abc).zip(coef);
+                for ((((o, &v), &d), &(a, cx, b)), &(_, af)) in it {
+                    *o = a * masked(relu, v, d, af) + cx * v + b;
                 }
             }
         });
