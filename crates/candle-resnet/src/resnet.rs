@@ -471,7 +471,7 @@ impl ResNet {
 
     /// Whether the network keeps its activations channels-last, `(N, H, W, C)`, between the
     /// stem and the pooling (default `true`): where the convolutions take the im2col + GEMM
-    /// path ([`Backend::is_gemm`]) on the CPU in f32 or f64, every op of the body then runs on
+    /// path on the CPU (f32 with [`Backend::is_gemm`], f64 always), every op of the body runs on
     /// rows of channels ([`crate::ops::conv::conv2d_nhwc`], [`BatchNorm2d::forward_t_nhwc`],
     /// [`MaxPool2d::forward_nhwc`]), which trains faster than `(N, C, H, W)` on small maps.
     /// Inputs and outputs keep their layout either way; `false` gives the `(N, C, H, W)` body
@@ -498,10 +498,7 @@ impl ResNet {
     /// Whether a forward of `x` keeps the body channels-last (see
     /// [`ResNet::with_channels_last`]).
     pub fn runs_channels_last(&self, x: &Tensor) -> bool {
-        self.channels_last
-            && x.device().is_cpu()
-            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-            && self.conv1.backend.is_gemm()
+        self.channels_last && x.device().is_cpu() && self.conv1.backend.runs_gemm(x.dtype())
     }
 
     /// Runs every convolution on `backend` (default [`Backend::Auto`]): e.g.

@@ -259,3 +259,35 @@ fn the_default_backend_is_gemm_without_the_onednn_feature() -> Result<()> {
     assert_eq!(y.get(0)?.get(0)?.get(1)?.get(1)?.to_scalar::<f32>()?, 18.0);
     Ok(())
 }
+
+#[test]
+fn nhwc_bad_input_is_an_error_naming_the_problem() {
+    let dev = Device::Cpu;
+    let t = |dims: &[usize], dt: DType| Tensor::zeros(dims, dt, &dev).expect("zeros");
+    let w = t(&[4, 3, 3, 3], DType::F32);
+    let cases = [
+        (t(&[2, 8, 8], DType::F32), w.clone(), 1, "(N, H, W, Ci)"),
+        (
+            t(&[2, 8, 8, 3], DType::F32),
+            t(&[4, 3, 3], DType::F32),
+            1,
+            "(N, H, W, Ci)",
+        ),
+        (t(&[2, 8, 8, 5], DType::F32), w.clone(), 1, "channels"),
+        (
+            t(&[2, 1, 1, 3], DType::F32),
+            t(&[4, 3, 5, 5], DType::F32),
+            1,
+            "smaller than",
+        ),
+        (t(&[2, 8, 8, 3], DType::F32), w.clone(), 0, "stride"),
+    ];
+    for (x, w, stride, want) in cases {
+        let e = conv2d_nhwc(&x, &w, stride, 0)
+            .expect_err("bad input accepted")
+            .to_string();
+        assert!(e.contains(want), "{:?} / {:?}: {e}", x.dims(), w.dims());
+    }
+    // Mismatched dtypes: refused (by candle's convolution, which the op hands them to).
+    assert!(conv2d_nhwc(&t(&[1, 4, 4, 3], DType::F64), &w, 1, 1).is_err());
+}

@@ -99,6 +99,17 @@ impl Backend {
         matches!(self.onednn(), Ok(false))
     }
 
+    /// Whether convolutions of `dtype` tensors on the CPU run as [`conv2d_nhwc`] does under this
+    /// choice: f32 on the im2col + GEMM path, f64 whenever the choice is valid (f64 never takes
+    /// oneDNN).
+    pub(crate) fn runs_gemm(self, dtype: DType) -> bool {
+        match dtype {
+            DType::F32 => self.is_gemm(),
+            DType::F64 => self.onednn().is_ok(),
+            _ => false,
+        }
+    }
+
     /// Whether f32 convolutions under this choice compute in bf16 ([`Backend::OneDnnBf16`] on
     /// a CPU with native bf16).
     pub fn bf16_arithmetic(self) -> bool {
