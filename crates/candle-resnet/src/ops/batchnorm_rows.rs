@@ -144,13 +144,15 @@ pub(super) fn sums<T: WithDType>(
         .collect()
 }
 
-/// `dx = a * dy + cx * x + b` per channel (`coef`, with the forward's affine for the mask).
+/// `dx = a * dy + cx * x + b` per channel (`coef`, with the forward's affine for the mask),
+/// evaluated in the tensor's dtype as `a * dy + cx * (x - mean) + (b + cx * mean)`: centred
+/// first, so that a mean far above the spread does not cancel away the result's digits.
 pub(super) fn input_grad<T: WithDType>(
     g: &Geo,
     relu: bool,
     x: &[T],
     dy: &[T],
-    coef: &[(Coef, (T, T))],
+    (coef, mean): (&[(Coef, (T, T))], &[T]),
 ) -> Vec<T> {
     let mut dx = vec![T::zero(); x.len()];
     if g.c == 0 {
@@ -159,7 +161,11 @@ pub(super) fn input_grad<T: WithDType>(
     let per = rows_per_task(g) * g.c;
     let abc: Vec<(T, T, T)> = coef
         .iter()
-        .map(|&((a, cx, b), _)| (T::from_f64(a), T::from_f64(cx), T::from_f64(b)))
+        .zip(mean)
+        .map(|(&((a, cx, b), _), &mu)| {
+            let b = b + cx * mu.to_f64();
+            (T::from_f64(a), T::from_f64(cx), T::from_f64(b))
+        })
         .collect();
     dx.par_chunks_mut(per)
         .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
@@ -168,9 +174,9 @@ pub(super) fn input_grad<T: WithDType>(
                 .chunks_exact_mut(g.c)
                 .zip(xs.chunks_exact(g.c).zip(ds.chunks_exact(g.c)));
             for (o, (xr, dr)) in rows {
-                let it = o.iter_mut().zip(xr).zip(dr).zip(&abc).zip(coef);
-                for ((((o, &v), &d), &(a, cx, b)), &(_, af)) in it {
-                    *o = a * masked(relu, v, d, af) + cx * v + b;
+                let it = o.iter_mut().zip(xr).zip(dr).zip(&abc).zip(coef).zip(mean);
+                for (((((o, &v), &d), &(a, cx, b)), &(_, af)), &mu) in it {
+                    *o = a * masked(relu, v, d, af) + cx * (v - mu) + b;
                 }
             }
         });

@@ -1354,8 +1354,10 @@ fn crop_plan(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Option<
         (lo, (padding + len).min(k), out)
     };
     let ((y0, y1, oh), (x0, x1, ow)) = (range(h, kh), range(wd, kw));
-    // Square padding only: crop when both axes drop the same number of leading taps.
-    if (y0, y1) == (0, kh) && (x0, x1) == (0, kw) || y0 != x0 {
+    // Square padding only: crop when both axes drop the same number of leading taps. No tap
+    // inside the image at all (a 1x1 kernel whose every output reads padding): nothing to keep,
+    // so no crop; the full kernel reads zeros.
+    if (y0, y1) == (0, kh) && (x0, x1) == (0, kw) || y0 != x0 || y1 <= y0 || x1 <= x0 {
         return None;
     }
     let p = padding - y0;
