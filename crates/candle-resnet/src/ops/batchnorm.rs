@@ -365,7 +365,7 @@ fn input_grad<T: WithDType>(
         })
         .collect();
     if g.hw == 1 {
-        return rows::input_grad(g, relu, x, dy, (&coef, &pk[..c_n]));
+        return rows::input_grad(g, relu, x, dy, &coef, &pk[..c_n]);
     }
     let ppt = g.planes_per_task();
     let hw = g.hw.max(1);

@@ -152,7 +152,8 @@ pub(super) fn input_grad<T: WithDType>(
     relu: bool,
     x: &[T],
     dy: &[T],
-    (coef, mean): (&[(Coef, (T, T))], &[T]),
+    coef: &[(Coef, (T, T))],
+    mean: &[T],
 ) -> Vec<T> {
     let mut dx = vec![T::zero(); x.len()];
     if g.c == 0 {
