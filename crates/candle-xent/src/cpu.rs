@@ -96,11 +96,14 @@ struct RowSums<A> {
 /// The row's maximum (NaN elements are skipped; -inf for an empty or all -inf row).
 #[inline(always)]
 fn row_max<A: Acc>(xb: &[A]) -> A {
-    let mut mx = [A::NEG_INF; LANES];
-    let chunks = xb.chunks_exact(LANES);
+    // Four vectors of lanes: independent max chains, so the loop runs at the loads' pace rather
+    // than one max's latency per vector.
+    const WIDE: usize = 4 * LANES;
+    let mut mx = [A::NEG_INF; WIDE];
+    let chunks = xb.chunks_exact(WIDE);
     let rem = chunks.remainder();
     for ch in chunks {
-        for j in 0..LANES {
+        for j in 0..WIDE {
             mx[j] = if ch[j] > mx[j] { ch[j] } else { mx[j] };
         }
     }
@@ -189,7 +192,7 @@ impl<A: Acc> Terms<A> {
     /// relative to the shift `m`. `safe_zero_t`: a zero soft target contributes 0 to
     /// `sum w t (x - m)` even on a -inf logit (see [`Problem::soft_zero_is_zero`]).
     #[inline(always)]
-    fn of<const W: bool, const S: bool>(
+    fn of<const W: bool, const S: bool, const V: u8>(
         xv: &[A; LANES],
         wv: &[A; LANES],
         tv: &[A; LANES],
@@ -201,7 +204,8 @@ impl<A: Acc> Terms<A> {
         for j in 0..LANES {
             let d = xv[j] - m;
             let pad = j >= live;
-            t.e[j] = if pad { A::ZERO } else { d.exp() };
+            let e = if V > 0 { d.exp_fma() } else { d.exp() };
+            t.e[j] = if pad { A::ZERO } else { e };
             let w_d = if W { wv[j] * d } else { d };
             t.wd[j] = if pad { A::ZERO } else { w_d };
             if S {
@@ -240,9 +244,9 @@ const STEPS: usize = 4;
 
 /// Two passes over a row: its max, then every sum relative to it (no rescaling, so no
 /// rounding but the terms' own and the accumulators'). `W`: weighted; `S`: soft targets (`t`
-/// is then the target row).
+/// is then the target row); `V`: what the instance is compiled for (see [`PORTABLE`]).
 #[inline(always)]
-fn row_sums<A: Acc, const W: bool, const S: bool>(
+fn row_sums<A: Acc, const W: bool, const S: bool, const V: u8>(
     x: &[A],
     w: &[A],
     t: &[A],
@@ -279,7 +283,7 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(
             let tv = if S { lanes(t, o) } else { ones };
             for j in 0..LANES {
                 let d = xv[j] - shift;
-                pe[j] += d.exp();
+                pe[j] += if V > 0 { d.exp_fma() } else { d.exp() };
                 let w_d = if W { wv[j] * d } else { d };
                 pw[j] += w_d;
                 if S {
@@ -293,11 +297,23 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(
                 }
             }
         }
-        A::lanes_add(&mut l.se, &pe);
-        A::lanes_add(&mut l.wx, &pw);
-        if S {
-            A::lanes_add(&mut l.wtx, &pwt);
-            A::lanes_add(&mut l.wt, &pt);
+        if V == 2 {
+            // SAFETY: `V` is 2 only in the AVX-512 kernel (see `dispatch_simd`).
+            unsafe {
+                A::lanes_add_avx512(&mut l.se, &pe);
+                A::lanes_add_avx512(&mut l.wx, &pw);
+                if S {
+                    A::lanes_add_avx512(&mut l.wtx, &pwt);
+                    A::lanes_add_avx512(&mut l.wt, &pt);
+                }
+            }
+        } else {
+            A::lanes_add(&mut l.se, &pe);
+            A::lanes_add(&mut l.wx, &pw);
+            if S {
+                A::lanes_add(&mut l.wtx, &pwt);
+                A::lanes_add(&mut l.wt, &pt);
+            }
         }
         i += steps * LANES;
     }
@@ -311,7 +327,14 @@ fn row_sums<A: Acc, const W: bool, const S: bool>(
         if S {
             tv[..live].copy_from_slice(&t[i..]);
         }
-        l.add::<S>(&Terms::of::<W, S>(&xv, &wv, &tv, shift, live, safe_zero_t));
+        l.add::<S>(&Terms::of::<W, S, V>(
+            &xv,
+            &wv,
+            &tv,
+            shift,
+            live,
+            safe_zero_t,
+        ));
     }
     RowSums {
         shift,
@@ -337,7 +360,7 @@ struct GradRow<A> {
 }
 
 #[inline(always)]
-fn row_grad<A: Acc, const W: bool, const S: bool>(
+fn row_grad<A: Acc, const W: bool, const S: bool, const V: u8>(
     x: &[A],
     w: &[A],
     t: &[A],
@@ -351,7 +374,8 @@ fn row_grad<A: Acc, const W: bool, const S: bool>(
         prefetch(next, c0, BLOCK);
         for (c, (o, &xv)) in ob.iter_mut().zip(xb).enumerate() {
             let c = c0 + c;
-            let p = ((xv - k.shift) - k.log_sum).exp();
+            let z = (xv - k.shift) - k.log_sum;
+            let p = if V > 0 { z.exp_fma() } else { z.exp() };
             let wc = if W { w[c] } else { A::ONE };
             let mut g = k.alpha * p - k.beta * wc;
             if S {
@@ -366,19 +390,25 @@ fn row_grad<A: Acc, const W: bool, const S: bool>(
     }
 }
 
+/// The `V` of the portable row kernels: 1 where fused multiply-adds are part of the base
+/// instruction set (aarch64), else 0. The x86 kernels are 1 (AVX2 + FMA) and 2 (AVX-512: also
+/// its f64 lane accumulation). `V > 0` computes `exp` with FMAs, so a row's results are the same
+/// on every CPU with FMA units, whichever kernel runs.
+const PORTABLE: u8 = if cfg!(target_arch = "aarch64") { 1 } else { 0 };
+
 macro_rules! dispatch_simd {
     ($generic:ident, $avx2:ident, $avx512:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $avx2<A: Acc, const W: bool, const S: bool>($($arg: $ty),*) -> $ret {
-            $generic::<A, W, S>($($arg),*)
+            $generic::<A, W, S, 1>($($arg),*)
         }
         // 32 vector registers of 16 f32: the row loops' lanes, partial sums and f64
         // accumulators fit without spilling (with AVX2's 16 they do not).
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
         unsafe fn $avx512<A: Acc, const W: bool, const S: bool>($($arg: $ty),*) -> $ret {
-            $generic::<A, W, S>($($arg),*)
+            $generic::<A, W, S, 2>($($arg),*)
         }
     };
 }
@@ -457,10 +487,10 @@ macro_rules! select {
             };
         }
         match ($self.weighted, $self.soft) {
-            (false, false) => $generic::<A, false, false>($($arg),*),
-            (true, false) => $generic::<A, true, false>($($arg),*),
-            (false, true) => $generic::<A, false, true>($($arg),*),
-            (true, true) => $generic::<A, true, true>($($arg),*),
+            (false, false) => $generic::<A, false, false, PORTABLE>($($arg),*),
+            (true, false) => $generic::<A, true, false, PORTABLE>($($arg),*),
+            (false, true) => $generic::<A, false, true, PORTABLE>($($arg),*),
+            (true, true) => $generic::<A, true, true, PORTABLE>($($arg),*),
         }
     }};
 }

@@ -25,6 +25,13 @@ pub(crate) trait Acc:
     const ONE: Self;
     const NEG_INF: Self;
     fn exp(self) -> Self;
+    /// [`Acc::exp`] with fused multiply-adds, for the kernels compiled for CPUs that have them
+    /// (the AVX2 and AVX-512 row kernels): a third fewer instructions, within the same error
+    /// bound. Elsewhere (the portable kernels) `exp` itself.
+    #[inline(always)]
+    fn exp_fma(self) -> Self {
+        self.exp()
+    }
     fn ln(self) -> Self;
     fn tanh(self) -> Self;
     /// `self * a + b` with one rounding.
@@ -42,6 +49,16 @@ pub(crate) trait Acc:
     fn lanes_add(l: &mut Self::Lanes, v: &[Self; LANES]);
     /// The sum of the lanes, rounded once to `Self`.
     fn lanes_total(l: &Self::Lanes) -> Self;
+    /// [`Acc::lanes_add`] in the AVX-512 kernels: the same sums, written with the instructions
+    /// where LLVM's own vectorisation of `lanes_add` falls short (for f32 it paired the lanes
+    /// of different accumulators into 2-wide converts, a third of a row's time in shuffles).
+    ///
+    /// # Safety
+    /// Only called where the CPU has AVX-512 F and DQ (the `*_avx512` kernels).
+    #[inline(always)]
+    unsafe fn lanes_add_avx512(l: &mut Self::Lanes, v: &[Self; LANES]) {
+        Self::lanes_add(l, v)
+    }
 }
 
 /// Independent accumulator lanes of the row loops (a multiple of every SIMD width we target).
@@ -78,6 +95,10 @@ impl Acc for f32 {
         exp_f32(self)
     }
     #[inline(always)]
+    fn exp_fma(self) -> Self {
+        exp_f32_fma(self)
+    }
+    #[inline(always)]
     fn ln(self) -> Self {
         f32::ln(self)
     }
@@ -109,6 +130,24 @@ impl Acc for f32 {
     #[inline(always)]
     fn lanes_total(l: &Self::Lanes) -> Self {
         pairwise(l) as f32
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lanes_add_avx512(l: &mut Self::Lanes, v: &[Self; LANES]) {
+        use std::arch::x86_64::{
+            _mm512_add_pd, _mm512_castps512_ps256, _mm512_cvtps_pd, _mm512_extractf32x8_ps,
+            _mm512_loadu_pd, _mm512_loadu_ps, _mm512_storeu_pd,
+        };
+        // SAFETY: the caller guarantees AVX-512 F and DQ; every load and store is of 16 f32 or
+        // 8 f64 inside `v` and `l` (16 elements each).
+        unsafe {
+            let x = _mm512_loadu_ps(v.as_ptr());
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+            let hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(x));
+            let p = l.as_mut_ptr();
+            _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), lo));
+            _mm512_storeu_pd(p.add(8), _mm512_add_pd(_mm512_loadu_pd(p.add(8)), hi));
+        }
     }
 }
 
@@ -292,6 +331,29 @@ impl Elem for bf16 {
 /// NaN. The kernels only call it on `x - max <= 0`.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
+    exp_f32_with::<false>(x)
+}
+
+/// [`exp_f32`] with every multiply-add fused (one rounding each instead of two): the same
+/// algorithm and error bound. Only fast where the CPU has FMA units and the caller is compiled
+/// for them (elsewhere `mul_add` is a library call).
+#[inline(always)]
+pub(crate) fn exp_f32_fma(x: f32) -> f32 {
+    exp_f32_with::<true>(x)
+}
+
+/// `a * b + c`, fused when `FMA`.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn exp_f32_with<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in a part exact in 9 bits and the rest (Cody-Waite).
     const LN2_HI: f32 = 0.693_359_4;
@@ -302,17 +364,18 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const SHIFTER: f32 = 12_582_912.0;
     // `clamp` keeps NaN as NaN.
     let xc = x.clamp(LO, HI);
-    let t = xc * LOG2E + SHIFTER;
+    let t = madd::<FMA>(xc, LOG2E, SHIFTER);
     let n = t - SHIFTER;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = madd::<FMA>(-n, LN2_HI, xc);
+    let r = madd::<FMA>(-n, LN2_LO, r);
     let r2 = r * r;
     let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let p = p * r2 + r + 1.0;
+    let p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    let p = madd::<FMA>(p, r, 8.333_452e-3);
+    let p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    let p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    let p = madd::<FMA>(p, r, 0.5);
+    let p = madd::<FMA>(p, r2, r) + 1.0;
     let ni = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
     let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let y = p * scale;
@@ -326,29 +389,34 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_f32;
+    use super::{exp_f32, exp_f32_fma};
 
     #[test]
     fn exp_f32_matches_f64_within_two_ulp() {
-        let mut worst = 0.0f64;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let got = exp_f32(x) as f64;
-            let want = (x as f64).exp();
-            let ulp = (want as f32).abs() * f32::EPSILON;
-            let err = (got - want).abs() / ulp as f64;
-            worst = worst.max(err);
-            x += 0.000_731;
+        for (name, f) in [("plain", exp_f32 as fn(f32) -> f32), ("fma", exp_f32_fma)] {
+            let mut worst = 0.0f64;
+            let mut x = -87.0f32;
+            while x <= 0.0 {
+                let got = f(x) as f64;
+                let want = (x as f64).exp();
+                let ulp = (want as f32).abs() * f32::EPSILON;
+                let err = (got - want).abs() / ulp as f64;
+                worst = worst.max(err);
+                x += 0.000_731;
+            }
+            assert!(worst <= 2.0, "{name}: worst error {worst} ulp");
         }
-        assert!(worst <= 2.0, "worst error {worst} ulp");
     }
 
     #[test]
     fn exp_f32_edges() {
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(-1000.0), 0.0);
-        assert!(exp_f32(f32::NAN).is_nan());
-        assert!(exp_f32(88.0).is_finite());
+        for f in [exp_f32 as fn(f32) -> f32, exp_f32_fma] {
+            assert_eq!(f(0.0), 1.0);
+            assert_eq!(f(f32::NEG_INFINITY), 0.0);
+            assert_eq!(f(-1000.0), 0.0);
+            assert!(f(f32::NAN).is_nan());
+            assert!(f(88.0).is_finite());
+            assert!(f(f32::MIN_POSITIVE.ln() - 0.5) == 0.0);
+        }
     }
 }
