@@ -13,6 +13,11 @@ pub struct Args {
     /// Repetitions per measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Rounds: every mode (and PyTorch) runs once per round, alternating, so that the machine's
+    /// drift reaches them alike; the table shows each one's median round, with the range of its
+    /// rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Skip the (slow, memory-hungry) composition from candle-nn ops.
     #[arg(long)]
     no_composed: bool,
@@ -39,37 +44,41 @@ pub fn run(a: Args) -> Result<()> {
         if !a.no_composed {
             modes.push("composed");
         }
-        for mode in modes {
-            eprintln!("{shape} {mode} ...");
-            let mut cmd = Command::new(&exe);
-            cmd.args([n, c, mode, &a.reps.to_string()])
-                .env("RAYON_NUM_THREADS", a.threads.to_string());
-            if let Some(t) = &a.glibc_tunables {
-                cmd.env("GLIBC_TUNABLES", t);
+        let mut runs: Vec<Vec<Value>> = vec![Vec::new(); modes.len() + 1];
+        for round in 1..=a.rounds.max(1) {
+            for (mode, out) in modes.iter().zip(runs.iter_mut()) {
+                eprintln!("round {round}: {shape} {mode} ...");
+                let mut cmd = Command::new(&exe);
+                cmd.args([n, c, mode, &a.reps.to_string()])
+                    .env("RAYON_NUM_THREADS", a.threads.to_string());
+                if let Some(t) = &a.glibc_tunables {
+                    cmd.env("GLIBC_TUNABLES", t);
+                }
+                let o = run_capture(&mut cmd)?;
+                out.push(serde_json::from_str(o.trim())?);
             }
-            let out = run_capture(&mut cmd)?;
-            rows.push(serde_json::from_str(out.trim())?);
-        }
-        if let Some(py) = &a.torch {
-            eprintln!("{shape} torch ...");
-            let mut cmd = Command::new(py);
-            if let Some(t) = &a.glibc_tunables {
-                cmd.env("GLIBC_TUNABLES", t);
+            if let Some(py) = &a.torch {
+                eprintln!("round {round}: {shape} torch ...");
+                let mut cmd = Command::new(py);
+                if let Some(t) = &a.glibc_tunables {
+                    cmd.env("GLIBC_TUNABLES", t);
+                }
+                let o = run_capture(cmd.args([
+                    "scripts/bench_torch_xent.py",
+                    "--rows",
+                    n,
+                    "--classes",
+                    c,
+                    "--threads",
+                    &a.threads.to_string(),
+                    "--reps",
+                    &a.reps.to_string(),
+                ]))?;
+                let line = o.lines().last().unwrap_or_default();
+                runs[modes.len()].push(serde_json::from_str(line)?);
             }
-            let out = run_capture(cmd.args([
-                "scripts/bench_torch_xent.py",
-                "--rows",
-                n,
-                "--classes",
-                c,
-                "--threads",
-                &a.threads.to_string(),
-                "--reps",
-                &a.reps.to_string(),
-            ]))?;
-            let line = out.lines().last().unwrap_or_default();
-            rows.push(serde_json::from_str(line)?);
         }
+        rows.extend(runs.into_iter().filter_map(median_round));
     }
     let table = rows.iter().map(|r| {
         let shape = (r["rows"].as_u64(), r["classes"].as_u64());
@@ -98,6 +107,7 @@ pub fn run(a: Args) -> Result<()> {
             format!("{}x{}", shape.0.unwrap_or(0), shape.1.unwrap_or(0)),
             mode,
             format!("{t:.0}"),
+            cell(&r["rounds_ms"], "-"),
             cell(&r["peak_rss_mib"], "-"),
             of_bound,
             faster(find("composed")),
@@ -117,6 +127,7 @@ pub fn run(a: Args) -> Result<()> {
             "shape",
             "mode",
             "median ms",
+            "rounds' ms",
             "peak RSS MiB",
             "time / memory bound",
             "speed-up vs composed",
@@ -128,4 +139,15 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// The round with the median time (an odd count: the middle one; even: the slower middle), its
+/// JSON gaining `rounds_ms`, the range over the rounds.
+fn median_round(mut runs: Vec<Value>) -> Option<Value> {
+    let ms = |v: &Value| v["median_ms"].as_f64().unwrap_or(f64::NAN);
+    runs.sort_by(|a, b| ms(a).total_cmp(&ms(b)));
+    let (lo, hi) = (ms(runs.first()?), ms(runs.last()?));
+    let mut m = runs.swap_remove(runs.len() / 2);
+    m["rounds_ms"] = serde_json::json!(format!("{lo:.0}-{hi:.0}"));
+    Some(m)
 }

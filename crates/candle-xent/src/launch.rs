@@ -2,17 +2,9 @@
 //!
 //! Plain Rust, compiled on every platform: the CUDA path launches with these values, and the
 //! host emulation of the kernels (the `xent-kernel-emu` test crate) uses the very same ones, so
-//! the choice of threads per row is tested without a GPU.
-//!
-//! ```
-//! use candle_xent::launch::rows_launch;
-//! // 131,072 f32 classes: one 1024-thread block per row.
-//! let l = rows_launch(16_384, 131_072, 4);
-//! assert_eq!((l.grid, l.block, l.group), (16_384, 1024, 1024));
-//! // 10 classes: one warp per row, 8 rows per 256-thread block.
-//! let l = rows_launch(100, 10, 4);
-//! assert_eq!((l.grid, l.block, l.group), (13, 256, 32));
-//! ```
+//! the choice of threads per row is tested without a GPU. 131,072 f32 classes get one
+//! 1024-thread block per row; 10 classes one warp per row, 8 rows per 256-thread block (the
+//! unit tests below check both).
 
 /// Values per row of the forward's output, in the accumulator type, every backend alike:
 /// `[loss, shift, log_sum, target_weight]`. The log-sum-exp is kept as the pair
@@ -102,14 +94,6 @@ pub struct XentParamsMetal {
 impl XentParamsMetal {
     /// The Metal parameters of the CUDA-side description `p` (whose `group` is taken as is)
     /// with the class weights' sum (`None`: unweighted).
-    ///
-    /// ```
-    /// use candle_xent::launch::{XentParams, XentParamsMetal};
-    /// let p = XentParams { outer: 2, classes: 10, inner: 1, smoothing: 0.1, ignore_index: -100,
-    ///     z_loss: 0.0, softcap: 0.0, group: 32, weighted: 0, soft: 0 };
-    /// let m = XentParamsMetal::from_params(&p, None);
-    /// assert_eq!((m.eps_over_c, m.weight_sum), ((0.1f64 / 10.0) as f32, 10.0));
-    /// ```
     pub fn from_params(p: &XentParams, weight_sum: Option<f64>) -> Self {
         Self {
             outer: p.outer,
@@ -212,6 +196,37 @@ mod tests {
             let s = strided_launch(rows);
             assert!(s.grid as usize * 256 >= rows);
         }
+    }
+
+    // Formerly doctests: the module is private unless the `kernel-abi` feature is on, so they
+    // failed under `cargo test -p candle-xent`.
+    #[test]
+    fn big_rows_get_a_block_small_rows_a_warp() {
+        let l = rows_launch(16_384, 131_072, 4);
+        assert_eq!((l.grid, l.block, l.group), (16_384, 1024, 1024));
+        let l = rows_launch(100, 10, 4);
+        assert_eq!((l.grid, l.block, l.group), (13, 256, 32));
+    }
+
+    #[test]
+    fn metal_params_from_cuda_params() {
+        let p = XentParams {
+            outer: 2,
+            classes: 10,
+            inner: 1,
+            smoothing: 0.1,
+            ignore_index: -100,
+            z_loss: 0.0,
+            softcap: 0.0,
+            group: 32,
+            weighted: 0,
+            soft: 0,
+        };
+        let m = XentParamsMetal::from_params(&p, None);
+        assert_eq!((m.eps_over_c, m.weight_sum), ((0.1f64 / 10.0) as f32, 10.0));
+        assert_eq!(m.one_minus_eps, 0.9f32);
+        let m = XentParamsMetal::from_params(&p, Some(2.5));
+        assert_eq!(m.weight_sum, 2.5);
     }
 
     #[test]
