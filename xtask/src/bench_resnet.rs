@@ -125,7 +125,10 @@ pub fn run(a: Args) -> Result<()> {
                 runs[exes.len()].push(t);
             }
         }
-        let mut meds: Vec<Value> = runs.into_iter().filter_map(median_run).collect();
+        let mut meds: Vec<Value> = runs
+            .into_iter()
+            .filter_map(|r| crate::median_run(r, "images_per_s", "images_per_s_range", 1))
+            .collect();
         let torch = (a.torch.is_some()).then(|| meds.pop()).flatten();
         for mut c in meds {
             if let Some(t) = &torch {
@@ -173,16 +176,6 @@ pub fn run(a: Args) -> Result<()> {
         }),
     );
     Ok(())
-}
-
-/// The run with the median images/s, with `images_per_s_range` ("lo-hi") of all of them.
-fn median_run(mut runs: Vec<Value>) -> Option<Value> {
-    let ips = |v: &Value| v["images_per_s"].as_f64().unwrap_or(f64::NAN);
-    runs.sort_by(|a, b| ips(a).total_cmp(&ips(b)));
-    let (lo, hi) = (ips(runs.first()?), ips(runs.last()?));
-    let mut m = runs.swap_remove(runs.len() / 2);
-    m["images_per_s_range"] = serde_json::json!(format!("{lo:.1}-{hi:.1}"));
-    Some(m)
 }
 
 /// A JSON number with `digits` decimals (`?` when absent).

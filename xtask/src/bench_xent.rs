@@ -78,7 +78,10 @@ pub fn run(a: Args) -> Result<()> {
                 runs[modes.len()].push(serde_json::from_str(line)?);
             }
         }
-        rows.extend(runs.into_iter().filter_map(median_round));
+        rows.extend(
+            runs.into_iter()
+                .filter_map(|r| crate::median_run(r, "median_ms", "rounds_ms", 0)),
+        );
     }
     let table = rows.iter().map(|r| {
         let shape = (r["rows"].as_u64(), r["classes"].as_u64());
@@ -139,15 +142,4 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     eprintln!("wrote {}", path.display());
     Ok(())
-}
-
-/// The round with the median time (an odd count: the middle one; even: the slower middle), its
-/// JSON gaining `rounds_ms`, the range over the rounds.
-fn median_round(mut runs: Vec<Value>) -> Option<Value> {
-    let ms = |v: &Value| v["median_ms"].as_f64().unwrap_or(f64::NAN);
-    runs.sort_by(|a, b| ms(a).total_cmp(&ms(b)));
-    let (lo, hi) = (ms(runs.first()?), ms(runs.last()?));
-    let mut m = runs.swap_remove(runs.len() / 2);
-    m["rounds_ms"] = serde_json::json!(format!("{lo:.0}-{hi:.0}"));
-    Some(m)
 }

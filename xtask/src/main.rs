@@ -172,6 +172,23 @@ pub fn cell(v: &serde_json::Value, default: &str) -> String {
 /// This workspace's task runner built in release with `feature` of the xtask package turned on
 /// (`None`: the default build), copied to `target/release/xtask-FEATURE` (`xtask-default`) so
 /// that builds with and without the feature can run side by side.
+/// Of several runs of one benchmark (JSON objects), the one with the median `key` (an even
+/// count: the upper of the two middle ones), gaining `range_key`: the runs' range of `key` with
+/// `digits` decimals. `None` for no runs.
+pub fn median_run(
+    mut runs: Vec<serde_json::Value>,
+    key: &str,
+    range_key: &str,
+    digits: usize,
+) -> Option<serde_json::Value> {
+    let v = |r: &serde_json::Value| r[key].as_f64().unwrap_or(f64::NAN);
+    runs.sort_by(|a, b| v(a).total_cmp(&v(b)));
+    let (lo, hi) = (v(runs.first()?), v(runs.last()?));
+    let mut m = runs.swap_remove(runs.len() / 2);
+    m[range_key] = serde_json::json!(format!("{lo:.digits$}-{hi:.digits$}"));
+    Some(m)
+}
+
 pub fn build_xtask_with(feature: Option<&str>) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "--release", "-p", "xtask"]);
