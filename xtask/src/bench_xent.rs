@@ -78,6 +78,27 @@ pub fn run(a: Args) -> Result<()> {
                 runs[modes.len()].push(serde_json::from_str(line)?);
             }
         }
+        // Each mode against PyTorch round by round (the two ran minutes apart at most, so the
+        // machine's drift cancels better than between the medians).
+        if a.torch.is_some() {
+            let ms = |v: &Value| v["median_ms"].as_f64().unwrap_or(f64::NAN);
+            let torch: Vec<f64> = runs[modes.len()].iter().map(ms).collect();
+            for mode_runs in &mut runs[..modes.len()] {
+                let mut ratios: Vec<f64> = mode_runs
+                    .iter()
+                    .zip(&torch)
+                    .map(|(r, t)| t / ms(r))
+                    .collect();
+                ratios.sort_by(f64::total_cmp);
+                if let (Some(lo), Some(hi)) = (ratios.first(), ratios.last()) {
+                    let med = ratios[ratios.len() / 2];
+                    for r in mode_runs.iter_mut() {
+                        r["vs_torch_rounds"] =
+                            serde_json::json!(format!("{med:.2}x ({lo:.2}-{hi:.2}x)"));
+                    }
+                }
+            }
+        }
         rows.extend(
             runs.into_iter()
                 .filter_map(|r| crate::median_run(r, "median_ms", "rounds_ms", 0)),
@@ -115,6 +136,10 @@ pub fn run(a: Args) -> Result<()> {
             of_bound,
             faster(find("composed")),
             faster(find("torch")),
+            match r["mode"].as_str() {
+                Some("bound") | Some("torch") => "-".to_string(),
+                _ => cell(&r["vs_torch_rounds"], "-"),
+            },
         ]
     });
     println!(
@@ -135,6 +160,7 @@ pub fn run(a: Args) -> Result<()> {
             "time / memory bound",
             "speed-up vs composed",
             "speed-up vs torch",
+            "vs torch, round by round: median (range)",
         ],
         table,
     );
