@@ -56,6 +56,12 @@ pub struct Args {
     /// `--epoch`: PyTorch DataLoader worker processes.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// GLIBC_TUNABLES for the PyTorch processes (step mode). candle's training binaries already
+    /// keep freed memory for reuse (`candle_resnet::alloc::reuse_freed_memory`); e.g.
+    /// `glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184` gives
+    /// PyTorch the same advantage (its large blocks served from the heap and kept).
+    #[arg(long)]
+    torch_glibc_tunables: Option<String>,
 }
 
 pub(crate) fn parse_shape(s: &str) -> Result<(usize, usize)> {
@@ -120,8 +126,14 @@ pub fn run(a: Args) -> Result<()> {
                 if let Some(amp) = &a.amp {
                     cmd.args(["--amp", amp]);
                 }
+                if let Some(t) = &a.torch_glibc_tunables {
+                    cmd.env("GLIBC_TUNABLES", t);
+                }
                 let o = run_capture(&mut cmd)?;
-                let t = serde_json::from_str::<Value>(o.lines().last().unwrap_or_default())?;
+                let mut t = serde_json::from_str::<Value>(o.lines().last().unwrap_or_default())?;
+                if a.torch_glibc_tunables.is_some() {
+                    t["conv"] = serde_json::json!("oneDNN (PyTorch), heap kept");
+                }
                 runs[exes.len()].push(t);
             }
         }
