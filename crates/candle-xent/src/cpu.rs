@@ -204,7 +204,7 @@ impl<A: Acc> Terms<A> {
         for j in 0..LANES {
             let d = xv[j] - m;
             let pad = j >= live;
-            let e = if V > 0 { d.exp_fma() } else { d.exp() };
+            let e = exp_at::<A, V>(d);
             t.e[j] = if pad { A::ZERO } else { e };
             let w_d = if W { wv[j] * d } else { d };
             t.wd[j] = if pad { A::ZERO } else { w_d };
@@ -225,14 +225,22 @@ impl<A: Acc> Terms<A> {
 }
 
 impl<A: Acc> Lanes<A> {
-    /// Adds partial sums to the accurate lane accumulators.
+    /// Adds partial sums to the accurate lane accumulators (`V`: see [`PORTABLE`]).
     #[inline(always)]
-    fn add<const S: bool>(&mut self, t: &Terms<A>) {
-        A::lanes_add(&mut self.se, &t.e);
-        A::lanes_add(&mut self.wx, &t.wd);
+    fn add<const S: bool, const V: u8>(&mut self, t: &Terms<A>) {
+        let add = |l: &mut A::Lanes, v: &[A; LANES]| {
+            if V == 2 {
+                // SAFETY: `V` is 2 only in the AVX-512 kernels (see `dispatch_simd`).
+                unsafe { A::lanes_add_avx512(l, v) }
+            } else {
+                A::lanes_add(l, v)
+            }
+        };
+        add(&mut self.se, &t.e);
+        add(&mut self.wx, &t.wd);
         if S {
-            A::lanes_add(&mut self.wtx, &t.wtd);
-            A::lanes_add(&mut self.wt, &t.wt);
+            add(&mut self.wtx, &t.wtd);
+            add(&mut self.wt, &t.wt);
         }
     }
 }
@@ -283,7 +291,7 @@ fn row_sums<A: Acc, const W: bool, const S: bool, const V: u8>(
             let tv = if S { lanes(t, o) } else { ones };
             for j in 0..LANES {
                 let d = xv[j] - shift;
-                pe[j] += if V > 0 { d.exp_fma() } else { d.exp() };
+                pe[j] += exp_at::<A, V>(d);
                 let w_d = if W { wv[j] * d } else { d };
                 pw[j] += w_d;
                 if S {
@@ -297,24 +305,12 @@ fn row_sums<A: Acc, const W: bool, const S: bool, const V: u8>(
                 }
             }
         }
-        if V == 2 {
-            // SAFETY: `V` is 2 only in the AVX-512 kernel (see `dispatch_simd`).
-            unsafe {
-                A::lanes_add_avx512(&mut l.se, &pe);
-                A::lanes_add_avx512(&mut l.wx, &pw);
-                if S {
-                    A::lanes_add_avx512(&mut l.wtx, &pwt);
-                    A::lanes_add_avx512(&mut l.wt, &pt);
-                }
-            }
-        } else {
-            A::lanes_add(&mut l.se, &pe);
-            A::lanes_add(&mut l.wx, &pw);
-            if S {
-                A::lanes_add(&mut l.wtx, &pwt);
-                A::lanes_add(&mut l.wt, &pt);
-            }
-        }
+        l.add::<S, V>(&Terms {
+            e: pe,
+            wd: pw,
+            wtd: pwt,
+            wt: pt,
+        });
         i += steps * LANES;
     }
     if i < len {
@@ -327,7 +323,7 @@ fn row_sums<A: Acc, const W: bool, const S: bool, const V: u8>(
         if S {
             tv[..live].copy_from_slice(&t[i..]);
         }
-        l.add::<S>(&Terms::of::<W, S, V>(
+        l.add::<S, V>(&Terms::of::<W, S, V>(
             &xv,
             &wv,
             &tv,
@@ -374,8 +370,7 @@ fn row_grad<A: Acc, const W: bool, const S: bool, const V: u8>(
         prefetch(next, c0, BLOCK);
         for (c, (o, &xv)) in ob.iter_mut().zip(xb).enumerate() {
             let c = c0 + c;
-            let z = (xv - k.shift) - k.log_sum;
-            let p = if V > 0 { z.exp_fma() } else { z.exp() };
+            let p = exp_at::<A, V>((xv - k.shift) - k.log_sum);
             let wc = if W { w[c] } else { A::ONE };
             let mut g = k.alpha * p - k.beta * wc;
             if S {
@@ -387,6 +382,16 @@ fn row_grad<A: Acc, const W: bool, const S: bool, const V: u8>(
     // Subtracted in the accumulator type, before any rounding to the logits' dtype.
     if let Some((y, v)) = k.fix {
         out[y] = out[y] - v;
+    }
+}
+
+/// `e^x` as the kernels compiled for `V` compute it (with FMAs where `V > 0`).
+#[inline(always)]
+fn exp_at<A: Acc, const V: u8>(x: A) -> A {
+    if V > 0 {
+        x.exp_fma()
+    } else {
+        x.exp()
     }
 }
 
