@@ -141,11 +141,16 @@ impl BatchNorm2d {
         self.running_var.set(&new_rv)
     }
 
-    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+    /// Train mode on `x (N, C, H, W)`, or `(N, H, W, C)` when `channels_last` (the fused CPU
+    /// kernels and the synchronised path only: the composed one is channels-first).
+    fn forward_train(&self, x: &Tensor, relu: bool, channels_last: bool) -> Result<Tensor> {
         if let Some(world) = &self.sync {
-            return self.forward_train_synced(x, relu, world);
+            return self.forward_train_synced(x, relu, world, channels_last);
         }
-        let (n, _, h, w) = x.dims4()?;
+        let (n, h, w) = match x.dims4()? {
+            (n, h, w, _) if channels_last => (n, h, w),
+            (n, _, h, w) => (n, h, w),
+        };
         let count = n * h * w;
         if count < 2 {
             bail!(
@@ -160,9 +165,13 @@ impl BatchNorm2d {
                 &self.bias,
                 self.eps,
                 relu,
+                channels_last,
             )?;
             self.update_running(&st.get(0)?, &st.get(1)?, count)?;
             return Ok(y);
+        }
+        if channels_last {
+            bail!("batch_norm: channels-last input takes the fused CPU kernels (f32, f64)");
         }
         let y = self.forward_train_composed(x, count)?;
         if relu {
@@ -178,6 +187,7 @@ impl BatchNorm2d {
         x: &Tensor,
         relu: bool,
         world: &Arc<dyn Collective>,
+        channels_last: bool,
     ) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = match dtype {
@@ -198,6 +208,7 @@ impl BatchNorm2d {
             self.eps,
             relu,
             world.clone(),
+            channels_last,
         )?;
         self.update_running(&st.get(0)?, &st.get(1)?, count)?;
         y.to_dtype(dtype)
@@ -256,7 +267,7 @@ impl BatchNorm2d {
     pub fn forward_t_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check(x)?;
         if train {
-            self.forward_train(x, true)
+            self.forward_train(x, true, false)
         } else {
             crate::ops::relu::relu(&self.forward_eval(x)?)
         }
@@ -280,8 +291,7 @@ impl BatchNorm2d {
     /// # Ok(()) }
     /// ```
     pub fn forward_t_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (rows, dims) = self.as_rows(x)?;
-        self.forward_t(&rows, train)?.reshape(dims)
+        self.forward_nhwc(x, train, false)
     }
 
     /// [`BatchNorm2d::forward_t_relu`] on a channels-last `(N, H, W, C)` tensor (see
@@ -299,13 +309,14 @@ impl BatchNorm2d {
     /// # Ok(()) }
     /// ```
     pub fn forward_t_relu_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (rows, dims) = self.as_rows(x)?;
-        self.forward_t_relu(&rows, train)?.reshape(dims)
+        self.forward_nhwc(x, train, true)
     }
 
-    /// A channels-last `x (N, H, W, C)` as the `(N*H*W, C, 1, 1)` tensor it is in memory, and
-    /// its dims.
-    fn as_rows(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    /// Either channels-last forward. Train mode on the fused kernels takes the 4-D tensor as
+    /// it is (a reshape would be one more node whose full-size gradient candle's backward adds
+    /// into a zeroed buffer: two per batch norm, about a tenth of a 224 px ResNet-18 step);
+    /// otherwise `x` is seen as the `(N*H*W, C, 1, 1)` tensor it is in memory.
+    fn forward_nhwc(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         let &[n, h, w, xc] = x.dims() else {
             bail!(
@@ -319,10 +330,16 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        Ok((
-            x.contiguous()?.reshape((n * h * w, c, 1, 1))?,
-            x.dims().to_vec(),
-        ))
+        if train && (self.sync.is_some() || crate::ops::fused_applies(x)) {
+            return self.forward_train(x, relu, true);
+        }
+        let rows = x.contiguous()?.reshape((n * h * w, c, 1, 1))?;
+        let y = if relu {
+            self.forward_t_relu(&rows, train)?
+        } else {
+            self.forward_t(&rows, train)?
+        };
+        y.reshape(x.dims())
     }
 
     fn check(&self, x: &Tensor) -> Result<()> {
@@ -341,7 +358,7 @@ impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check(x)?;
         if train {
-            self.forward_train(x, false)
+            self.forward_train(x, false, false)
         } else {
             self.forward_eval(x)
         }

@@ -3,7 +3,7 @@
 //! and beta, in train and eval mode, on random shapes (one-pixel maps and one-image batches
 //! included, means far above the spread), f64 to 1e-10 and f32 to 1e-5 of each quantity's scale
 //! (the largest value, or the size of the terms it sums where those are larger); and the errors
-//! for bad shapes.
+//! for bad shapes. The channels-last side also runs synchronised over a world of one.
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -17,12 +17,16 @@ fn flat(t: &Tensor) -> Vec<f64> {
 }
 
 /// Output, running mean and variance, and the gradients of x, gamma, beta of `sum(y * r)`,
-/// all in (N, C, H, W) order.
-fn run(x: &Tensor, dtype: DType, train: bool, relu: bool, nhwc: bool) -> Vec<Vec<f64>> {
+/// all in (N, C, H, W) order. `sync`: the batch norm synchronised over a world of one process
+/// (the synchronised kernels' path, the same statistics).
+fn run(x: &Tensor, dtype: DType, train: bool, relu: bool, nhwc: bool, sync: bool) -> Vec<Vec<f64>> {
     let dev = Device::Cpu;
     let c = x.dim(1).unwrap();
     let vm = VarMap::new();
-    let bn = BatchNorm2d::new(c, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
+    let mut bn = BatchNorm2d::new(c, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
+    if sync {
+        bn.set_sync(Some(std::sync::Arc::new(candle_ddp::Single)));
+    }
     {
         let data = vm.data().lock().unwrap();
         let ramp = |a: f64, b: f64| {
@@ -76,7 +80,8 @@ proptest! {
     #[test]
     fn nhwc_equals_the_plane_layout(
         n in 1usize..4, c in 1usize..7, h in 1usize..6, w in 1usize..6,
-        train in any::<bool>(), relu in any::<bool>(), f32s in any::<bool>(), scale in 0.01f64..100.0,
+        train in any::<bool>(), relu in any::<bool>(), f32s in any::<bool>(), sync in any::<bool>(),
+        scale in 0.01f64..100.0,
         offset in prop_oneof![Just(0.0f64), Just(1e3)],
     ) {
         // Training needs two values per channel.
@@ -88,8 +93,8 @@ proptest! {
         // An offset far above the spread: the variance must not cancel away.
         let x = (Tensor::randn(0.5f64, scale, (n, c, h, w), &Device::Cpu).unwrap() + offset).unwrap();
         let dtype = if f32s { DType::F32 } else { DType::F64 };
-        let a = run(&x, dtype, train, relu, false);
-        let b = run(&x, dtype, train, relu, true);
+        let a = run(&x, dtype, train, relu, false, false);
+        let b = run(&x, dtype, train, relu, true, sync);
         let tol = if f32s { 1e-5 } else { 1e-10 };
         // The input gradient's terms are of size gamma / std * |dy| (|dy| <= 1), and its value
         // can be far smaller (zero for two values per channel): compare it, and the output, at

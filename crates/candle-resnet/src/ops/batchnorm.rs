@@ -29,11 +29,20 @@ struct Geo {
 }
 
 impl Geo {
-    fn new(dims: &[usize]) -> Result<Self> {
-        let &[n, c, h, w] = dims else {
-            bail!("batch_norm: expected an (N, C, H, W) input, got {dims:?}")
-        };
-        Ok(Self { n, c, hw: h * w })
+    /// The geometry of `x`, `(N, C, H, W)`, or `(N, H, W, C)` when `channels_last` (read as the
+    /// `(N*H*W, C)` matrix it is in memory: no reshape, so no extra node in the graph whose
+    /// gradient candle's backward would accumulate into a zeroed copy).
+    fn new(dims: &[usize], channels_last: bool) -> Result<Self> {
+        match (dims, channels_last) {
+            (&[n, c, h, w], false) => Ok(Self { n, c, hw: h * w }),
+            (&[n, h, w, c], true) => Ok(Self {
+                n: n * h * w,
+                c,
+                hw: 1,
+            }),
+            (_, false) => bail!("batch_norm: expected an (N, C, H, W) input, got {dims:?}"),
+            (_, true) => bail!("batch_norm: expected an (N, H, W, C) input, got {dims:?}"),
+        }
     }
     fn m(&self) -> usize {
         self.n * self.hw
@@ -101,15 +110,15 @@ fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
         .collect()
 }
 
-/// Batch statistics op: `x -> (2, C)`.
-struct Stats;
+/// Batch statistics op: `x -> (2, C)`; `.0`: `x` is channels-last.
+struct Stats(bool);
 
 impl CustomOp1 for Stats {
     fn name(&self) -> &'static str {
         "candle-finetune-bn-stats"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geo::new(l.dims())?;
+        let g = Geo::new(l.dims(), self.0)?;
         let out = match s {
             CpuStorage::F32(_) => CpuStorage::F32(stats(
                 &g,
@@ -135,6 +144,8 @@ struct Normalize {
     /// Synchronised batch norm: the world whose batches the statistics cover, and their number
     /// of values per channel (`M` of the backward).
     sync: Option<(Arc<dyn Collective>, f64)>,
+    /// `x` is `(N, H, W, C)`.
+    channels_last: bool,
 }
 
 /// The forward's per-channel `(scale, shift)` in `T`: `y = x * scale + shift`. The backward
@@ -209,7 +220,7 @@ impl CustomOp3 for Normalize {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geo::new(l1.dims())?;
+        let g = Geo::new(l1.dims(), self.channels_last)?;
         let out = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(normalize(
                 &g,
@@ -251,6 +262,7 @@ impl CustomOp3 for Normalize {
                 relu: self.relu,
                 dx: false,
                 count: None,
+                channels_last: self.channels_last,
             },
         )?; // (2, C)
             // Synchronised: the input gradient needs the sums over every rank's batch (the
@@ -268,6 +280,7 @@ impl CustomOp3 for Normalize {
                 relu: self.relu,
                 dx: true,
                 count,
+                channels_last: self.channels_last,
             },
         )?;
         // sums = [sum(dy * xhat); sum(dy)] = [dgamma; dbeta]: the affine gradient as stacked.
@@ -285,6 +298,8 @@ struct Backward {
     dx: bool,
     /// Values per channel the statistics cover, where not this batch's (synchronised).
     count: Option<f64>,
+    /// `x` and `dy` are `(N, H, W, C)`.
+    channels_last: bool,
 }
 
 /// `dy`, or 0 where the fused ReLU's output `relu(x * scale + shift)` was `<= 0` (PyTorch's
@@ -402,7 +417,7 @@ impl CustomOp3 for Backward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geo::new(l1.dims())?;
+        let g = Geo::new(l1.dims(), self.channels_last)?;
         macro_rules! run {
             ($t:ty, $v:ident) => {{
                 let (x, dy, pk) = (
@@ -437,19 +452,21 @@ impl CustomOp3 for Backward {
     }
 }
 
-/// Train-mode batch norm of `x (N, C, H, W)`: returns `y` and the detached batch statistics
-/// `(2, C) = [mean; biased variance]`. Differentiable in `x`, `gamma` and `beta`.
-/// With `relu`, `max(y, 0)` in the same pass (and its mask in the backward).
+/// Train-mode batch norm of `x (N, C, H, W)` (`(N, H, W, C)` when `channels_last`): returns
+/// `y` and the detached batch statistics `(2, C) = [mean; biased variance]`. Differentiable in
+/// `x`, `gamma` and `beta`. With `relu`, `max(y, 0)` in the same pass (and its mask in the
+/// backward).
 pub(crate) fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
     relu: bool,
+    channels_last: bool,
 ) -> Result<(Tensor, Tensor)> {
     let x = x.contiguous()?;
-    let st = x.apply_op1_no_bwd(&Stats)?;
-    let y = normalize_op(&x, &st, (gamma, beta), eps, relu, None)?;
+    let st = x.apply_op1_no_bwd(&Stats(channels_last))?;
+    let y = normalize_op(&x, &st, (gamma, beta), (eps, relu, channels_last), None)?;
     Ok((y, st))
 }
 
@@ -459,12 +476,17 @@ fn normalize_op(
     x: &Tensor,
     st: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
-    eps: f64,
-    relu: bool,
+    (eps, relu, channels_last): (f64, bool, bool),
     sync: Option<(Arc<dyn Collective>, f64)>,
 ) -> Result<Tensor> {
     let affine = Tensor::stack(&[gamma, beta], 0)?.to_dtype(x.dtype())?;
-    x.apply_op3(st, &affine, Normalize { eps, relu, sync })
+    let op = Normalize {
+        eps,
+        relu,
+        sync,
+        channels_last,
+    };
+    x.apply_op3(st, &affine, op)
 }
 
 /// `t` summed over the ranks of `world` (in f64), in `t`'s dtype.
@@ -488,15 +510,16 @@ pub(crate) fn batch_norm_train_synced(
     eps: f64,
     relu: bool,
     world: Arc<dyn Collective>,
+    channels_last: bool,
 ) -> Result<(Tensor, Tensor, usize)> {
     let x = x.contiguous()?;
-    let g = Geo::new(x.dims())?;
+    let g = Geo::new(x.dims(), channels_last)?;
     let m = g.m() as f64;
     let c = g.c;
     let local = if g.m() == 0 {
         vec![0f64; 2 * c]
     } else {
-        x.apply_op1_no_bwd(&Stats)?
+        x.apply_op1_no_bwd(&Stats(channels_last))?
             .to_dtype(DType::F64)?
             .flatten_all()?
             .to_vec1::<f64>()?
@@ -531,7 +554,8 @@ pub(crate) fn batch_norm_train_synced(
         x.device(),
     )?
     .to_dtype(x.dtype())?;
-    let y = normalize_op(&x, &st, (gamma, beta), eps, relu, Some((world, total)))?;
+    let opts = (eps, relu, channels_last);
+    let y = normalize_op(&x, &st, (gamma, beta), opts, Some((world, total)))?;
     Ok((y, st, total as usize))
 }
 
@@ -588,16 +612,6 @@ mod tests {
             let dy = Tensor::randn(0f64, 1., dims, &dev).unwrap();
             let gamma = Var::from_tensor(&Tensor::randn(1f64, 0.3, c, &dev).unwrap()).unwrap();
             let beta = Var::from_tensor(&Tensor::randn(0f64, 0.3, c, &dev).unwrap()).unwrap();
-            let xv = Var::from_tensor(&x).unwrap();
-            let (y, _) = batch_norm_train(
-                xv.as_tensor(),
-                gamma.as_tensor(),
-                beta.as_tensor(),
-                1e-5,
-                false,
-            )
-            .unwrap();
-            let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
             let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let (ry, rdx, rdg, rdb) = reference(
                 &v(&x),
@@ -607,18 +621,43 @@ mod tests {
                 &v(beta.as_tensor()),
                 1e-5,
             );
-            let close = |a: &[f64], b: &[f64], what: &str| {
-                for (i, (p, q)) in a.iter().zip(b).enumerate() {
-                    assert!(
-                        (p - q).abs() <= 1e-9 * (1.0 + q.abs()),
-                        "{dims:?} {what}[{i}]: {p} vs {q}"
-                    );
-                }
-            };
-            close(&v(&y), &ry, "y");
-            close(&v(grads.get(xv.as_tensor()).unwrap()), &rdx, "dx");
-            close(&v(grads.get(gamma.as_tensor()).unwrap()), &rdg, "dgamma");
-            close(&v(grads.get(beta.as_tensor()).unwrap()), &rdb, "dbeta");
+            // Channels-first, and the same tensors channels-last ((N, H, W, C) in memory, read
+            // by the op without a reshape), brought back to channels-first to compare.
+            for channels_last in [false, true] {
+                let to = |t: &Tensor| match channels_last {
+                    true => t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap(),
+                    false => t.clone(),
+                };
+                let back = |t: &Tensor| match channels_last {
+                    true => t.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap(),
+                    false => t.clone(),
+                };
+                let xv = Var::from_tensor(&to(&x)).unwrap();
+                let (y, _) = batch_norm_train(
+                    xv.as_tensor(),
+                    gamma.as_tensor(),
+                    beta.as_tensor(),
+                    1e-5,
+                    false,
+                    channels_last,
+                )
+                .unwrap();
+                let grads = (&y * &to(&dy)).unwrap().sum_all().unwrap();
+                let grads = grads.backward().unwrap();
+                let close = |a: &[f64], b: &[f64], what: &str| {
+                    for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                        assert!(
+                            (p - q).abs() <= 1e-9 * (1.0 + q.abs()),
+                            "{dims:?} channels_last {channels_last} {what}[{i}]: {p} vs {q}"
+                        );
+                    }
+                };
+                close(&v(&back(&y)), &ry, "y");
+                let dx = back(grads.get(xv.as_tensor()).unwrap());
+                close(&v(&dx), &rdx, "dx");
+                close(&v(grads.get(gamma.as_tensor()).unwrap()), &rdg, "dgamma");
+                close(&v(grads.get(beta.as_tensor()).unwrap()), &rdb, "dbeta");
+            }
         }
     }
 }
