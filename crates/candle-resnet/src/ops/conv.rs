@@ -537,7 +537,7 @@ impl View {
 /// `c (m x n, row stride ldc) (+)= a (m x k) * b (k x n)`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     a: &[T],
     av: View,
     b: &[T],
@@ -547,16 +547,42 @@ fn gemm_into<T: WithDType>(
     accumulate: bool,
     par: Parallelism,
 ) {
+    gemm_view_into(
+        dims,
+        (a, av),
+        (b, bv),
+        (c, View::rows(ldc)),
+        accumulate,
+        par,
+    )
+}
+
+/// `c (m x n) (+)= a (m x k) * b (k x n)`, each matrix at its own strides.
+///
+/// The gemm crate computes a row-major `c` as `c^T = b^T a^T` and then copies `b^T` into its
+/// panels element by element (a strided gather) unless `b`'s rows are contiguous; a column-major
+/// `c` keeps `a` on that side. Callers lay out their operands so that the large one is read
+/// with unit stride where it is packed.
+fn gemm_view_into<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (a, av): (&[T], View),
+    (b, bv): (&[T], View),
+    (c, cv): (&mut [T], View),
+    accumulate: bool,
+    par: Parallelism,
+) {
     // The slices cover every index the views address: checked here, once, before the raw call.
     let span = |rows: usize, cols: usize, v: View| (rows - 1) * v.rs + (cols - 1) * v.cs + 1;
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= span(m, n, View::rows(ldc)));
+    assert!(c.len() >= span(m, n, cv));
     if k == 0 {
         if !accumulate {
-            for row in c.chunks_mut(ldc).take(m) {
-                row[..n].fill(T::zero());
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * cv.rs + j * cv.cs] = T::zero();
+                }
             }
         }
         return;
@@ -569,8 +595,8 @@ fn gemm_into<T: WithDType>(
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            ldc as isize,
+            cv.cs as isize,
+            cv.rs as isize,
             accumulate,
             a.as_ptr(),
             av.cs as isize,
@@ -1021,10 +1047,11 @@ fn run_pass_nhwc(
                     nhwc::grad_input(g, w, v, b)
                 }
             }
+            // `W^T` row-major: the side the gemm crate packs, read with unit stride.
             Pass::Forward => {
                 let w = cropped(b);
-                let wck = nhwc::weight_cok(g, w.as_deref().unwrap_or(b));
-                nhwc::forward(g, a, &wck, View::transposed(g.k()))
+                let wkc = nhwc::weight_kco(g, w.as_deref().unwrap_or(b));
+                nhwc::forward(g, a, &wkc, View::rows(g.co))
             }
             Pass::GradInput => {
                 let w = cropped(a);
