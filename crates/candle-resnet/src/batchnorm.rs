@@ -1,7 +1,8 @@
 //! A trainable `BatchNorm2d` with PyTorch's train/eval semantics, computed on the NCHW layout
 //! directly (no transposes).
 
-use candle_core::{bail, DType, ModuleT, Result, Tensor, Var};
+use crate::ops::batchnorm::Tail;
+use candle_core::{bail, DType, Device, ModuleT, Result, Tensor, Var};
 use candle_ddp::Collective;
 use candle_nn::{Init, VarBuilder};
 use std::sync::Arc;
@@ -142,10 +143,18 @@ impl BatchNorm2d {
     }
 
     /// Train mode on `x (N, C, H, W)`, or `(N, H, W, C)` when `channels_last` (the fused CPU
-    /// kernels and the synchronised path only: the composed one is channels-first).
-    fn forward_train(&self, x: &Tensor, relu: bool, channels_last: bool) -> Result<Tensor> {
+    /// kernels and the synchronised path only: the composed one is channels-first), followed
+    /// by `tail`.
+    fn forward_train(&self, x: &Tensor, tail: Tail, channels_last: bool) -> Result<Tensor> {
+        // A residual the fused op cannot take (another dtype or shape) joins afterwards.
+        if let Tail::AddRelu(r) = tail {
+            if r.dtype() != x.dtype() || r.shape() != x.shape() {
+                let y = self.forward_train(x, Tail::None, channels_last)?;
+                return crate::ops::relu::add_relu(&y, r);
+            }
+        }
         if let Some(world) = &self.sync {
-            return self.forward_train_synced(x, relu, world, channels_last);
+            return self.forward_train_synced(x, tail, world, channels_last);
         }
         let (n, h, w) = match x.dims4()? {
             (n, h, w, _) if channels_last => (n, h, w),
@@ -158,13 +167,13 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        if crate::ops::fused_applies(x) {
+        if crate::ops::fused_applies(x) && x.device().same_device(tail_device(tail, x)) {
             let (y, st) = crate::ops::batchnorm::batch_norm_train(
                 x,
                 &self.weight,
                 &self.bias,
                 self.eps,
-                relu,
+                tail,
                 channels_last,
             )?;
             self.update_running(&st.get(0)?, &st.get(1)?, count)?;
@@ -174,39 +183,44 @@ impl BatchNorm2d {
             bail!("batch_norm: channels-last input takes the fused CPU kernels (f32, f64)");
         }
         let y = self.forward_train_composed(x, count)?;
-        if relu {
-            crate::ops::relu::relu(&y)
-        } else {
-            Ok(y)
-        }
+        apply_tail(y, tail)
     }
 
     /// Train mode with the statistics of every rank's batch (fused CPU kernels).
     fn forward_train_synced(
         &self,
         x: &Tensor,
-        relu: bool,
+        tail: Tail,
         world: &Arc<dyn Collective>,
         channels_last: bool,
     ) -> Result<Tensor> {
         let dtype = x.dtype();
-        let xf = match dtype {
-            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-            _ => x.clone(),
+        let f32s = |t: &Tensor| match dtype {
+            DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+            _ => Ok(t.clone()),
         };
-        if !crate::ops::fused_applies(&xf) {
+        let xf = f32s(x)?;
+        if !crate::ops::fused_applies(&xf) || !x.device().same_device(tail_device(tail, x)) {
             bail!(
                 "batch_norm: synchronised statistics are computed on the CPU (f32, f64, half \
                  precision in f32), got {dtype:?} on {:?}",
                 x.device()
             );
         }
+        let rf;
+        let tail = match tail {
+            Tail::AddRelu(r) => {
+                rf = f32s(r)?;
+                Tail::AddRelu(&rf)
+            }
+            t => t,
+        };
         let (y, st, count) = crate::ops::batchnorm::batch_norm_train_synced(
             &xf,
             &self.weight,
             &self.bias,
             self.eps,
-            relu,
+            tail,
             world.clone(),
             channels_last,
         )?;
@@ -267,7 +281,7 @@ impl BatchNorm2d {
     pub fn forward_t_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check(x)?;
         if train {
-            self.forward_train(x, true, false)
+            self.forward_train(x, Tail::Relu, false)
         } else {
             crate::ops::relu::relu(&self.forward_eval(x)?)
         }
@@ -291,7 +305,7 @@ impl BatchNorm2d {
     /// # Ok(()) }
     /// ```
     pub fn forward_t_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_nhwc(x, train, false)
+        self.forward_nhwc(x, train, Tail::None)
     }
 
     /// [`BatchNorm2d::forward_t_relu`] on a channels-last `(N, H, W, C)` tensor (see
@@ -309,14 +323,65 @@ impl BatchNorm2d {
     /// # Ok(()) }
     /// ```
     pub fn forward_t_relu_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_nhwc(x, train, true)
+        self.forward_nhwc(x, train, Tail::Relu)
+    }
+
+    /// `relu(bn(x) + residual)`, the end of a ResNet block: in train mode on CPU f32/f64 one
+    /// fused op (the same values and gradients, bit for bit, as [`ModuleT::forward_t`] followed
+    /// by [`crate::ops::relu::add_relu`], with one full-size pass and one node of the graph
+    /// less); `residual` has `x`'s shape (another dtype falls back to the two ops).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vm = VarMap::new();
+    /// let bn = candle_resnet::BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let x = Tensor::randn(0f32, 1., (2, 4, 3, 3), &Device::Cpu)?;
+    /// let r = Tensor::randn(0f32, 1., (2, 4, 3, 3), &Device::Cpu)?;
+    /// let fused = bn.forward_t_add_relu(&x, &r, true)?;
+    /// let two = candle_resnet::ops::relu::add_relu(&bn.forward_t(&x, true)?, &r)?;
+    /// assert_eq!(fused.flatten_all()?.to_vec1::<f32>()?, two.flatten_all()?.to_vec1::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_t_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        self.check(x)?;
+        if train {
+            self.forward_train(x, Tail::AddRelu(residual), false)
+        } else {
+            crate::ops::relu::add_relu(&self.forward_eval(x)?, residual)
+        }
+    }
+
+    /// [`BatchNorm2d::forward_t_add_relu`] on channels-last `(N, H, W, C)` tensors (see
+    /// [`BatchNorm2d::forward_t_nhwc`]).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let vm = VarMap::new();
+    /// let bn = candle_resnet::BatchNorm2d::new(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let x = Tensor::randn(0f32, 1., (2, 3, 3, 4), &Device::Cpu)?;
+    /// let y = bn.forward_t_add_relu_nhwc(&x, &x.ones_like()?, true)?;
+    /// assert_eq!(y.dims(), &[2, 3, 3, 4]);
+    /// assert!(y.min_all()?.to_scalar::<f32>()? >= 0.0);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_t_add_relu_nhwc(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward_nhwc(x, train, Tail::AddRelu(residual))
     }
 
     /// Either channels-last forward. Train mode on the fused kernels takes the 4-D tensor as
     /// it is (a reshape would be one more node whose full-size gradient candle's backward adds
     /// into a zeroed buffer: two per batch norm, about a tenth of a 224 px ResNet-18 step);
     /// otherwise `x` is seen as the `(N*H*W, C, 1, 1)` tensor it is in memory.
-    fn forward_nhwc(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    fn forward_nhwc(&self, x: &Tensor, train: bool, tail: Tail) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         let &[n, h, w, xc] = x.dims() else {
             bail!(
@@ -331,15 +396,10 @@ impl BatchNorm2d {
             );
         }
         if train && (self.sync.is_some() || crate::ops::fused_applies(x)) {
-            return self.forward_train(x, relu, true);
+            return self.forward_train(x, tail, true);
         }
         let rows = x.contiguous()?.reshape((n * h * w, c, 1, 1))?;
-        let y = if relu {
-            self.forward_t_relu(&rows, train)?
-        } else {
-            self.forward_t(&rows, train)?
-        };
-        y.reshape(x.dims())
+        apply_tail(self.forward_t(&rows, train)?.reshape(x.dims())?, tail)
     }
 
     fn check(&self, x: &Tensor) -> Result<()> {
@@ -354,11 +414,28 @@ impl BatchNorm2d {
     }
 }
 
+/// `y` followed by `tail`, from candle-resnet's separate ops.
+fn apply_tail(y: Tensor, tail: Tail) -> Result<Tensor> {
+    match tail {
+        Tail::None => Ok(y),
+        Tail::Relu => crate::ops::relu::relu(&y),
+        Tail::AddRelu(r) => crate::ops::relu::add_relu(&y, r),
+    }
+}
+
+/// The device of `tail`'s residual (`x`'s when there is none).
+fn tail_device<'a>(tail: Tail<'a>, x: &'a Tensor) -> &'a Device {
+    match tail {
+        Tail::AddRelu(r) => r.device(),
+        _ => x.device(),
+    }
+}
+
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check(x)?;
         if train {
-            self.forward_train(x, false, false)
+            self.forward_train(x, Tail::None, false)
         } else {
             self.forward_eval(x)
         }

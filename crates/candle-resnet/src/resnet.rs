@@ -269,23 +269,33 @@ impl Block {
         nhwc: bool,
     ) -> Result<Tensor> {
         let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, (c, bn)) in self.convs.iter().enumerate() {
-            y = bn_as(bn, &c.forward_as(&y, nhwc)?, train, i != last, nhwc)?;
+        let Some((last, head)) = self.convs.split_last() else {
+            bail!("resnet: a block without convolutions");
+        };
+        for (c, bn) in head {
+            y = bn_as(bn, &c.forward_as(&y, nhwc)?, train, true, nhwc)?;
         }
-        if let (true, Some((rate, key))) = (train, drop) {
-            if rate > 0.0 {
-                let mask = drop_path_mask(y.dim(0)?, rate, key);
-                let mask = Tensor::from_vec(mask, (y.dim(0)?, 1, 1, 1), y.device())?
-                    .to_dtype(y.dtype())?;
-                y = y.broadcast_mul(&mask)?;
-            }
-        }
+        let y = last.0.forward_as(&y, nhwc)?;
         let shortcut = match &self.downsample {
             Some(d) => bn_as(&d.bn, &d.conv.forward_as(x, nhwc)?, train, false, nhwc)?,
             None => x.clone(),
         };
-        crate::ops::relu::add_relu(&y, &shortcut)
+        let drop = match (train, drop) {
+            (true, Some((rate, key))) if rate > 0.0 => Some((rate, key)),
+            _ => None,
+        };
+        let Some((rate, key)) = drop else {
+            // The last batch norm, the residual and the ReLU in one op.
+            return match nhwc {
+                true => last.1.forward_t_add_relu_nhwc(&y, &shortcut, train),
+                false => last.1.forward_t_add_relu(&y, &shortcut, train),
+            };
+        };
+        // Drop path scales the branch between its batch norm and the residual.
+        let y = bn_as(&last.1, &y, train, false, nhwc)?;
+        let mask = drop_path_mask(y.dim(0)?, rate, key);
+        let mask = Tensor::from_vec(mask, (y.dim(0)?, 1, 1, 1), y.device())?.to_dtype(y.dtype())?;
+        crate::ops::relu::add_relu(&y.broadcast_mul(&mask)?, &shortcut)
     }
 }
 

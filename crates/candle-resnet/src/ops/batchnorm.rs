@@ -168,38 +168,42 @@ impl Geo {
     }
 }
 
+/// `x * scale + shift` per channel, plus `residual` where given, then ReLU when `relu`.
 fn normalize<T: WithDType>(
     g: &Geo,
     (eps, relu): (f64, bool),
     x: &[T],
     st: &[T],
     af: &[T],
+    residual: Option<&[T]>,
 ) -> Vec<T> {
     let coef: Vec<(T, T)> = (0..g.c)
         .map(|c| channel_affine(eps, st[c], st[g.c + c], af[c], af[g.c + c]))
         .collect();
     if g.hw == 1 {
-        return rows::normalize(g, relu, x, &coef);
+        return rows::normalize(g, relu, x, &coef, residual);
     }
     let ppt = g.planes_per_task();
+    let (hw, task) = (g.hw.max(1), g.hw * ppt);
+    let tail = |v: T| if relu { super::relu1(v) } else { v };
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(g.hw * ppt)
-        .zip(x.par_chunks(g.hw * ppt))
+    y.par_chunks_mut(task)
+        .zip(x.par_chunks(task))
         .enumerate()
         .for_each(|(t, (out, xs))| {
-            for (k, (out, xp)) in out
-                .chunks_mut(g.hw.max(1))
-                .zip(xs.chunks(g.hw.max(1)))
-                .enumerate()
-            {
+            for (k, (out, xp)) in out.chunks_mut(hw).zip(xs.chunks(hw)).enumerate() {
                 let (scale, shift) = coef[(t * ppt + k) % g.c];
-                if relu {
-                    for (o, &v) in out.iter_mut().zip(xp) {
-                        *o = super::relu1(v * scale + shift);
+                match residual {
+                    None => {
+                        for (o, &v) in out.iter_mut().zip(xp) {
+                            *o = tail(v * scale + shift);
+                        }
                     }
-                } else {
-                    for (o, &v) in out.iter_mut().zip(xp) {
-                        *o = v * scale + shift;
+                    Some(res) => {
+                        let rp = &res[(t * ppt + k) * hw..][..xp.len()];
+                        for ((o, &v), &r) in out.iter_mut().zip(xp).zip(rp) {
+                            *o = tail((v * scale + shift) + r);
+                        }
                     }
                 }
             }
@@ -228,6 +232,7 @@ impl CustomOp3 for Normalize {
                 contiguous_slice(s1, l1, "batch_norm: tensors")?,
                 contiguous_slice(s2, l2, "batch_norm: tensors")?,
                 contiguous_slice(s3, l3, "batch_norm: tensors")?,
+                None,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(normalize(
                 &g,
@@ -235,6 +240,7 @@ impl CustomOp3 for Normalize {
                 contiguous_slice(s1, l1, "batch_norm: tensors")?,
                 contiguous_slice(s2, l2, "batch_norm: tensors")?,
                 contiguous_slice(s3, l3, "batch_norm: tensors")?,
+                None,
             )),
             _ => bail!("batch_norm: fused kernels take f32 or f64"),
         };
@@ -252,40 +258,101 @@ impl CustomOp3 for Normalize {
         // With the fused ReLU, its mask (output > 0) is recomputed inside both kernels from x and
         // the forward's exact per-channel affine: no masked copy of dy.
         let _ = y;
-        let dy = dy.contiguous()?;
         let packed = Tensor::cat(&[st, af], 0)?; // (4, C): mean, var, gamma, beta
-        let sums = x.apply_op3_no_bwd(
-            &dy,
-            &packed,
-            &Backward {
-                eps: self.eps,
-                relu: self.relu,
-                dx: false,
-                count: None,
-                channels_last: self.channels_last,
-            },
-        )?; // (2, C)
-            // Synchronised: the input gradient needs the sums over every rank's batch (the
-            // statistics depended on all of them); the affine gradient stays this rank's share.
+        let (dx, sums) = self.passes(x, dy, &packed)?;
+        // sums = [sum(dy * xhat); sum(dy)] = [dgamma; dbeta]: the affine gradient as stacked.
+        // The statistics were computed from x by a detached op: their dependence on x is in dx.
+        Ok((Some(dx), None, Some(sums)))
+    }
+}
+
+impl Normalize {
+    /// The backward's two passes over `(x, dy, packed (4, C) = [mean; var; gamma; beta])`:
+    /// `(dx, [dgamma; dbeta])`.
+    fn passes(&self, x: &Tensor, dy: &Tensor, packed: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dy = dy.contiguous()?;
+        let op = |dx, count| Backward {
+            eps: self.eps,
+            relu: self.relu,
+            dx,
+            count,
+            channels_last: self.channels_last,
+        };
+        let sums = x.apply_op3_no_bwd(&dy, packed, &op(false, None))?; // (2, C)
+                                                                       // Synchronised: the input gradient needs the sums over every rank's batch (the
+                                                                       // statistics depended on all of them); the affine gradient stays this rank's share.
         let (all, count) = match &self.sync {
             Some((world, count)) => (all_reduce_sum(world.as_ref(), &sums)?, Some(*count)),
             None => (sums.clone(), None),
         };
-        let packed = Tensor::cat(&[&packed, &all], 0)?; // (6, C)
-        let dx = x.apply_op3_no_bwd(
-            &dy,
-            &packed,
-            &Backward {
-                eps: self.eps,
-                relu: self.relu,
-                dx: true,
-                count,
-                channels_last: self.channels_last,
-            },
-        )?;
-        // sums = [sum(dy * xhat); sum(dy)] = [dgamma; dbeta]: the affine gradient as stacked.
-        // The statistics were computed from x by a detached op: their dependence on x is in dx.
-        Ok((Some(dx), None, Some(sums)))
+        let packed = Tensor::cat(&[packed, &all], 0)?; // (6, C)
+        let dx = x.apply_op3_no_bwd(&dy, &packed, &op(true, count))?;
+        Ok((dx, sums))
+    }
+}
+
+/// `relu(bn(x) + residual)`, the end of a ResNet block, as one op:
+/// `(x, packed (4, C) = [mean; var; gamma; beta], residual) -> y`. One pass forward, and one
+/// full-size node fewer in the graph than the batch norm and [`crate::ops::relu::add_relu`]
+/// (whose gradient candle's backward would add into a zeroed buffer); the same values and
+/// gradients bit for bit.
+struct NormalizeAddRelu(Normalize);
+
+impl CustomOp3 for NormalizeAddRelu {
+    fn name(&self) -> &'static str {
+        "candle-resnet-bn-add-relu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geo::new(l1.dims(), self.0.channels_last)?;
+        if l1.shape() != l3.shape() {
+            bail!(
+                "batch_norm: the residual {:?} differs from the input {:?}",
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        let what = "batch_norm: tensors";
+        macro_rules! run {
+            ($t:ty) => {{
+                let pk = contiguous_slice::<$t>(s2, l2, what)?;
+                let (st, af) = pk.split_at(2 * g.c);
+                let (x, res) = (
+                    contiguous_slice(s1, l1, what)?,
+                    contiguous_slice(s3, l3, what)?,
+                );
+                normalize(&g, (self.0.eps, true), x, st, af, Some(res))
+            }};
+        }
+        let out = match (s1, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(run!(f32)),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(run!(f64)),
+            _ => bail!("batch_norm: fused kernels take f32 or f64 (input and residual alike)"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        packed: &Tensor,
+        _residual: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The ReLU's mask comes from the output (it saw the residual); the batch norm's
+        // backward then runs on the masked gradient, which is also the residual's.
+        let dm = crate::ops::relu::relu_grad(y, dy)?;
+        let (dx, sums) = self.0.passes(x, &dm, packed)?;
+        let dpacked = Tensor::cat(&[&sums.zeros_like()?, &sums], 0)?;
+        Ok((Some(dx), Some(dpacked), Some(dm)))
     }
 }
 
@@ -452,41 +519,59 @@ impl CustomOp3 for Backward {
     }
 }
 
-/// Train-mode batch norm of `x (N, C, H, W)` (`(N, H, W, C)` when `channels_last`): returns
-/// `y` and the detached batch statistics `(2, C) = [mean; biased variance]`. Differentiable in
-/// `x`, `gamma` and `beta`. With `relu`, `max(y, 0)` in the same pass (and its mask in the
-/// backward).
+/// What follows the normalisation, in the same pass.
+#[derive(Clone, Copy)]
+pub(crate) enum Tail<'a> {
+    /// Nothing: `y = bn(x)`.
+    None,
+    /// `y = relu(bn(x))`.
+    Relu,
+    /// `y = relu(bn(x) + residual)` (the residual has `x`'s shape and dtype).
+    AddRelu(&'a Tensor),
+}
+
+/// Train-mode batch norm of `x (N, C, H, W)` (`(N, H, W, C)` when `channels_last`) followed by
+/// `tail`: returns `y` and the detached batch statistics `(2, C) = [mean; biased variance]`.
+/// Differentiable in `x`, `gamma` and `beta` (and the residual).
 pub(crate) fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-    relu: bool,
+    tail: Tail,
     channels_last: bool,
 ) -> Result<(Tensor, Tensor)> {
     let x = x.contiguous()?;
     let st = x.apply_op1_no_bwd(&Stats(channels_last))?;
-    let y = normalize_op(&x, &st, (gamma, beta), (eps, relu, channels_last), None)?;
+    let y = normalize_op(&x, &st, (gamma, beta), (eps, tail, channels_last), None)?;
     Ok((y, st))
 }
 
-/// `x` normalised with the statistics `st`, then scaled and shifted by `(gamma, beta)`:
-/// the differentiable [`Normalize`] op.
+/// `x` normalised with the statistics `st`, then scaled and shifted by `(gamma, beta)`, then
+/// `tail`: the differentiable [`Normalize`] op, or [`NormalizeAddRelu`].
 fn normalize_op(
     x: &Tensor,
     st: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
-    (eps, relu, channels_last): (f64, bool, bool),
+    (eps, tail, channels_last): (f64, Tail, bool),
     sync: Option<(Arc<dyn Collective>, f64)>,
 ) -> Result<Tensor> {
     let affine = Tensor::stack(&[gamma, beta], 0)?.to_dtype(x.dtype())?;
-    let op = Normalize {
+    let op = |relu| Normalize {
         eps,
         relu,
-        sync,
+        sync: sync.clone(),
         channels_last,
     };
-    x.apply_op3(st, &affine, op)
+    match tail {
+        Tail::None => x.apply_op3(st, &affine, op(false)),
+        Tail::Relu => x.apply_op3(st, &affine, op(true)),
+        // The op's backward masks the gradient itself: its batch-norm passes run without ReLU.
+        Tail::AddRelu(res) => {
+            let packed = Tensor::cat(&[st, &affine], 0)?;
+            x.apply_op3(&packed, &res.contiguous()?, NormalizeAddRelu(op(false)))
+        }
+    }
 }
 
 /// `t` summed over the ranks of `world` (in f64), in `t`'s dtype.
@@ -508,7 +593,7 @@ pub(crate) fn batch_norm_train_synced(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-    relu: bool,
+    tail: Tail,
     world: Arc<dyn Collective>,
     channels_last: bool,
 ) -> Result<(Tensor, Tensor, usize)> {
@@ -554,7 +639,7 @@ pub(crate) fn batch_norm_train_synced(
         x.device(),
     )?
     .to_dtype(x.dtype())?;
-    let opts = (eps, relu, channels_last);
+    let opts = (eps, tail, channels_last);
     let y = normalize_op(&x, &st, (gamma, beta), opts, Some((world, total)))?;
     Ok((y, st, total as usize))
 }
@@ -638,7 +723,7 @@ mod tests {
                     gamma.as_tensor(),
                     beta.as_tensor(),
                     1e-5,
-                    false,
+                    Tail::None,
                     channels_last,
                 )
                 .unwrap();

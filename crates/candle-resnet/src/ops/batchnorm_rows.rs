@@ -91,25 +91,44 @@ pub(super) fn stats<T: WithDType>(g: &Geo, x: &[T]) -> Vec<T> {
         .collect()
 }
 
-/// `y = x * scale + shift` per channel (`coef`), then ReLU when `relu`.
-pub(super) fn normalize<T: WithDType>(g: &Geo, relu: bool, x: &[T], coef: &[(T, T)]) -> Vec<T> {
+/// `y = x * scale + shift` per channel (`coef`), plus `residual` where given, then ReLU when
+/// `relu`.
+pub(super) fn normalize<T: WithDType>(
+    g: &Geo,
+    relu: bool,
+    x: &[T],
+    coef: &[(T, T)],
+    residual: Option<&[T]>,
+) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     if g.c == 0 {
         return y;
     }
     let per = rows_per_task(g) * g.c;
-    y.par_chunks_mut(per)
-        .zip(x.par_chunks(per))
-        .for_each(|(out, xs)| {
-            for (o, xr) in out.chunks_exact_mut(g.c).zip(xs.chunks_exact(g.c)) {
-                let it = o.iter_mut().zip(xr).zip(coef);
-                if relu {
-                    it.for_each(|((o, &v), &(a, b))| *o = super::super::relu1(v * a + b));
-                } else {
-                    it.for_each(|((o, &v), &(a, b))| *o = v * a + b);
+    let tail = |v: T| if relu { super::super::relu1(v) } else { v };
+    match residual {
+        None => y
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(out, xs)| {
+                for (o, xr) in out.chunks_exact_mut(g.c).zip(xs.chunks_exact(g.c)) {
+                    for ((o, &v), &(a, b)) in o.iter_mut().zip(xr).zip(coef) {
+                        *o = tail(v * a + b);
+                    }
                 }
-            }
-        });
+            }),
+        Some(res) => y
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per).zip(res.par_chunks(per)))
+            .for_each(|(out, (xs, rs))| {
+                let rows = out.chunks_exact_mut(g.c).zip(xs.chunks_exact(g.c));
+                for ((o, xr), rr) in rows.zip(rs.chunks_exact(g.c)) {
+                    for (((o, &v), &(a, b)), &r) in o.iter_mut().zip(xr).zip(coef).zip(rr) {
+                        *o = tail((v * a + b) + r);
+                    }
+                }
+            }),
+    }
     y
 }
 

@@ -114,7 +114,7 @@ impl CustomOp2 for AddRelu {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = y.apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)?;
+        let g = relu_grad(y, dy)?;
         Ok((Some(g.clone()), Some(g)))
     }
 }
@@ -146,6 +146,13 @@ impl CustomOp2 for ReluGrad {
         }
         binary("relu backward", (s1, l1), (s2, l2), k::<f32>, k::<f64>)
     }
+}
+
+/// `dy` where the ReLU output `y` is positive (or NaN), `0` elsewhere: the gradient every fused
+/// ReLU here passes back (contiguous CPU f32/f64 tensors of one shape).
+pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)
 }
 
 /// `max(x, 0)` with PyTorch's gradient (0 where the output is 0); a fused op on CPU f32/f64,
