@@ -205,6 +205,37 @@ proptest! {
     }
 }
 
+/// Channels-last geometries whose im2col matrices are built and multiplied in blocks of rows
+/// (at least four groups of images; blocks shorter than a group, straddling images; the weight
+/// gradient both column- and row-major), in f64 against a direct convolution.
+#[test]
+fn blocked_im2col_matches_a_direct_convolution() -> Result<()> {
+    let cases = [
+        (5, 16, 32, 32, 8, 3, 1, 1),
+        (4, 16, 64, 64, 70, 3, 2, 1),
+        (12, 24, 20, 20, 66, 3, 1, 1),
+        (64, 16, 8, 8, 32, 3, 1, 1),
+    ];
+    for (n, ci, h, wd, co, k, s, p) in cases {
+        let (x, w) = inputs((n, ci, h, wd, co, k))?;
+        let exact = direct(&flat(&x), (n, ci, h, wd), &flat(&w), (co, k), (s, p));
+        let (y, dx, dw) = run(&x, &w, s, p, Path::Nhwc)?;
+        for (what, ours, exact) in [("y", y, exact.0), ("dx", dx, exact.1), ("dw", dw, exact.2)] {
+            let ours = flat(&ours);
+            assert_eq!(ours.len(), exact.len(), "{what} length");
+            let big = exact.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in ours.iter().zip(&exact).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-12 * big,
+                    "{:?} {what}[{i}]: {a} vs {b}",
+                    (n, ci, h, wd, co, k, s, p)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn results_are_bit_identical_for_any_thread_count() -> Result<()> {
     // Large enough that images are grouped and groups are split across threads.
