@@ -169,9 +169,6 @@ pub fn cell(v: &serde_json::Value, default: &str) -> String {
     }
 }
 
-/// This workspace's task runner built in release with `feature` of the xtask package turned on
-/// (`None`: the default build), copied to `target/release/xtask-FEATURE` (`xtask-default`) so
-/// that builds with and without the feature can run side by side.
 /// Of several runs of one benchmark (JSON objects), the one with the median `key` (an even
 /// count: the upper of the two middle ones), gaining `range_key`: the runs' range of `key` with
 /// `digits` decimals. `None` for no runs.
@@ -189,6 +186,9 @@ pub fn median_run(
     Some(m)
 }
 
+/// This workspace's task runner built in release with `feature` of the xtask package turned on
+/// (`None`: the default build), copied to `target/release/xtask-FEATURE` (`xtask-default`) so
+/// that builds with and without the feature can run side by side.
 pub fn build_xtask_with(feature: Option<&str>) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "--release", "-p", "xtask"]);
