@@ -385,25 +385,49 @@ impl Nhwc {
         // The caller picked `I` wide enough for every pixel index of a plane.
         let idx = |p: usize| I::try_from(p).ok().expect("pixel index fits");
         let back = |i: I| i.try_into().ok().expect("pixel index fits");
+        // The f64 sums live in a ring of input rows, as many as one window spans: windows move
+        // down (their first row never decreases), so a row below the current window's first
+        // is complete, rounded into dx and its slot reused. The sums and their order are those
+        // of a whole-image buffer, in a few rows that stay in cache.
+        let depth = rows
+            .iter()
+            .map(|&(lo, hi)| hi - lo)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let row_len = g.w * c;
         dx.par_chunks_mut(hwc)
             .zip(x.par_chunks(hwc))
             .zip(y.par_chunks(ohwc).zip(dy.par_chunks(ohwc)))
             .for_each_init(
                 || (Vec::new(), Vec::new()),
-                |(acc, at): &mut (Vec<f64>, Vec<I>), ((d, img), (yi, dyi))| {
-                    acc.clear();
-                    acc.resize(hwc, 0.0);
+                |(ring, at): &mut (Vec<f64>, Vec<I>), ((d, img), (yi, dyi))| {
+                    ring.clear();
+                    ring.resize(depth * row_len, 0.0);
+                    let mut flush = |r: usize, ring: &mut [f64]| {
+                        let slot = &mut ring[(r % depth) * row_len..][..row_len];
+                        for (dst, a) in d[r * row_len..][..row_len].iter_mut().zip(slot) {
+                            *dst = T::from_f64(*a);
+                            *a = 0.0;
+                        }
+                    };
+                    let mut done = 0;
                     for (po, (m, dm)) in yi.chunks_exact(c).zip(dyi.chunks_exact(c)).enumerate() {
                         let ((ylo, yhi), (xlo, xhi)) = (rows[po / g.ow], cols[po % g.ow]);
+                        while done < ylo {
+                            flush(done, ring);
+                            done += 1;
+                        }
+                        // The winner's pixel in the ring: its slot's row, its column.
+                        let at_ring = |r: usize, q: usize| idx((r % depth) * g.w + q);
                         at.clear();
-                        at.resize(c, idx(ylo * g.w + xlo));
+                        at.resize(c, at_ring(ylo, xlo));
                         // Backwards with selects: the last hit seen is the first in row-major
                         // order; `m` is this window's maximum, so some element hits.
                         for r in (ylo..yhi).rev() {
                             for q in (xlo..xhi).rev() {
-                                let pix = r * g.w + q;
-                                let v = &img[pix * c..][..c];
-                                let pix = idx(pix);
+                                let v = &img[(r * g.w + q) * c..][..c];
+                                let pix = at_ring(r, q);
                                 for ((a, &v), &m) in at.iter_mut().zip(v).zip(m) {
                                     #[allow(clippy::eq_op)]
                                     let hit = (v == m) | ((m != m) & (v != v));
@@ -412,11 +436,11 @@ impl Nhwc {
                             }
                         }
                         for (j, (&a, &d)) in at.iter().zip(dm).enumerate() {
-                            acc[back(a) * c + j] += d.to_f64();
+                            ring[back(a) * c + j] += d.to_f64();
                         }
                     }
-                    for (dst, &a) in d.iter_mut().zip(acc.iter()) {
-                        *dst = T::from_f64(a);
+                    for r in done..g.h {
+                        flush(r, ring);
                     }
                 },
             );
