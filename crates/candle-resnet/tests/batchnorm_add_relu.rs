@@ -9,11 +9,8 @@ use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::BatchNorm2d;
 use proptest::prelude::*;
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all()?.to_vec1())
-        .expect("values")
-}
+mod common;
+use common::{flat, outcome, ramped_batch_norm};
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -27,25 +24,8 @@ struct Case {
 /// Output, running mean and variance, and the gradients of x, the residual, gamma and beta of
 /// `sum(y * r)`, in the layout the tensors were given.
 fn run(x: &Tensor, res: &Tensor, case: Case) -> Vec<Vec<f64>> {
-    let dev = Device::Cpu;
     let c = if case.nhwc { x.dim(3) } else { x.dim(1) }.unwrap();
-    let vm = VarMap::new();
-    let mut bn = BatchNorm2d::new(c, VarBuilder::from_varmap(&vm, case.dtype, &dev)).unwrap();
-    if case.sync {
-        bn.set_sync(Some(std::sync::Arc::new(candle_ddp::Single)));
-    }
-    {
-        let data = vm.data().lock().unwrap();
-        let ramp = |a: f64, b: f64| {
-            Tensor::arange(0u32, c as u32, &dev)
-                .and_then(|t| t.to_dtype(DType::F64)?.affine(a, b)?.to_dtype(case.dtype))
-                .unwrap()
-        };
-        data["weight"].set(&ramp(0.1, 0.7)).unwrap();
-        data["bias"].set(&ramp(-0.05, 0.2)).unwrap();
-        data["running_mean"].set(&ramp(0.02, -0.1)).unwrap();
-        data["running_var"].set(&ramp(0.3, 0.5)).unwrap();
-    }
+    let (vm, bn) = ramped_batch_norm(c, case.dtype, case.sync);
     let xv = Var::from_tensor(&x.to_dtype(case.dtype).unwrap()).unwrap();
     let rv = Var::from_tensor(&res.to_dtype(case.dtype).unwrap()).unwrap();
     let (xt, rt) = (xv.as_tensor(), rv.as_tensor());
@@ -60,27 +40,7 @@ fn run(x: &Tensor, res: &Tensor, case: Case) -> Vec<Vec<f64>> {
             .and_then(|y| candle_resnet::ops::relu::add_relu(&y, rt)),
     }
     .unwrap();
-    let r = Tensor::arange(0u32, y.elem_count() as u32, &dev)
-        .and_then(|t| {
-            t.to_dtype(DType::F64)?
-                .affine(0.37, 0.0)?
-                .sin()?
-                .to_dtype(case.dtype)
-        })
-        .and_then(|t| t.reshape(y.dims()))
-        .unwrap();
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let data = vm.data().lock().unwrap();
-    let grad = |t: &Tensor| g.get(t).map(flat).unwrap_or_default();
-    vec![
-        flat(&y),
-        flat(bn.running_mean()),
-        flat(bn.running_var()),
-        grad(xt),
-        grad(rt),
-        grad(data["weight"].as_tensor()),
-        grad(data["bias"].as_tensor()),
-    ]
+    outcome(&y, &bn, &vm, &[xt, rt])
 }
 
 proptest! {

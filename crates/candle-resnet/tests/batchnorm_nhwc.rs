@@ -10,35 +10,14 @@ use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::BatchNorm2d;
 use proptest::prelude::*;
 
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all()?.to_vec1())
-        .expect("values")
-}
+mod common;
+use common::{flat, outcome, ramped_batch_norm};
 
 /// Output, running mean and variance, and the gradients of x, gamma, beta of `sum(y * r)`,
 /// all in (N, C, H, W) order. `sync`: the batch norm synchronised over a world of one process
 /// (the synchronised kernels' path, the same statistics).
 fn run(x: &Tensor, dtype: DType, train: bool, relu: bool, nhwc: bool, sync: bool) -> Vec<Vec<f64>> {
-    let dev = Device::Cpu;
-    let c = x.dim(1).unwrap();
-    let vm = VarMap::new();
-    let mut bn = BatchNorm2d::new(c, VarBuilder::from_varmap(&vm, dtype, &dev)).unwrap();
-    if sync {
-        bn.set_sync(Some(std::sync::Arc::new(candle_ddp::Single)));
-    }
-    {
-        let data = vm.data().lock().unwrap();
-        let ramp = |a: f64, b: f64| {
-            Tensor::arange(0u32, c as u32, &dev)
-                .and_then(|t| t.to_dtype(DType::F64)?.affine(a, b)?.to_dtype(dtype))
-                .unwrap()
-        };
-        data["weight"].set(&ramp(0.1, 0.7)).unwrap();
-        data["bias"].set(&ramp(-0.05, 0.2)).unwrap();
-        data["running_mean"].set(&ramp(0.02, -0.1)).unwrap();
-        data["running_var"].set(&ramp(0.3, 0.5)).unwrap();
-    }
+    let (vm, bn) = ramped_batch_norm(x.dim(1).unwrap(), dtype, sync);
     let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
     let y = if nhwc {
         let t = xv.as_tensor().permute((0, 2, 3, 1)).unwrap();
@@ -53,26 +32,7 @@ fn run(x: &Tensor, dtype: DType, train: bool, relu: bool, nhwc: bool, sync: bool
     } else {
         bn.forward_t(xv.as_tensor(), train).unwrap()
     };
-    let r = Tensor::arange(0u32, y.elem_count() as u32, &dev)
-        .and_then(|t| {
-            t.to_dtype(DType::F64)?
-                .affine(0.37, 0.0)?
-                .sin()?
-                .to_dtype(dtype)
-        })
-        .and_then(|t| t.reshape(y.dims()))
-        .unwrap();
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let data = vm.data().lock().unwrap();
-    let grad = |t: &Tensor| g.get(t).map(flat).unwrap_or_default();
-    vec![
-        flat(&y),
-        flat(bn.running_mean()),
-        flat(bn.running_var()),
-        grad(xv.as_tensor()),
-        grad(data["weight"].as_tensor()),
-        grad(data["bias"].as_tensor()),
-    ]
+    outcome(&y, &bn, &vm, &[xv.as_tensor()])
 }
 
 proptest! {
