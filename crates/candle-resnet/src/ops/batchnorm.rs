@@ -225,23 +225,26 @@ impl CustomOp3 for Normalize {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geo::new(l1.dims(), self.channels_last)?;
+        let what = "batch_norm: tensors";
+        macro_rules! run {
+            ($t:ty) => {{
+                let (x, st, af) = (
+                    contiguous_slice::<$t>(s1, l1, what)?,
+                    contiguous_slice::<$t>(s2, l2, what)?,
+                    contiguous_slice::<$t>(s3, l3, what)?,
+                );
+                if st.len() != 2 * g.c || af.len() != 2 * g.c {
+                    bail!(
+                        "batch_norm: statistics and affine must be (2, {}) each",
+                        g.c
+                    );
+                }
+                normalize(&g, (self.eps, self.relu), x, st, af, None)
+            }};
+        }
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(normalize(
-                &g,
-                (self.eps, self.relu),
-                contiguous_slice(s1, l1, "batch_norm: tensors")?,
-                contiguous_slice(s2, l2, "batch_norm: tensors")?,
-                contiguous_slice(s3, l3, "batch_norm: tensors")?,
-                None,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(normalize(
-                &g,
-                (self.eps, self.relu),
-                contiguous_slice(s1, l1, "batch_norm: tensors")?,
-                contiguous_slice(s2, l2, "batch_norm: tensors")?,
-                contiguous_slice(s3, l3, "batch_norm: tensors")?,
-                None,
-            )),
+            CpuStorage::F32(_) => CpuStorage::F32(run!(f32)),
+            CpuStorage::F64(_) => CpuStorage::F64(run!(f64)),
             _ => bail!("batch_norm: fused kernels take f32 or f64"),
         };
         Ok((out, l1.shape().clone()))
@@ -323,6 +326,12 @@ impl CustomOp3 for NormalizeAddRelu {
         macro_rules! run {
             ($t:ty) => {{
                 let pk = contiguous_slice::<$t>(s2, l2, what)?;
+                if pk.len() != 4 * g.c {
+                    bail!(
+                        "batch_norm: statistics and affine must be (4, {}) packed",
+                        g.c
+                    );
+                }
                 let (st, af) = pk.split_at(2 * g.c);
                 let (x, res) = (
                     contiguous_slice(s1, l1, what)?,
