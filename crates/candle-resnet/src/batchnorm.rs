@@ -2,7 +2,7 @@
 //! directly (no transposes).
 
 use crate::ops::batchnorm::Tail;
-use candle_core::{bail, DType, Device, ModuleT, Result, Tensor, Var};
+use candle_core::{bail, DType, ModuleT, Result, Tensor, Var};
 use candle_ddp::Collective;
 use candle_nn::{Init, VarBuilder};
 use std::sync::Arc;
@@ -146,9 +146,10 @@ impl BatchNorm2d {
     /// kernels and the synchronised path only: the composed one is channels-first), followed
     /// by `tail`.
     fn forward_train(&self, x: &Tensor, tail: Tail, channels_last: bool) -> Result<Tensor> {
-        // A residual the fused op cannot take (another dtype or shape) joins afterwards.
+        // A residual the fused op cannot take (another dtype, shape or device) joins afterwards.
         if let Tail::AddRelu(r) = tail {
-            if r.dtype() != x.dtype() || r.shape() != x.shape() {
+            let fits = r.dtype() == x.dtype() && r.shape() == x.shape();
+            if !fits || !r.device().same_device(x.device()) {
                 let y = self.forward_train(x, Tail::None, channels_last)?;
                 return crate::ops::relu::add_relu(&y, r);
             }
@@ -167,7 +168,7 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        if crate::ops::fused_applies(x) && x.device().same_device(tail_device(tail, x)) {
+        if crate::ops::fused_applies(x) {
             let (y, st) = crate::ops::batchnorm::batch_norm_train(
                 x,
                 &self.weight,
@@ -200,7 +201,7 @@ impl BatchNorm2d {
             _ => Ok(t.clone()),
         };
         let xf = f32s(x)?;
-        if !crate::ops::fused_applies(&xf) || !x.device().same_device(tail_device(tail, x)) {
+        if !crate::ops::fused_applies(&xf) {
             bail!(
                 "batch_norm: synchronised statistics are computed on the CPU (f32, f64, half \
                  precision in f32), got {dtype:?} on {:?}",
@@ -420,14 +421,6 @@ fn apply_tail(y: Tensor, tail: Tail) -> Result<Tensor> {
         Tail::None => Ok(y),
         Tail::Relu => crate::ops::relu::relu(&y),
         Tail::AddRelu(r) => crate::ops::relu::add_relu(&y, r),
-    }
-}
-
-/// The device of `tail`'s residual (`x`'s when there is none).
-fn tail_device<'a>(tail: Tail<'a>, x: &'a Tensor) -> &'a Device {
-    match tail {
-        Tail::AddRelu(r) => r.device(),
-        _ => x.device(),
     }
 }
 

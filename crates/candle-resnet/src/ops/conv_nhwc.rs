@@ -97,6 +97,29 @@ fn im2col_rows<T: WithDType>(g: &Geo, imgs: &[T], first: usize, col: &mut [T], p
     });
 }
 
+/// `f(first row, row count, rows)` over the im2col matrix of `rows` rows of channels-last images `imgs`,
+/// in blocks of `block` rows built in `col` (a pointwise convolution's matrix is `imgs` itself:
+/// one call, no copy).
+fn im2col_blocks<T: WithDType>(
+    g: &Geo,
+    imgs: &[T],
+    (rows, block): (usize, usize),
+    col: &mut Vec<T>,
+    parallel: bool,
+    mut f: impl FnMut(usize, usize, &[T]),
+) {
+    if g.pointwise() {
+        return f(0, rows, &imgs[..rows * g.k()]);
+    }
+    let (k, block) = (g.k(), block.max(1));
+    for first in (0..rows).step_by(block) {
+        let n = block.min(rows - first);
+        let c = sized(col, n * k);
+        im2col_rows(g, imgs, first, c, parallel);
+        f(first, n, c);
+    }
+}
+
 /// Row `r` (pixel `(i, oy, ox)`) of [`im2col_rows`]'s matrix.
 #[inline]
 fn im2col_row<T: WithDType>(g: &Geo, imgs: &[T], r: usize, row: &mut [T]) {
@@ -145,14 +168,21 @@ const BLOCK_MAX_WEIGHT: usize = 1 << 20;
 const BLOCK_MIN_ROWS: usize = 96;
 const BLOCK_MIN_GROUPS: usize = 4;
 
-/// Adds an im2col-shaped gradient (`cnt*P x K`) back into `cnt` channels-last image gradients
-/// (`dx`, zero on entry), one image per task (in parallel when `parallel`), pixels and taps in a
-/// fixed order.
-fn col2im<T: WithDType>(g: &Geo, col: &[T], dx: &mut [T], parallel: bool) {
-    let (p, k) = (g.p(), g.k());
-    chunks(dx, g.in_len(), parallel, |i, img| {
-        for (po, row) in col[i * p * k..][..p * k].chunks_exact(k).enumerate() {
-            col2im_pixel(g, row, po, img);
+/// Adds rows `first..` (as many as `col` holds) of an im2col-shaped gradient back into the
+/// channels-last image gradients `dx` (zero on entry): one image per task (in parallel when
+/// `parallel`), each pixel's taps in a fixed order, pixels in order.
+fn col2im_rows<T: WithDType>(g: &Geo, col: &[T], first: usize, dx: &mut [T], parallel: bool) {
+    let (p, k, len) = (g.p(), g.k(), g.in_len());
+    let last = first + col.len() / k.max(1);
+    if p == 0 || last == first {
+        return;
+    }
+    let images = first / p..last.div_ceil(p);
+    let dx = &mut dx[images.start * len..images.end * len];
+    chunks(dx, len, parallel, |j, img| {
+        let i = images.start + j;
+        for r in (i * p).max(first)..((i + 1) * p).min(last) {
+            col2im_pixel(g, &col[(r - first) * k..][..k], r - i * p, img);
         }
     });
 }
@@ -183,37 +213,28 @@ pub(super) fn forward<T: WithDType>(g: &Geo, x: &[T], wkc: &[T], wv: View) -> Ve
     for_each_group(&mut y, ng * p * g.co, |gi, yg, par, s| {
         let rows = yg.len() / g.co;
         let imgs = &x[gi * ng * g.in_len()..][..(rows / p.max(1)) * g.in_len()];
-        if g.pointwise() {
-            gemm_into(
-                (rows, g.co, k),
-                imgs,
-                View::rows(k),
-                wkc,
-                wv,
-                yg,
-                g.co,
-                false,
-                par,
-            );
-            return;
-        }
-        let block = blocks.unwrap_or(rows).max(1);
-        for (b, yb) in yg.chunks_mut(block * g.co).enumerate() {
-            let n = yb.len() / g.co;
-            let c = sized(&mut s.col, n * k);
-            im2col_rows(g, imgs, b * block, c, split(par));
-            gemm_into(
-                (n, g.co, k),
-                c,
-                View::rows(k),
-                wkc,
-                wv,
-                yb,
-                g.co,
-                false,
-                par,
-            );
-        }
+        let block = blocks.unwrap_or(rows);
+        im2col_blocks(
+            g,
+            imgs,
+            (rows, block),
+            &mut s.col,
+            split(par),
+            |first, n, c| {
+                let yb = &mut yg[first * g.co..][..n * g.co];
+                gemm_into(
+                    (n, g.co, k),
+                    c,
+                    View::rows(k),
+                    wkc,
+                    wv,
+                    yb,
+                    g.co,
+                    false,
+                    par,
+                );
+            },
+        );
     });
     y
 }
@@ -233,44 +254,25 @@ pub(super) fn grad_input<T: WithDType>(g: &Geo, wck: &[T], wv: View, dy: &[T]) -
             gemm_into(dims, d, View::rows(g.co), wck, wv, dxg, g.ci, false, par);
             return;
         }
-        if let Some(block) = blocks {
-            // Blocks of pixels in order: each pixel's taps are added in the order of the
-            // whole-matrix pass below.
-            for (b, db) in d.chunks(block * g.co).enumerate() {
-                let n = db.len() / g.co;
-                let c = sized(&mut s.col, n * k);
-                gemm_into(
-                    (n, k, g.co),
-                    db,
-                    View::rows(g.co),
-                    wck,
-                    wv,
-                    c,
-                    k,
-                    false,
-                    par,
-                );
-                for (j, row) in c.chunks_exact(k).enumerate() {
-                    let r = b * block + j;
-                    let img = &mut dxg[(r / p) * g.in_len()..][..g.in_len()];
-                    col2im_pixel(g, row, r % p, img);
-                }
-            }
-            return;
+        // Blocks of pixels in order: each pixel's taps are added in the same order whatever the
+        // blocks.
+        let block = blocks.unwrap_or(rows).max(1);
+        for (b, db) in d.chunks(block * g.co).enumerate() {
+            let n = db.len() / g.co;
+            let c = sized(&mut s.col, n * k);
+            gemm_into(
+                (n, k, g.co),
+                db,
+                View::rows(g.co),
+                wck,
+                wv,
+                c,
+                k,
+                false,
+                par,
+            );
+            col2im_rows(g, c, b * block, dxg, split(par));
         }
-        let c = sized(&mut s.col, rows * k);
-        gemm_into(
-            (rows, k, g.co),
-            d,
-            View::rows(g.co),
-            wck,
-            wv,
-            c,
-            k,
-            false,
-            par,
-        );
-        col2im(g, c, dxg, split(par));
     });
     dx
 }
@@ -298,28 +300,25 @@ pub(super) fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
         let dt = View::transposed(g.co);
         let out = if col_major { dt } else { View::rows(k) };
         let mut started = false;
-        // dW (Co, K) += dY^T (Co, rows) x cols (rows, K), block by block.
-        let mut add = |d: &[T], cols: &[T], rows: usize| {
-            let (dv, cv) = ((d, dt), (cols, View::rows(k)));
-            gemm_view_into((g.co, k, rows), dv, cv, (&mut *acc, out), started, par);
-            started = true;
-        };
         for first in (a..b).step_by(ng) {
             let cnt = ng.min(b - first);
             let rows = cnt * p;
             let d = &dy[first * p * g.co..][..rows * g.co];
             let imgs = &x[first * g.in_len()..][..cnt * g.in_len()];
-            if g.pointwise() {
-                add(d, imgs, rows);
-                continue;
-            }
-            let block = blocks.unwrap_or(rows).max(1);
-            for (bi, db) in d.chunks(block * g.co).enumerate() {
-                let n = db.len() / g.co;
-                let c = sized(&mut s.col, n * k);
-                im2col_rows(g, imgs, bi * block, c, split(par));
-                add(db, c, n);
-            }
+            let block = blocks.unwrap_or(rows);
+            // dW (Co, K) += dY^T (Co, rows) x cols (rows, K), block by block.
+            im2col_blocks(
+                g,
+                imgs,
+                (rows, block),
+                &mut s.col,
+                split(par),
+                |r0, n, c| {
+                    let (dv, cv) = ((&d[r0 * g.co..][..n * g.co], dt), (c, View::rows(k)));
+                    gemm_view_into((g.co, k, n), dv, cv, (&mut *acc, out), started, par);
+                    started = true;
+                },
+            );
         }
     });
     // The partials in order; each output channel's (taps, Ci) block back to (Ci, taps).
