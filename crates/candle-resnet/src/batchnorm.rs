@@ -126,6 +126,21 @@ impl BatchNorm2d {
         Ok((1, self.weight.dim(0)?, 1, 1))
     }
 
+    /// `(gamma, beta, eps)` for a caller that runs the train-mode kernels itself
+    /// ([`crate::ops::block`]); `None` when synchronised (its statistics need the other ranks).
+    pub(crate) fn train_parts(&self) -> Option<(&Tensor, &Tensor, f64)> {
+        match self.sync {
+            Some(_) => None,
+            None => Some((&self.weight, &self.bias, self.eps)),
+        }
+    }
+
+    /// Folds a batch's `(2, C) = [mean; biased variance]` over `count` values per channel into
+    /// the running statistics.
+    pub(crate) fn record_batch(&self, stats: &Tensor, count: usize) -> Result<()> {
+        self.update_running(&stats.get(0)?, &stats.get(1)?, count)
+    }
+
     /// `running = (1 - momentum) * running + momentum * batch`, with the unbiased variance.
     fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
         let m = self.momentum;

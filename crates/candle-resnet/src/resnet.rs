@@ -142,6 +142,25 @@ impl Conv2d {
     }
 }
 
+/// A convolution and its batch norm as a stage of [`crate::ops::block`]'s fused train-mode
+/// segments, where they can be one: CPU f32/f64 input (checked by the caller), the weight in
+/// `x`'s dtype, the batch norm not synchronised.
+fn fused_stage<'a>(
+    c: &'a Conv2d,
+    bn: &'a BatchNorm2d,
+    x: &Tensor,
+) -> Option<crate::ops::block::Stage<'a>> {
+    let (gamma, beta, eps) = bn.train_parts()?;
+    (c.weight.dtype() == x.dtype()).then_some(crate::ops::block::Stage {
+        weight: &c.weight,
+        stride: c.stride,
+        padding: c.padding,
+        gamma,
+        beta,
+        eps,
+    })
+}
+
 /// A batch norm in either layout, with or without the ReLU after it.
 fn bn_as(bn: &BatchNorm2d, x: &Tensor, train: bool, relu: bool, nhwc: bool) -> Result<Tensor> {
     match (nhwc, relu) {
@@ -268,6 +287,15 @@ impl Block {
         drop: Option<(f64, u64)>,
         nhwc: bool,
     ) -> Result<Tensor> {
+        let drop = match (train, drop) {
+            (true, Some((rate, key))) if rate > 0.0 => Some((rate, key)),
+            _ => None,
+        };
+        if train && drop.is_none() && nhwc {
+            if let Some(y) = self.forward_train_fused(x)? {
+                return Ok(y);
+            }
+        }
         let mut y = x.clone();
         let Some((last, head)) = self.convs.split_last() else {
             bail!("resnet: a block without convolutions");
@@ -279,10 +307,6 @@ impl Block {
         let shortcut = match &self.downsample {
             Some(d) => bn_as(&d.bn, &d.conv.forward_as(x, nhwc)?, train, false, nhwc)?,
             None => x.clone(),
-        };
-        let drop = match (train, drop) {
-            (true, Some((rate, key))) if rate > 0.0 => Some((rate, key)),
-            _ => None,
         };
         let Some((rate, key)) = drop else {
             // The last batch norm, the residual and the ReLU in one op.
@@ -296,6 +320,42 @@ impl Block {
         let mask = drop_path_mask(y.dim(0)?, rate, key);
         let mask = Tensor::from_vec(mask, (y.dim(0)?, 1, 1, 1), y.device())?.to_dtype(y.dtype())?;
         crate::ops::relu::add_relu(&y.broadcast_mul(&mask)?, &shortcut)
+    }
+}
+
+impl Block {
+    /// The train-mode block as one graph node ([`crate::ops::block`]: the same values and
+    /// gradients, a faster backward) where its kernels apply: channels-last `x` on the CPU in
+    /// f32 or f64, the weights in `x`'s dtype, no synchronised batch norm. `None` elsewhere.
+    fn forward_train_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        use crate::ops::block::residual_block_train;
+        if !crate::ops::fused_applies(x) {
+            return Ok(None);
+        }
+        let main: Option<Vec<_>> = self
+            .convs
+            .iter()
+            .map(|(c, bn)| fused_stage(c, bn, x))
+            .collect();
+        let shortcut = match &self.downsample {
+            Some(d) => match fused_stage(&d.conv, &d.bn, x) {
+                Some(s) => Some(s),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let Some(main) = main else {
+            return Ok(None);
+        };
+        let (y, stats) = residual_block_train(x, &main, shortcut.as_ref())?;
+        let bns = self.convs.iter().map(|(_, bn)| bn);
+        for ((st, count), bn) in stats
+            .iter()
+            .zip(bns.chain(self.downsample.iter().map(|d| &d.bn)))
+        {
+            bn.record_batch(st, *count)?;
+        }
+        Ok(Some(y))
     }
 }
 
@@ -605,14 +665,25 @@ impl ResNet {
         let nhwc = self.runs_channels_last(x);
         let mut y = if nhwc {
             let x = x.permute((0, 2, 3, 1))?.contiguous()?;
-            let y = bn_as(
-                &self.bn1,
-                &self.conv1.forward_as(&x, true)?,
-                train,
-                true,
-                true,
-            )?;
-            self.pool.forward_nhwc(&y)?
+            let fused = match train && crate::ops::fused_applies(&x) {
+                true => fused_stage(&self.conv1, &self.bn1, &x),
+                false => None,
+            };
+            if let Some(stage) = fused {
+                // Convolution, batch norm, ReLU and pool as one graph node (same values).
+                let (y, (stats, count)) = crate::ops::block::stem_train(&x, &stage, &self.pool)?;
+                self.bn1.record_batch(&stats, count)?;
+                y
+            } else {
+                let y = bn_as(
+                    &self.bn1,
+                    &self.conv1.forward_as(&x, true)?,
+                    train,
+                    true,
+                    true,
+                )?;
+                self.pool.forward_nhwc(&y)?
+            }
         } else {
             let y = self
                 .bn1

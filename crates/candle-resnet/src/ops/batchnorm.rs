@@ -556,6 +556,81 @@ pub(crate) fn batch_norm_train(
     Ok((y, st))
 }
 
+/// One train-mode batch norm whose graph its caller keeps ([`crate::ops::block`]): the batch
+/// statistics of a detached input and what the kernels need to normalise it and to run the
+/// backward, none of it in candle's graph.
+pub(crate) struct Detached {
+    op: Normalize,
+    /// `(2, C)`: `[mean; biased variance]`.
+    stats: Tensor,
+    /// `(2, C)`: `[gamma; beta]` in the input's dtype.
+    affine: Tensor,
+    /// `(4, C)`: `[mean; var; gamma; beta]`.
+    packed: Tensor,
+}
+
+impl Detached {
+    /// The statistics of `x` (CPU f32/f64, contiguous, detached) and the affine `(2, C)`
+    /// (detached, `x`'s dtype); `relu`: the ReLU follows (for [`Detached::normalize`] and the
+    /// backward).
+    pub(crate) fn new(
+        x: &Tensor,
+        affine: &Tensor,
+        eps: f64,
+        relu: bool,
+        channels_last: bool,
+    ) -> Result<Self> {
+        let stats = x.apply_op1_no_bwd(&Stats(channels_last))?;
+        let packed = Tensor::cat(&[&stats, affine], 0)?;
+        let op = Normalize {
+            eps,
+            relu,
+            sync: None,
+            channels_last,
+        };
+        Ok(Self {
+            op,
+            stats,
+            affine: affine.clone(),
+            packed,
+        })
+    }
+
+    /// `(2, C)`: the batch's `[mean; biased variance]`.
+    pub(crate) fn stats(&self) -> &Tensor {
+        &self.stats
+    }
+
+    /// `x` normalised (and the ReLU, where asked): [`Normalize`]'s forward.
+    pub(crate) fn normalize(&self, x: &Tensor) -> Result<Tensor> {
+        x.apply_op3_no_bwd(&self.stats, &self.affine, &self.op)
+    }
+
+    /// `relu(normalize(x) + residual)` on CPU storages: [`NormalizeAddRelu`]'s forward.
+    pub(crate) fn add_relu_cpu(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (rs, rl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let (pk, pl) = self.packed.storage_and_layout();
+        let candle_core::Storage::Cpu(pk) = &*pk else {
+            bail!("batch_norm: the fused kernels run on the CPU");
+        };
+        let op = NormalizeAddRelu(Normalize {
+            relu: false,
+            ..self.op.clone()
+        });
+        op.cpu_fwd(xs, xl, pk, pl, rs, rl)
+    }
+
+    /// `(dx, [dgamma; dbeta])` for the input `x` and the gradient `dy` of the output (after
+    /// the ReLU where there is one; for [`Detached::add_relu_cpu`], the gradient already
+    /// masked by its ReLU).
+    pub(crate) fn backward(&self, x: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.op.passes(x, dy, &self.packed)
+    }
+}
+
 /// `x` normalised with the statistics `st`, then scaled and shifted by `(gamma, beta)`, then
 /// `tail`: the differentiable [`Normalize`] op, or [`NormalizeAddRelu`].
 fn normalize_op(

@@ -1088,7 +1088,7 @@ fn run_pass_nhwc(
 
 /// The convolution op: `(x, w) -> y`, with its backward, on the taps `crop` keeps.
 #[derive(Debug, Clone, Copy)]
-struct Conv2dOp {
+pub(crate) struct Conv2dOp {
     stride: usize,
     /// Padding of the cropped kernel.
     padding: usize,
@@ -1161,6 +1161,20 @@ impl CustomOp2 for Conv2dOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // An input outside the graph (the images fed to the stem) needs no gradient.
+        self.grads(x, w, dy, (x.track_op(), w.track_op()))
+    }
+}
+
+impl Conv2dOp {
+    /// The gradients of `x` and of `w` (each where `want` asks) for the output gradient `dy`.
+    pub(crate) fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        want: (bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let g = self.geo(x.dims(), w.dims())?;
         let full = w.dims4()?;
@@ -1170,16 +1184,13 @@ impl CustomOp2 for Conv2dOp {
             pass,
             full,
         };
-        // An input outside the graph (the images fed to the stem) needs no gradient.
-        let dx = if x.track_op() {
-            Some(w.apply_op2_no_bwd(&dy, &op(Pass::GradInput))?)
-        } else {
-            None
+        let dx = match want.0 {
+            true => Some(w.apply_op2_no_bwd(&dy, &op(Pass::GradInput))?),
+            false => None,
         };
-        let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&dy, &op(Pass::GradWeight))?)
-        } else {
-            None
+        let dw = match want.1 {
+            true => Some(x.apply_op2_no_bwd(&dy, &op(Pass::GradWeight))?),
+            false => None,
         };
         Ok((dx, dw))
     }
@@ -1343,11 +1354,23 @@ pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Res
         let y = conv2d_with(&x.permute((0, 3, 1, 2))?, w, stride, padding, Backend::Gemm)?;
         return y.permute((0, 2, 3, 1))?.contiguous();
     }
-    let (crop, padding) = match crop_plan(&[n, ci, h, wd], w.dims(), stride, padding) {
+    let op = nhwc_op(&[n, h, wd, ci], w.dims(), stride, padding);
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// The op [`conv2d_nhwc`] applies on the CPU (f32, f64) to an `(N, H, W, Ci)` input of dims
+/// `x` and a weight of dims `w`: for callers that run its passes themselves
+/// ([`crate::ops::block`]).
+pub(crate) fn nhwc_op(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Conv2dOp {
+    let nchw = match x {
+        &[n, h, wd, ci] => vec![n, ci, h, wd],
+        other => other.to_vec(),
+    };
+    let (crop, padding) = match crop_plan(&nchw, w, stride, padding) {
         Some((c, p)) => (Some(c), p),
         None => (None, padding),
     };
-    let op = Conv2dOp {
+    Conv2dOp {
         stride,
         padding,
         route: Route {
@@ -1356,8 +1379,7 @@ pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Res
         },
         crop,
         nhwc: true,
-    };
-    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    }
 }
 
 /// The kernel taps that read inside the image for at least one output position, as a smaller

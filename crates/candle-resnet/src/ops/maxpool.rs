@@ -113,6 +113,13 @@ impl MaxPool2d {
         x.contiguous()?.apply_op1(Nhwc(*self))
     }
 
+    /// The op [`MaxPool2d::forward_nhwc`] applies on the CPU to `x`, for callers that run it
+    /// themselves ([`crate::ops::block`]).
+    pub(crate) fn nhwc_op(&self, x: &Tensor) -> Result<Nhwc> {
+        self.check(x)?;
+        Ok(Nhwc(*self))
+    }
+
     /// The pool from candle tensor ops only, with the fused kernel's semantics (first maximal
     /// element of each window in row-major order, the first NaN wins, padding never does):
     /// what [`MaxPool2d::forward`] runs on CUDA and Metal, and runs anywhere. The winner's
@@ -303,7 +310,7 @@ impl MaxPool2d {
 
 /// The pool on channels-last tensors (see [`MaxPool2d::forward_nhwc`]).
 #[derive(Debug, Clone, Copy)]
-struct Nhwc(MaxPool2d);
+pub(crate) struct Nhwc(MaxPool2d);
 
 impl Nhwc {
     /// The geometry of `(N, H, W, C)` dims, as `(geometry, N, C)`.

@@ -5,6 +5,7 @@
 //! ([`relu::relu`], [`relu::add_relu`]).
 
 pub(crate) mod batchnorm;
+pub(crate) mod block;
 pub mod conv;
 pub mod maxpool;
 pub mod relu;
