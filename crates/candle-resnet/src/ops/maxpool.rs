@@ -355,6 +355,12 @@ impl Nhwc {
     /// Backward: each output's gradient to the first element of its window equal to the output
     /// (the first NaN for a NaN output), summed per image in f64 in output order and rounded
     /// once: the plane kernel's sums, in the same order.
+    ///
+    /// Per output pixel, the window's pixels are visited in row-major order, a row of `C`
+    /// channels at a time: each channel adds its gradient where it first hits and `0.0`
+    /// elsewhere. Adding `+0.0` leaves every sum's bits as they are (a sum that starts at `+0.0`
+    /// is never `-0.0`), and a masked add over a row vectorises where a scatter to each
+    /// channel's winner does not.
     fn bwd_kernel<T: WithDType>(&self, x: &[T], y: &[T], dy: &[T], g: &Geo, c: usize) -> Vec<T> {
         let p = &self.0;
         let (rows, cols) = (p.ranges(g.oh, g.h), p.ranges(g.ow, g.w));
@@ -363,35 +369,6 @@ impl Nhwc {
         if c == 0 || hwc == 0 || ohwc == 0 {
             return dx;
         }
-        // Pixel indices as u32, the width of an f32 lane, so that the selects vectorise (u64
-        // for a plane of more than 2^32 pixels).
-        let args = (x, y, dy, g, c, &rows[..], &cols[..]);
-        if g.h * g.w <= u32::MAX as usize {
-            Self::bwd_images::<T, u32>(&mut dx, args);
-        } else {
-            Self::bwd_images::<T, u64>(&mut dx, args);
-        }
-        dx
-    }
-
-    /// [`Nhwc::bwd_kernel`]'s per-image loop, with pixel indices of type `I`.
-    #[allow(clippy::type_complexity)]
-    fn bwd_images<T: WithDType, I: Copy + Send + TryFrom<usize> + TryInto<usize>>(
-        dx: &mut [T],
-        (x, y, dy, g, c, rows, cols): (
-            &[T],
-            &[T],
-            &[T],
-            &Geo,
-            usize,
-            &[(usize, usize)],
-            &[(usize, usize)],
-        ),
-    ) {
-        let (hwc, ohwc) = (g.h * g.w * c, g.oh * g.ow * c);
-        // The caller picked `I` wide enough for every pixel index of a plane.
-        let idx = |p: usize| I::try_from(p).ok().expect("pixel index fits");
-        let back = |i: I| i.try_into().ok().expect("pixel index fits");
         // The f64 sums live in a ring of input rows, as many as one window spans: windows move
         // down (their first row never decreases), so a row below the current window's first
         // is complete, rounded into dx and its slot reused. The sums and their order are those
@@ -408,7 +385,7 @@ impl Nhwc {
             .zip(y.par_chunks(ohwc).zip(dy.par_chunks(ohwc)))
             .for_each_init(
                 || (Vec::new(), Vec::new()),
-                |(ring, at): &mut (Vec<f64>, Vec<I>), ((d, img), (yi, dyi))| {
+                |(ring, found): &mut (Vec<f64>, Vec<bool>), ((d, img), (yi, dyi))| {
                     ring.clear();
                     ring.resize(depth * row_len, 0.0);
                     let mut flush = |r: usize, ring: &mut [f64]| {
@@ -425,25 +402,21 @@ impl Nhwc {
                             flush(done, ring);
                             done += 1;
                         }
-                        // The winner's pixel in the ring: its slot's row, its column.
-                        let at_ring = |r: usize, q: usize| idx((r % depth) * g.w + q);
-                        at.clear();
-                        at.resize(c, at_ring(ylo, xlo));
-                        // Backwards with selects: the last hit seen is the first in row-major
-                        // order; `m` is this window's maximum, so some element hits.
-                        for r in (ylo..yhi).rev() {
-                            for q in (xlo..xhi).rev() {
+                        found.clear();
+                        found.resize(c, false);
+                        for r in ylo..yhi {
+                            for q in xlo..xhi {
                                 let v = &img[(r * g.w + q) * c..][..c];
-                                let pix = at_ring(r, q);
-                                for ((a, &v), &m) in at.iter_mut().zip(v).zip(m) {
+                                let sums = &mut ring[(r % depth) * row_len + q * c..][..c];
+                                let lanes = sums.iter_mut().zip(found.iter_mut());
+                                for (((s, f), &v), (&m, &d)) in lanes.zip(v).zip(m.iter().zip(dm)) {
                                     #[allow(clippy::eq_op)]
                                     let hit = (v == m) | ((m != m) & (v != v));
-                                    *a = if hit { pix } else { *a };
+                                    let take = hit & !*f;
+                                    *f |= hit;
+                                    *s += if take { d.to_f64() } else { 0.0 };
                                 }
                             }
-                        }
-                        for (j, (&a, &d)) in at.iter().zip(dm).enumerate() {
-                            ring[back(a) * c + j] += d.to_f64();
                         }
                     }
                     for r in done..g.h {
@@ -451,6 +424,7 @@ impl Nhwc {
                     }
                 },
             );
+        dx
     }
 }
 
