@@ -912,7 +912,12 @@ impl Crop {
             Vec::with_capacity(w.len() / (self.full_kh * self.full_kw) * self.kh * self.kw);
         for plane in w.chunks_exact(self.full_kh * self.full_kw) {
             for row in plane.chunks_exact(self.full_kw).skip(self.y0).take(self.kh) {
-                out.extend_from_slice(&row[self.x0..self.x0 + self.kw]);
+                // Rows of one or two taps (small maps) without a `memcpy` call each.
+                match &row[self.x0..self.x0 + self.kw] {
+                    [a] => out.push(*a),
+                    [a, b] => out.extend([*a, *b]),
+                    r => out.extend_from_slice(r),
+                }
             }
         }
         out
@@ -928,7 +933,11 @@ impl Crop {
         {
             for (r, srow) in src.chunks_exact(self.kw).enumerate() {
                 let at = (self.y0 + r) * self.full_kw + self.x0;
-                dst[at..at + self.kw].copy_from_slice(srow);
+                match (&mut dst[at..at + self.kw], srow) {
+                    ([d], [s]) => *d = *s,
+                    ([d0, d1], [s0, s1]) => (*d0, *d1) = (*s0, *s1),
+                    (d, s) => d.copy_from_slice(s),
+                }
             }
         }
         out
