@@ -2,7 +2,9 @@
 //! kernel and backward side by side: convolution as im2col + GEMM ([`conv::conv2d`]), the
 //! torchvision stem max-pool ([`maxpool::MaxPool2d`], with a tensor-op form for other devices),
 //! train-mode batch norm (used by [`crate::BatchNorm2d`]), and ReLU with the residual add
-//! ([`relu::relu`], [`relu::add_relu`]).
+//! ([`relu::relu`], [`relu::add_relu`]). In training, [`crate::ResNet`] runs its stem and each
+//! residual block as one graph node built from these kernels (the crate-private `block` module:
+//! the same values, a backward without candle's per-op gradient accumulation).
 
 pub(crate) mod batchnorm;
 pub(crate) mod block;
