@@ -321,9 +321,7 @@ impl Block {
         let mask = Tensor::from_vec(mask, (y.dim(0)?, 1, 1, 1), y.device())?.to_dtype(y.dtype())?;
         crate::ops::relu::add_relu(&y.broadcast_mul(&mask)?, &shortcut)
     }
-}
 
-impl Block {
     /// The train-mode block as one graph node ([`crate::ops::block`]: the same values and
     /// gradients, a faster backward) where its kernels apply: channels-last `x` on the CPU in
     /// f32 or f64, the weights in `x`'s dtype, no synchronised batch norm. `None` elsewhere.
