@@ -192,7 +192,7 @@ impl BatchNorm2d {
                 tail,
                 channels_last,
             )?;
-            self.update_running(&st.get(0)?, &st.get(1)?, count)?;
+            self.record_batch(&st, count)?;
             return Ok(y);
         }
         if channels_last {
@@ -240,7 +240,7 @@ impl BatchNorm2d {
             world.clone(),
             channels_last,
         )?;
-        self.update_running(&st.get(0)?, &st.get(1)?, count)?;
+        self.record_batch(&st, count)?;
         y.to_dtype(dtype)
     }
 
