@@ -163,7 +163,7 @@ pub fn run(a: Args) -> Result<()> {
         let run = || -> candle_core::Result<f64> {
             let logits = model.forward_t(&x, true)?;
             let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
-            let mut grads = loss.backward()?;
+            let mut grads = candle_resnet::backward(&loss)?;
             if ranks > 1 {
                 let mine = trainable
                     .iter()

@@ -1,9 +1,11 @@
 //! Times one ResNet training step (train-mode forward, label-smoothed loss, backward, SGD update)
 //! on random images. Prints one JSON line. Used by `cargo xtask bench-resnet`. The last argument
-//! picks the body's layout (default `nhwc`: channels-last where the convolutions allow it).
+//! picks the body's layout (default `nhwc`: channels-last where the convolutions allow it); `ab`
+//! alternates the two layouts step by step, `backward` candle's `loss.backward()` and
+//! `candle_resnet::backward` (channels-last), each printing the two medians.
 //!
 //! ```text
-//! cargo run --release -p candle-resnet --example resnet_step -- [BATCH] [SIZE] [STEPS] [ARCH] [nhwc|nchw]
+//! cargo run --release -p candle-resnet --example resnet_step -- [BATCH] [SIZE] [STEPS] [ARCH] [nhwc|nchw|ab|backward]
 //! ```
 
 use candle_core::{DType, Device, ModuleT, Tensor};
@@ -30,8 +32,9 @@ fn main() -> anyhow::Result<()> {
     let channels_last = match a.get(5).map(String::as_str) {
         None | Some("nhwc") => true,
         Some("nchw") => false,
-        Some("ab") => return alternate(batch, size, steps, arch),
-        Some(other) => anyhow::bail!("layout {other:?}: nhwc, nchw or ab"),
+        Some("ab") => return alternate(batch, size, steps, arch, Ab::Layout),
+        Some("backward") => return alternate(batch, size, steps, arch, Ab::Backward),
+        Some(other) => anyhow::bail!("layout {other:?}: nhwc, nchw, ab or backward"),
     };
     let dev = Device::Cpu;
     let vm = VarMap::new();
@@ -51,7 +54,7 @@ fn main() -> anyhow::Result<()> {
         let t0 = Instant::now();
         let logits = model.forward_t(&x, true)?;
         let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
-        opt.backward_step(&loss)?;
+        opt.step(&candle_resnet::backward(&loss)?)?;
         let dt = t0.elapsed().as_secs_f64();
         if step > 0 {
             times.push(dt); // step 0 is a warm-up
@@ -70,23 +73,36 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ab`: both layouts on the same weights, steps alternating, medians side by side (slow drifts
-/// of a shared machine's speed fall on both).
-fn alternate(batch: usize, size: usize, steps: usize, arch: Arch) -> anyhow::Result<()> {
+/// Two variants of the step on the same weights, alternating step by step so that slow drifts
+/// of a shared machine's speed fall on both; prints their medians. `Ab::Layout`: `(N, C, H, W)`
+/// then channels-last; `Ab::Backward`: candle's `loss.backward()` then `candle_resnet::backward`
+/// (both channels-last).
+#[derive(Clone, Copy, PartialEq)]
+enum Ab {
+    Layout,
+    Backward,
+}
+
+fn alternate(batch: usize, size: usize, steps: usize, arch: Arch, ab: Ab) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let nhwc = arch.build(196, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-    let nchw = nhwc.clone().with_channels_last(false);
+    let first = nhwc.clone().with_channels_last(ab == Ab::Backward);
     let mut opt = SGD::new(ParamGroups::from_varmap(&vm).trainable(false), 0.01)?;
     let x = Tensor::randn(0f32, 1., (batch, 3, size, size), &dev)?;
     let y = Tensor::arange(0u32, batch as u32, &dev)?;
     let mut times = [Vec::new(), Vec::new()];
     for step in 0..=steps {
-        for (i, model) in [&nchw, &nhwc].into_iter().enumerate() {
+        for (i, model) in [&first, &nhwc].into_iter().enumerate() {
             let t0 = Instant::now();
             let logits = model.forward_t(&x, true)?;
             let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
-            opt.backward_step(&loss)?;
+            let grads = if ab == Ab::Backward && i == 1 {
+                candle_resnet::backward(&loss)?
+            } else {
+                loss.backward()?
+            };
+            opt.step(&grads)?;
             if step > 0 {
                 times[i].push(t0.elapsed().as_secs_f64());
             }
@@ -97,8 +113,12 @@ fn alternate(batch: usize, size: usize, steps: usize, arch: Arch) -> anyhow::Res
         v[v.len() / 2]
     };
     let (a, b) = (med(&mut times[0]), med(&mut times[1]));
+    let (na, nb) = match ab {
+        Ab::Layout => ("nchw", "nhwc"),
+        Ab::Backward => ("loss.backward()", "candle_resnet::backward"),
+    };
     println!(
-        "{arch} batch {batch} size {size}: nchw {a:.3} s, nhwc {b:.3} s, nhwc/nchw time {:.3}",
+        "{arch} batch {batch} size {size}: {na} {a:.4} s, {nb} {b:.4} s, time ratio {:.3}",
         b / a
     );
     Ok(())

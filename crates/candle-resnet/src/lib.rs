@@ -18,12 +18,15 @@
 //! let logits = model.forward_t(&images, true)?; // train mode: batch statistics
 //! let target = Tensor::new(&[3u32, 7], &Device::Cpu)?;
 //! let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
-//! let grads = loss.backward()?;
+//! // `loss.backward()` works; this gives the same gradients without candle's zero-fill of each
+//! // convolution weight's gradient (see `backward`).
+//! let grads = candle_resnet::backward(&loss)?;
 //! assert!(grads.get(varmap.data().lock().unwrap()["conv1.weight"].as_tensor()).is_some());
 //! # Ok(()) }
 //! ```
 
 pub mod alloc;
+pub mod backward;
 pub mod batchnorm;
 pub mod export;
 pub mod init;
@@ -32,6 +35,7 @@ pub mod params;
 pub mod resnet;
 pub mod threads;
 
+pub use backward::backward;
 pub use batchnorm::BatchNorm2d;
 pub use ops::maxpool::MaxPool2d;
 pub use params::ParamGroups;

@@ -393,10 +393,12 @@ impl<'a, M: Classifier> Run<'a, M> {
             if let Some(loss) = loss {
                 let acc = &mut st.acc;
                 candle_resnet::threads::on_cpu_worker(device, || {
+                    // `candle_resnet::backward`: `loss.backward()` with the fused blocks'
+                    // weight gradients filed without candle's zero-fill and add.
                     if cfg.accum_steps == 1 {
-                        acc.add(&loss.backward()?)
+                        acc.add(&candle_resnet::backward(&loss)?)
                     } else {
-                        acc.add(&(loss * n as f64)?.backward()?)
+                        acc.add(&candle_resnet::backward(&(loss * n as f64)?)?)
                     }
                 })?;
             }

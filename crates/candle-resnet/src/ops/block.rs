@@ -17,7 +17,7 @@
 //! one-element function of the weight and of its batch norm's `[gamma; beta]`, an input of the
 //! segment's node. Candle visits it after the segment (it is the segment's input), and its
 //! backward returns the weight's and the affine's gradients that the segment's backward left
-//! it.
+//! it (the weight's goes straight to the gradient store inside [`crate::backward()`]).
 //!
 //! The kernels and the order of every sum are those of the composed ops, so the output, the
 //! running statistics and every gradient are the same bits (tested against the composed ops).
@@ -25,6 +25,7 @@
 use super::batchnorm::Detached;
 use super::conv::{nhwc_op, Conv2dOp};
 use super::maxpool::{MaxPool2d, Nhwc};
+use crate::backward::hand_over;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -128,7 +129,7 @@ impl CustomOp2 for Params {
     }
     fn bwd(
         &self,
-        _weight: &Tensor,
+        weight: &Tensor,
         _affine: &Tensor,
         _token: &Tensor,
         _grad: &Tensor,
@@ -137,7 +138,7 @@ impl CustomOp2 for Params {
         let Some((dw, daffine)) = taken else {
             bail!("residual block: parameter gradients asked for before the block's backward ran")
         };
-        Ok((dw, Some(daffine)))
+        Ok((dw.and_then(|g| hand_over(weight, g)), Some(daffine)))
     }
 }
 
@@ -485,6 +486,56 @@ mod tests {
         out
     }
 
+    /// `loss(stages)`'s gradients for every weight variable, each paired with what
+    /// `Tensor::backward` gives; `-0.0` read as `+0.0`.
+    fn weight_grads(
+        main: &[Layer],
+        shortcut: Option<&Layer>,
+        derived: bool,
+        x: &Tensor,
+    ) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
+        // A weight that is a function of the variable (here `2 w`) must reach the variable
+        // through candle's graph, also inside `crate::backward()`.
+        let weights: Vec<Tensor> = main
+            .iter()
+            .chain(shortcut)
+            .map(|l| {
+                if derived {
+                    l.weight.as_tensor() * 2.0
+                } else {
+                    Ok(l.weight.as_tensor().clone())
+                }
+            })
+            .collect::<Result<_>>()?;
+        let stages: Vec<Stage> = main
+            .iter()
+            .chain(shortcut)
+            .zip(&weights)
+            .map(|(l, w)| Stage {
+                weight: w,
+                ..stage(l)
+            })
+            .collect();
+        let (m, sc) = stages.split_at(main.len());
+        let (y, _) = residual_block_train(x, m, sc.first())?;
+        let loss = (&y * values(y.dims(), 7, y.dtype()))?.sum_all()?;
+        let (direct, plain) = (crate::backward(&loss)?, loss.backward()?);
+        let read = |g: Option<&Tensor>| -> Result<Vec<f64>> {
+            let Some(g) = g else { return Ok(Vec::new()) };
+            let v: Vec<f64> = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+            Ok(v.into_iter().map(|x| x + 0.0).collect())
+        };
+        main.iter()
+            .chain(shortcut)
+            .map(|l| {
+                Ok((
+                    read(direct.get(l.weight.as_tensor()))?,
+                    read(plain.get(l.weight.as_tensor()))?,
+                ))
+            })
+            .collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         /// The fused stem is the composed stem (convolution, batch norm + ReLU, max-pool), bit
@@ -551,6 +602,23 @@ mod tests {
                     "composed: {a}; fused: {b}"
                 ),
                 (a, b) => prop_assert!(false, "composed {:?} vs fused {:?}", a.map(|_| ()), b.map(|_| ())),
+            }
+        }
+
+        /// Inside `crate::backward()` the weights' gradients skip candle's accumulation; a weight
+        /// computed from a variable still reaches the variable through candle's graph.
+        #[test]
+        fn direct_weight_gradients_are_candles(
+            n in 2usize..3, h in 1usize..6, cin in 1usize..5, width in 1usize..4,
+            stride in 1usize..3, bottleneck: bool, derived: bool, f64_: bool, seed in 0u64..1000,
+        ) {
+            let dtype = if f64_ { DType::F64 } else { DType::F32 };
+            let x = values(&[n, h, h, cin], seed, dtype);
+            let (main, shortcut) = block(cin, width, stride, bottleneck, seed, dtype);
+            let grads = weight_grads(&main, shortcut.as_ref(), derived, &x).unwrap();
+            for (i, (direct, plain)) in grads.iter().enumerate() {
+                prop_assert!(!plain.is_empty(), "weight {} has no gradient", i);
+                prop_assert_eq!(direct, plain, "weight {}", i);
             }
         }
     }
