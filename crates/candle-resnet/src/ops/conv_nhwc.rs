@@ -327,17 +327,22 @@ pub(super) fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
     if k == 0 {
         return out;
     }
+    // Per output channel, element `(c, t)` of `dst` takes each partial's `(t, c)` in order.
+    // Tap outer, channel inner: no division per element (a third of this loop's time at 32 px
+    // in the column-major case, where the element index was split as `r / Ci, r % Ci`).
     out.par_chunks_mut(k).enumerate().for_each(|(o, dst)| {
         for part in partials.chunks(g.co * k).take(n_parts) {
-            if col_major {
-                for (r, row) in part.chunks_exact(g.co).enumerate() {
-                    let (t, c) = (r / g.ci, r % g.ci);
-                    dst[c * taps + t] += row[o];
-                }
-            } else {
-                for (t, src) in part[o * k..][..k].chunks_exact(g.ci).enumerate() {
-                    for (c, &v) in src.iter().enumerate() {
-                        dst[c * taps + t] += v;
+            for t in 0..taps {
+                let dst = dst[t..].iter_mut().step_by(taps);
+                if col_major {
+                    let src = part[t * g.ci * g.co + o..].iter().step_by(g.co);
+                    for (d, &v) in dst.zip(src) {
+                        *d += v;
+                    }
+                } else {
+                    let src = &part[o * k + t * g.ci..][..g.ci];
+                    for (d, &v) in dst.zip(src) {
+                        *d += v;
                     }
                 }
             }
