@@ -1,5 +1,5 @@
 //! [`backward`]: candle's backward, with the weight gradients of the fused training segments
-//! handed to the [`GradStore`] as they are computed.
+//! filed in the [`GradStore`] directly instead of through candle's accumulation.
 //!
 //! Candle's backward files every gradient it receives by adding it into a zero-filled tensor of
 //! the input's shape (`zeros_like` + `add`), even when it is the only one. For a weight that is
