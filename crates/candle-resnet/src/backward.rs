@@ -45,17 +45,16 @@ thread_local! {
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
     /// Puts back what was collecting before (nothing, unless called from inside a backward),
     /// also when candle's backward panics.
-    struct Restore(Option<Collected>);
+    struct Restore(Collected);
     impl Drop for Restore {
         fn drop(&mut self) {
-            if let Some(before) = self.0.take() {
-                COLLECTED.with(|c| *c.borrow_mut() = before);
-            }
+            COLLECTED.with(|c| *c.borrow_mut() = self.0.take());
         }
     }
-    let mut restore = Restore(Some(COLLECTED.with(|c| c.replace(Some(Vec::new())))));
+    let restore = Restore(COLLECTED.with(|c| c.replace(Some(Vec::new()))));
     let grads = loss.backward();
-    let collected = COLLECTED.with(|c| c.replace(restore.0.take().flatten()));
+    let collected = COLLECTED.with(|c| c.borrow_mut().take());
+    drop(restore);
     let mut grads = grads?;
     for (weight, g) in collected.unwrap_or_default() {
         let g = match grads.remove(&weight) {

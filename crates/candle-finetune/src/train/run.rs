@@ -393,13 +393,13 @@ impl<'a, M: Classifier> Run<'a, M> {
             if let Some(loss) = loss {
                 let acc = &mut st.acc;
                 candle_resnet::threads::on_cpu_worker(device, || {
+                    let loss = match cfg.accum_steps {
+                        1 => loss,
+                        _ => (loss * n as f64)?,
+                    };
                     // `candle_resnet::backward`: `loss.backward()` with the fused blocks'
                     // weight gradients filed without candle's zero-fill and add.
-                    if cfg.accum_steps == 1 {
-                        acc.add(&candle_resnet::backward(&loss)?)
-                    } else {
-                        acc.add(&candle_resnet::backward(&(loss * n as f64)?)?)
-                    }
+                    acc.add(&candle_resnet::backward(&loss)?)
                 })?;
             }
             step_loss += if cfg.accum_steps == 1 && ranks == 1 {

@@ -333,17 +333,15 @@ pub(super) fn grad_weight<T: WithDType>(g: &Geo, x: &[T], dy: &[T]) -> Vec<T> {
     out.par_chunks_mut(k).enumerate().for_each(|(o, dst)| {
         for part in partials.chunks(g.co * k).take(n_parts) {
             for t in 0..taps {
-                let dst = dst[t..].iter_mut().step_by(taps);
-                if col_major {
-                    let src = part[t * g.ci * g.co + o..].iter().step_by(g.co);
-                    for (d, &v) in dst.zip(src) {
-                        *d += v;
-                    }
-                } else {
-                    let src = &part[o * k + t * g.ci..][..g.ci];
-                    for (d, &v) in dst.zip(src) {
-                        *d += v;
-                    }
+                // `(t, c)` of this channel: column `o` of row `t Ci + c` (column-major), or
+                // element `t Ci + c` of row `o`.
+                let (start, step) = match col_major {
+                    true => (t * g.ci * g.co + o, g.co),
+                    false => (o * k + t * g.ci, 1),
+                };
+                let src = part[start..].iter().step_by(step);
+                for (d, &v) in dst[t..].iter_mut().step_by(taps).zip(src) {
+                    *d += v;
                 }
             }
         }
