@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Some("nchw") => false,
         Some("ab") => return alternate(batch, size, steps, arch, Ab::Layout),
         Some("backward") => return alternate(batch, size, steps, arch, Ab::Backward),
+        Some("direct") => return alternate(batch, size, steps, arch, Ab::Direct),
         Some(other) => anyhow::bail!("layout {other:?}: nhwc, nchw, ab or backward"),
     };
     let dev = Device::Cpu;
@@ -81,23 +82,31 @@ fn main() -> anyhow::Result<()> {
 enum Ab {
     Layout,
     Backward,
+    Direct,
 }
 
 fn alternate(batch: usize, size: usize, steps: usize, arch: Arch, ab: Ab) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let nhwc = arch.build(196, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-    let first = nhwc.clone().with_channels_last(ab == Ab::Backward);
+    let first = nhwc.clone().with_channels_last(ab != Ab::Layout);
     let mut opt = SGD::new(ParamGroups::from_varmap(&vm).trainable(false), 0.01)?;
     let x = Tensor::randn(0f32, 1., (batch, 3, size, size), &dev)?;
     let y = Tensor::arange(0u32, batch as u32, &dev)?;
     let mut times = [Vec::new(), Vec::new()];
     for step in 0..=steps {
         for (i, model) in [&first, &nhwc].into_iter().enumerate() {
+            if ab == Ab::Direct {
+                // Step 0: im2col + GEMM for every pass; step 1: the direct kernel where it runs.
+                match i {
+                    0 => std::env::set_var("CANDLE_RESNET_DIRECT", "0"),
+                    _ => std::env::remove_var("CANDLE_RESNET_DIRECT"),
+                }
+            }
             let t0 = Instant::now();
             let logits = model.forward_t(&x, true)?;
             let loss = candle_xent::cross_entropy(&logits, &y, 0.1)?;
-            let grads = if ab == Ab::Backward && i == 1 {
+            let grads = if ab == Ab::Direct || ab == Ab::Backward && i == 1 {
                 candle_resnet::backward(&loss)?
             } else {
                 loss.backward()?
@@ -116,6 +125,7 @@ fn alternate(batch: usize, size: usize, steps: usize, arch: Arch, ab: Ab) -> any
     let (na, nb) = match ab {
         Ab::Layout => ("nchw", "nhwc"),
         Ab::Backward => ("loss.backward()", "candle_resnet::backward"),
+        Ab::Direct => ("im2col + GEMM", "direct"),
     };
     println!(
         "{arch} batch {batch} size {size}: {na} {a:.4} s, {nb} {b:.4} s, time ratio {:.3}",

@@ -18,6 +18,13 @@
 //! image are cropped away first (a 3x3 convolution on a 1x1 map is a 1x1 convolution). f32 and
 //! f64 only; other dtypes and other devices use candle's own `conv2d` (see [`conv2d`]).
 //!
+//! On x86-64 CPUs with AVX-512F, the channels-last op ([`conv2d_nhwc`]) runs the f32 forward of
+//! stride-1 kernels with more than one tap, and their input gradient, as a direct convolution
+//! (the crate-private `direct` module: no im2col matrix, no packing; output channels in
+//! multiples of 16, at least 16 input channels); `CANDLE_RESNET_DIRECT=0` in the environment
+//! sends them to im2col + GEMM as well. Its sums run in another order than the GEMM's, also
+//! bit-identical for any thread count.
+//!
 //! With the `onednn` feature, f32 convolutions run on oneDNN instead (see [`Backend`]): its
 //! direct convolutions on blocked layouts need no im2col, which at small images costs as much as
 //! the GEMM itself. f64 keeps the im2col path either way.
@@ -35,6 +42,9 @@ mod onednn;
 
 #[path = "conv_nhwc.rs"]
 mod nhwc;
+
+#[path = "conv_direct.rs"]
+mod direct;
 
 /// Which implementation runs an f32 convolution on the CPU (f64 always takes the im2col + GEMM
 /// path; other dtypes and devices use candle's `conv2d`).
@@ -1077,13 +1087,12 @@ fn run_pass_nhwc(
         }
     }
     Ok(match (s1, s2) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(typed(
-            g,
-            pass,
-            crop,
-            contiguous_slice(s1, l1, names[0])?,
-            contiguous_slice(s2, l2, names[1])?,
-        )),
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            let a = contiguous_slice(s1, l1, names[0])?;
+            let b = contiguous_slice(s2, l2, names[1])?;
+            let direct = run_direct(g, pass, crop, a, b);
+            CpuStorage::F32(direct.unwrap_or_else(|| typed(g, pass, crop, a, b)))
+        }
         (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(typed(
             g,
             pass,
@@ -1093,6 +1102,32 @@ fn run_pass_nhwc(
         )),
         _ => bail!("{} and {}: both f32 or both f64", names[0], names[1]),
     })
+}
+
+/// One pass of a channels-last f32 convolution by the direct kernel ([`direct`]), where it
+/// runs: the forward, and the input gradient of a stride-1 convolution, of several taps and
+/// output channels (of the pass) in whole AVX-512 registers. `None` sends the pass to im2col +
+/// GEMM; so does `CANDLE_RESNET_DIRECT=0` in the environment.
+fn run_direct(g: &Geo, pass: Pass, crop: Option<Crop>, a: &[f32], b: &[f32]) -> Option<Vec<f32>> {
+    let empty = g.n == 0 || g.ci == 0 || g.co == 0 || g.p() == 0 || g.h * g.w == 0;
+    if empty
+        || g.kh * g.kw == 1
+        || std::env::var_os("CANDLE_RESNET_DIRECT").is_some_and(|v| v == "0")
+    {
+        return None;
+    }
+    let full = |w: &[f32]| crop.map(|c| c.take(w));
+    match pass {
+        Pass::Forward => {
+            let w = full(b);
+            direct::forward(g, a, w.as_deref().unwrap_or(b))
+        }
+        Pass::GradInput => {
+            let w = full(a);
+            direct::grad_input(g, w.as_deref().unwrap_or(a), b)
+        }
+        Pass::GradWeight => None,
+    }
 }
 
 /// The convolution op: `(x, w) -> y`, with its backward, on the taps `crop` keeps.
