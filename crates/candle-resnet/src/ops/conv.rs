@@ -1104,9 +1104,9 @@ fn run_pass_nhwc(
     })
 }
 
-/// One pass of a channels-last f32 convolution by the direct kernel ([`direct`]), where it
-/// runs: the forward, and the input gradient of a stride-1 convolution, of several taps and
-/// output channels (of the pass) in whole AVX-512 registers. `None` sends the pass to im2col +
+/// One pass of a channels-last f32 convolution by the direct kernels ([`direct`]), where they
+/// run: the three passes of a stride-1 convolution of several taps, with the channels the
+/// kernels need (see `direct::Plan::runs`). `None` sends the pass to im2col +
 /// GEMM; so does `CANDLE_RESNET_DIRECT=0` in the environment.
 fn run_direct(g: &Geo, pass: Pass, crop: Option<Crop>, a: &[f32], b: &[f32]) -> Option<Vec<f32>> {
     let empty = g.n == 0 || g.ci == 0 || g.co == 0 || g.p() == 0 || g.h * g.w == 0;
@@ -1126,7 +1126,13 @@ fn run_direct(g: &Geo, pass: Pass, crop: Option<Crop>, a: &[f32], b: &[f32]) -> 
             let w = full(a);
             direct::grad_input(g, w.as_deref().unwrap_or(a), b)
         }
-        Pass::GradWeight => None,
+        Pass::GradWeight => {
+            let dw = direct::grad_weight(g, a, b)?;
+            Some(match crop {
+                Some(c) => c.put(&dw),
+                None => dw,
+            })
+        }
     }
 }
 
