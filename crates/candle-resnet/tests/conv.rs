@@ -282,7 +282,8 @@ fn results_are_bit_identical_for_any_thread_count() -> Result<()> {
 fn the_default_backend_is_gemm_without_the_onednn_feature() -> Result<()> {
     let x = Tensor::ones((1, 2, 4, 4), DType::F32, &Device::Cpu)?;
     let w = Tensor::ones((3, 2, 3, 3), DType::F32, &Device::Cpu)?;
-    assert_eq!(Backend::Auto.describe(), "im2col + GEMM");
+    let auto = Backend::Auto.describe();
+    assert!(auto.ends_with("im2col + GEMM"), "Backend::Auto is {auto:?}");
     let e = conv2d_with(&x, &w, 1, 1, Backend::OneDnn)
         .unwrap_err()
         .to_string();

@@ -232,7 +232,7 @@ fn the_auto_backend_is_onednn_and_named_so() {
     let auto = Backend::Auto.describe();
     // The environment may opt out (CANDLE_RESNET_ONEDNN=0); by default the feature turns it on.
     if std::env::var("CANDLE_RESNET_ONEDNN").as_deref() == Ok("0") {
-        assert_eq!(auto, "im2col + GEMM");
+        assert!(auto.ends_with("im2col + GEMM"), "Backend::Auto is {auto:?}");
     } else {
         assert!(auto.starts_with("oneDNN "), "Backend::Auto is {auto:?}");
     }

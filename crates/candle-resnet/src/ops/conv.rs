@@ -51,9 +51,10 @@ mod direct;
 ///
 /// ```
 /// use candle_resnet::ops::conv::Backend;
-/// // "im2col + GEMM" in a default build; "oneDNN 2.6.3" (say) with the `onednn` feature.
+/// // "im2col + GEMM" in a default build (led by "direct AVX-512 + " on CPUs with AVX-512);
+/// // "oneDNN 2.6.3" (say) with the `onednn` feature.
 /// println!("f32 convolutions: {}", Backend::Auto.describe());
-/// assert_eq!(Backend::Gemm.describe(), "im2col + GEMM");
+/// assert!(Backend::Gemm.describe().ends_with("im2col + GEMM"));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
@@ -90,11 +91,13 @@ impl Backend {
         }
     }
 
-    /// What runs f32 convolutions under this choice: `"im2col + GEMM"`, or `"oneDNN X.Y.Z"`
-    /// with the linked library's version (`"unavailable"` for [`Backend::OneDnn`] without the
-    /// feature).
+    /// What runs f32 convolutions under this choice: `"im2col + GEMM"` (`"direct AVX-512 +
+    /// im2col + GEMM"` where the direct kernels of the channels-last op run, see the module
+    /// docs), or `"oneDNN X.Y.Z"` with the linked library's version (`"unavailable"` for
+    /// [`Backend::OneDnn`] without the feature).
     pub fn describe(self) -> String {
         match self.onednn() {
+            Ok(false) if direct::enabled() => "direct AVX-512 + im2col + GEMM".to_string(),
             Ok(false) => "im2col + GEMM".to_string(),
             Ok(true) if self.bf16_arithmetic() => format!("{}, bf16 arithmetic", onednn_label()),
             Ok(true) => onednn_label(),
@@ -1110,10 +1113,7 @@ fn run_pass_nhwc(
 /// GEMM; so does `CANDLE_RESNET_DIRECT=0` in the environment.
 fn run_direct(g: &Geo, pass: Pass, crop: Option<Crop>, a: &[f32], b: &[f32]) -> Option<Vec<f32>> {
     let empty = g.n == 0 || g.ci == 0 || g.co == 0 || g.p() == 0 || g.h * g.w == 0;
-    if empty
-        || g.kh * g.kw == 1
-        || std::env::var_os("CANDLE_RESNET_DIRECT").is_some_and(|v| v == "0")
-    {
+    if empty || g.kh * g.kw == 1 || !direct::enabled() {
         return None;
     }
     let full = |w: &[f32]| crop.map(|c| c.take(w));

@@ -112,6 +112,13 @@ impl Plan {
     }
 }
 
+/// Whether the direct kernels run on this machine: a CPU with AVX-512F, and no
+/// `CANDLE_RESNET_DIRECT=0` in the environment (read at each call, so that a benchmark can
+/// alternate the two paths in one process).
+pub(super) fn enabled() -> bool {
+    avx512() && std::env::var_os("CANDLE_RESNET_DIRECT").is_none_or(|v| v != "0")
+}
+
 /// Whether this CPU has AVX-512F (checked once).
 fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
