@@ -1,21 +1,24 @@
 //! Direct channels-last f32 convolution on x86-64 CPUs with AVX-512: no im2col matrix, no
-//! packing.
+//! packing of the activations.
 //!
 //! The output is a list of pixels `(n, oy, ox)`, each a row of `Co` channels. A micro-tile is
 //! [`TILE`] consecutive pixels (across rows and images alike) by up to 64 output channels (four
-//! 16-lane registers), 24 accumulators kept in registers for the whole reduction. For each
-//! kernel tap the tile's pixels point at their `Ci` input channels (contiguous in a channels-last
-//! image) or, where the tap reads padding, at a row of zeros; each input channel is then one
-//! broadcast per pixel against the weight's `(Ci, Co)` row for that tap. The weight
-//! `(kh, kw, Ci, Co)` of one channel block is read from the L2 cache per tile.
+//! 16-lane registers), 24 accumulators in registers. For each kernel tap the tile's pixels point
+//! at their `Ci` input channels (contiguous in a channels-last image) or, where the tap reads
+//! padding, at a row of zeros; each input channel is then one broadcast per pixel against the
+//! weight's row for that tap. The weight is packed once per pass in 64-channel blocks aligned to
+//! cache lines ([`packed`]); a task (up to [`TILES_PER_TASK`] tiles of one block) walks tap by tap
+//! through [`CI_CHUNK`] input channels at a time, every tile reusing that 16 KiB slice from the
+//! L1 cache, the sums kept in the output between slices.
 //!
 //! Each output element is one sum over `(ky, kx, ci)` in that order, started from zero and
-//! computed by one micro-tile; tiles and the tasks that run them depend on the geometry alone,
-//! so the result has the same bits for any thread count.
+//! computed by one micro-tile; tiles and tasks depend on the geometry alone, so the result has
+//! the same bits for any thread count.
 //!
 //! The same kernel runs a stride-1 convolution's input gradient: it is the convolution of the
 //! output gradient with the kernel flipped and its channel axes swapped, padded `k - 1 - p`
-//! ([`Plan::grad_input`], [`weight_flipped`]).
+//! ([`Plan::grad_input`], [`grad_input`]). The weight gradient ([`grad_weight`]) has a kernel of
+//! its own: 6 input by 64 output channels of one tap in registers over blocks of 64 pixels.
 
 use super::Geo;
 use rayon::prelude::*;
@@ -27,7 +30,7 @@ const LANES: usize = 16;
 /// Output channels per micro-tile.
 const CO_BLOCK: usize = 4 * LANES;
 /// Micro-tiles per parallel task.
-const TILES_PER_TASK: usize = 4;
+const TILES_PER_TASK: usize = 16;
 /// Input channels per pass over a task's tiles: a `(64, 64)` slice of the weight, 16 KiB.
 const CI_CHUNK: usize = 64;
 /// Output pixels per block of the weight gradient's reduction.
@@ -625,44 +628,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// `x (n, h, w, ci)` convolved with `w (co, ci, kh, kw)` in f64, one output element at a
-    /// time, with the sum of the products' magnitudes: the reference and its rounding scale.
-    fn reference(g: &Geo, x: &[f32], w: &[f32]) -> (Vec<f64>, Vec<f64>) {
-        let (mut y, mut mag) = (Vec::new(), Vec::new());
-        for n in 0..g.n {
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    for o in 0..g.co {
-                        let (mut s, mut m) = (0f64, 0f64);
-                        for ky in 0..g.kh {
-                            for kx in 0..g.kw {
-                                let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-                                let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-                                if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
-                                    continue;
-                                }
-                                for c in 0..g.ci {
-                                    let xv =
-                                        x[((n * g.h + iy as usize) * g.w + ix as usize) * g.ci + c];
-                                    let wv = w[((o * g.ci + c) * g.kh + ky) * g.kw + kx];
-                                    s += xv as f64 * wv as f64;
-                                    m += (xv as f64 * wv as f64).abs();
-                                }
-                            }
-                        }
-                        y.push(s);
-                        mag.push(m);
-                    }
-                }
-            }
-        }
-        (y, mag)
-    }
-
-    /// `dy (n, oh, ow, co)` pushed back through `w`: the input gradient in f64, and magnitudes.
-    fn reference_dx(g: &Geo, w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
-        let len = g.n * g.h * g.w * g.ci;
-        let (mut dx, mut mag) = (vec![0f64; len], vec![0f64; len]);
+    /// Sums of products in f64, with the sums of their magnitudes (the rounding scale): for
+    /// every product of the convolution `g`, `term(x index, w index, y index)` gives the index
+    /// of the sum it joins and its two factors.
+    fn sums(
+        g: &Geo,
+        len: usize,
+        term: impl Fn(usize, usize, usize) -> (usize, f32, f32),
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut sum, mut mag) = (vec![0f64; len], vec![0f64; len]);
         for n in 0..g.n {
             for oy in 0..g.oh {
                 for ox in 0..g.ow {
@@ -673,13 +647,15 @@ mod tests {
                             if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
                                 continue;
                             }
-                            let at = ((n * g.h + iy as usize) * g.w + ix as usize) * g.ci;
+                            let xa = ((n * g.h + iy as usize) * g.w + ix as usize) * g.ci;
+                            let ya = ((n * g.oh + oy) * g.ow + ox) * g.co;
                             for o in 0..g.co {
-                                let d = dy[((n * g.oh + oy) * g.ow + ox) * g.co + o] as f64;
                                 for c in 0..g.ci {
-                                    let p = d * w[((o * g.ci + c) * g.kh + ky) * g.kw + kx] as f64;
-                                    dx[at + c] += p;
-                                    mag[at + c] += p.abs();
+                                    let wi = ((o * g.ci + c) * g.kh + ky) * g.kw + kx;
+                                    let (i, a, b) = term(xa + c, wi, ya + o);
+                                    let p = a as f64 * b as f64;
+                                    sum[i] += p;
+                                    mag[i] += p.abs();
                                 }
                             }
                         }
@@ -687,7 +663,22 @@ mod tests {
                 }
             }
         }
-        (dx, mag)
+        (sum, mag)
+    }
+
+    /// The forward `y (n, oh, ow, co)` of `x (n, h, w, ci)` and `w (co, ci, kh, kw)`.
+    fn reference(g: &Geo, x: &[f32], w: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        sums(g, g.n * g.p() * g.co, |xi, wi, yi| (yi, x[xi], w[wi]))
+    }
+
+    /// The input gradient `dx (n, h, w, ci)` of `dy (n, oh, ow, co)` through `w`.
+    fn reference_dx(g: &Geo, w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        sums(g, g.n * g.in_len(), |xi, wi, yi| (xi, dy[yi], w[wi]))
+    }
+
+    /// The weight gradient `dw (co, ci, kh, kw)` of `x` and `dy`.
+    fn reference_dw(g: &Geo, x: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        sums(g, g.co * g.k(), |xi, wi, yi| (wi, x[xi], dy[yi]))
     }
 
     /// Values spread over magnitudes `2^-8..2^8`, both signs, some exact zeros.
@@ -734,38 +725,6 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|f| f.to_bits()).collect()
-    }
-
-    /// The weight gradient `(co, ci, kh, kw)` in f64, and magnitudes.
-    fn reference_dw(g: &Geo, x: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
-        let len = g.co * g.k();
-        let (mut dw, mut mag) = (vec![0f64; len], vec![0f64; len]);
-        for n in 0..g.n {
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    for ky in 0..g.kh {
-                        for kx in 0..g.kw {
-                            let iy = (oy * g.stride + ky) as isize - g.padding as isize;
-                            let ix = (ox * g.stride + kx) as isize - g.padding as isize;
-                            if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
-                                continue;
-                            }
-                            let at = ((n * g.h + iy as usize) * g.w + ix as usize) * g.ci;
-                            for o in 0..g.co {
-                                let d = dy[((n * g.oh + oy) * g.ow + ox) * g.co + o] as f64;
-                                for c in 0..g.ci {
-                                    let p = d * x[at + c] as f64;
-                                    let i = ((o * g.ci + c) * g.kh + ky) * g.kw + kx;
-                                    dw[i] += p;
-                                    mag[i] += p.abs();
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        (dw, mag)
     }
 
     proptest! {
