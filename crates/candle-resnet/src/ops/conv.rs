@@ -19,11 +19,11 @@
 //! f64 only; other dtypes and other devices use candle's own `conv2d` (see [`conv2d`]).
 //!
 //! On x86-64 CPUs with AVX-512F, the channels-last op ([`conv2d_nhwc`]) runs the f32 forward of
-//! stride-1 kernels with more than one tap, and their input gradient, as a direct convolution
-//! (the crate-private `direct` module: no im2col matrix, no packing; output channels in
-//! multiples of 16, at least 16 input channels); `CANDLE_RESNET_DIRECT=0` in the environment
-//! sends them to im2col + GEMM as well. Its sums run in another order than the GEMM's, also
-//! bit-identical for any thread count.
+//! stride-1 kernels with more than one tap, their input gradient and (up to 64 input channels)
+//! their weight gradient as direct convolutions (the crate-private `direct` module: no im2col
+//! matrix; output channels in multiples of 16, at least 16 input channels);
+//! `CANDLE_RESNET_DIRECT=0` in the environment sends them to im2col + GEMM as well. Their sums
+//! run in another order than the GEMM's, also bit-identical for any thread count.
 //!
 //! With the `onednn` feature, f32 convolutions run on oneDNN instead (see [`Backend`]): its
 //! direct convolutions on blocked layouts need no im2col, which at small images costs as much as
