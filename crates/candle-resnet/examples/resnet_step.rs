@@ -2,10 +2,11 @@
 //! on random images. Prints one JSON line. Used by `cargo xtask bench-resnet`. The last argument
 //! picks the body's layout (default `nhwc`: channels-last where the convolutions allow it); `ab`
 //! alternates the two layouts step by step, `backward` candle's `loss.backward()` and
-//! `candle_resnet::backward` (channels-last), each printing the two medians.
+//! `candle_resnet::backward` (channels-last), `direct` im2col + GEMM and the direct AVX-512
+//! convolution kernels (`CANDLE_RESNET_DIRECT=0` or not), each printing the two medians.
 //!
 //! ```text
-//! cargo run --release -p candle-resnet --example resnet_step -- [BATCH] [SIZE] [STEPS] [ARCH] [nhwc|nchw|ab|backward]
+//! cargo run --release -p candle-resnet --example resnet_step -- [BATCH] [SIZE] [STEPS] [ARCH] [nhwc|nchw|ab|backward|direct]
 //! ```
 
 use candle_core::{DType, Device, ModuleT, Tensor};
@@ -35,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         Some("ab") => return alternate(batch, size, steps, arch, Ab::Layout),
         Some("backward") => return alternate(batch, size, steps, arch, Ab::Backward),
         Some("direct") => return alternate(batch, size, steps, arch, Ab::Direct),
-        Some(other) => anyhow::bail!("layout {other:?}: nhwc, nchw, ab or backward"),
+        Some(other) => anyhow::bail!("layout {other:?}: nhwc, nchw, ab, backward or direct"),
     };
     let dev = Device::Cpu;
     let vm = VarMap::new();
@@ -97,7 +98,7 @@ fn alternate(batch: usize, size: usize, steps: usize, arch: Arch, ab: Ab) -> any
     for step in 0..=steps {
         for (i, model) in [&first, &nhwc].into_iter().enumerate() {
             if ab == Ab::Direct {
-                // Step 0: im2col + GEMM for every pass; step 1: the direct kernel where it runs.
+                // Variant 0: im2col + GEMM for every pass; variant 1: the direct kernels where they run.
                 match i {
                     0 => std::env::set_var("CANDLE_RESNET_DIRECT", "0"),
                     _ => std::env::remove_var("CANDLE_RESNET_DIRECT"),

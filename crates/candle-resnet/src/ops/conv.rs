@@ -206,6 +206,11 @@ impl Geo {
             ow: self.ow,
         }
     }
+    /// Nothing to compute: no image, channel, output pixel or input pixel (every pass is
+    /// zeros of its shape).
+    fn empty(&self) -> bool {
+        self.n == 0 || self.ci == 0 || self.co == 0 || self.p() == 0 || self.h * self.w == 0
+    }
     /// A 1x1, stride-1, unpadded convolution: the image is its own im2col matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
@@ -1041,7 +1046,7 @@ fn run_pass_nhwc(
     let names = pass.operands("conv2d_nhwc");
     let names = [names[0].as_str(), names[1].as_str()];
     fn typed<T: WithDType>(g: &Geo, pass: Pass, crop: Option<Crop>, a: &[T], b: &[T]) -> Vec<T> {
-        let empty = g.n == 0 || g.ci == 0 || g.co == 0 || g.p() == 0 || g.h * g.w == 0;
+        let empty = g.empty();
         let single_tap = g.kh * g.kw == 1;
         let cropped = |w: &[T]| crop.map(|c| c.take(w));
         match pass {
@@ -1112,8 +1117,7 @@ fn run_pass_nhwc(
 /// kernels need (see `direct::Plan::runs`). `None` sends the pass to im2col +
 /// GEMM; so does `CANDLE_RESNET_DIRECT=0` in the environment.
 fn run_direct(g: &Geo, pass: Pass, crop: Option<Crop>, a: &[f32], b: &[f32]) -> Option<Vec<f32>> {
-    let empty = g.n == 0 || g.ci == 0 || g.co == 0 || g.p() == 0 || g.h * g.w == 0;
-    if empty || g.kh * g.kw == 1 || !direct::enabled() {
+    if g.empty() || g.kh * g.kw == 1 || !direct::enabled() {
         return None;
     }
     let full = |w: &[f32]| crop.map(|c| c.take(w));
