@@ -135,7 +135,7 @@ impl Conv2d {
             &cast
         };
         if nhwc {
-            crate::ops::conv::conv2d_nhwc(x, w, s, p)
+            crate::ops::conv::conv2d_nhwc_with(x, w, s, p, b)
         } else {
             crate::ops::conv::conv2d_with(x, w, s, p, b)
         }
@@ -155,6 +155,7 @@ fn fused_stage<'a>(
         weight: &c.weight,
         stride: c.stride,
         padding: c.padding,
+        backend: c.backend,
         gamma,
         beta,
         eps,
@@ -566,7 +567,9 @@ impl ResNet {
     /// Whether a forward of `x` keeps the body channels-last (see
     /// [`ResNet::with_channels_last`]).
     pub fn runs_channels_last(&self, x: &Tensor) -> bool {
-        self.channels_last && x.device().is_cpu() && self.conv1.backend.runs_gemm(x.dtype())
+        self.channels_last
+            && x.device().is_cpu()
+            && self.conv1.backend.runs_channels_last(x.dtype())
     }
 
     /// Runs every convolution on `backend` (default [`Backend::Auto`]): e.g.

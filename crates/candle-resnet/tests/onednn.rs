@@ -1,11 +1,12 @@
 //! The oneDNN route (feature `onednn`) against candle's own `conv2d` computed in f64: the three
 //! passes of f32 convolutions over the geometries of `tests/conv.rs` and of a 32 px ResNet-18,
 //! with batches that split unevenly over the threads, each element within the forward error
-//! bound of an f32 sum of that many products.
+//! bound of an f32 sum of that many products; in both layouts (`conv2d_with` on `(N, C, H, W)`,
+//! `conv2d_nhwc_with` on channels-last tensors).
 #![cfg(feature = "onednn")]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_resnet::ops::conv::{bf16_on_onednn, conv2d_with, Backend};
+use candle_resnet::ops::conv::{bf16_on_onednn, conv2d_nhwc_with, conv2d_with, Backend};
 
 /// (N, Ci, H, W, Co, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -36,10 +37,26 @@ fn passes(
     dtype: DType,
     backend: Option<Backend>,
 ) -> Result<[Tensor; 3]> {
+    passes_as(c, (x, w, r), dtype, backend, false)
+}
+
+/// [`passes`], through the channels-last op where `nhwc` (the input permuted to `(N, H, W, C)`
+/// on the way in and the output back, so the results compare as they are).
+fn passes_as(
+    c: &Case,
+    (x, w, r): (&Tensor, &Tensor, &Tensor),
+    dtype: DType,
+    backend: Option<Backend>,
+    nhwc: bool,
+) -> Result<[Tensor; 3]> {
     let &(_, _, _, _, _, _, s, p) = c;
     let x = Var::from_tensor(&x.to_dtype(dtype)?)?;
     let w = Var::from_tensor(&w.to_dtype(dtype)?)?;
     let y = match backend {
+        Some(b) if nhwc => {
+            let xl = x.permute((0, 2, 3, 1))?.contiguous()?;
+            conv2d_nhwc_with(&xl, &w, s, p, b)?.permute((0, 3, 1, 2))?
+        }
         Some(b) => conv2d_with(&x, &w, s, p, b)?,
         None => x.conv2d(&w, p, s, 1, 1)?,
     };
@@ -99,12 +116,15 @@ fn check(c: &Case, threads: usize) -> Result<()> {
         .num_threads(threads)
         .build()
         .expect("thread pool");
-    let ours = pool.install(|| passes(c, &x, &w, &r, DType::F32, Some(Backend::OneDnn)))?;
     let exact = passes(c, &x, &w, &r, DType::F64, None)?;
     let (bounds, _) = f32_bounds(c, &x, &w, &r, None)?;
-    for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
-        let what = format!("{what} of case {c:?} with {threads} threads");
-        assert_within(&ours[i], &exact[i], &bounds[i], &what)?;
+    for nhwc in [false, true] {
+        let ours =
+            pool.install(|| passes_as(c, (&x, &w, &r), DType::F32, Some(Backend::OneDnn), nhwc))?;
+        for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+            let what = format!("{what} of case {c:?} with {threads} threads, nhwc {nhwc}");
+            assert_within(&ours[i], &exact[i], &bounds[i], &what)?;
+        }
     }
     Ok(())
 }
@@ -183,10 +203,10 @@ fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Resul
     expect_native(native);
     assert!(!Backend::OneDnn.bf16_arithmetic() && !Backend::Auto.bf16_arithmetic());
     let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F64);
-    for c in CASES {
+    for (c, nhwc) in CASES.iter().flat_map(|c| [(c, false), (c, true)]) {
         // f32 values that bf16 cannot hold: the rounding on the way in must show.
         let (x, w, r) = operands(c)?;
-        let ours = passes(c, &x, &w, &r, DType::F32, Some(Backend::OneDnnBf16))?;
+        let ours = passes_as(c, (&x, &w, &r), DType::F32, Some(Backend::OneDnnBf16), nhwc)?;
         // What bf16 operands with f32 accumulation give, and what f32 operands give.
         let rounded = passes(c, &bf(&x)?, &bf(&w)?, &bf(&r)?, DType::F64, None)?;
         let exact = passes(c, &x, &w, &r, DType::F64, None)?;
@@ -207,7 +227,8 @@ fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Resul
             } else {
                 (&exact[i], bounds[i].clone())
             };
-            assert_within(&ours[i], want, &allowed, &format!("{what} of case {c:?}"))?;
+            let what = format!("{what} of case {c:?}, nhwc {nhwc}");
+            assert_within(&ours[i], want, &allowed, &what)?;
             if native && terms[i] <= 64 {
                 // Against the unrounded operands the error is bf16's: f32 arithmetic stays
                 // within the f32 bound (ratio <= 1), bf16 arithmetic exceeds it several times
@@ -217,10 +238,7 @@ fn bf16_arithmetic_on_f32_tensors_is_bf16_products_accumulated_in_f32() -> Resul
                 let ratio = (off / (&bounds[i] + 1e-300)?)?
                     .max_all()?
                     .to_scalar::<f64>()?;
-                assert!(
-                    ratio > 4.0,
-                    "{what} of case {c:?}: operands not rounded ({ratio:.1})"
-                );
+                assert!(ratio > 4.0, "{what}: operands not rounded ({ratio:.1})");
             }
         }
     }
@@ -248,6 +266,11 @@ fn a_wrong_geometry_is_an_error_not_a_crash() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("channels"), "{e}");
+    let xl = Tensor::zeros((2, 4, 4, 3), DType::F32, &dev)?;
+    for b in [Backend::OneDnn, Backend::OneDnnBf16] {
+        let e = conv2d_nhwc_with(&xl, &w, 1, 1, b).unwrap_err().to_string();
+        assert!(e.contains("channels"), "{e}");
+    }
     Ok(())
 }
 
@@ -259,6 +282,7 @@ proptest::proptest! {
     fn bf16_routes_hold_on_any_geometry(
         n in 0usize..4, ci in 1usize..6, h in 1usize..9, wd in 1usize..9, co in 1usize..6,
         k in 1usize..4, s in 1usize..3, p in 0usize..2, tensors in proptest::bool::ANY,
+        channels_last in proptest::bool::ANY,
     ) {
         proptest::prop_assume!(k <= h + 2 * p && k <= wd + 2 * p);
         let c: Case = (n, ci, h, wd, co, k, s, p);
@@ -271,7 +295,9 @@ proptest::proptest! {
         } else {
             (DType::F32, Backend::OneDnnBf16)
         };
-        let ours = passes(&c, &x, &w, &r, dtype, Some(backend)).unwrap();
+        // bf16 tensors have no channels-last oneDNN route; f32 tensors take either layout.
+        let nhwc = channels_last && !tensors;
+        let ours = passes_as(&c, (&x, &w, &r), dtype, Some(backend), nhwc).unwrap();
         if n == 0 {
             // An empty batch: the empty output and input gradient, a zero weight gradient.
             let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
@@ -294,7 +320,7 @@ proptest::proptest! {
             // The larger of the two routes' bounds: the f32 one plus 2^-7 of the sum of
             // |products| (which also covers one bf16 rounding of the result).
             let allowed = (&bounds[i] + (mag[i].clone() * 2f64.powi(-7)).unwrap()).unwrap();
-            assert_within(&ours[i], &want[i], &allowed, &format!("pass {i} of {c:?}, bf16 tensors {tensors}")).unwrap();
+            assert_within(&ours[i], &want[i], &allowed, &format!("pass {i} of {c:?}, bf16 tensors {tensors}, nhwc {nhwc}")).unwrap();
         }
     }
 }

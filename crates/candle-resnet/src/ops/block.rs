@@ -23,7 +23,7 @@
 //! running statistics and every gradient are the same bits (tested against the composed ops).
 
 use super::batchnorm::Detached;
-use super::conv::{nhwc_op, Conv2dOp};
+use super::conv::{nhwc_op, Backend, Conv2dOp};
 use super::maxpool::{MaxPool2d, Nhwc};
 use crate::backward::hand_over;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
@@ -35,6 +35,8 @@ pub(crate) struct Stage<'a> {
     pub(crate) weight: &'a Tensor,
     pub(crate) stride: usize,
     pub(crate) padding: usize,
+    /// Where the convolution's f32 passes run.
+    pub(crate) backend: Backend,
     pub(crate) gamma: &'a Tensor,
     pub(crate) beta: &'a Tensor,
     pub(crate) eps: f64,
@@ -65,7 +67,13 @@ impl Saved {
     /// followed by a ReLU. Also returns its [`Params`] token.
     fn run(input: &Tensor, s: &Stage, relu: bool) -> Result<(Self, Tensor)> {
         let weight = s.weight.detach().contiguous()?;
-        let conv = nhwc_op(input.dims(), weight.dims(), s.stride, s.padding);
+        let conv = nhwc_op(
+            input.dims(),
+            weight.dims(),
+            (s.stride, s.padding),
+            s.backend,
+            input.dtype(),
+        )?;
         let out = input.apply_op2_no_bwd(&weight, &conv)?;
         let (n, h, w, _) = out.dims4()?;
         let count = n * h * w;
@@ -436,6 +444,7 @@ mod tests {
             weight: l.weight.as_tensor(),
             stride: l.stride,
             padding: l.padding,
+            backend: crate::ops::conv::Backend::Gemm,
             gamma: g,
             beta: b,
             eps,

@@ -105,22 +105,17 @@ impl Backend {
         }
     }
 
-    /// Whether f32 convolutions under this choice take the pure-Rust im2col + GEMM path (no
-    /// error, no oneDNN): where a network can keep its activations channels-last
-    /// ([`conv2d_nhwc`]).
+    /// Whether f32 convolutions under this choice take the pure-Rust path (the direct kernels
+    /// or im2col + GEMM; no error, no oneDNN).
     pub fn is_gemm(self) -> bool {
         matches!(self.onednn(), Ok(false))
     }
 
-    /// Whether convolutions of `dtype` tensors on the CPU run as [`conv2d_nhwc`] does under this
-    /// choice: f32 on the im2col + GEMM path, f64 whenever the choice is valid (f64 never takes
-    /// oneDNN).
-    pub(crate) fn runs_gemm(self, dtype: DType) -> bool {
-        match dtype {
-            DType::F32 => self.is_gemm(),
-            DType::F64 => self.onednn().is_ok(),
-            _ => false,
-        }
+    /// Whether convolutions of `dtype` tensors on the CPU can run channels-last
+    /// ([`conv2d_nhwc_with`]) under this choice: f32 and f64 whenever the choice is valid
+    /// (f64 never takes oneDNN; f32 takes it channels-last too).
+    pub(crate) fn runs_channels_last(self, dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::F64) && self.onednn().is_ok()
     }
 
     /// Whether f32 convolutions under this choice compute in bf16 ([`Backend::OneDnnBf16`] on
@@ -820,8 +815,8 @@ impl Pass {
     }
 }
 
-/// One f32 pass: through oneDNN when asked for (and the geometry is not empty; in bf16
-/// arithmetic with `bf16`), else im2col + GEMM.
+/// One f32 `(N, C, H, W)` pass: through oneDNN when asked for (and the geometry is not empty;
+/// in bf16 arithmetic with `bf16`), else im2col + GEMM.
 /// `wv`: the weight's view when it is not contiguous (the im2col + GEMM route only).
 fn run_f32(
     g: &Geo,
@@ -832,15 +827,28 @@ fn run_f32(
 ) -> Result<Vec<f32>> {
     #[cfg(feature = "onednn")]
     if route.onednn && g.n > 0 && g.ci > 0 && g.co > 0 {
-        return if route.bf16 {
-            onednn::run_f32_bf16(pass, g, a, b)
-        } else {
-            onednn::run(pass, g, a, b)
-        };
+        return run_onednn(g, route, false, pass, (a, b));
     }
     #[cfg(not(feature = "onednn"))]
     let _ = route;
     Ok(run_gemm(g, pass, a, b, wv))
+}
+
+/// One f32 pass on oneDNN (a geometry with images and channels), activations channels-last
+/// where `nhwc`, in bf16 arithmetic where `route.bf16`.
+#[cfg(feature = "onednn")]
+fn run_onednn(
+    g: &Geo,
+    route: Route,
+    nhwc: bool,
+    pass: Pass,
+    (a, b): (&[f32], &[f32]),
+) -> Result<Vec<f32>> {
+    if route.bf16 {
+        onednn::run_f32_bf16(pass, g, nhwc, a, b)
+    } else {
+        onednn::run(pass, g, nhwc, a, b)
+    }
 }
 
 /// Where an op's passes run, resolved from [`Backend`] when the op is built.
@@ -851,6 +859,16 @@ struct Route {
     /// f32 tensors in bf16 arithmetic ([`Backend::OneDnnBf16`]).
     #[cfg_attr(not(feature = "onednn"), allow(dead_code))]
     bf16: bool,
+}
+
+impl Route {
+    /// The route of `backend` for `dtype` tensors; an error where the backend is not built in.
+    fn of(backend: Backend, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            onednn: backend.onednn()?,
+            bf16: backend.bf16_arithmetic() && dtype == DType::F32,
+        })
+    }
 }
 
 /// bf16 passes: oneDNN only (the op is built for bf16 only where [`bf16_on_onednn`] holds).
@@ -962,6 +980,32 @@ impl Crop {
     }
 }
 
+/// Runs `exec` for one pass with the weight cropped to `crop`'s taps on the way in (forward,
+/// input gradient) or its gradient put back in the full kernel on the way out (weight gradient).
+/// `views`: `exec` can read a strided weight (im2col + GEMM), so a single-tap crop is a view of
+/// the full kernel instead of a copy.
+fn with_crop<T: WithDType>(
+    (g, pass, crop, views): (&Geo, Pass, Option<Crop>, bool),
+    a: &[T],
+    b: &[T],
+    exec: impl FnOnce(&[T], &[T], Option<View>) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    Ok(match (pass, crop) {
+        (_, None) => exec(a, b, None)?,
+        (Pass::Forward, Some(c)) if views && c.single_tap() => {
+            let (w, v) = c.tap_view(b, g.ci);
+            exec(a, w, Some(v))?
+        }
+        (Pass::GradInput, Some(c)) if views && c.single_tap() => {
+            let (w, v) = c.tap_view(a, g.ci);
+            exec(w, b, Some(v))?
+        }
+        (Pass::Forward, Some(c)) => exec(a, &c.take(b), None)?,
+        (Pass::GradInput, Some(c)) => exec(&c.take(a), b, None)?,
+        (Pass::GradWeight, Some(c)) => c.put(&exec(a, b, None)?),
+    })
+}
+
 /// One pass on either dtype, with the weight cropped on the way in (forward, input gradient)
 /// or its gradient put back in the full kernel on the way out (weight gradient).
 fn run_pass(
@@ -974,29 +1018,6 @@ fn run_pass(
 ) -> Result<CpuStorage> {
     let names = pass.operands("conv2d");
     let names = [names[0].as_str(), names[1].as_str()];
-    // `views`: the pass can read a strided weight (im2col + GEMM), so a single-tap crop is a
-    // view of the full kernel instead of a copy.
-    fn typed<T: WithDType>(
-        (g, pass, crop, views): (&Geo, Pass, Option<Crop>, bool),
-        a: &[T],
-        b: &[T],
-        exec: impl FnOnce(&[T], &[T], Option<View>) -> Result<Vec<T>>,
-    ) -> Result<Vec<T>> {
-        Ok(match (pass, crop) {
-            (_, None) => exec(a, b, None)?,
-            (Pass::Forward, Some(c)) if views && c.single_tap() => {
-                let (w, v) = c.tap_view(b, g.ci);
-                exec(a, w, Some(v))?
-            }
-            (Pass::GradInput, Some(c)) if views && c.single_tap() => {
-                let (w, v) = c.tap_view(a, g.ci);
-                exec(w, b, Some(v))?
-            }
-            (Pass::Forward, Some(c)) => exec(a, &c.take(b), None)?,
-            (Pass::GradInput, Some(c)) => exec(&c.take(a), b, None)?,
-            (Pass::GradWeight, Some(c)) => c.put(&exec(a, b, None)?),
-        })
-    }
     Ok(match (s1, s2) {
         (CpuStorage::F32(_), CpuStorage::F32(_)) => {
             let (a, b) = (
@@ -1004,7 +1025,7 @@ fn run_pass(
                 contiguous_slice(s2, l2, names[1])?,
             );
             let how = (g, pass, crop, !route.onednn);
-            CpuStorage::F32(typed(how, a, b, |a, b, wv| {
+            CpuStorage::F32(with_crop(how, a, b, |a, b, wv| {
                 run_f32(g, route, pass, (a, b), wv)
             })?)
         }
@@ -1013,7 +1034,7 @@ fn run_pass(
                 contiguous_slice(s1, l1, names[0])?,
                 contiguous_slice(s2, l2, names[1])?,
             );
-            CpuStorage::F64(typed((g, pass, crop, true), a, b, |a, b, wv| {
+            CpuStorage::F64(with_crop((g, pass, crop, true), a, b, |a, b, wv| {
                 Ok(run_gemm(g, pass, a, b, wv))
             })?)
         }
@@ -1022,7 +1043,7 @@ fn run_pass(
                 contiguous_slice(s1, l1, names[0])?,
                 contiguous_slice(s2, l2, names[1])?,
             );
-            CpuStorage::BF16(typed((g, pass, crop, false), a, b, |a, b, _| {
+            CpuStorage::BF16(with_crop((g, pass, crop, false), a, b, |a, b, _| {
                 run_bf16(g, pass, a, b)
             })?)
         }
@@ -1034,10 +1055,12 @@ fn run_pass(
     })
 }
 
-/// One pass of a channels-last convolution (f32 or f64, im2col + GEMM), with the weight cropped
-/// on the way in or its gradient put back in the full kernel on the way out, as [`run_pass`].
+/// One pass of a channels-last convolution (f32 or f64: the direct kernels or im2col + GEMM;
+/// f32 on oneDNN where `route` says so), with the weight cropped on the way in or its gradient
+/// put back in the full kernel on the way out, as [`run_pass`].
 fn run_pass_nhwc(
     g: &Geo,
+    route: Route,
     pass: Pass,
     crop: Option<Crop>,
     (s1, l1): (&CpuStorage, &Layout),
@@ -1098,6 +1121,17 @@ fn run_pass_nhwc(
         (CpuStorage::F32(_), CpuStorage::F32(_)) => {
             let a = contiguous_slice(s1, l1, names[0])?;
             let b = contiguous_slice(s2, l2, names[1])?;
+            #[cfg(feature = "onednn")]
+            if route.onednn && !g.empty() {
+                return Ok(CpuStorage::F32(with_crop(
+                    (g, pass, crop, false),
+                    a,
+                    b,
+                    |a, b, _| run_onednn(g, route, true, pass, (a, b)),
+                )?));
+            }
+            #[cfg(not(feature = "onednn"))]
+            let _ = route;
             let direct = run_direct(g, pass, crop, a, b);
             CpuStorage::F32(direct.unwrap_or_else(|| typed(g, pass, crop, a, b)))
         }
@@ -1201,7 +1235,7 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo(l1.dims(), l2.dims())?;
         let y = if self.nhwc {
-            run_pass_nhwc(&g, Pass::Forward, self.crop, (s1, l1), (s2, l2))?
+            run_pass_nhwc(&g, self.route, Pass::Forward, self.crop, (s1, l1), (s2, l2))?
         } else {
             run_pass(&g, self.route, Pass::Forward, self.crop, (s1, l1), (s2, l2))?
         };
@@ -1276,7 +1310,7 @@ impl CustomOp2 for Backward {
     ) -> Result<(CpuStorage, Shape)> {
         let (g, c) = (&self.g, &self.conv);
         let out = if c.nhwc {
-            run_pass_nhwc(g, self.pass, c.crop, (s1, l1), (s2, l2))?
+            run_pass_nhwc(g, c.route, self.pass, c.crop, (s1, l1), (s2, l2))?
         } else {
             run_pass(g, c.route, self.pass, c.crop, (s1, l1), (s2, l2))?
         };
@@ -1329,7 +1363,7 @@ pub fn conv2d_with(
     padding: usize,
     backend: Backend,
 ) -> Result<Tensor> {
-    let onednn = backend.onednn()?;
+    let route = Route::of(backend, x.dtype())?;
     let fast = x.device().is_cpu()
         && x.dtype() == w.dtype()
         && (matches!(x.dtype(), DType::F32 | DType::F64)
@@ -1342,10 +1376,7 @@ pub fn conv2d_with(
         let op = Conv2dOp {
             stride,
             padding,
-            route: Route {
-                onednn,
-                bf16: backend.bf16_arithmetic() && x.dtype() == DType::F32,
-            },
+            route,
             crop,
             nhwc: false,
         };
@@ -1379,7 +1410,8 @@ pub fn conv2d_with(
 /// layout in which im2col is block copies of `kw * Ci` values and the GEMM runs fastest, so a
 /// network kept channels-last (as [`crate::ResNet`] is on this path) trains faster than one in
 /// `(N, C, H, W)`. Results are bit-identical for any thread count. Other dtypes and devices go
-/// through [`conv2d`] between two transposes.
+/// through [`conv2d`] between two transposes. [`conv2d_nhwc_with`] can send the f32 passes to
+/// oneDNN instead.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -1394,6 +1426,34 @@ pub fn conv2d_with(
 /// # Ok(()) }
 /// ```
 pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_nhwc_with(x, w, stride, padding, Backend::Gemm)
+}
+
+/// [`conv2d_nhwc`] with an explicit [`Backend`] for f32: [`Backend::Gemm`] (and
+/// [`Backend::Auto`] without the `onednn` feature) is [`conv2d_nhwc`]; the oneDNN backends hand
+/// oneDNN the channels-last buffers as they lie, which is the layout its AMX and AVX-512 kernels
+/// want, so the only reorder left is the rounding to bf16 of [`Backend::OneDnnBf16`]. An error
+/// for a oneDNN backend in a build without the feature.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_resnet::ops::conv::{conv2d_nhwc, conv2d_nhwc_with, Backend};
+/// # fn main() -> candle_core::Result<()> {
+/// let x = Tensor::randn(0f32, 1., (2, 8, 8, 3), &Device::Cpu)?;
+/// let w = Tensor::randn(0f32, 1., (4, 3, 3, 3), &Device::Cpu)?;
+/// let auto = conv2d_nhwc_with(&x, &w, 1, 1, Backend::Auto)?;
+/// let gemm = conv2d_nhwc(&x, &w, 1, 1)?;
+/// let diff = (auto - gemm)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-4);
+/// # Ok(()) }
+/// ```
+pub fn conv2d_nhwc_with(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    backend: Backend,
+) -> Result<Tensor> {
     let (&[n, h, wd, ci], 4) = (x.dims(), w.rank()) else {
         bail!(
             "conv2d_nhwc: expected an (N, H, W, Ci) input and a (Co, Ci, kh, kw) weight, got {:?} and {:?}",
@@ -1405,17 +1465,30 @@ pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Res
         && x.dtype() == w.dtype()
         && matches!(x.dtype(), DType::F32 | DType::F64);
     if !fast {
+        backend.onednn()?;
         let y = conv2d_with(&x.permute((0, 3, 1, 2))?, w, stride, padding, Backend::Gemm)?;
         return y.permute((0, 2, 3, 1))?.contiguous();
     }
-    let op = nhwc_op(&[n, h, wd, ci], w.dims(), stride, padding);
+    let op = nhwc_op(
+        &[n, h, wd, ci],
+        w.dims(),
+        (stride, padding),
+        backend,
+        x.dtype(),
+    )?;
     x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
-/// The op [`conv2d_nhwc`] applies on the CPU (f32, f64) to an `(N, H, W, Ci)` input of dims
-/// `x` and a weight of dims `w`: for callers that run its passes themselves
-/// ([`crate::ops::block`]).
-pub(crate) fn nhwc_op(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Conv2dOp {
+/// The op [`conv2d_nhwc_with`] applies on the CPU (f32, f64) to an `(N, H, W, Ci)` input of
+/// dims `x` and a weight of dims `w`, `dtype` tensors on `backend`: for callers that run its
+/// passes themselves ([`crate::ops::block`]).
+pub(crate) fn nhwc_op(
+    x: &[usize],
+    w: &[usize],
+    (stride, padding): (usize, usize),
+    backend: Backend,
+    dtype: DType,
+) -> Result<Conv2dOp> {
     let nchw = match x {
         &[n, h, wd, ci] => vec![n, ci, h, wd],
         other => other.to_vec(),
@@ -1424,16 +1497,13 @@ pub(crate) fn nhwc_op(x: &[usize], w: &[usize], stride: usize, padding: usize) -
         Some((c, p)) => (Some(c), p),
         None => (None, padding),
     };
-    Conv2dOp {
+    Ok(Conv2dOp {
         stride,
         padding,
-        route: Route {
-            onednn: false,
-            bf16: false,
-        },
+        route: Route::of(backend, dtype)?,
         crop,
         nhwc: true,
-    }
+    })
 }
 
 /// The kernel taps that read inside the image for at least one output position, as a smaller

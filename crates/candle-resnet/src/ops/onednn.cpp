@@ -11,12 +11,13 @@
 //             sums or results through bf16 on the way); mixed precision without bf16 tensors
 //             outside the convolution.
 //
-// The interface is one C function, `cr_dnnl_conv`, over plain NCHW / OIHW buffers owned by the
-// caller: oneDNN picks its own (blocked) layouts for the primitive, the buffers are reordered to
-// and from them, and every scratch buffer belongs to the call. Primitives are built once per
-// geometry and pass and kept in a process-wide cache; their scratchpad is user-managed, so
-// concurrent calls from several threads are safe. C++ exceptions never cross into Rust: every
-// failure is returned as a non-zero status with its message.
+// The interface is one C function, `cr_dnnl_conv`, over plain NCHW or NHWC (OIHW weights)
+// buffers owned by the caller: oneDNN picks its own (blocked) layouts for the primitive, the
+// buffers are reordered to and from them, and every scratch buffer belongs to the call.
+// Primitives are built once per geometry, layout and pass and kept in a process-wide cache;
+// their scratchpad is user-managed, so concurrent calls from several threads are safe. C++
+// exceptions never cross into Rust: every failure is returned as a non-zero status with its
+// message.
 
 #include <oneapi/dnnl/dnnl.hpp>
 #ifdef CR_DNNL_OMP
@@ -40,9 +41,10 @@ namespace {
 using dnnl::memory;
 using tag = memory::format_tag;
 
-// Must match `Geometry` in onednn.rs.
+// Must match `Geometry` in onednn.rs. `nhwc` (0 or 1): the caller's activations (x, y and
+// their gradients) are channels-last, `(N, H, W, C)`, instead of NCHW; weights are OIHW always.
 struct Geometry {
-    int64_t n, ci, h, w, co, kh, kw, stride, padding, oh, ow;
+    int64_t n, ci, h, w, co, kh, kw, stride, padding, oh, ow, nhwc;
 };
 
 enum Pass : int32_t { FORWARD = 0, GRAD_INPUT = 1, GRAD_WEIGHT = 2 };
@@ -50,7 +52,7 @@ enum Pass : int32_t { FORWARD = 0, GRAD_INPUT = 1, GRAD_WEIGHT = 2 };
 enum Dt : int32_t { F32 = 0, BF16 = 1, F32_BF16 = 2 };
 
 using Key = std::tuple<int32_t, int32_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, int64_t>;
+                       int64_t, int64_t, int64_t, int64_t>;
 
 // One built pass: the primitive, the layouts it wants for its two inputs and its output, and
 // the reorders from and to the caller's plain layouts where those differ (built once too:
@@ -182,9 +184,12 @@ std::shared_ptr<Built> build(int32_t pass, int32_t dt, const Geometry& g) {
         b->b_arg = DNNL_ARG_DIFF_DST;
         b->out_arg = DNNL_ARG_DIFF_WEIGHTS;
     }
-    memory::desc x_plain({g.n, g.ci, g.h, g.w}, io, tag::nchw);
+    // Channels-last activations are what oneDNN's AMX and AVX-512 kernels mostly want
+    // (`acdb`): their reorder is then a conversion of the element type, or nothing.
+    const auto act = g.nhwc ? tag::nhwc : tag::nchw;
+    memory::desc x_plain({g.n, g.ci, g.h, g.w}, io, act);
     memory::desc w_plain({g.co, g.ci, g.kh, g.kw}, io, tag::oihw);
-    memory::desc y_plain({g.n, g.co, g.oh, g.ow}, io, tag::nchw);
+    memory::desc y_plain({g.n, g.co, g.oh, g.ow}, io, act);
     memory::desc dw_plain({g.co, g.ci, g.kh, g.kw}, f32, tag::oihw);
     b->a_plain = pass == GRAD_INPUT ? w_plain : x_plain;
     b->b_plain = pass == FORWARD ? w_plain : y_plain;
@@ -201,7 +206,7 @@ std::shared_ptr<Built> build(int32_t pass, int32_t dt, const Geometry& g) {
 }
 
 std::shared_ptr<Built> lookup(int32_t pass, int32_t dt, const Geometry& g) {
-    Key k{pass, dt, g.n, g.ci, g.h, g.w, g.co, g.kh, g.kw, g.stride, g.padding};
+    Key k{pass, dt, g.n, g.ci, g.h, g.w, g.co, g.kh, g.kw, g.stride, g.padding, g.nhwc};
     {
         std::lock_guard<std::mutex> lock(cache_mutex);
         auto it = cache.find(k);
@@ -247,9 +252,9 @@ int32_t guarded(int32_t pass, int32_t dt, char* err, size_t err_len, F body) {
 extern "C" {
 
 // Runs one pass. FORWARD: a = x, b = w, out = y. GRAD_INPUT: a = w, b = dy, out = dx.
-// GRAD_WEIGHT: a = x, b = dy, out = dw. Buffers are plain NCHW (OIHW for weights) of element
-// type `dt` (f32 for F32 and F32_BF16, bf16 for BF16), except that dw is always f32, and `out`
-// is fully overwritten.
+// GRAD_WEIGHT: a = x, b = dy, out = dw. Buffers are plain NCHW, or NHWC where `g->nhwc` (OIHW
+// for weights), of element type `dt` (f32 for F32 and F32_BF16, bf16 for BF16), except that dw
+// is always f32, and `out` is fully overwritten.
 // `threads` > 0 sets the OpenMP team for this call. Returns 0, or non-zero with a message in
 // `err`.
 int32_t cr_dnnl_conv(int32_t pass, int32_t dt, const Geometry* g, const void* a, const void* b,

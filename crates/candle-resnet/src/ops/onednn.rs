@@ -27,6 +27,8 @@ struct Geometry {
     padding: i64,
     oh: i64,
     ow: i64,
+    /// 1: the activations are channels-last, `(N, H, W, C)`; 0: `(N, C, H, W)`.
+    nhwc: i64,
 }
 
 /// Element types of the bridge (`Dt` in onednn.cpp).
@@ -65,7 +67,8 @@ fn pass_code(pass: Pass) -> i32 {
     }
 }
 
-fn geometry(g: &Geo) -> Geometry {
+/// The bridge's view of `g`, with activations channels-last where `nhwc`.
+fn geometry(g: &Geo, nhwc: bool) -> Geometry {
     let to_i64 = |v: usize| i64::try_from(v).expect("a tensor dimension fits in i64");
     Geometry {
         n: to_i64(g.n),
@@ -79,6 +82,7 @@ fn geometry(g: &Geo) -> Geometry {
         padding: to_i64(g.padding),
         oh: to_i64(g.oh),
         ow: to_i64(g.ow),
+        nhwc: i64::from(nhwc),
     }
 }
 
@@ -91,7 +95,7 @@ fn implementation(pass: Pass, dt: i32, g: &Geo) -> Result<String> {
         cr_dnnl_impl(
             pass_code(pass),
             dt,
-            &geometry(g),
+            &geometry(g, false),
             buf.as_mut_ptr(),
             buf.len(),
         )
@@ -144,39 +148,47 @@ pub(super) fn version() -> &'static str {
     })
 }
 
-/// Runs `pass` on the operands of `g`; the result is a fresh buffer in NCHW (OIHW for dw).
+/// Runs `pass` on the operands of `g`, activations in NCHW, or channels-last `(N, H, W, C)`
+/// where `nhwc`; the result is a fresh buffer in the same layout (OIHW for dw).
 ///
 /// The batch is split into one run of images per rayon thread, each run a single-threaded
 /// oneDNN call: oneDNN's own OpenMP team would otherwise spin-wait after every convolution
 /// (libgomp's default) on the cores the rayon kernels between convolutions need, which cost a
 /// quarter of a 32 px step here. The weight gradient sums the runs' partial sums in run order,
 /// so results depend on the thread count but never on scheduling.
-pub(super) fn run(pass: Pass, g: &Geo, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
-    run_typed::<f32, f32>(pass, DT_F32, g, a, b)
+pub(super) fn run(pass: Pass, g: &Geo, nhwc: bool, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+    run_typed::<f32, f32>(pass, DT_F32, (g, nhwc), a, b)
 }
 
 /// [`run`] on f32 buffers with bf16 arithmetic: the operands rounded to bf16 on their way into
 /// oneDNN's layout, f32 accumulation, f32 results (some kernels pass partial sums or results
 /// through bf16 on the way).
-pub(super) fn run_f32_bf16(pass: Pass, g: &Geo, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
-    run_typed::<f32, f32>(pass, DT_F32_BF16, g, a, b)
+pub(super) fn run_f32_bf16(
+    pass: Pass,
+    g: &Geo,
+    nhwc: bool,
+    a: &[f32],
+    b: &[f32],
+) -> Result<Vec<f32>> {
+    run_typed::<f32, f32>(pass, DT_F32_BF16, (g, nhwc), a, b)
 }
 
-/// [`run`] in bf16: the operands and the forward / input-gradient results in bf16, the weight
+/// [`run`] in bf16 (NCHW): the operands and the forward / input-gradient results in bf16, the weight
 /// gradient's per-thread parts in f32, summed there and rounded to bf16 once.
 pub(super) fn run_bf16(pass: Pass, g: &Geo, a: &[bf16], b: &[bf16]) -> Result<Vec<bf16>> {
     match pass {
-        Pass::GradWeight => Ok(run_typed::<bf16, f32>(pass, DT_BF16, g, a, b)?
+        Pass::GradWeight => Ok(run_typed::<bf16, f32>(pass, DT_BF16, (g, false), a, b)?
             .into_iter()
             .map(bf16::from_f32)
             .collect()),
-        _ => run_typed::<bf16, bf16>(pass, DT_BF16, g, a, b),
+        _ => run_typed::<bf16, bf16>(pass, DT_BF16, (g, false), a, b),
     }
 }
 
 /// The passes on inputs of type `I` (`dt`), results of type `O` (the weight gradient's type when
-/// `pass` is [`Pass::GradWeight`], else `I`).
-fn run_typed<I, O>(pass: Pass, dt: i32, g: &Geo, a: &[I], b: &[I]) -> Result<Vec<O>>
+/// `pass` is [`Pass::GradWeight`], else `I`); activations channels-last where `nhwc`. Either
+/// layout keeps each image's elements together, so the batch splits the same way.
+fn run_typed<I, O>(pass: Pass, dt: i32, (g, nhwc): (&Geo, bool), a: &[I], b: &[I]) -> Result<Vec<O>>
 where
     I: Copy + Send + Sync,
     O: Copy + Send + Sync + std::ops::AddAssign,
@@ -217,7 +229,7 @@ where
             .map(|i| {
                 let (part, a, b) = run_of(i);
                 let mut out = Vec::with_capacity(w);
-                call(pass, dt, &part, a, b, out.spare_capacity_mut())?;
+                call(pass, dt, (&part, nhwc), a, b, out.spare_capacity_mut())?;
                 // SAFETY: `call` returned Ok, so all `w` elements are initialised.
                 unsafe { out.set_len(w) };
                 Ok(out)
@@ -240,7 +252,7 @@ where
         .enumerate()
         .try_for_each(|(r, o)| {
             let (part, a, b) = run_of(r * per);
-            call(pass, dt, &part, a, b, o)
+            call(pass, dt, (&part, nhwc), a, b, o)
         })?;
     // SAFETY: every run returned Ok, so all `out_len` elements are initialised.
     unsafe { out.set_len(out_len) };
@@ -252,7 +264,7 @@ where
 fn call<I, O>(
     pass: Pass,
     dt: i32,
-    g: &Geo,
+    (g, nhwc): (&Geo, bool),
     a: &[I],
     b: &[I],
     out: &mut [MaybeUninit<O>],
@@ -284,7 +296,7 @@ fn call<I, O>(
         cr_dnnl_conv(
             pass_code(pass),
             dt,
-            &geometry(g),
+            &geometry(g, nhwc),
             a.as_ptr().cast::<c_void>(),
             b.as_ptr().cast::<c_void>(),
             out.as_mut_ptr().cast::<c_void>(),
