@@ -539,9 +539,9 @@ impl ResNet {
     }
 
     /// Whether the network keeps its activations channels-last, `(N, H, W, C)`, between the
-    /// stem and the pooling (default `true`): where the convolutions take the im2col + GEMM
-    /// path on the CPU (f32 with [`Backend::is_gemm`], f64 always), every op of the body runs on
-    /// rows of channels ([`crate::ops::conv::conv2d_nhwc`], [`BatchNorm2d::forward_t_nhwc`],
+    /// stem and the pooling (default `true`): for f32 and f64 on the CPU, on every convolution
+    /// backend (oneDNN's included), every op of the body runs on rows of channels
+    /// ([`crate::ops::conv::conv2d_nhwc_with`], [`BatchNorm2d::forward_t_nhwc`],
     /// [`MaxPool2d::forward_nhwc`]), which trains faster than `(N, C, H, W)` on small maps.
     /// Inputs and outputs keep their layout either way; `false` gives the `(N, C, H, W)` body
     /// (for comparisons). Values agree with it to rounding (the sums run in another order).
