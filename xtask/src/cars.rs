@@ -332,6 +332,13 @@ pub fn train(a: TrainArgs, cars: bool) -> Result<()> {
     recipe.stop = Some(stop_on_signals()?);
     recipe.world = launched_world(recipe.device)?;
     let rank0 = recipe.world.as_ref().is_none_or(|w| w.0.rank() == 0);
+    if rank0 && recipe.device == DeviceKind::Cpu && recipe.train.amp.slower_than_f32_on_cpu() {
+        eprintln!(
+            "warning: --amp bf16 on this CPU runs bf16 tensors through candle's CPU ops, several \
+             times slower than f32; bf16 pays with oneDNN's native bf16 convolutions (a CPU with \
+             AMX or AVX512-BF16 and `cargo run --release -p xtask --features onednn -- ...`)"
+        );
+    }
     let mut console = crate::console::Console::default();
     let report = if a.smoke {
         let (recipe, cache) = recipe.smoke()?; // the cache lives until the run ends

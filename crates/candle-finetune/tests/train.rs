@@ -1086,6 +1086,22 @@ fn augmentation_and_drop_path_train_and_resume_exactly() {
     assert_resumes_exactly(&run, &aug, &full.step_losses);
 }
 
+/// bf16 on the CPU is flagged as slower than f32 (the CLI's warning) exactly where oneDNN's
+/// native bf16 convolutions are missing: always without the `onednn` feature.
+#[test]
+fn bf16_on_a_cpu_without_onednn_bf16_is_flagged_slow() {
+    use candle_finetune::train::Amp;
+    use candle_resnet::ops::conv::Backend;
+    assert!(!Amp::F32.slower_than_f32_on_cpu());
+    if !cfg!(feature = "onednn") {
+        assert!(Amp::Bf16.slower_than_f32_on_cpu());
+    }
+    assert_eq!(
+        Amp::Bf16.slower_than_f32_on_cpu(),
+        !Backend::OneDnnBf16.bf16_arithmetic()
+    );
+}
+
 /// `--amp bf16`: the step runs in bf16 (its loss differs from f32's by a bf16-sized amount), the
 /// master weights stay f32, and the step tracks the f32 step (the loss within 1 %, the head's
 /// update within 10 % of its size; measured 0.1 % and 3.7 %).
