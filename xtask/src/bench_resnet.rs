@@ -50,7 +50,8 @@ pub struct Args {
     onednn: bool,
     /// Mixed precision for both (`bf16`): candle's `train-step --amp bf16` (f32 weights, bf16
     /// convolutions: on oneDNN with `--onednn` where the CPU has AMX or AVX512-BF16) against
-    /// PyTorch's `torch.autocast("cpu", torch.bfloat16)`.
+    /// PyTorch's `torch.autocast("cpu", torch.bfloat16)`. Step mode only (an error with
+    /// `--epoch`).
     #[arg(long)]
     amp: Option<String>,
     /// `--epoch`: PyTorch DataLoader worker processes.
@@ -218,6 +219,10 @@ fn write_image_folder(dir: &std::path::Path, n: usize, test: usize) -> Result<()
 
 fn run_epochs(a: Args) -> Result<()> {
     use candle_finetune::{data::DataSource, recipe::FineTune};
+    if let Some(amp) = &a.amp {
+        // The epoch loops of both sides run in f32; a flag they would ignore is an error.
+        anyhow::bail!("bench-resnet --epoch times f32 epochs only; --amp {amp} applies to steps");
+    }
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("images");
     eprintln!(
