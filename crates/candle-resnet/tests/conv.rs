@@ -5,7 +5,7 @@
 //! channels-last op (`conv2d_nhwc`) the same way, fed and read through transposes.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_resnet::ops::conv::{conv2d_nhwc, conv2d_with, Backend};
+use candle_resnet::ops::conv::{conv2d_nhwc, conv2d_nhwc_with, conv2d_with, Backend};
 use proptest::prelude::*;
 
 /// (N, Ci, H, W, Co, k, stride, padding)
@@ -288,6 +288,24 @@ fn the_default_backend_is_gemm_without_the_onednn_feature() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("`onednn` feature"), "{e}");
+    // The channels-last op likewise: an error for oneDNN, Auto the same bits as conv2d_nhwc.
+    let xl = Tensor::randn(0f32, 1., (2, 5, 5, 2), &Device::Cpu)?;
+    for b in [Backend::OneDnn, Backend::OneDnnBf16] {
+        let e = conv2d_nhwc_with(&xl, &w, 1, 1, b).unwrap_err().to_string();
+        assert!(e.contains("`onednn` feature"), "{e}");
+    }
+    let (auto, gemm) = (
+        conv2d_nhwc_with(&xl, &w, 1, 1, Backend::Auto)?,
+        conv2d_nhwc(&xl, &w, 1, 1)?,
+    );
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    assert_eq!(bits(&auto)?, bits(&gemm)?);
     // conv2d itself is the GEMM path: the centre output sums 2 x 3 x 3 ones.
     let y = candle_resnet::ops::conv::conv2d(&x, &w, 1, 1)?;
     assert_eq!(y.get(0)?.get(0)?.get(1)?.get(1)?.to_scalar::<f32>()?, 18.0);
