@@ -5,7 +5,7 @@
 //! channels-last op (`conv2d_nhwc`) the same way, fed and read through transposes.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_resnet::ops::conv::{conv2d_nhwc, conv2d_nhwc_with, conv2d_with, Backend};
+use candle_resnet::ops::conv::{conv2d_nhwc, conv2d_with, Backend};
 use proptest::prelude::*;
 
 /// (N, Ci, H, W, Co, k, stride, padding)
@@ -289,6 +289,7 @@ fn the_default_backend_is_gemm_without_the_onednn_feature() -> Result<()> {
         .to_string();
     assert!(e.contains("`onednn` feature"), "{e}");
     // The channels-last op likewise: an error for oneDNN, Auto the same bits as conv2d_nhwc.
+    use candle_resnet::ops::conv::conv2d_nhwc_with;
     let xl = Tensor::randn(0f32, 1., (2, 5, 5, 2), &Device::Cpu)?;
     for b in [Backend::OneDnn, Backend::OneDnnBf16] {
         let e = conv2d_nhwc_with(&xl, &w, 1, 1, b).unwrap_err().to_string();
