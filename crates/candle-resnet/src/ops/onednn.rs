@@ -173,8 +173,8 @@ pub(super) fn run_f32_bf16(
     run_typed::<f32, f32>(pass, DT_F32_BF16, (g, nhwc), a, b)
 }
 
-/// [`run`] in bf16 (NCHW): the operands and the forward / input-gradient results in bf16, the weight
-/// gradient's per-thread parts in f32, summed there and rounded to bf16 once.
+/// [`run`] in bf16 (NCHW): the operands and the forward / input-gradient results in bf16, the
+/// weight gradient's per-thread parts in f32, summed there and rounded to bf16 once.
 pub(super) fn run_bf16(pass: Pass, g: &Geo, a: &[bf16], b: &[bf16]) -> Result<Vec<bf16>> {
     match pass {
         Pass::GradWeight => Ok(run_typed::<bf16, f32>(pass, DT_BF16, (g, false), a, b)?
