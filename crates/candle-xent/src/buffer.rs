@@ -8,8 +8,67 @@
 //! untouched buffer turns them into 250 faults of 2 MiB. The advice only concerns memory this
 //! crate allocates and hands to candle; the process's allocator is not reconfigured.
 
+use candle_core::{DType, Device, Result, Tensor};
+use std::cell::RefCell;
+
 /// Buffers below this size keep the allocator's pages: the advice would cost more than it saves.
+/// It is also the size from which a thread keeps its gradient buffer between backward passes.
 const ADVISE_FROM_BYTES: usize = 8 << 20;
+
+thread_local! {
+    /// The large logits gradient this thread last handed to candle's autograd, kept for the
+    /// next backward pass (see [`reused_for_autograd`]).
+    static GRAD_SLOT: RefCell<Option<Tensor>> = const { RefCell::new(None) };
+}
+
+/// A gradient for autograd, shaped and typed like `like` (CPU), written by `fill` (which must
+/// write every element: the buffer may hold the previous step's gradient).
+///
+/// Why: candle's backward adds the gradient an op returns into a fresh zeroed tensor and then
+/// drops it, so a new logits-sized buffer per step costs its page faults twice over (ours, then
+/// the sum's). From [`ADVISE_FROM_BYTES`] on, the thread keeps the buffer and writes the next
+/// step's gradient over it: the pages stay mapped. Safe because candle 0.11 reads the returned
+/// gradient only inside that sum, synchronously on this thread, before the backward pass moves
+/// to the next node (`Op::CustomOp2` in candle-core's `backprop.rs`); the crate's test
+/// `autograd_gradients_stay_intact_across_steps` fails if a candle release starts handing it
+/// out. [`crate::free_grad_buffer`] releases it.
+pub(crate) fn reused_for_autograd(
+    like: &Tensor,
+    fill: impl FnOnce(&Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let (n, dtype) = (like.elem_count(), like.dtype());
+    if n * dtype.size_in_bytes() < ADVISE_FROM_BYTES {
+        let buf = fresh(n, dtype)?.reshape(like.shape())?;
+        fill(&buf)?;
+        return Ok(buf);
+    }
+    let held = GRAD_SLOT.with(|s| s.borrow_mut().take());
+    let buf = match held {
+        Some(t) if t.dtype() == dtype && t.elem_count() >= n && t.elem_count() / 2 <= n => t,
+        _ => fresh(n, dtype)?,
+    };
+    let view = buf.narrow(0, 0, n)?.reshape(like.shape())?;
+    let filled = fill(&view);
+    GRAD_SLOT.with(|s| *s.borrow_mut() = Some(buf));
+    filled.map(|()| view)
+}
+
+/// Drops the gradient buffer this thread keeps between backward passes (if any).
+pub(crate) fn free_grad_buffer() {
+    GRAD_SLOT.with(|s| s.borrow_mut().take());
+}
+
+/// A zeroed, flat CPU tensor of `n` elements (huge pages requested when large).
+fn fresh(n: usize, dtype: DType) -> Result<Tensor> {
+    let cpu = &Device::Cpu;
+    match dtype {
+        DType::F32 => Tensor::from_vec(zeroed::<f32>(n), n, cpu),
+        DType::F64 => Tensor::from_vec(zeroed::<f64>(n), n, cpu),
+        DType::F16 => Tensor::from_vec(zeroed::<half::f16>(n), n, cpu),
+        DType::BF16 => Tensor::from_vec(zeroed::<half::bf16>(n), n, cpu),
+        other => candle_core::bail!("cross_entropy: no gradient buffer for dtype {other:?}"),
+    }
+}
 
 /// `n` elements whose all-zero bit pattern is the value zero (the float types), zeroed, with
 /// transparent huge pages requested for large buffers (Linux; a no-op elsewhere and where the

@@ -5,7 +5,9 @@
 //! [`crate::launch::STATS`]). The reduction is done by [`crate::CrossEntropyLoss`] with ordinary
 //! tensor ops on the `loss` column, so autograd hands the backward one upstream gradient per row.
 //! Backward is itself a custom op ([`CrossEntropyBackward`]) that recomputes the softmax from the
-//! saved log-sum-exp pair and writes only the gradient of the logits.
+//! saved log-sum-exp pair and writes only the gradient of the logits; on the CPU, autograd's
+//! backward writes it into the buffer the thread keeps between steps
+//! ([`CrossEntropyBackwardInto`], [`crate::buffer::reused_for_autograd`]).
 
 use crate::cpu::{self, Problem, Targets, STATS};
 use crate::launch::COL_LOSS;
@@ -13,7 +15,8 @@ use crate::math::Elem;
 pub(crate) use crate::spec::CrossEntropyOp;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp2, CustomOp3, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
 };
 use half::{bf16, f16};
 
@@ -114,21 +117,39 @@ impl CrossEntropyOp {
         let w = self.weight_host::<T::A>()?;
         let p = self.problem(&w);
         let stats = contiguous_slice::<T::A>(ss, sl, "backward stats")?;
-        if stats.len() != self.rows() * STATS {
+        let mut grad: Vec<T> = crate::buffer::zeroed(x.len());
+        self.cpu_backward_into(x, ts, tl, stats, &p, &mut grad)?;
+        Ok(T::to_cpu_storage_owned(grad))
+    }
+
+    /// The backward kernel writing every element of `grad` (`x`'s length; its previous contents
+    /// are never read).
+    fn cpu_backward_into<T: Elem + WithDType>(
+        &self,
+        x: &[T],
+        ts: &CpuStorage,
+        tl: &Layout,
+        stats: &[T::A],
+        p: &Problem<'_, T::A>,
+        grad: &mut [T],
+    ) -> Result<()> {
+        if stats.len() != self.rows() * STATS || grad.len() != x.len() {
             bail!(
-                "cross_entropy backward: stats have {} elements",
-                stats.len()
+                "cross_entropy backward: stats have {} elements and the gradient {}, for {} rows of {}",
+                stats.len(),
+                grad.len(),
+                self.rows(),
+                self.classes
             );
         }
-        let mut grad: Vec<T> = crate::buffer::zeroed(x.len());
         if self.soft {
             let t = contiguous_slice::<T>(ts, tl, "soft target")?;
-            cpu::backward(x, &Targets::Soft(t), stats, &p, &mut grad);
+            cpu::backward(x, &Targets::Soft(t), stats, p, grad);
         } else {
             let t = self.class_targets(ts, tl)?;
-            cpu::backward(x, &Targets::<T>::Hard(&t), stats, &p, &mut grad);
+            cpu::backward(x, &Targets::<T>::Hard(&t), stats, p, grad);
         }
-        Ok(T::to_cpu_storage_owned(grad))
+        Ok(())
     }
 
     fn cpu_backward_inplace<T: Elem + WithDType>(
@@ -238,8 +259,18 @@ impl CustomOp2 for CrossEntropyOp {
             logits.inplace_op3(target, &stats, &CrossEntropyBackward { op: self.clone() })?;
             return Ok((Some(logits.clone()), None));
         }
-        let grad = self.backward_with_stats(logits, target, &stats)?;
         // Soft targets are treated as constants; see the crate docs.
+        if logits.device().is_cpu() {
+            let into = CrossEntropyBackwardInto {
+                op: self.clone(),
+                target: target.clone(),
+            };
+            let grad = crate::buffer::reused_for_autograd(logits, |dst| {
+                dst.inplace_op3(logits, &stats, &into)
+            })?;
+            return Ok((Some(grad), None));
+        }
+        let grad = self.backward_with_stats(logits, target, &stats)?;
         Ok((Some(grad), None))
     }
 }
@@ -381,5 +412,56 @@ impl CustomOp3 for CrossEntropyBackward {
         let out = crate::metal::backward(&self.op, s1, l1, s2, l2, s3, l3, false)?
             .expect("out-of-place backward returns the gradient");
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The CPU backward kernel of [`CrossEntropyOp`] writing into a buffer it is handed (`dst`, the
+/// logits' shape and dtype, contiguous; see [`crate::buffer::reused_for_autograd`]), from
+/// `(logits, stats)` and the target it holds.
+pub(crate) struct CrossEntropyBackwardInto {
+    pub op: CrossEntropyOp,
+    pub target: Tensor,
+}
+
+impl InplaceOp3 for CrossEntropyBackwardInto {
+    fn name(&self) -> &'static str {
+        "candle-xent-cross-entropy-backward-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let op = &self.op;
+        let (a, b) = op.check_logits(l2)?;
+        let (c, d) = op.check_logits(dl)?;
+        let (tg, tl) = self.target.storage_and_layout();
+        let Storage::Cpu(ts) = &*tg else {
+            bail!("cross_entropy backward: target is not on the CPU")
+        };
+        macro_rules! run {
+            ($t:ty, $g:expr, $x:expr) => {{
+                let w = op.weight_host::<<$t as Elem>::A>()?;
+                let p = op.problem(&w);
+                let stats = contiguous_slice::<<$t as Elem>::A>(s3, l3, "backward stats")?;
+                op.cpu_backward_into::<$t>(&$x[a..b], ts, tl, stats, &p, &mut $g[c..d])
+            }};
+        }
+        match (dst, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(x)) => run!(f32, g, x),
+            (CpuStorage::F64(g), CpuStorage::F64(x)) => run!(f64, g, x),
+            (CpuStorage::F16(g), CpuStorage::F16(x)) => run!(f16, g, x),
+            (CpuStorage::BF16(g), CpuStorage::BF16(x)) => run!(bf16, g, x),
+            (g, x) => bail!(
+                "cross_entropy backward: gradient buffer {:?} for logits {:?}",
+                g.dtype(),
+                x.dtype()
+            ),
+        }
     }
 }
