@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::hub::HubOptions;
-use candle_core::{bail, DType, Device, ModuleT, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::resnet::{Arch, ResNet};
 use std::collections::HashMap;
@@ -268,7 +268,7 @@ impl Pretrained {
             return Ok(Vec::new());
         }
         let x = Tensor::from_vec(buf, (images.len(), 3, s, s), &device)?;
-        let logits = self.model.forward_t(&x, false)?;
+        let logits = self.model.infer(&x)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;

@@ -660,11 +660,40 @@ impl ResNet {
     /// assert_eq!(f.dims(), &[1, 512]);
     /// ```
     pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.features(x, train, true)
+    }
+
+    /// Eval-mode logits without an autograd graph: the same values as
+    /// `forward_t(x, false)`, but each stage's output is detached, so the activations of a
+    /// stage are freed as soon as the next stage has read them (with the graph, every
+    /// intermediate tensor of the network lives until the logits are dropped, because the
+    /// weights are `Var`s). Peak memory of evaluation and prediction is then one stage's, not
+    /// the network's. No gradient flows through the result.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_nn::{ModuleT, VarBuilder, VarMap};
+    /// # let vm = VarMap::new();
+    /// let m = candle_resnet::resnet::resnet18(5, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// let x = Tensor::ones((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    /// let a = m.infer(&x).unwrap();
+    /// let b = m.forward_t(&x, false).unwrap();
+    /// assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    /// ```
+    pub fn infer(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.features(x, false, false)?;
+        Ok(self.fc.forward(&f)?.detach())
+    }
+
+    /// [`Self::features_t`]; `graph: false` detaches the stem's and every block's output
+    /// (see [`Self::infer`]).
+    fn features(&self, x: &Tensor, train: bool, graph: bool) -> Result<Tensor> {
+        let cut = |t: Tensor| if graph { t } else { t.detach() };
         if x.rank() != 4 || x.dim(1)? != 3 {
             bail!("resnet: expected (N, 3, H, W) images, got {:?}", x.dims());
         }
         let nhwc = self.runs_channels_last(x);
-        let mut y = if nhwc {
+        let y = if nhwc {
             let x = x.permute((0, 2, 3, 1))?.contiguous()?;
             let fused = match train && crate::ops::fused_applies(&x) {
                 true => fused_stage(&self.conv1, &self.bn1, &x),
@@ -691,6 +720,7 @@ impl ResNet {
                 .forward_t_relu(&self.conv1.forward_as(x, false)?, train)?;
             self.pool.forward(&y)?
         };
+        let mut y = cut(y);
         let key = self.noise_key.load(Ordering::Relaxed);
         for (i, b) in self.layers.iter().flatten().enumerate() {
             // One stream per block: splitmix-style mixing of the step's key and the block.
@@ -699,7 +729,7 @@ impl ResNet {
                     (key ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(i as u64);
                 (rate, k)
             });
-            y = b.forward_t(&y, train, drop, nhwc)?;
+            y = cut(b.forward_t(&y, train, drop, nhwc)?);
         }
         if y.dtype() != self.fc.weight().dtype() {
             y = y.to_dtype(self.fc.weight().dtype())?;

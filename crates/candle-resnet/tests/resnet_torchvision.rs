@@ -63,6 +63,12 @@ fn errors(dtype: DType, suffix: &str, channels_last: bool) -> Vec<(String, f64)>
         "eval_logits".into(),
         max_rel_err(&logits, &want("eval_logits")),
     ));
+    // Eval mode without a graph: the same reference.
+    let inferred = m.infer(&input(dtype)).unwrap();
+    errs.push((
+        "infer_logits".into(),
+        max_rel_err(&inferred, &want("eval_logits")),
+    ));
 
     let (vm, m) = model(dtype, channels_last);
     let logits = m.forward_t(&input(dtype), true).unwrap();
@@ -116,6 +122,32 @@ fn f32_matches_torchvision() {
                 "{k} (channels-last {channels_last}): error {e:e} >= {tol:e}; all: {errs:?}"
             );
         }
+    }
+}
+
+/// `infer` is eval mode without an autograd graph: the bits of `forward_t(x, false)`, and no
+/// gradient reaches the weights through its logits (they do through `forward_t`'s).
+#[test]
+fn infer_is_eval_mode_without_a_graph() {
+    for channels_last in [true, false] {
+        let (vm, m) = model(DType::F32, channels_last);
+        let x = input(DType::F32);
+        let inferred = m.infer(&x).unwrap();
+        let eval = m.forward_t(&x, false).unwrap();
+        assert_eq!(
+            inferred.to_vec2::<f32>().unwrap(),
+            eval.to_vec2::<f32>().unwrap(),
+            "channels-last {channels_last}"
+        );
+        let w = vm.data().lock().unwrap()["conv1.weight"]
+            .as_tensor()
+            .clone();
+        let grads = |t: &Tensor| t.sum_all().unwrap().backward().unwrap();
+        assert!(grads(&eval).get(&w).is_some());
+        assert!(
+            grads(&inferred).get(&w).is_none(),
+            "channels-last {channels_last}"
+        );
     }
 }
 

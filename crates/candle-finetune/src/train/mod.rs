@@ -740,8 +740,12 @@ pub trait Classifier: Sync {
 }
 
 impl Classifier for ResNet {
+    /// Eval mode runs [`ResNet::infer`] (no autograd graph: one stage's activations at a time).
     fn logits(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_t(images, train)
+        match train {
+            true => self.forward_t(images, true),
+            false => self.infer(images),
+        }
     }
     fn num_classes(&self) -> usize {
         ResNet::num_classes(self)
