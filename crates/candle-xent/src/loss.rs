@@ -345,6 +345,13 @@ impl CrossEntropyLoss {
     /// `[0, 1]`; a weight of the wrong shape, dtype or device; input and target on different
     /// devices.
     ///
+    /// # Memory
+    ///
+    /// On the CPU, when the logits take 8 MiB or more, `backward()` writes their gradient into a
+    /// buffer the calling thread keeps for its next backward pass (fresh pages cost as much as
+    /// the kernel); the gradients autograd hands you are never that buffer.
+    /// [`crate::free_grad_buffer`] releases it.
+    ///
     /// # Precision
     ///
     /// For finite logits up to 1e30 in magnitude, each loss and gradient element is within half
