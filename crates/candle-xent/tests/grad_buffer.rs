@@ -299,13 +299,19 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 5, ..ProptestConfig::default() })]
 
-    /// Random sequences of steps on one thread (each checked against the reference), with the
-    /// first gradient checked unchanged at the end.
+    /// Random sequences of steps on one thread (each checked against the reference), the
+    /// buffer freed before some of them, with the first gradient checked unchanged at the end.
     #[test]
-    fn step_sequences_match_the_reference(steps in prop::collection::vec(step_strategy(), 2..4)) {
+    fn step_sequences_match_the_reference(
+        steps in prop::collection::vec(step_strategy(), 2..4),
+        frees in prop::collection::vec(any::<bool>(), 4),
+    ) {
         let g0 = steps[0].run_and_check();
         let kept = flat_f64(&g0);
-        for s in &steps[1..] {
+        for (s, free) in steps[1..].iter().zip(frees) {
+            if free {
+                free_grad_buffer();
+            }
             s.run_and_check();
         }
         prop_assert!(flat_f64(&g0) == kept);
