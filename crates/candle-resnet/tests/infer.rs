@@ -3,6 +3,8 @@
 //! (whose values tests/resnet_torchvision.rs checks against torchvision), or the same error, and
 //! never panic.
 
+mod common;
+
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_resnet::init::fill_deterministic;
@@ -10,15 +12,7 @@ use candle_resnet::resnet::resnet18;
 use proptest::prelude::*;
 
 fn bits(t: &Tensor) -> Vec<u64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-        .into_iter()
-        .map(f64::to_bits)
-        .collect()
+    common::flat(t).into_iter().map(f64::to_bits).collect()
 }
 
 proptest! {

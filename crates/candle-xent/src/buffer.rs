@@ -53,8 +53,17 @@ pub(crate) fn reused_for_autograd(
     filled.map(|()| view)
 }
 
-/// Drops the gradient buffer this thread keeps between backward passes (if any).
-pub(crate) fn free_grad_buffer() {
+/// Frees the logits-gradient buffer the calling thread keeps between backward passes.
+///
+/// On the CPU, a backward pass through [`crate::CrossEntropyLoss`] whose logits take 8 MiB or
+/// more writes their gradient into a buffer the thread keeps for the next step (same or up to
+/// twice the size, same dtype), instead of a fresh allocation whose page faults cost as much as
+/// the kernel itself. The buffer stays allocated after training; call this to return it.
+///
+/// ```
+/// candle_xent::free_grad_buffer(); // harmless when there is none
+/// ```
+pub fn free_grad_buffer() {
     GRAD_SLOT.with(|s| s.borrow_mut().take());
 }
 

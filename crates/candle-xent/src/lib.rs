@@ -62,20 +62,7 @@ mod spec;
 mod sum;
 
 pub use bce::BinaryCrossEntropyWithLogits;
+pub use buffer::free_grad_buffer;
 pub use linear::{FusedLinearCrossEntropy, LinearGrads};
 pub use loss::{cross_entropy, CrossEntropyLoss, Smoothing};
 pub use reduction::Reduction;
-
-/// Frees the logits-gradient buffer the calling thread keeps between backward passes.
-///
-/// On the CPU, a backward pass through [`CrossEntropyLoss`] whose logits take 8 MiB or more
-/// writes their gradient into a buffer the thread keeps for the next step (same or up to twice
-/// the size, same dtype), instead of a fresh allocation whose page faults cost as much as the
-/// kernel itself. The buffer stays allocated after training; call this to return it.
-///
-/// ```
-/// candle_xent::free_grad_buffer(); // harmless when there is none
-/// ```
-pub fn free_grad_buffer() {
-    buffer::free_grad_buffer()
-}

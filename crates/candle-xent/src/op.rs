@@ -114,11 +114,8 @@ impl CrossEntropyOp {
     where
         T::A: WithDType,
     {
-        let w = self.weight_host::<T::A>()?;
-        let p = self.problem(&w);
-        let stats = contiguous_slice::<T::A>(ss, sl, "backward stats")?;
         let mut grad: Vec<T> = crate::buffer::zeroed(x.len());
-        self.cpu_backward_into(x, ts, tl, stats, &p, &mut grad)?;
+        self.cpu_backward_into(x, ts, tl, ss, sl, &mut grad)?;
         Ok(T::to_cpu_storage_owned(grad))
     }
 
@@ -129,10 +126,16 @@ impl CrossEntropyOp {
         x: &[T],
         ts: &CpuStorage,
         tl: &Layout,
-        stats: &[T::A],
-        p: &Problem<'_, T::A>,
+        ss: &CpuStorage,
+        sl: &Layout,
         grad: &mut [T],
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        T::A: WithDType,
+    {
+        let w = self.weight_host::<T::A>()?;
+        let p = &self.problem(&w);
+        let stats = contiguous_slice::<T::A>(ss, sl, "backward stats")?;
         if stats.len() != self.rows() * STATS || grad.len() != x.len() {
             bail!(
                 "cross_entropy backward: stats have {} elements and the gradient {}, for {} rows of {}",
@@ -444,19 +447,19 @@ impl InplaceOp3 for CrossEntropyBackwardInto {
         let Storage::Cpu(ts) = &*tg else {
             bail!("cross_entropy backward: target is not on the CPU")
         };
-        macro_rules! run {
-            ($t:ty, $g:expr, $x:expr) => {{
-                let w = op.weight_host::<<$t as Elem>::A>()?;
-                let p = op.problem(&w);
-                let stats = contiguous_slice::<<$t as Elem>::A>(s3, l3, "backward stats")?;
-                op.cpu_backward_into::<$t>(&$x[a..b], ts, tl, stats, &p, &mut $g[c..d])
-            }};
-        }
         match (dst, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(x)) => run!(f32, g, x),
-            (CpuStorage::F64(g), CpuStorage::F64(x)) => run!(f64, g, x),
-            (CpuStorage::F16(g), CpuStorage::F16(x)) => run!(f16, g, x),
-            (CpuStorage::BF16(g), CpuStorage::BF16(x)) => run!(bf16, g, x),
+            (CpuStorage::F32(g), CpuStorage::F32(x)) => {
+                op.cpu_backward_into(&x[a..b], ts, tl, s3, l3, &mut g[c..d])
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(x)) => {
+                op.cpu_backward_into(&x[a..b], ts, tl, s3, l3, &mut g[c..d])
+            }
+            (CpuStorage::F16(g), CpuStorage::F16(x)) => {
+                op.cpu_backward_into(&x[a..b], ts, tl, s3, l3, &mut g[c..d])
+            }
+            (CpuStorage::BF16(g), CpuStorage::BF16(x)) => {
+                op.cpu_backward_into(&x[a..b], ts, tl, s3, l3, &mut g[c..d])
+            }
             (g, x) => bail!(
                 "cross_entropy backward: gradient buffer {:?} for logits {:?}",
                 g.dtype(),
